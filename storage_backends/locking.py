@@ -1,0 +1,63 @@
+"""One writer process per store, enforced with an advisory ``flock`` on a lock file.
+
+``flock`` locks belong to the open file description, so a second handle in the same process is
+refused too, and the kernel drops the lock when a killed holder's descriptors close: no stale
+lock files after SIGKILL.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from .errors import StoreError, StoreLockedError, StorePermissionError
+
+LOCK_NAME = "writer.lock"
+
+
+class WriterLock:
+    """Exclusive (writer) or shared (read-only opener) lock on ``directory/writer.lock``."""
+
+    def __init__(self, directory: Path, exclusive: bool = True) -> None:
+        self.path = Path(directory) / LOCK_NAME
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC if exclusive else os.O_RDONLY | os.O_CLOEXEC
+        try:
+            self._fd = os.open(self.path, flags, 0o600)
+        except FileNotFoundError:
+            # A read-only opener of a store whose lock file was never made: nothing to share.
+            self._fd = -1
+            return
+        except PermissionError as exc:
+            raise StorePermissionError(f"{self.path}: cannot open the lock file ({exc.strerror})") from exc
+        except OSError as exc:
+            if exc.errno == errno.EROFS:
+                raise StorePermissionError(
+                    f"{self.path}: read-only file system; open the store with ?mode=ro to read it") from exc
+            raise StoreError(f"{self.path}: cannot open the lock file: {exc}") from exc
+        try:
+            fcntl.flock(self._fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._read_holder()
+            os.close(self._fd)
+            self._fd = -1
+            raise StoreLockedError(
+                f"{self.path.parent}: the store is open for writing by another process{holder}; "
+                "one writer per store (open it with ?mode=ro to read, or stop the other process)"
+            ) from None
+        if exclusive:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _read_holder(self) -> str:
+        try:
+            pid = os.pread(self._fd, 32, 0).decode().strip()
+        except OSError:
+            return ""
+        return f" (pid {pid})" if pid.isdigit() else " (or by another handle in this process)"
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = -1

@@ -1,0 +1,269 @@
+"""The Zarr store's manifest: which id lives in which row, with which checksum.
+
+Zarr v3 has no transactions, so the store keeps its own truth beside the arrays: a snapshot plus
+an append-only journal, both checksummed. A row enters the manifest only after its data is in
+place (the journal entry is appended after the chunk write returned), and a live row is never
+overwritten (replacing an id writes a new row, then frees the old one), so a crash never leaves
+an id pointing at a row that was not written. A torn journal tail -- the entry being appended when
+the process died -- is dropped on open: the batch it described was never acknowledged.
+
+In memory the manifest is three sorted numpy columns (``ids``, ``rows``, ``crcs``) and a row
+occupancy bitmap: lookups are ``searchsorted``, no per-sample Python objects.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+
+from .errors import CorruptStoreError
+
+_SNAP_MAGIC = b"CZSNAP01"
+_SNAP_HEAD = struct.Struct("<8sQQQQ")  # magic, generation, n live, capacity, n quarantined
+_ENTRY_HEAD = struct.Struct("<2sBxII")  # magic, op, pad, n, crc32c(header[:8] + payload)
+_ENTRY_MAGIC = b"CJ"
+OP_PUT, OP_DELETE, OP_QUARANTINE = 1, 2, 3
+
+
+class Manifest:
+    """Id -> (row, crc) map of a Zarr store, persisted in ``directory``."""
+
+    def __init__(self, directory: Path, capacity: int, writable: bool, sync: bool) -> None:
+        self.dir = Path(directory)
+        self.sync = sync
+        self.writable = writable
+        self.ids = np.zeros(0, np.int64)
+        self.rows = np.zeros(0, np.int64)
+        self.crcs = np.zeros(0, np.uint32)
+        self.quarantined = np.zeros(0, np.int64)
+        self.row_id = np.full(capacity, -1, dtype=np.int64)  # id stored in each row, -1: free
+        self.generation = 0
+        self._journal_fd = -1
+        self._journal_bytes = 0
+        self._dirty = False
+        if writable:
+            self.dir.mkdir(mode=0o700, exist_ok=True)
+        self._load(capacity)
+
+    # ---- queries --------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.row_id.size
+
+    def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(found, rows, crcs)`` for ``ids``; rows/crcs are meaningful where ``found``."""
+        pos = np.searchsorted(self.ids, ids)
+        pos_c = np.minimum(pos, max(self.ids.size - 1, 0))
+        found = (pos < self.ids.size) & (self.ids[pos_c] == ids) if self.ids.size else np.zeros(ids.size, bool)
+        return found, self.rows[pos_c] if self.ids.size else np.zeros(ids.size, np.int64), \
+            self.crcs[pos_c] if self.ids.size else np.zeros(ids.size, np.uint32)
+
+    def ids_in_rows(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Live ``(ids, rows, crcs)`` with ``lo <= row < hi``, ordered by row."""
+        rid = self.row_id[lo:hi]
+        live = np.flatnonzero(rid >= 0)
+        ids = rid[live]
+        _, _, crcs = self.lookup(ids)
+        return ids, live + lo, crcs
+
+    def allocate(self, n: int) -> np.ndarray | None:
+        """The ``n`` lowest free rows, or ``None`` if fewer than ``n`` are free (grow first)."""
+        free = np.flatnonzero(self.row_id < 0)
+        return free[:n] if free.size >= n else None
+
+    def grow(self, capacity: int) -> None:
+        if capacity > self.row_id.size:
+            self.row_id = np.concatenate([self.row_id, np.full(capacity - self.row_id.size, -1, np.int64)])
+
+    # ---- updates: journal first (after the data is in place), then memory ---------------------
+    def put(self, ids: np.ndarray, rows: np.ndarray, crcs: np.ndarray) -> None:
+        self._append(OP_PUT, ids.tobytes() + rows.astype(np.int64).tobytes() + crcs.astype("<u4").tobytes(), ids.size)
+        self._apply_put(ids, rows, crcs)
+        self._maybe_compact()
+
+    def delete(self, ids: np.ndarray) -> None:
+        self._append(OP_DELETE, ids.tobytes(), ids.size)
+        self._apply_delete(ids)
+        self._maybe_compact()
+
+    def quarantine(self, ids: np.ndarray) -> None:
+        self._append(OP_QUARANTINE, ids.tobytes(), ids.size)
+        self._apply_delete(ids)
+        self.quarantined = np.union1d(self.quarantined, ids)
+        self._maybe_compact()
+
+    def _maybe_compact(self) -> None:
+        # Bounded journal: replay on open stays proportional to the live set, not to history.
+        if self._journal_bytes > max(1 << 20, 24 * self.ids.size):
+            self.compact()
+
+    def _apply_put(self, ids: np.ndarray, rows: np.ndarray, crcs: np.ndarray) -> None:
+        found, old_rows, _ = self.lookup(ids)
+        self.row_id[old_rows[found]] = -1  # replaced ids give their old rows back
+        keep = ~np.isin(self.ids, ids[found])
+        all_ids = np.concatenate([self.ids[keep], ids])
+        order = np.argsort(all_ids, kind="stable")
+        self.ids = all_ids[order]
+        self.rows = np.concatenate([self.rows[keep], rows])[order]
+        self.crcs = np.concatenate([self.crcs[keep], crcs.astype(np.uint32)])[order]
+        if rows.size and rows.max() >= self.row_id.size:
+            self.grow(int(rows.max()) + 1)
+        self.row_id[rows] = ids
+
+    def _apply_delete(self, ids: np.ndarray) -> None:
+        found, rows, _ = self.lookup(ids)
+        self.row_id[rows[found]] = -1
+        keep = ~np.isin(self.ids, ids)
+        self.ids, self.rows, self.crcs = self.ids[keep], self.rows[keep], self.crcs[keep]
+
+    # ---- persistence ----------------------------------------------------------------------------
+    def _journal_path(self, gen: int) -> Path:
+        return self.dir / f"journal-{gen:020d}.log"
+
+    def _snapshot_path(self, gen: int) -> Path:
+        return self.dir / f"snapshot-{gen:020d}.bin"
+
+    def _append(self, op: int, payload: bytes, n: int) -> None:
+        head = struct.pack("<2sBxI", _ENTRY_MAGIC, op, n)
+        crc = google_crc32c.extend(google_crc32c.value(head), payload)
+        entry = _ENTRY_HEAD.pack(_ENTRY_MAGIC, op, n, crc) + payload
+        written = os.write(self._journal_fd, entry)
+        if written != len(entry):  # a short write (disk full): cut it off so replay stays clean
+            os.ftruncate(self._journal_fd, self._journal_bytes)
+            raise OSError(28, "short write to the manifest journal (disk full?)")
+        self._journal_bytes += len(entry)
+        if self.sync:
+            os.fsync(self._journal_fd)
+        else:
+            self._dirty = True
+
+    def flush(self) -> None:
+        if self._journal_fd >= 0 and self._dirty:
+            os.fsync(self._journal_fd)
+            self._dirty = False
+
+    def compact(self) -> None:
+        """Write the whole state as snapshot ``generation + 1`` and start its empty journal."""
+        gen = self.generation + 1
+        body = (_SNAP_HEAD.pack(_SNAP_MAGIC, gen, self.ids.size, self.capacity, self.quarantined.size)
+                + self.ids.tobytes() + self.rows.tobytes() + self.crcs.astype("<u4").tobytes()
+                + self.quarantined.tobytes())
+        body += struct.pack("<I", google_crc32c.value(body))
+        _write_atomic(self._snapshot_path(gen), body)
+        new_fd = os.open(self._journal_path(gen), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+                         | os.O_CLOEXEC, 0o600)
+        _fsync_dir(self.dir)
+        old = self.generation
+        if self._journal_fd >= 0:
+            os.close(self._journal_fd)
+        self._journal_fd, self._journal_bytes, self._dirty, self.generation = new_fd, 0, False, gen
+        for stale in (self._journal_path(old), self._snapshot_path(old)):
+            stale.unlink(missing_ok=True)
+
+    def _load(self, capacity: int) -> None:
+        snaps = sorted(self.dir.glob("snapshot-*.bin")) if self.dir.exists() else []
+        loaded = False
+        for snap in reversed(snaps):  # the newest snapshot that checks out
+            state = _read_snapshot(snap)
+            if state is not None:
+                self.generation, self.ids, self.rows, self.crcs, self.quarantined, cap = state
+                self.grow(max(cap, capacity))
+                self.row_id[self.rows] = self.ids
+                loaded = True
+                break
+        if snaps and not loaded:
+            raise CorruptStoreError(f"{self.dir}: no manifest snapshot passes its checksum")
+        jpath = self._journal_path(self.generation)
+        valid_end = self._replay(jpath) if jpath.exists() else 0
+        if not self.writable:
+            return
+        if not loaded:
+            self.compact()  # a new store: snapshot 1 and its journal
+            return
+        # Cut a torn tail, then keep appending to this generation's journal.
+        self._journal_fd = os.open(jpath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        os.ftruncate(self._journal_fd, valid_end)
+        self._journal_bytes = valid_end
+        for other in list(self.dir.glob("journal-*.log")) + list(self.dir.glob("snapshot-*.bin")) \
+                + list(self.dir.glob("*.tmp")):
+            if other not in (jpath, self._snapshot_path(self.generation)):
+                other.unlink(missing_ok=True)  # left by a crash during compaction
+
+    def _replay(self, path: Path) -> int:
+        """Apply every intact journal entry; return the byte offset where they end."""
+        data = path.read_bytes()
+        off = 0
+        while off + _ENTRY_HEAD.size <= len(data):
+            magic, op, n, crc = _ENTRY_HEAD.unpack_from(data, off)
+            width = {OP_PUT: 20, OP_DELETE: 8, OP_QUARANTINE: 8}.get(op)
+            end = off + _ENTRY_HEAD.size + (width or 0) * n
+            if magic != _ENTRY_MAGIC or width is None or end > len(data):
+                break
+            payload = data[off + _ENTRY_HEAD.size:end]
+            if google_crc32c.extend(google_crc32c.value(data[off:off + 8]), payload) != crc:
+                if end < len(data):
+                    raise CorruptStoreError(f"{path}: journal entry at byte {off} fails its checksum "
+                                            "and is not the last one: the manifest is damaged")
+                break
+            ids = np.frombuffer(payload, np.int64, n, 0).copy()
+            if op == OP_PUT:
+                rows = np.frombuffer(payload, np.int64, n, 8 * n).copy()
+                crcs = np.frombuffer(payload, "<u4", n, 16 * n).astype(np.uint32)
+                self._apply_put(ids, rows, crcs)
+            elif op == OP_DELETE:
+                self._apply_delete(ids)
+            else:
+                self._apply_delete(ids)
+                self.quarantined = np.union1d(self.quarantined, ids)
+            off = end
+        return off
+
+    def close(self) -> None:
+        if self._journal_fd >= 0:
+            try:
+                os.fsync(self._journal_fd)
+            finally:
+                os.close(self._journal_fd)
+                self._journal_fd = -1
+
+
+def _read_snapshot(path: Path):
+    data = path.read_bytes()
+    if len(data) < _SNAP_HEAD.size + 4:
+        return None
+    if google_crc32c.value(data[:-4]) != struct.unpack("<I", data[-4:])[0]:
+        return None
+    magic, gen, n, cap, nq = _SNAP_HEAD.unpack_from(data, 0)
+    if magic != _SNAP_MAGIC or len(data) != _SNAP_HEAD.size + 20 * n + 8 * nq + 4:
+        return None
+    off = _SNAP_HEAD.size
+    ids = np.frombuffer(data, np.int64, n, off).copy()
+    rows = np.frombuffer(data, np.int64, n, off + 8 * n).copy()
+    crcs = np.frombuffer(data, "<u4", n, off + 16 * n).astype(np.uint32)
+    quarantined = np.frombuffer(data, np.int64, nq, off + 20 * n).copy()
+    return gen, ids, rows, crcs, quarantined, cap
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,397 @@
+"""The disk tier: records in a Zarr v3 group, one chunked array per field.
+
+URL: ``zarr:///path/to/dir?chunk=16&codec=zstd|none&level=3&sync=1&readers=0&mode=rw``
+
+- ``chunk``: rows per chunk of the largest field (the unit of :meth:`get_chunk`). Small fields
+  (labels, task ids) get chunks of ``chunk * 2**k`` rows, about 64 KiB, so a batch read does not
+  open one tiny file per field per chunk.
+- ``codec``: ``zstd`` (``level``) or ``none``.
+- ``sync``: ``1`` fsyncs the written chunk files and the manifest journal before ``put_many``
+  returns (power-loss safe); ``0`` leaves that to ``flush()`` (SIGKILL-safe only).
+- ``readers``: threads reading chunk files concurrently (``0``: the calling thread). On a warm
+  page cache one thread is fastest here; concurrent reads pay off on cold flash or disks.
+- ``mode=ro``: read-only, sharing the lock with other readers (a writer is refused meanwhile).
+
+Writes go through zarr (each chunk is written to a temporary file and renamed), so the arrays are
+ordinary Zarr v3 arrays any zarr reader can open. The truth about which rows hold which id is the
+manifest (``zarr_manifest.py``), updated only after the chunk data is in place.
+
+Reads do not go through zarr's selection machinery. Measured here with zarr 3.1: 256 random rows by
+index array run at ~2,500 samples/s and even one ``getitem`` per chunk awaited concurrently at
+~7,000, while reading the chunk files themselves and decoding them with the array's own codec
+chain (bytes, optionally zstd: the only chains this store creates, checked on open) runs at
+~90,000. So requested ids are grouped by chunk and each chunk file is read once.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import zarr
+from numcodecs import Zstd
+from zarr.codecs import BytesCodec, ZstdCodec
+
+from .base import Chunk, SampleStore
+from .errors import (
+    CorruptRecordError,
+    CorruptStoreError,
+    SchemaError,
+    StoreError,
+    StoreFullError,
+    StoreNotFoundError,
+    StorePermissionError,
+    format_ids,
+)
+from .locking import WriterLock
+from .records import pack_records, record_checksums
+from .schema import Schema
+from .url import StoreURL, parse_bool, parse_int
+from .zarr_manifest import Manifest
+
+FORMAT = "carousel-zarr/1"
+_SMALL_CHUNK_BYTES = 64 * 1024
+_MANIFEST_DIR = "manifest"
+
+
+class _CorruptChunk(Exception):
+    """A chunk file that is missing, truncated or undecodable (turned into CorruptRecordError)."""
+
+
+class ZarrStore(SampleStore):
+    """:class:`SampleStore` on Zarr v3 (the disk tier). Open it with :func:`storage_backends.open_store`."""
+
+    scheme = "zarr"
+
+    def __init__(self, url: StoreURL, schema: Schema | None) -> None:
+        opts = url.take({"chunk": "16", "codec": "none", "level": "3", "sync": "1", "readers": "0", "mode": "rw"})
+        if opts["mode"] not in ("rw", "ro"):
+            raise StoreError(f"{url.text}: mode must be rw or ro, got {opts['mode']!r}")
+        if opts["codec"] not in ("zstd", "none"):
+            raise StoreError(f"{url.text}: codec must be zstd or none, got {opts['codec']!r}")
+        readonly = opts["mode"] == "ro"
+        self._sync = parse_bool(opts["sync"], "sync")
+        readers = parse_int(opts["readers"], "readers", 0, 64)
+        path = url.path.expanduser().absolute()
+        exists = (path / "zarr.json").exists()
+        if not exists and (schema is None or readonly):
+            raise StoreNotFoundError(f"{url.text}: no Zarr store at {path} (give a schema to create one)")
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"{url.text}: {path} is not a directory")
+        try:
+            if not exists:
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._lock = WriterLock(path, exclusive=not readonly)
+        except OSError as exc:
+            raise _wrap(exc, f"{url.text}: cannot open {path}") from exc
+        try:
+            if exists:
+                group = zarr.open_group(store=str(path), mode="r" if readonly else "r+", zarr_format=3)
+                stored = self._read_attrs(group, url.text)
+                if schema is not None and Schema(schema) != stored:
+                    raise SchemaError(f"{url.text}: store has schema {stored!r}, asked for {Schema(schema)!r}")
+                if not readonly:
+                    _sweep_partials(path)  # temp files of chunk writes cut short by a crash
+            else:
+                stored = Schema(schema)
+                group = self._create(path, stored, parse_int(opts["chunk"], "chunk", 1, 1 << 20),
+                                     opts["codec"], parse_int(opts["level"], "level", -7, 22))
+            self._arrays = {name: group[name] for name in stored}
+            self._chunk = int(group.attrs["carousel"]["chunk"])
+            self._check_layout(url.text, stored)
+            capacity = self._even_out_capacity(readonly)
+            self._manifest = Manifest(path / _MANIFEST_DIR, capacity, writable=not readonly, sync=self._sync)
+        except OSError as exc:
+            self._lock.release()
+            raise _wrap(exc, f"{url.text}: cannot open") from exc
+        except BaseException:
+            self._lock.release()
+            raise
+        super().__init__(path, stored, url.text, readonly)
+        self._mutex = threading.RLock()  # one writer at a time; reads see a consistent manifest
+        self._dirty_files: set[Path] = set()
+        self._pool = ThreadPoolExecutor(readers, thread_name_prefix="zarr-read") if readers else None
+
+    # ---- layout -------------------------------------------------------------------------------
+    @staticmethod
+    def _create(path: Path, schema: Schema, chunk: int, codec: str, level: int) -> zarr.Group:
+        group = zarr.open_group(store=str(path), mode="a", zarr_format=3,
+                                attributes={"carousel": {"format": FORMAT, "schema": schema.to_json(),
+                                                         "chunk": chunk}})
+        for name, spec in schema.items():
+            rows = chunk
+            while rows * 2 * max(spec.nbytes, 1) <= _SMALL_CHUNK_BYTES:
+                rows *= 2
+            group.create_array(name=name, shape=(0, *spec.shape), chunks=(rows, *(max(d, 1) for d in spec.shape)),
+                               dtype=spec.dtype, fill_value=0,
+                               compressors=ZstdCodec(level=level) if codec == "zstd" else None)
+        return group
+
+    @staticmethod
+    def _read_attrs(group: zarr.Group, text: str) -> Schema:
+        meta = group.attrs.get("carousel")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise CorruptStoreError(f"{text}: not a carousel Zarr store (attribute carousel.format != {FORMAT!r})")
+        return Schema.from_json(meta["schema"])
+
+    def _check_layout(self, text: str, schema: Schema) -> None:
+        self._field_rows: dict[str, int] = {}
+        self._zstd: dict[str, Zstd | None] = {}
+        self._key_tail: dict[str, str] = {}
+        for name, arr in self._arrays.items():
+            spec = schema[name]
+            if arr.dtype != spec.dtype or tuple(arr.shape[1:]) != spec.shape:
+                raise CorruptStoreError(f"{text}: array {name!r} is {arr.dtype}{arr.shape[1:]}, schema says "
+                                        f"{spec.dtype}{spec.shape}")
+            codecs = arr.metadata.codecs
+            ok = len(codecs) in (1, 2) and isinstance(codecs[0], BytesCodec) and \
+                (len(codecs) == 1 or isinstance(codecs[1], ZstdCodec))
+            if not ok or (spec.dtype.itemsize > 1 and codecs[0].endian is not None
+                          and codecs[0].endian.value != "little"):
+                raise CorruptStoreError(f"{text}: array {name!r} uses codecs {codecs}; this store reads bytes[+zstd]")
+            self._zstd[name] = Zstd() if len(codecs) == 2 else None
+            rows = int(arr.chunks[0])
+            self._field_rows[name] = rows
+            self._key_tail[name] = "/0" * len(spec.shape)
+            if rows % self._chunk or arr.metadata.encode_chunk_key((3, *[0] * len(spec.shape))) != \
+                    "c/3" + self._key_tail[name]:
+                raise CorruptStoreError(f"{text}: array {name!r} has an unexpected chunk layout")
+        self._first = next(iter(schema))
+
+    def _even_out_capacity(self, readonly: bool) -> int:
+        # A crash during a resize can leave the arrays at different lengths; rows past the
+        # shortest were never handed out, so the shortest length is the capacity.
+        lengths = {name: int(arr.shape[0]) for name, arr in self._arrays.items()}
+        capacity = min(lengths.values())
+        if not readonly and len(set(lengths.values())) > 1:
+            for name, arr in self._arrays.items():
+                arr.resize((max(lengths.values()), *arr.shape[1:]))
+        return capacity
+
+    def _chunk_path(self, name: str, index: int) -> Path:
+        return self.path / name / "c" / f"{index}{self._key_tail[name]}"
+
+    # ---- writes -------------------------------------------------------------------------------
+    def _put(self, ids: np.ndarray, fields: dict[str, np.ndarray]) -> None:
+        crcs = record_checksums(pack_records(self.schema, fields, ids.size))
+        with self._mutex:
+            try:
+                rows = self._manifest.allocate(ids.size)
+                if rows is None:
+                    self._grow(ids.size)
+                    rows = self._manifest.allocate(ids.size)
+                self._write_rows(rows, fields)
+                self._manifest.put(ids, rows, crcs)
+            except OSError as exc:
+                raise _wrap(exc, f"{self.url}: write failed") from exc
+
+    def _grow(self, n: int) -> None:
+        old = self._manifest.capacity
+        want = max(old * 2, old + n, 16 * self._chunk)
+        step = max(self._field_rows.values())
+        new = -(-want // step) * step
+        for arr in self._arrays.values():
+            arr.resize((new, *arr.shape[1:]))
+        self._manifest.grow(new)
+
+    def _write_rows(self, rows: np.ndarray, fields: dict[str, np.ndarray]) -> None:
+        # Free rows come lowest first, so a batch is a few contiguous runs: one slice write each.
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for run in np.split(np.arange(rows.size), breaks):
+            lo, hi = int(rows[run[0]]), int(rows[run[-1]]) + 1
+            for name, arr in self._arrays.items():
+                arr[lo:hi] = fields[name][run[0]:run[-1] + 1]
+                frows = self._field_rows[name]
+                for c in range(lo // frows, (hi - 1) // frows + 1):
+                    self._dirty_files.add(self._chunk_path(name, c))
+        if self._sync:
+            self._fsync_dirty()
+
+    def _fsync_dirty(self) -> None:
+        dirs = set()
+        for path in self._dirty_files:
+            _fsync_path(path)
+            dirs.add(path.parent)
+        for d in dirs:
+            _fsync_path(d, directory=True)
+        self._dirty_files.clear()
+
+    def _delete(self, ids: np.ndarray) -> None:
+        with self._mutex:
+            found, _, _ = self._manifest.lookup(ids)
+            if not found.all():
+                raise self._missing(ids, found)
+            try:
+                self._manifest.delete(ids)
+            except OSError as exc:
+                raise _wrap(exc, f"{self.url}: delete failed") from exc
+
+    # ---- reads --------------------------------------------------------------------------------
+    def _get(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        with self._mutex:
+            found, rows, crcs = self._manifest.lookup(ids)
+            if not found.all():
+                raise self._missing(ids, found)
+            out, broken = self._read_rows(rows)
+            bad = broken | (record_checksums(pack_records(self.schema, out, ids.size)) != crcs)
+            if bad.any():
+                self._fail(np.unique(ids[bad]))
+        return out
+
+    def _read_rows(self, rows: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Gather ``rows`` of every field, reading each touched chunk file once.
+        Returns the fields and a mask of rows whose chunk was unreadable."""
+        n = rows.size
+        out = {name: np.empty((n, *spec.shape), spec.dtype) for name, spec in self.schema.items()}
+        broken = np.zeros(n, dtype=bool)
+        tasks = []
+        for name in self.schema:
+            frows = self._field_rows[name]
+            chunks = rows // frows
+            order = np.argsort(chunks, kind="stable")
+            uniq, starts = np.unique(chunks[order], return_index=True)
+            for c, positions in zip(uniq, np.split(order, starts[1:])):
+                tasks.append((name, int(c), positions))
+        loaded = self._pool.map(self._load_chunk, tasks) if self._pool else map(self._load_chunk, tasks)
+        for (name, c, positions), data in zip(tasks, loaded):
+            if data is None:
+                broken[positions] = True
+            else:
+                out[name][positions] = data[rows[positions] - c * self._field_rows[name]]
+        return out, broken
+
+    def _load_chunk(self, task: tuple[str, int, np.ndarray]) -> np.ndarray | None:
+        name, c, _ = task
+        spec = self.schema[name]
+        shape = (self._field_rows[name], *(max(d, 1) for d in spec.shape))
+        try:
+            try:
+                with open(self._chunk_path(name, c), "rb", buffering=0) as fh:
+                    data = fh.read()
+            except FileNotFoundError:
+                # zarr does not write a chunk equal to the fill value (0); a chunk lost otherwise
+                # reads as zeros too, and the records' checksums catch it.
+                return np.zeros(shape, spec.dtype)[(slice(None), *(slice(0, d) for d in spec.shape))]
+            codec = self._zstd[name]
+            if codec is not None:
+                data = codec.decode(data)
+            arr = np.frombuffer(data, dtype=spec.dtype)
+            if arr.size != int(np.prod(shape)):
+                return None
+            arr = arr.reshape(shape)
+            return arr[(slice(None), *(slice(0, d) for d in spec.shape))]
+        except (OSError, RuntimeError, ValueError):
+            return None  # missing, truncated or undecodable: the rows are reported, never guessed
+
+    def _fail(self, bad_ids: np.ndarray) -> None:
+        where = "quarantined" if not self.readonly else "left in place (read-only)"
+        if not self.readonly:
+            try:
+                self._manifest.quarantine(bad_ids)
+            except OSError as exc:
+                where = f"not quarantined ({exc})"
+        raise CorruptRecordError(f"{self.url}: {bad_ids.size} record(s) failed their checksum or could not be "
+                                 f"read: {format_ids(bad_ids)}; {where}", bad_ids)
+
+    def _contains(self, ids: np.ndarray) -> np.ndarray:
+        with self._mutex:
+            return self._manifest.lookup(ids)[0]
+
+    def _ids(self) -> np.ndarray:
+        with self._mutex:
+            return self._manifest.ids.copy()
+
+    def _len(self) -> int:
+        return int(self._manifest.ids.size)
+
+    def _quarantined(self) -> np.ndarray:
+        with self._mutex:
+            return self._manifest.quarantined.copy()
+
+    # ---- chunk-granular reads -----------------------------------------------------------------
+    @property
+    def chunk_rows(self) -> int:
+        return self._chunk
+
+    def num_chunks(self) -> int:
+        self._check_open()
+        return -(-self._manifest.capacity // self._chunk)
+
+    def get_chunk(self, index: int) -> Chunk:
+        """The live records stored in rows ``[index * chunk_rows, (index + 1) * chunk_rows)``,
+        read with one file read per field (small fields share a larger chunk)."""
+        self._check_open()
+        n_chunks = self.num_chunks()
+        if not 0 <= index < n_chunks:
+            raise IndexError(f"{self.url}: chunk {index} out of range [0, {n_chunks})")
+        with self._mutex:
+            ids, rows, crcs = self._manifest.ids_in_rows(index * self._chunk, (index + 1) * self._chunk)
+            if not ids.size:
+                return Chunk(ids, {k: np.zeros((0, *v.shape), v.dtype) for k, v in self.schema.items()})
+            out, broken = self._read_rows(rows)
+            bad = broken | (record_checksums(pack_records(self.schema, out, ids.size)) != crcs)
+            if bad.any():
+                self._fail(ids[bad])
+        return Chunk(ids, out)
+
+    def iter_chunks(self):
+        self._check_open()
+        with self._mutex:
+            live = np.unique(self._manifest.rows // self._chunk)
+        for i in live:
+            chunk = self.get_chunk(int(i))
+            if chunk.ids.size:  # it may have emptied since
+                yield chunk
+
+    # ---- durability and lifecycle -------------------------------------------------------------
+    def _flush(self) -> None:
+        with self._mutex:
+            try:
+                self._fsync_dirty()
+                self._manifest.flush()
+            except OSError as exc:
+                raise _wrap(exc, f"{self.url}: flush failed") from exc
+
+    def _close(self) -> None:
+        try:
+            if not self.readonly:
+                self._flush()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._manifest.close()
+            self._lock.release()
+
+
+def _sweep_partials(path: Path) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            if name.endswith(".partial"):
+                os.unlink(os.path.join(root, name))
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    except FileNotFoundError:
+        return  # an all-fill chunk zarr chose not to write
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _wrap(exc: OSError, what: str) -> StoreError:
+    if isinstance(exc, StoreError):
+        return exc
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return StoreFullError(f"{what}: no space left ({exc}); nothing was written")
+    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return StorePermissionError(f"{what}: not writable ({exc}); open with ?mode=ro to read")
+    if exc.errno == errno.ENOENT:
+        return StoreNotFoundError(f"{what}: {exc}")
+    return StoreError(f"{what}: {exc}")
