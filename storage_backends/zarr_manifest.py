@@ -27,6 +27,8 @@ _SNAP_HEAD = struct.Struct("<8sQQQQ")  # magic, generation, n live, capacity, n 
 _ENTRY_HEAD = struct.Struct("<2sBxII")  # magic, op, pad, n, crc32c(header[:8] + payload)
 _ENTRY_MAGIC = b"CJ"
 OP_PUT, OP_DELETE, OP_QUARANTINE = 1, 2, 3
+#: The journal is folded into a new snapshot once it exceeds this and the snapshot's own size.
+COMPACT_MIN_BYTES = 1 << 20
 
 
 class Manifest:
@@ -98,7 +100,7 @@ class Manifest:
 
     def _maybe_compact(self) -> None:
         # Bounded journal: replay on open stays proportional to the live set, not to history.
-        if self._journal_bytes > max(1 << 20, 24 * self.ids.size):
+        if self._journal_bytes > max(COMPACT_MIN_BYTES, 24 * self.ids.size):
             self.compact()
 
     def _apply_put(self, ids: np.ndarray, rows: np.ndarray, crcs: np.ndarray) -> None:

@@ -1,0 +1,42 @@
+"""LMDB store: the conformance suite plus what only LMDB has (map growth, sync modes)."""
+
+import numpy as np
+import pytest
+
+from storage_backends import LMDBStore, StoreFullError, open_store
+from tests.conformance.store_tests import SCHEMA, SampleStoreTests, assert_batch_equal, make_batch
+
+
+class TestLMDBStore(SampleStoreTests):
+    def make_url(self, path: str, **params: str) -> str:
+        query = "&".join(f"{k}={v}" for k, v in {"map_size": "1MiB", **params}.items())
+        return f"lmdb://{path}?{query}"
+
+    def test_is_an_lmdb_store(self, store):
+        assert isinstance(store, LMDBStore)
+
+    def test_map_grows_instead_of_failing(self, path):
+        with open_store(self.make_url(path, map_size="64KiB"), SCHEMA) as s:
+            ids = np.arange(3000)  # ~1.2 MB of records into a 64 KiB map
+            for part in np.array_split(ids, 10):
+                s.put_many(part, make_batch(part))
+            assert len(s) == 3000
+            assert_batch_equal(s.get_many(ids[::97]), make_batch(ids[::97]))
+
+    def test_max_size_caps_growth_with_a_typed_error(self, path):
+        with open_store(self.make_url(path, map_size="64KiB", max_size="256KiB"), SCHEMA) as s:
+            s.put_many([1], make_batch([1]))
+            big = np.arange(100, 1100)
+            with pytest.raises(StoreFullError) as err:
+                s.put_many(big, make_batch(big))
+            assert isinstance(err.value, OSError)
+            assert s.ids().tolist() == [1]  # the failed batch left nothing
+            assert_batch_equal(s.get_many([1]), make_batch([1]))
+
+    @pytest.mark.parametrize("sync", ["0", "1"])
+    def test_sync_modes_round_trip(self, path, sync):
+        url = self.make_url(path, sync=sync, flush_s="0.05")
+        with open_store(url, SCHEMA) as s:
+            s.put_many([4, 5], make_batch([4, 5]))
+        with open_store(url) as s:
+            assert_batch_equal(s.get_many([4, 5]), make_batch([4, 5]))
