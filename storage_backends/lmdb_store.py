@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import threading
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from .base import Chunk, SampleStore
 from .errors import (
     CorruptRecordError,
     CorruptStoreError,
+    InvalidURLError,
     SchemaError,
     StoreError,
     StoreFullError,
@@ -65,8 +67,9 @@ class LMDBStore(SampleStore):
 
     def __init__(self, url: StoreURL, schema: Schema | None) -> None:
         opts = url.take({"map_size": "64MiB", "max_size": "0", "sync": "1", "flush_s": "1", "mode": "rw"})
+        # A bad value is an InvalidURLError (a ValueError), like an unknown key.
         if opts["mode"] not in ("rw", "ro"):
-            raise StoreError(f"{url.text}: mode must be rw or ro, got {opts['mode']!r}")
+            raise InvalidURLError(f"{url.text}: mode must be rw or ro, got {opts['mode']!r}")
         readonly = opts["mode"] == "ro"
         self._map_size = parse_size(opts["map_size"], "map_size")
         self._max_size = parse_size(opts["max_size"], "max_size")
@@ -74,7 +77,7 @@ class LMDBStore(SampleStore):
         try:
             flush_s = float(opts["flush_s"])
         except ValueError:
-            raise StoreError(f"{url.text}: flush_s must be a number of seconds") from None
+            raise InvalidURLError(f"{url.text}: flush_s must be a number of seconds") from None
         path = url.path.expanduser().absolute()
         exists = (path / "data.mdb").exists()
         if not exists and (schema is None or readonly):
@@ -89,6 +92,7 @@ class LMDBStore(SampleStore):
         self._lock = None if readonly else WriterLock(path)
         try:
             self._env = self._open_env(path, readonly, url.text)
+            _check_file_size(self._env, path, url.text)
             self._data = self._env.open_db(b"data", create=not readonly)
             self._quarantine_db = self._env.open_db(b"quarantine", create=not readonly)
             meta = self._env.open_db(b"meta", create=not readonly)
@@ -186,8 +190,16 @@ class LMDBStore(SampleStore):
                         body(txn)
                     return
                 except lmdb.MapFullError:
-                    self._grow(needed)
+                    # Slots of readers killed since open pin old pages, so their space never comes
+                    # back (a sync=1 store has no flush loop to clear them): clear them, then grow.
+                    if not self._env.reader_check():
+                        self._grow(needed)
                 except lmdb.Error as exc:
+                    # LMDB turns a short pwrite at commit (the file system or RLIMIT_FSIZE filling
+                    # up mid-write) into EIO; name it for what it is when space is what ran out.
+                    if _errno(exc) == errno.EIO and _short_of_space(self.path, needed):
+                        raise StoreFullError(f"{self.url}: write failed: no space left ({exc}); "
+                                             "nothing was written") from exc
                     raise _wrap(exc, f"{self.url}: write failed") from exc
                 except OSError as exc:
                     raise _wrap(exc, f"{self.url}: write failed") from exc
@@ -346,13 +358,43 @@ class _ReadTxn:
             self._guard.__exit__(None, None, None)
 
 
+def _check_file_size(env: lmdb.Environment, path: Path, text: str) -> None:
+    """Refuse a ``data.mdb`` shorter than its own meta page says it is.
+
+    LMDB maps the file and trusts it: touching a page past the end of a truncated file raises
+    SIGBUS and kills the process (found by tests/storage_backends/test_faults.py). The meta page
+    names the last page in use; every page up to it was written (pwrite, no writemap) before the
+    meta that names it, so a shorter file is damaged. ``info()``/``stat()`` read the meta only.
+    """
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    have = os.path.getsize(path / "data.mdb")
+    if have < need:
+        raise CorruptStoreError(f"{text}: {path / 'data.mdb'} is truncated ({have} bytes, its meta page "
+                                f"needs {need}); restore it from a copy")
+
+
+def _short_of_space(path: Path, needed: int) -> bool:
+    """Whether writing ``needed`` more bytes (at least 1 MiB) would overrun the free space of
+    the file system or this process's RLIMIT_FSIZE."""
+    want = max(needed, 1 << 20)
+    try:
+        st = os.statvfs(path)
+        if st.f_bavail * st.f_frsize < want:
+            return True
+        soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        return soft != resource.RLIM_INFINITY and os.path.getsize(path / "data.mdb") + want > soft
+    except OSError:
+        return False
+
+
 def _errno(exc: BaseException) -> int | None:
     if isinstance(exc, OSError):
         return exc.errno
     text = str(exc)
     for code, marker in ((errno.ENOSPC, "No space left"), (errno.EACCES, "Permission denied"),
                          (errno.EROFS, "Read-only file system"), (errno.EDQUOT, "quota"),
-                         (errno.ENOENT, "No such file"), (errno.EFBIG, "File too large")):
+                         (errno.ENOENT, "No such file"), (errno.EFBIG, "File too large"),
+                         (errno.EIO, "Input/output error")):
         if marker in text:
             return code
     return None

@@ -101,7 +101,13 @@ class Manifest:
     def _maybe_compact(self) -> None:
         # Bounded journal: replay on open stays proportional to the live set, not to history.
         if self._journal_bytes > max(COMPACT_MIN_BYTES, 24 * self.ids.size):
-            self.compact()
+            try:
+                self.compact()
+            except OSError:
+                # The call's journal entry is durable already, so the call has succeeded; a
+                # compaction that meets a full disk only leaves the journal longer (retried on
+                # the next call). compact() leaves the old snapshot and journal in charge.
+                pass
 
     def _apply_put(self, ids: np.ndarray, rows: np.ndarray, crcs: np.ndarray) -> None:
         found, old_rows, _ = self.lookup(ids)
@@ -155,10 +161,21 @@ class Manifest:
                 + self.ids.tobytes() + self.rows.tobytes() + self.crcs.astype("<u4").tobytes()
                 + self.quarantined.tobytes())
         body += struct.pack("<I", google_crc32c.value(body))
-        _write_atomic(self._snapshot_path(gen), body)
-        new_fd = os.open(self._journal_path(gen), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-                         | os.O_CLOEXEC, 0o600)
-        _fsync_dir(self.dir)
+        snap, journal = self._snapshot_path(gen), self._journal_path(gen)
+        try:
+            _write_atomic(snap, body)
+            new_fd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                _fsync_dir(self.dir)
+            except BaseException:
+                os.close(new_fd)
+                raise
+        except BaseException:
+            # Leave nothing of generation ``gen`` behind: the next open would prefer its snapshot
+            # and never replay the entries this store goes on appending to the current journal.
+            for path in (snap, snap.with_suffix(".tmp"), journal):
+                path.unlink(missing_ok=True)
+            raise
         old = self.generation
         if self._journal_fd >= 0:
             os.close(self._journal_fd)
@@ -204,6 +221,12 @@ class Manifest:
             width = {OP_PUT: 20, OP_DELETE: 8, OP_QUARANTINE: 8}.get(op)
             end = off + _ENTRY_HEAD.size + (width or 0) * n
             if magic != _ENTRY_MAGIC or width is None or end > len(data):
+                # A torn tail is a prefix of the last entry. A damaged header followed by an intact
+                # entry is damage in the middle: stopping here would silently drop (and, on a
+                # writable open, truncate away) acknowledged batches.
+                if _intact_entry_after(data, off):
+                    raise CorruptStoreError(f"{path}: journal entry at byte {off} has a damaged header "
+                                            "and intact entries follow it: the manifest is damaged")
                 break
             payload = data[off + _ENTRY_HEAD.size:end]
             if google_crc32c.extend(google_crc32c.value(data[off:off + 8]), payload) != crc:
@@ -231,6 +254,20 @@ class Manifest:
             finally:
                 os.close(self._journal_fd)
                 self._journal_fd = -1
+
+
+def _intact_entry_after(data: bytes, start: int) -> bool:
+    """Whether a journal entry that passes its checksum begins anywhere after byte ``start``."""
+    pos = data.find(_ENTRY_MAGIC, start + 1)
+    while 0 <= pos <= len(data) - _ENTRY_HEAD.size:
+        _magic, op, n, crc = _ENTRY_HEAD.unpack_from(data, pos)
+        width = {OP_PUT: 20, OP_DELETE: 8, OP_QUARANTINE: 8}.get(op)
+        end = pos + _ENTRY_HEAD.size + (width or 0) * n
+        if width is not None and end <= len(data) and google_crc32c.extend(
+                google_crc32c.value(data[pos:pos + 8]), data[pos + _ENTRY_HEAD.size:end]) == crc:
+            return True
+        pos = data.find(_ENTRY_MAGIC, pos + 1)
+    return False
 
 
 def _read_snapshot(path: Path):

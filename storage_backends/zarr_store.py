@@ -40,6 +40,7 @@ from .base import Chunk, SampleStore
 from .errors import (
     CorruptRecordError,
     CorruptStoreError,
+    InvalidURLError,
     SchemaError,
     StoreError,
     StoreFullError,
@@ -69,13 +70,17 @@ class ZarrStore(SampleStore):
 
     def __init__(self, url: StoreURL, schema: Schema | None) -> None:
         opts = url.take({"chunk": "16", "codec": "none", "level": "3", "sync": "1", "readers": "0", "mode": "rw"})
+        # A bad value is an InvalidURLError (a ValueError), like an unknown key.
         if opts["mode"] not in ("rw", "ro"):
-            raise StoreError(f"{url.text}: mode must be rw or ro, got {opts['mode']!r}")
+            raise InvalidURLError(f"{url.text}: mode must be rw or ro, got {opts['mode']!r}")
         if opts["codec"] not in ("zstd", "none"):
-            raise StoreError(f"{url.text}: codec must be zstd or none, got {opts['codec']!r}")
+            raise InvalidURLError(f"{url.text}: codec must be zstd or none, got {opts['codec']!r}")
         readonly = opts["mode"] == "ro"
         self._sync = parse_bool(opts["sync"], "sync")
         readers = parse_int(opts["readers"], "readers", 0, 64)
+        # Validated before anything is created: a rejected URL leaves no directory behind.
+        chunk = parse_int(opts["chunk"], "chunk", 1, 1 << 20)
+        level = parse_int(opts["level"], "level", -7, 22)
         path = url.path.expanduser().absolute()
         exists = (path / "zarr.json").exists()
         if not exists and (schema is None or readonly):
@@ -98,16 +103,24 @@ class ZarrStore(SampleStore):
                     _sweep_partials(path)  # temp files of chunk writes cut short by a crash
             else:
                 stored = Schema(schema)
-                group = self._create(path, stored, parse_int(opts["chunk"], "chunk", 1, 1 << 20),
-                                     opts["codec"], parse_int(opts["level"], "level", -7, 22))
+                group = self._create(path, stored, chunk, opts["codec"], level)
             self._arrays = {name: group[name] for name in stored}
             self._chunk = int(group.attrs["carousel"]["chunk"])
             self._check_layout(url.text, stored)
             capacity = self._even_out_capacity(readonly)
             self._manifest = Manifest(path / _MANIFEST_DIR, capacity, writable=not readonly, sync=self._sync)
+        except StoreError:
+            self._lock.release()
+            raise
         except OSError as exc:
             self._lock.release()
             raise _wrap(exc, f"{url.text}: cannot open") from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            # Damaged zarr.json files surface as JSONDecodeError or zarr's metadata errors (all
+            # ValueErrors) or a missing key: report them in our hierarchy, not as a bare ValueError.
+            self._lock.release()
+            raise CorruptStoreError(f"{url.text}: the Zarr metadata is damaged "
+                                    f"({type(exc).__name__}: {exc})") from exc
         except BaseException:
             self._lock.release()
             raise
