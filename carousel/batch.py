@@ -1,0 +1,32 @@
+"""What ``sample()`` returns: one replay batch as stacked tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A replay batch. Every tensor has the batch size as its first dimension.
+
+    ``ids`` (int64) name the samples for :meth:`CarouselMemory.observe`; ``x`` has the memory's
+    sample shape and dtype, ``y`` is int64, ``task`` int16; ``extras`` holds the memory's extra
+    fields (stored logits, a coreset weight, ...) by name.
+    """
+
+    ids: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    task: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The same batch on ``device``."""
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(move(self.ids), move(self.x), move(self.y), move(self.task),
+                     {k: move(v) for k, v in self.extras.items()})

@@ -1,0 +1,460 @@
+"""``CarouselMemory``: the tiered replay memory, in-process.
+
+One sample's path: ``add`` gives it an id, admission may copy it into an EM slot, write-behind
+puts it on the first storage tier (migration later demotes or evicts it). ``sample`` gathers a
+batch from EM slots only. ``observe`` records what the trainer saw (correctness, entropy, loss)
+and, from the ``start_task``-th task on, picks victims among the EM samples just replayed and
+asks the swap engine to refill their slots with other stored samples -- in the background.
+
+>>> import torch
+>>> from carousel import CarouselMemory
+>>> mem = CarouselMemory.from_dict({"memory": {"em_size": 8, "sample_shape": [2]}})  # RAM only
+>>> ids = mem.add(torch.ones(5, 2, dtype=torch.uint8), torch.tensor([0, 1, 0, 1, 2]), task=0)
+>>> batch = mem.sample(4, seed=0)
+>>> batch.x.shape, batch.y.dtype
+(torch.Size([4, 2]), torch.int64)
+>>> mem.observe(batch.ids, logits=torch.randn(4, 3))
+>>> mem.stats()["added"]
+5
+>>> mem.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from prometheus_client import CollectorRegistry
+
+from storage_backends import open_store
+
+from .batch import Batch
+from .catalog import EVICTED, PENDING, RAM_ONLY, Catalog
+from .config import CarouselConfig, load_config
+from .em_pool import EMPool, balanced_weights
+from .metrics import MemoryMetrics
+from .policies import make_admission, make_swap_in, make_swap_out
+from .swap_engine import SwapEngine
+from .tiers import Tier
+from .write_behind import WriteBehind
+
+log = logging.getLogger("carousel.memory")
+
+_STATE_FILE = "em-state.npz"
+
+
+class MemoryInputError(ValueError):
+    """Bad input to the memory: wrong shapes, dtypes, unknown ids."""
+
+
+class CarouselMemory:
+    """A RAM episodic memory backed by zero or more storage tiers (see the module docstring)."""
+
+    def __init__(self, config: CarouselConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        mc, sc = config.memory, config.swap
+        self.metrics = MemoryMetrics(registry)
+        self.fields: dict[str, tuple[tuple[int, ...], str]] = {
+            "x": (tuple(mc.sample_shape), mc.dtype), "y": ((), "int64"), "task": ((), "int16"),
+            **{name: (tuple(shape), dtype) for name, (shape, dtype) in mc.extras.items()}}
+        self._extras = tuple(mc.extras)
+        self._rng = np.random.default_rng([mc.seed, 1])
+        self._sample_rng = np.random.default_rng([mc.seed, 2])
+        self._admission = make_admission(mc.admission)
+        self._swap_out = make_swap_out(sc.policy)
+        self._swap_in = make_swap_in(sc.swap_in)
+        self.pool = EMPool(mc.em_size, self.fields)
+        self.catalog = Catalog()
+        self._seen = 0
+        self._next_id = 0
+        self._current_task = -1
+        self._ratio = sc.ratio
+        self._closed = False
+        self.tiers: list[Tier] = []
+        record_nbytes = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for s, d in self.fields.values())
+        try:
+            for i, tc in enumerate(config.tiers):
+                store = open_store(tc.url(), self.fields)
+                self.tiers.append(Tier(i, f"{i}-{tc.kind}", store, tc.capacity_for(record_nbytes),
+                                       tc.eviction, tc.class_quota))
+            self._recover()
+        except BaseException:
+            for t in self.tiers:
+                t.store.close()
+            raise
+        self._state_dir = Path(mc.state_dir) if mc.state_dir else (
+            Path(config.tiers[0].path).with_name(Path(config.tiers[0].path).name + "-state") if config.tiers else None)
+        self._writer = WriteBehind(self.tiers, self.catalog, self.metrics, config.write_behind.queue_samples,
+                                   config.write_behind.batch, config.write_behind.block_timeout_s,
+                                   np.random.default_rng([mc.seed, 3])) if self.tiers else None
+        self._engine = SwapEngine(self.pool, self.catalog, self.tiers, self.metrics, sc.workers,
+                                  sc.prefetch_depth, mc.seed) if self.tiers else None
+        self._refill_em()
+        self.metrics.swap_ratio.set(self._ratio)
+        for t in self.tiers:
+            self.metrics.capacity.labels(tier=t.name).set(t.capacity)
+        self.metrics.capacity.labels(tier="ram").set(mc.em_size)
+
+    # ---- entry points ---------------------------------------------------------------------------
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str], registry: CollectorRegistry | None = None) -> CarouselMemory:
+        """A memory configured by a TOML file; samples already in its tiers are recovered."""
+        return cls(load_config(path), registry)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], registry: CollectorRegistry | None = None) -> CarouselMemory:
+        """Reopen an existing memory from its TOML config: every stored sample is recovered and the
+        EM is refilled from storage (as it was at the last checkpoint, when there was one)."""
+        config = load_config(path)
+        if not config.tiers:
+            raise FileNotFoundError(f"{path}: a RAM-only memory has nothing to reopen")
+        missing = [t.path for t in config.tiers if not Path(t.path).exists()]
+        if missing:
+            raise FileNotFoundError(f"{path}: no memory to open, tiers missing: {missing}")
+        return cls(config, registry)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], registry: CollectorRegistry | None = None) -> CarouselMemory:
+        return cls(CarouselConfig.from_dict(data), registry)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The Prometheus registry holding this memory's metrics."""
+        return self.metrics.registry
+
+    # ---- add --------------------------------------------------------------------------------------
+    def add(self, x: Any, y: Any, task: Any, **extras: Any) -> torch.Tensor:
+        """Add stream samples; returns their ids (int64 tensor).
+
+        ``x``: ``(n, *sample_shape)`` of the memory's dtype; ``y``: ``(n,)`` integer labels;
+        ``task``: an int or ``(n,)``; ``extras``: every extra field of the config, ``(n, *shape)``.
+        Every sample is queued for the first storage tier (blocking only under back-pressure);
+        the admission policy decides which enter the EM.
+        """
+        self._check_open()
+        fields = self._validate(x, y, task, extras)
+        n = fields["y"].shape[0]
+        if n == 0:
+            return torch.zeros(0, dtype=torch.int64)
+        ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+        self._next_id += n
+        labels = fields["y"]
+        with self.catalog.lock:
+            self.catalog.register(ids, labels, fields["task"].astype(np.int64), PENDING if self.tiers else RAM_ONLY)
+            slot_labels = self.pool.snapshot()[1]
+            slots = self._admission.admit(labels, slot_labels, self._seen, self._rng)
+            take = slots >= 0
+            if take.any():
+                old = self.pool.slot_ids[slots[take]]
+                old = old[old >= 0]
+                self.catalog.slot[old] = -1
+                if not self.tiers:
+                    self.catalog.home[old] = EVICTED
+                self.pool.write(slots[take], ids[take], {k: v[take] for k, v in fields.items()})
+                self.catalog.slot[ids[take]] = slots[take]
+                if not self.tiers and old.size:
+                    self.metrics.evictions.labels(reason="replaced").inc(old.size)
+            if not self.tiers and (~take).any():
+                self.catalog.home[ids[~take]] = EVICTED
+                self.metrics.evictions.labels(reason="not_admitted").inc(int((~take).sum()))
+        self._seen += n
+        self._current_task = max(self._current_task, int(fields["task"].max()))
+        self.metrics.added.inc(n)
+        self.metrics.admissions.labels(result="admitted").inc(int(take.sum()))
+        self.metrics.admissions.labels(result="rejected").inc(int((~take).sum()))
+        if self._writer is not None:
+            self._writer.submit(ids, fields)
+        return torch.from_numpy(ids)
+
+    def _validate(self, x: Any, y: Any, task: Any, extras: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        def arr(v: Any) -> np.ndarray:
+            return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+
+        shape, dtype = self.fields["x"]
+        x = arr(x)
+        if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+            raise MemoryInputError(f"x must have shape (n, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+        if x.dtype != np.dtype(dtype):
+            raise MemoryInputError(f"x must be {dtype}, got {x.dtype} (store raw samples; convert explicitly)")
+        n = x.shape[0]
+        y = arr(y)
+        if y.shape != (n,) or y.dtype.kind not in "iu":
+            raise MemoryInputError(f"y must be {n} integer labels, got {y.dtype} {tuple(y.shape)}")
+        if n and y.min() < 0:
+            raise MemoryInputError("labels must be non-negative")
+        t = arr(task)
+        t = np.full(n, int(t), dtype=np.int64) if t.ndim == 0 else t
+        if t.shape != (n,) or t.dtype.kind not in "iu" or (n and (t.min() < 0 or t.max() > np.iinfo(np.int16).max)):
+            raise MemoryInputError(f"task must be an int or {n} ints in [0, 32767], got {t.dtype} {tuple(t.shape)}")
+        unknown = sorted(set(extras) - set(self._extras))
+        missing = sorted(set(self._extras) - set(extras))
+        if unknown or missing:
+            raise MemoryInputError(f"extras must be exactly {list(self._extras)}: unknown {unknown}, missing {missing}")
+        out = {"x": np.ascontiguousarray(x), "y": y.astype(np.int64), "task": t.astype(np.int16)}
+        for name in self._extras:
+            shape_e, dtype_e = self.fields[name]
+            e = arr(extras[name])
+            if tuple(e.shape) != (n, *shape_e):
+                raise MemoryInputError(f"extra {name!r} must have shape {(n, *shape_e)}, got {tuple(e.shape)}")
+            if not np.can_cast(e.dtype, dtype_e, casting="same_kind"):
+                raise MemoryInputError(f"extra {name!r} must be {dtype_e}, got {e.dtype}")
+            out[name] = np.ascontiguousarray(e.astype(dtype_e))
+        return out
+
+    # ---- sample -----------------------------------------------------------------------------------
+    def sample(self, n: int, *, classes: Any = None, tasks: Any = None, seed: int | None = None,
+               balanced: bool = False) -> Batch:
+        """A replay batch of up to ``n`` distinct EM samples, from RAM only.
+
+        ``classes`` / ``tasks`` restrict the draw; ``balanced`` draws classes equally often;
+        ``seed`` makes the draw reproducible. Fewer than ``n`` come back only if the EM (or the
+        filtered part of it) holds fewer.
+        """
+        self._check_open()
+        if n < 0:
+            raise MemoryInputError(f"n must be >= 0, got {n}")
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(seed) if seed is not None else self._sample_rng
+        cls = None if classes is None else np.asarray(classes, dtype=np.int64).ravel()
+        tsk = None if tasks is None else np.asarray(tasks, dtype=np.int64).ravel()
+        with self.pool.lock:  # choose and gather under one short lock: no half-written slot
+            ok = self.pool.slot_ids >= 0
+            if cls is not None:
+                ok &= np.isin(self.pool.slot_labels, cls)
+            if tsk is not None:
+                ok &= np.isin(self.pool.slot_tasks, tsk)
+            slots = np.flatnonzero(ok)
+            if balanced and slots.size:
+                pick = rng.choice(slots, min(n, slots.size), replace=False,
+                                  p=balanced_weights(self.pool.slot_labels[slots]))
+            else:
+                pick = rng.choice(slots, min(n, slots.size), replace=False) if slots.size else slots
+            batch = self.pool.gather_locked(pick, self._extras)
+        self.metrics.sample_latency.observe(time.perf_counter() - t0)
+        return batch
+
+    # ---- observe and swap ------------------------------------------------------------------------------
+    def observe(self, ids: Any, logits: Any = None, loss: Any = None) -> None:
+        """Record what training saw of replayed samples and trigger a swap (from ``start_task`` on).
+
+        ``logits``: ``(n, C)`` -> correctness (argmax == label) and softmax entropy per sample;
+        ``loss``: ``(n,)`` per-sample losses. Unknown ids raise ``ValueError``.
+        """
+        self._check_open()
+        ids = (ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)).astype(np.int64)
+        if ids.ndim != 1:
+            raise MemoryInputError(f"ids must be 1-D, got shape {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self._next_id):
+            raise MemoryInputError(f"unknown ids (valid: 0..{self._next_id - 1})")
+        correct = entropy = per_loss = None
+        if logits is not None:
+            # numpy, not torch: small torch ops go through its intra-op pool (~ms here, see em_pool).
+            lg = (logits.detach().cpu().numpy() if isinstance(logits, torch.Tensor)
+                  else np.asarray(logits)).astype(np.float32)
+            if lg.ndim != 2 or lg.shape[0] != ids.size:
+                raise MemoryInputError(f"logits must be ({ids.size}, C), got {tuple(lg.shape)}")
+            z = lg - lg.max(axis=1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            entropy = -(np.exp(logp) * logp).sum(axis=1).astype(np.float32)
+            correct = (lg.argmax(axis=1) == self.catalog.label[ids]).astype(np.int8)
+        if loss is not None:
+            per_loss = (loss.detach().float().cpu().numpy() if isinstance(loss, torch.Tensor)
+                        else np.asarray(loss, np.float32)).reshape(-1)
+            if per_loss.size != ids.size:
+                raise MemoryInputError(f"loss must have {ids.size} values, got {per_loss.size}")
+        self.catalog.observe(ids, correct, entropy, per_loss)
+        if self._engine is not None and self._current_task >= self.config.swap.start_task and self._ratio > 0:
+            self._trigger_swap(ids)
+
+    def _trigger_swap(self, ids: np.ndarray) -> None:
+        with self.catalog.lock:
+            slots = self.catalog.slot[ids]
+            live = slots >= 0
+            slots, ids = slots[live], ids[live]
+            slots, first = np.unique(slots, return_index=True)
+            ids = ids[first]
+            if not slots.size:
+                return
+            labels = self.catalog.label[ids]
+            victims = self._swap_out.select(slots, labels, self.catalog.correct[ids], self.catalog.entropy[ids],
+                                            self.catalog.loss[ids], self._ratio, self._rng)
+            if not victims.size:
+                return
+            order = np.searchsorted(slots, victims)
+            victim_ids, victim_labels = ids[order], labels[order]
+            em_counts = np.bincount(self.pool.slot_labels[self.pool.slot_labels >= 0])
+            classes = self._swap_in.choose(victim_labels, self.catalog.available_by_class(),
+                                           {int(c): int(k) for c, k in enumerate(em_counts) if k}, self._rng)
+        go = classes >= 0
+        if not go.any():
+            return
+        if self.config.swap.workers == 0:
+            self._engine.swap_now(victims[go], victim_ids[go], classes[go])
+        else:
+            self._engine.request(victims[go], victim_ids[go], classes[go])
+            self._adapt(int(go.sum()))
+
+    def _adapt(self, k: int) -> None:
+        """Adaptive mode: halve the ratio while the engine lags, recover it when it keeps up."""
+        sc = self.config.swap
+        if not sc.adaptive:
+            return
+        if self._engine.pending > sc.max_lag_steps * max(k, 1):
+            self._ratio = max(sc.ratio / 64, self._ratio / 2)
+        elif self._engine.pending <= k:
+            self._ratio = min(sc.ratio, self._ratio * 1.25)
+        self.metrics.swap_ratio.set(self._ratio)
+
+    # ---- state ----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Counts for people and tests: ``added``, ``evicted``, ``swapped_in``, ``swapped_out``,
+        ``tiers: {name: {"samples", "bytes"}}`` and more."""
+        m = self.metrics
+        tiers: dict[str, dict[str, int]] = {"ram": {"samples": self.pool.filled(),
+                                                    "bytes": sum(t.numel() * t.element_size()
+                                                                 for t in self.pool.tensors.values())}}
+        for t in self.tiers:
+            n = len(t.store)
+            tiers[t.name] = {"samples": n, "bytes": t.store.nbytes, "capacity": t.capacity}
+            m.samples.labels(tier=t.name).set(n)
+            m.bytes.labels(tier=t.name).set(tiers[t.name]["bytes"])
+        m.samples.labels(tier="ram").set(tiers["ram"]["samples"])
+        m.bytes.labels(tier="ram").set(tiers["ram"]["bytes"])
+        value = lambda c, **lab: c.labels(**lab)._value.get() if lab else c._value.get()  # noqa: E731
+        hits, misses = value(m.prefetch, result="hit"), value(m.prefetch, result="miss")
+        return {
+            "added": self._next_id,
+            "evicted": self.catalog.count(EVICTED),
+            "pending_writes": self._writer.queued if self._writer else 0,
+            "swapped_in": int(value(m.swaps, direction="in")),
+            "swapped_out": int(value(m.swaps, direction="out")),
+            "swap_lag": self._engine.pending if self._engine else 0,
+            "swap_ratio": self._ratio,
+            "prefetched": self._engine.prefetched() if self._engine else 0,
+            "prefetch_hit_rate": hits / (hits + misses) if hits + misses else math.nan,
+            "current_task": self._current_task,
+            "tiers": tiers,
+            "errors": {"write_behind": repr(self._writer.last_error) if self._writer and self._writer.last_error
+                       else None,
+                       "swap": repr(self._engine.last_error) if self._engine and self._engine.last_error else None},
+        }
+
+    def flush(self, timeout_s: float | None = 60.0) -> None:
+        """Wait for write-behind to store every added sample, then make the tiers durable."""
+        self._check_open()
+        if self._writer is not None and not self._writer.drain(timeout_s):
+            raise TimeoutError(f"write-behind did not drain within {timeout_s} s: {self._writer.last_error!r}")
+        for t in self.tiers:
+            t.store.flush()
+
+    def checkpoint(self) -> None:
+        """``flush`` plus the EM's contents and the statistics, so ``open`` restores them."""
+        self.flush()
+        if self._engine is not None:
+            self._engine.wait_idle()
+        if self._state_dir is None:
+            return
+        self._state_dir.mkdir(parents=True, exist_ok=True)
+        with self.catalog.lock:
+            n = self.catalog.n
+            state = {"slot_ids": self.pool.snapshot()[0], "seen": np.array([self._seen]),
+                     "current_task": np.array([self._current_task]),
+                     "correct": self.catalog.correct[:n], "entropy": self.catalog.entropy[:n],
+                     "loss": self.catalog.loss[:n], "replays": self.catalog.replays[:n]}
+        tmp = self._state_dir / (_STATE_FILE + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **state)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._state_dir / _STATE_FILE)
+
+    def close(self) -> None:
+        """Drain write-behind, checkpoint, stop the engine, close the tiers; idempotent."""
+        if self._closed:
+            return
+        try:
+            if self.tiers:
+                self.checkpoint()
+        finally:
+            self._closed = True
+            if self._engine is not None:
+                self._engine.close()
+            if self._writer is not None:
+                self._writer.close()
+            for t in self.tiers:
+                t.store.close()
+
+    def __enter__(self) -> CarouselMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the memory is closed")
+
+    # ---- recovery ---------------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Rebuild the catalog from the tiers (they are the truth) after a restart or a crash."""
+        top = -1
+        seen = 0
+        for tier in self.tiers:
+            dup = []
+            for chunk in tier.store.iter_chunks():
+                ids = chunk.ids
+                known = ids < self.catalog.label.size
+                known[known] = self.catalog.home[ids[known]] >= 0
+                dup.append(ids[known])  # a crash mid-demotion left it in two tiers: keep the first
+                fresh = ~known
+                self.catalog.register(ids[fresh], chunk.fields["y"][fresh].astype(np.int64),
+                                      chunk.fields["task"][fresh].astype(np.int64), tier.index)
+                seen += int(fresh.sum())
+                if ids.size:
+                    top = max(top, int(ids.max()))
+            dup = np.concatenate(dup) if dup else np.zeros(0, np.int64)
+            if dup.size:
+                tier.store.delete_many(dup)
+        self._next_id = top + 1
+        self._seen = seen
+
+    def _refill_em(self) -> None:
+        """Fill the EM from storage: the checkpointed slots when there are some, else a
+        class-balanced random draw."""
+        if not self.tiers or not self.catalog.n:
+            return
+        n = self.catalog.n
+        stored = np.flatnonzero(self.catalog.home[:n] >= 0)
+        state_file = self._state_dir / _STATE_FILE if self._state_dir else None
+        want = np.zeros(0, np.int64)
+        if state_file is not None and state_file.exists():
+            with np.load(state_file, allow_pickle=False) as st:
+                want = st["slot_ids"]
+                m = min(n, st["correct"].size)
+                for col in ("correct", "entropy", "loss", "replays"):
+                    getattr(self.catalog, col)[:m] = st[col][:m]
+                self._current_task = int(st["current_task"][0])
+            want = want[(want >= 0) & (want < n)]
+            want = want[self.catalog.home[want] >= 0][: self.pool.size]
+        if want.size < min(self.pool.size, stored.size):
+            rest = np.setdiff1d(stored, want)
+            extra = self._rng.choice(rest, min(self.pool.size - want.size, rest.size), replace=False,
+                                     p=balanced_weights(self.catalog.label[rest]))
+            want = np.concatenate([want, extra])
+        if not self._current_task >= 0 and stored.size:
+            self._current_task = int(self.catalog.task[stored].max())
+        for tier in self.tiers:
+            sel = want[self.catalog.home[want] == tier.index]
+            if not sel.size:
+                continue
+            data = tier.store.get_many(sel)
+            free = np.flatnonzero(self.pool.slot_ids < 0)[: sel.size]
+            self.pool.write(free, sel, data)
+            self.catalog.slot[sel] = free

@@ -1,0 +1,290 @@
+"""The swap engine: refills EM slots with stored samples, off the trainer's path.
+
+The trainer only hands over ``(slot, victim id, class)`` requests (from ``observe``). One
+background thread runs an asyncio loop with two jobs:
+
+- **prefetch**: keep, per class, a queue of already-decoded candidates -- uniformly random stored
+  samples of that class that are neither in the EM nor already queued -- read from the tiers in a
+  small thread pool;
+- **swap**: for each request take a candidate of the asked class from its queue (a *hit*) or read
+  one on demand (a *miss*), then copy it into the slot under the EM lock -- a memcpy -- if the slot
+  still holds the victim.
+
+So ``sample()`` never waits on storage: it only ever takes the EM lock, which nobody holds during
+I/O. A candidate enters the EM only through this engine and is marked ``prefetched`` in the
+catalog while queued, so no sample is ever in two slots. Requests beyond ``max_pending`` are
+dropped and counted (``carousel_swap_skipped_total{reason="backlog"}``); in adaptive mode the
+memory lowers its swap ratio instead when the lag grows.
+
+``workers = 0`` is the synchronous ablation: :meth:`swap_now` does the same work on the caller's
+thread, storage reads included, as CarM's "sync" baseline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from storage_backends import CorruptRecordError, MissingIdsError, StoreError
+
+from .catalog import EVICTED, Catalog
+from .em_pool import EMPool
+from .metrics import MemoryMetrics
+from .tiers import Tier
+
+log = logging.getLogger("carousel.swap_engine")
+
+
+class SwapEngine:
+    def __init__(self, pool: EMPool, catalog: Catalog, tiers: list[Tier], metrics: MemoryMetrics,
+                 workers: int, prefetch_depth: int, seed: int, max_pending: int = 4096) -> None:
+        self._pool = pool
+        self._catalog = catalog
+        self._tiers = tiers
+        self._metrics = metrics
+        self._depth = prefetch_depth
+        self._rng = np.random.default_rng([seed, 0x5A9])
+        self._max_pending = max_pending
+        self._ready: dict[int, deque[tuple[int, dict[str, np.ndarray]]]] = {}
+        self._ready_lock = threading.Lock()
+        self.pending = 0  # swap requests not yet carried out; changed under _pending_lock
+        self._pending_lock = threading.Lock()
+        self.last_error: BaseException | None = None
+        self.workers = workers
+        self._loop: asyncio.AbstractEventLoop | None = None
+        if workers > 0:
+            self._exec = ThreadPoolExecutor(workers, thread_name_prefix="carousel-swap-io")
+            self._loop = asyncio.new_event_loop()
+            self._started = threading.Event()
+            self._thread = threading.Thread(target=self._run_loop, name="carousel-swap", daemon=True)
+            self._thread.start()
+            self._started.wait()
+
+    # ---- the trainer's side ------------------------------------------------------------------
+    def request(self, slots: np.ndarray, victims: np.ndarray, classes: np.ndarray) -> None:
+        """Queue swaps; returns at once. Asynchronous mode only."""
+        assert self._loop is not None
+        with self._pending_lock:
+            if self.pending + slots.size > self._max_pending:
+                self._metrics.swap_skipped.labels(reason="backlog").inc(slots.size)
+                return
+            self.pending += slots.size
+            self._metrics.swap_lag.set(self.pending)
+        self._loop.call_soon_threadsafe(self._enqueue, slots, victims, classes)
+
+    def swap_now(self, slots: np.ndarray, victims: np.ndarray, classes: np.ndarray) -> None:
+        """Carry the swaps out on this thread, storage reads included (the synchronous ablation)."""
+        self._swap(slots, victims, classes, lambda cls, n: self._read_candidates(cls, n))
+
+    def prefetched(self) -> int:
+        with self._ready_lock:
+            return sum(len(q) for q in self._ready.values())
+
+    def wait_idle(self, timeout_s: float = 10.0) -> bool:
+        """Wait until no swap request is pending (tests, checkpoints)."""
+        if self._loop is None:
+            return True
+        done = threading.Event()
+
+        async def probe() -> None:
+            while self.pending:
+                await asyncio.sleep(0.001)
+            done.set()
+
+        asyncio.run_coroutine_threadsafe(probe(), self._loop)
+        return done.wait(timeout_s)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            async def shutdown() -> None:
+                for task in self._tasks:
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+            try:
+                asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(30)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(30)
+            self._exec.shutdown(wait=True)
+            self._loop.close()
+            self._loop = None
+        with self._ready_lock:  # queued candidates go back to the pool
+            for q in self._ready.values():
+                ids = np.array([i for i, _ in q], dtype=np.int64)
+                with self._catalog.lock:
+                    self._catalog.prefetched[ids] = False
+            self._ready.clear()
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._tasks = [self._loop.create_task(self._swapper())]
+        if self._depth > 0:
+            self._tasks.append(self._loop.create_task(self._prefetcher()))
+        self._loop.call_soon(self._started.set)
+        self._loop.run_forever()
+
+    def _enqueue(self, slots: np.ndarray, victims: np.ndarray, classes: np.ndarray) -> None:
+        self._queue.put_nowait((slots, victims, classes))
+
+    async def _swapper(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            slots, victims, classes = await self._queue.get()
+            try:
+                await loop.run_in_executor(self._exec, self._swap, slots, victims, classes,
+                                           lambda cls, n: self._read_candidates(cls, n))
+            except Exception as exc:  # noqa: BLE001 - counted, logged, and the engine goes on
+                self._record_error("swap", exc)
+            finally:
+                with self._pending_lock:
+                    self.pending -= slots.size
+                    self._metrics.swap_lag.set(self.pending)
+                self._wake.set()
+
+    async def _prefetcher(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                wanted = self._refill_plan()
+                for cls, n in wanted:
+                    got = await loop.run_in_executor(self._exec, self._read_candidates, cls, n)
+                    with self._ready_lock:
+                        self._ready.setdefault(cls, deque()).extend(got)
+                    self._metrics.prefetch_depth.set(self.prefetched())
+            except Exception as exc:  # noqa: BLE001 - counted, logged, and the engine goes on
+                self._record_error("prefetch", exc)
+                await asyncio.sleep(0.1)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=0.05)
+            except asyncio.TimeoutError:
+                pass
+
+    def _refill_plan(self) -> list[tuple[int, int]]:
+        """``(class, how many)`` to read so every class with stored candidates has its share of
+        ``prefetch_depth`` decoded and ready."""
+        available = self._catalog.available_by_class()
+        if not available:
+            return []
+        per_class = max(1, self._depth // len(available))
+        with self._ready_lock:
+            have = {c: len(self._ready.get(c, ())) for c in available}
+        return [(c, min(per_class - have[c], available[c])) for c in available if have[c] < per_class]
+
+    # ---- shared by both modes ------------------------------------------------------------------
+    def _read_candidates(self, cls: int, n: int) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """Read up to ``n`` random stored samples of ``cls`` that are not in the EM, decoded."""
+        with self._catalog.lock:
+            pool = self._catalog.swap_in_pool(cls)
+            if not pool.size or n <= 0:
+                return []
+            ids = self._rng.choice(pool, min(n, pool.size), replace=False)
+            self._catalog.prefetched[ids] = True  # reserved: no one else will draw them
+            homes = self._catalog.home[ids].copy()
+        out: list[tuple[int, dict[str, np.ndarray]]] = []
+        for tier in self._tiers:
+            sel = ids[homes == tier.index]
+            if sel.size:
+                out.extend(self._read_from(tier, sel))
+        got = {i for i, _ in out}
+        lost = np.array([i for i in ids if int(i) not in got], dtype=np.int64)
+        if lost.size:
+            with self._catalog.lock:
+                self._catalog.prefetched[lost] = False
+        return out
+
+    def _read_from(self, tier: Tier, ids: np.ndarray) -> list[tuple[int, dict[str, np.ndarray]]]:
+        try:
+            data = tier.store.get_many(ids)
+        except MissingIdsError:
+            # Demoted a moment ago: read each where the catalog says it is now.
+            with self._catalog.lock:
+                moved = self._catalog.home[ids].copy()
+            out = []
+            for other in self._tiers:
+                sel = ids[(moved == other.index)]
+                if sel.size and other is not tier:
+                    try:
+                        out.extend(self._rows(sel, other.store.get_many(sel)))
+                    except StoreError as exc:
+                        self._record_error("read", exc)
+            return out
+        except CorruptRecordError as exc:
+            # The store quarantined them: they are gone for good, and counted.
+            with self._catalog.lock:
+                self._catalog.home[exc.ids] = EVICTED
+            self._metrics.evictions.labels(reason="corrupt").inc(exc.ids.size)
+            self._record_error("read", exc)
+            good = ids[~np.isin(ids, exc.ids)]
+            return self._read_from(tier, good) if good.size else []
+        except StoreError as exc:
+            self._record_error("read", exc)
+            return []
+        self._metrics.storage_reads.labels(tier=tier.name).inc(ids.size)
+        return self._rows(ids, data)
+
+    @staticmethod
+    def _rows(ids: np.ndarray, data: dict[str, np.ndarray]) -> list[tuple[int, dict[str, np.ndarray]]]:
+        return [(int(i), {k: v[j] for k, v in data.items()}) for j, i in enumerate(ids)]
+
+    def _take_ready(self, cls: int, n: int) -> list[tuple[int, dict[str, np.ndarray]]]:
+        out = []
+        with self._ready_lock:
+            q = self._ready.get(cls)
+            while q and len(out) < n:
+                out.append(q.popleft())
+        return out
+
+    def _swap(self, slots: np.ndarray, victims: np.ndarray, classes: np.ndarray, read) -> None:
+        for cls in np.unique(classes):
+            sel = np.flatnonzero(classes == cls)
+            cands = self._take_ready(int(cls), sel.size)
+            # A candidate evicted while it waited is dropped; its slot gets another.
+            with self._catalog.lock:
+                cands = [c for c in cands if self._catalog.home[c[0]] != EVICTED or
+                         self._release([c[0]])]
+            hits = len(cands)
+            if len(cands) < sel.size:
+                cands += read(int(cls), sel.size - len(cands))
+            self._metrics.prefetch.labels(result="hit").inc(hits)
+            self._metrics.prefetch.labels(result="miss").inc(max(0, len(cands) - hits))
+            if not cands:
+                self._metrics.swap_skipped.labels(reason="no_candidate").inc(sel.size)
+                continue
+            m = len(cands)
+            ids = np.array([c[0] for c in cands], dtype=np.int64)
+            fields = {k: np.stack([c[1][k] for c in cands]) for k in cands[0][1]}
+            tgt_slots, tgt_victims = slots[sel[:m]], victims[sel[:m]]
+            with self._catalog.lock:
+                written = self._pool.write(tgt_slots, ids, fields, expect=tgt_victims)
+                self._catalog.slot[tgt_victims[written]] = -1
+                self._catalog.slot[ids[written]] = tgt_slots[written]
+                self._catalog.prefetched[ids[written]] = False
+            if not written.all():  # the victim's slot was taken by admission meanwhile
+                self._metrics.swap_skipped.labels(reason="slot_reused").inc(int((~written).sum()))
+                with self._ready_lock:
+                    self._ready.setdefault(int(cls), deque()).extendleft(
+                        c for c, w in zip(cands, written) if not w)
+            if sel.size > m:
+                self._metrics.swap_skipped.labels(reason="no_candidate").inc(sel.size - m)
+            n = int(written.sum())
+            self._metrics.swaps.labels(direction="out").inc(n)
+            self._metrics.swaps.labels(direction="in").inc(n)
+
+    def _release(self, ids: list[int]) -> bool:
+        self._catalog.prefetched[np.asarray(ids, dtype=np.int64)] = False
+        return False
+
+    def _record_error(self, op: str, exc: BaseException) -> None:
+        self.last_error = exc
+        self._metrics.errors.labels(op=op, kind=type(exc).__name__).inc()
+        log.warning("swap engine %s error: %r", op, exc)

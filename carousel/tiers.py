@@ -1,0 +1,107 @@
+"""Storage tiers as the memory sees them: an open store plus its capacity and eviction rule,
+and the migration that keeps every tier within its capacity (demote down, evict from the last)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from storage_backends import SampleStore
+
+from .catalog import EVICTED, Catalog
+from .metrics import MemoryMetrics
+
+EVICTION_POLICIES = ("class_balanced", "random", "fifo")
+
+
+@dataclass
+class Tier:
+    """One storage tier: ``store`` holds at most ``capacity`` samples (``class_quota`` per class)."""
+
+    index: int
+    name: str
+    store: SampleStore
+    capacity: int
+    eviction: str = "class_balanced"
+    class_quota: int = 0
+
+
+def choose_overflow(ids: np.ndarray, labels: np.ndarray, over: int, policy: str,
+                    rng: np.random.Generator, quota: int = 0) -> np.ndarray:
+    """Which of ``ids`` leave a tier that holds ``over`` too many (plus any class over ``quota``).
+
+    ``class_balanced`` takes from the largest class each time (a class-balanced reservoir: the
+    classes end up level), ``random`` uniformly, ``fifo`` the oldest (smallest) ids.
+    """
+    out = []
+    keep = np.ones(ids.size, dtype=bool)
+    if quota > 0:
+        for c in np.unique(labels):
+            members = np.flatnonzero(labels == c)
+            if members.size > quota:
+                drop = rng.choice(members, members.size - quota, replace=False)
+                keep[drop] = False
+                out.append(ids[drop])
+        over -= sum(o.size for o in out)
+    if over > 0:
+        pool = np.flatnonzero(keep)
+        if policy == "fifo":
+            pick = pool[np.argsort(ids[pool], kind="stable")[:over]]
+        elif policy == "random":
+            pick = rng.choice(pool, min(over, pool.size), replace=False)
+        elif policy == "class_balanced":
+            classes, counts = np.unique(labels[pool], return_counts=True)
+            take = np.zeros_like(counts)
+            left = counts.copy()
+            for _ in range(min(over, pool.size)):  # level the largest classes down, one at a time
+                c = int(np.argmax(left))
+                take[c] += 1
+                left[c] -= 1
+            pick = np.concatenate([rng.choice(pool[labels[pool] == cls], t, replace=False)
+                                   for cls, t in zip(classes, take) if t] or [np.zeros(0, np.int64)])
+        else:
+            raise ValueError(f"unknown eviction policy {policy!r}; known: {EVICTION_POLICIES}")
+        out.append(ids[pick])
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def enforce_capacity(tiers: list[Tier], catalog: Catalog, metrics: MemoryMetrics,
+                     rng: np.random.Generator) -> None:
+    """Demote each tier's overflow to the next tier; evict the last tier's overflow.
+
+    Runs in the write-behind thread, so each store has one writing thread. A demoted sample is
+    written to the next tier and re-homed in the catalog before it is deleted from its old tier:
+    a reader that looked it up a moment ago finds it in one tier or the other, and a crash in
+    between leaves it in both (recovery keeps one), never in neither.
+    """
+    for tier in tiers:
+        with catalog.lock:
+            ids = catalog.tier_ids(tier.index)
+            labels = catalog.label[ids]
+            in_em = catalog.slot[ids] >= 0
+        over = ids.size - tier.capacity
+        quota_hit = tier.class_quota > 0 and ids.size and np.bincount(labels).max() > tier.class_quota
+        if over <= 0 and not quota_hit:
+            continue
+        last = tier.index == len(tiers) - 1
+        # Samples an EM slot holds leave the last tier only if nothing else can: evicting them
+        # would leave their only copy in RAM.
+        prefer = ~in_em if last and (~in_em).sum() >= max(over, 0) else np.ones(ids.size, bool)
+        victims = choose_overflow(ids[prefer], labels[prefer], max(over, 0), tier.eviction, rng, tier.class_quota)
+        if not victims.size:
+            continue
+        if last:
+            tier.store.delete_many(victims)
+            with catalog.lock:
+                catalog.home[victims] = EVICTED
+            metrics.evictions.labels(reason="capacity").inc(victims.size)
+        else:
+            nxt = tiers[tier.index + 1]
+            data = tier.store.get_many(victims)
+            nxt.store.put_many(victims, data)
+            with catalog.lock:
+                catalog.home[victims] = nxt.index
+            tier.store.delete_many(victims)
+            metrics.migrated.labels(tier=tier.name).inc(victims.size)
+            metrics.migrated_bytes.labels(tier=tier.name).inc(victims.size * tier.store.schema.record_nbytes)

@@ -1,0 +1,141 @@
+"""Write-behind: every stream sample goes to the first storage tier, off the trainer's thread.
+
+The queue is bounded (in samples). When it is full, ``submit`` blocks -- back-pressure, timed in
+``carousel_write_behind_blocked_seconds_total`` -- and never drops a sample. If the tier keeps
+failing (disk full, I/O errors), the writer keeps the batch and retries with backoff, the queue
+fills, and ``submit`` raises :class:`WriteBehindError` carrying the store's error once it has
+waited ``block_timeout_s``: a fault reaches the caller instead of being swallowed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from storage_backends import StoreError
+
+from .catalog import Catalog
+from .metrics import MemoryMetrics
+from .tiers import Tier, enforce_capacity
+
+log = logging.getLogger("carousel.write_behind")
+
+
+class WriteBehindError(RuntimeError):
+    """The write-behind queue stayed full because the first tier keeps failing."""
+
+
+class WriteBehind:
+    """A thread that moves queued samples into ``tiers[0]`` and keeps tiers within capacity."""
+
+    def __init__(self, tiers: list[Tier], catalog: Catalog, metrics: MemoryMetrics, queue_samples: int,
+                 batch: int, block_timeout_s: float, rng: np.random.Generator,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
+        self._tiers = tiers
+        self._catalog = catalog
+        self._metrics = metrics
+        self._limit = queue_samples
+        self._batch = batch
+        self._timeout = block_timeout_s
+        self._rng = rng
+        self._queue: deque[tuple[np.ndarray, dict[str, np.ndarray]]] = deque()
+        self._queued = 0
+        self._busy = 0  # samples taken by the writer and not yet stored
+        self._cond = threading.Condition()
+        self._stop = False
+        self.last_error: BaseException | None = None
+        self._on_error = on_error
+        self._thread = threading.Thread(target=self._run, name="carousel-write-behind", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        return self._queued + self._busy
+
+    def submit(self, ids: np.ndarray, fields: dict[str, np.ndarray]) -> None:
+        """Queue samples for the first tier; blocks while the queue is full."""
+        n = ids.size
+        with self._cond:
+            if self._queued and self._queued + n > self._limit:
+                t0 = time.monotonic()
+                ok = self._cond.wait_for(lambda: self._stop or not self._queued or self._queued + n <= self._limit,
+                                         timeout=self._timeout)
+                self._metrics.write_blocked.inc(time.monotonic() - t0)
+                if not ok:
+                    raise WriteBehindError(
+                        f"write-behind queue full for {self._timeout:.0f} s ({self._queued} samples); "
+                        f"the first tier is {'failing: ' + repr(self.last_error) if self.last_error else 'too slow'}")
+            if self._stop:
+                raise WriteBehindError("the memory is closing")
+            self._queue.append((ids, fields))
+            self._queued += n
+            self._metrics.write_queue.set(self.queued)
+            self._cond.notify_all()
+
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued sample is stored; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queued and not self._busy, timeout=timeout_s)
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        self.drain(timeout_s)
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    def _take(self) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._stop or self._queue)
+            if not self._queue:
+                return None
+            parts = []
+            n = 0
+            while self._queue and n < self._batch:
+                parts.append(self._queue.popleft())
+                n += parts[-1][0].size
+            self._queued -= n
+            self._busy = n
+        ids = np.concatenate([p[0] for p in parts])
+        fields = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+        return ids, fields
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            item = self._take()
+            if item is None:
+                return
+            ids, fields = item
+            while True:
+                try:
+                    self._tiers[0].store.put_many(ids, fields)
+                    with self._catalog.lock:
+                        self._catalog.home[ids] = 0
+                    enforce_capacity(self._tiers, self._catalog, self._metrics, self._rng)
+                    self.last_error = None
+                    backoff = 0.05
+                    break
+                except (StoreError, OSError) as exc:
+                    # Keep the batch and retry: the samples stay queued (their home says so),
+                    # and the error reaches add() callers once the queue fills.
+                    self.last_error = exc
+                    self._metrics.errors.labels(op="write_behind", kind=type(exc).__name__).inc()
+                    log.warning("write-behind to %s failed, retrying in %.2f s: %s",
+                                self._tiers[0].name, backoff, exc)
+                    if self._on_error:
+                        self._on_error(exc)
+                    with self._cond:
+                        if self._stop:
+                            return
+                        self._cond.wait(backoff)
+                    backoff = min(backoff * 2, 2.0)
+            with self._cond:
+                self._busy = 0
+                self._metrics.write_queue.set(self.queued)
+                self._cond.notify_all()

@@ -1,0 +1,100 @@
+"""Recovery after SIGKILL of a real process that uses a memory (RELIABILITY.md items 1 and 4)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from carousel import CarouselMemory
+
+TOML = """
+[memory]
+em_size = 40
+sample_shape = [4, 4]
+seed = 3
+[swap]
+ratio = 1.0
+workers = {workers}
+[write_behind]
+queue_samples = 512
+batch = 32
+[[tiers]]
+kind = "lmdb"
+path = "flash"
+capacity = 300
+[[tiers]]
+kind = "zarr"
+path = "disk"
+capacity = 100000
+chunk = 8
+"""
+
+CHILD = textwrap.dedent("""
+    import sys, numpy as np, torch
+    from carousel import CarouselMemory
+    mem = CarouselMemory.from_toml(sys.argv[1])
+    step = mem.stats()["added"] // 16  # ids continue after a restart; x encodes the id
+    while True:
+        task = step // 10
+        y = torch.tensor([(step + i) % 6 for i in range(16)])
+        x = (torch.arange(16).view(16, 1, 1) + step * 16).remainder(251).to(torch.uint8).expand(16, 4, 4).contiguous()
+        ids = mem.add(x, y, task=task)
+        b = mem.sample(16)
+        mem.observe(b.ids, logits=torch.randn(len(b), 6))
+        if step % 3 == 2:
+            mem.flush()  # everything added so far is acknowledged now
+            print("ACK", int(ids.max()), flush=True)
+        step += 1
+""")
+
+
+def expected_x(i: int) -> np.ndarray:
+    step, k = divmod(i, 16)
+    return np.full((4, 4), (k + step * 16) % 251, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_sigkill_loses_no_acknowledged_sample(tmp_path, workers):
+    cfg = tmp_path / "memory.toml"
+    cfg.write_text(TOML.format(workers=workers))
+    rng = np.random.default_rng(workers)
+    acked = -1
+    for round_ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(cfg)], stdout=subprocess.PIPE, text=True,
+                                cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.getcwd()})
+        deadline = time.monotonic() + rng.uniform(1.5, 3.0)
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if line.startswith("ACK"):
+                acked = max(acked, int(line.split()[1]))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert acked >= 0, "the child acknowledged nothing"
+        with CarouselMemory.open(cfg) as mem:
+            stored = np.concatenate([t.store.ids() for t in mem.tiers])
+            assert np.unique(stored).size == stored.size, "an id recovered in two tiers"
+            assert mem.stats()["added"] >= acked + 1
+            ack_ids = np.arange(acked + 1)
+            home = mem.catalog.home[ack_ids]
+            lost = ack_ids[home < 0]
+            assert lost.size == 0, f"acknowledged samples lost: {lost[:10]}"
+            for tier in mem.tiers:
+                sel = ack_ids[home == tier.index]
+                if sel.size:
+                    got = tier.store.get_many(sel)["x"]
+                    assert all(np.array_equal(got[j], expected_x(int(i))) for j, i in enumerate(sel))
+            assert mem.pool.filled() == 40  # the EM is refilled from storage
+            b = mem.sample(40)
+            assert all(np.array_equal(b.x[j].numpy(), expected_x(int(i))) for j, i in enumerate(b.ids))
+            if round_ == 2:  # it keeps working after recovery: ids continue after the last one recovered
+                top = mem.stats()["added"]
+                new = mem.add(torch.zeros(2, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), task=9)
+                assert new.tolist() == [top, top + 1]
