@@ -225,6 +225,10 @@ class CarouselMemory:
         cls = None if classes is None else np.asarray(classes, dtype=np.int64).ravel()
         tsk = None if tasks is None else np.asarray(tasks, dtype=np.int64).ravel()
         with self.pool.lock:  # choose and gather under one short lock: no half-written slot
+            if cls is None and tsk is None and not balanced and seed is None:
+                batch = self.pool.gather_locked(self.pool.draw_locked(n, rng), self._extras)
+                self.metrics.sample_latency.observe(time.perf_counter() - t0)
+                return batch
             ok = self.pool.slot_ids >= 0
             if cls is not None:
                 ok &= np.isin(self.pool.slot_labels, cls)

@@ -193,13 +193,55 @@ class SwapEngine:
         out: list[tuple[int, dict[str, np.ndarray]]] = []
         for tier in self._tiers:
             sel = ids[homes == tier.index]
-            if sel.size:
+            if not sel.size or len(out) >= ids.size:
+                continue
+            if tier.store.prefers_chunks:
+                out.extend(self._read_chunks(tier, sel, cls, ids.size - len(out)))
+            else:
                 out.extend(self._read_from(tier, sel))
         got = {i for i, _ in out}
         lost = np.array([i for i in ids if int(i) not in got], dtype=np.int64)
         if lost.size:
             with self._catalog.lock:
                 self._catalog.prefetched[lost] = False
+        return out
+
+    def _read_chunks(self, tier: Tier, chosen: np.ndarray, cls: int, want: int) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """Read the chunks holding ``chosen`` ids, one at a time, and keep every eligible sample
+        of ``cls`` in them (up to ``want``): one disk read, many candidates (the write path
+        groups a chunked tier by class)."""
+        try:
+            chunks = tier.store.chunk_of(chosen)
+        except MissingIdsError:
+            return self._read_from(tier, chosen)  # some moved meanwhile: read them one by one
+        except StoreError as exc:
+            self._record_error("read", exc)
+            return []
+        out: list[tuple[int, dict[str, np.ndarray]]] = []
+        cat = self._catalog
+        for c in dict.fromkeys(chunks.tolist()):  # in the random order the ids were drawn
+            if len(out) >= want:
+                break
+            try:
+                chunk = tier.store.get_chunk(int(c))
+            except CorruptRecordError as exc:
+                with cat.lock:
+                    cat.home[exc.ids] = EVICTED
+                self._metrics.evictions.labels(reason="corrupt").inc(exc.ids.size)
+                self._record_error("read", exc)
+                continue
+            except (StoreError, IndexError) as exc:
+                self._record_error("read", exc)
+                continue
+            self._metrics.storage_reads.labels(tier=tier.name).inc(chunk.ids.size)
+            ids = chunk.ids
+            with cat.lock:
+                ok = (ids < cat.n)
+                ok[ok] = ((cat.label[ids[ok]] == cls) & (cat.home[ids[ok]] == tier.index) & (cat.slot[ids[ok]] < 0)
+                          & (~cat.prefetched[ids[ok]] | np.isin(ids[ok], chosen)))
+                pos = np.flatnonzero(ok)[: want - len(out)]
+                cat.prefetched[ids[pos]] = True
+            out.extend(self._rows(ids[pos], {k: v[pos] for k, v in chunk.fields.items()}))
         return out
 
     def _read_from(self, tier: Tier, ids: np.ndarray) -> list[tuple[int, dict[str, np.ndarray]]]:

@@ -66,6 +66,18 @@ def choose_overflow(ids: np.ndarray, labels: np.ndarray, over: int, policy: str,
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
+def class_grouped(ids: np.ndarray, fields: dict[str, np.ndarray], labels: np.ndarray,
+                  rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Reorder a batch bound for a chunked tier: by class, shuffled within each class.
+
+    A chunked store fills rows in the order given, so each chunk then holds one class (or few),
+    in random order: the swap engine's one chunk read yields many candidates of the class it
+    wants, not samples that merely arrived together.
+    """
+    order = np.lexsort((rng.random(ids.size), labels))
+    return ids[order], {k: v[order] for k, v in fields.items()}
+
+
 def enforce_capacity(tiers: list[Tier], catalog: Catalog, metrics: MemoryMetrics,
                      rng: np.random.Generator) -> None:
     """Demote each tier's overflow to the next tier; evict the last tier's overflow.
@@ -99,6 +111,8 @@ def enforce_capacity(tiers: list[Tier], catalog: Catalog, metrics: MemoryMetrics
         else:
             nxt = tiers[tier.index + 1]
             data = tier.store.get_many(victims)
+            if nxt.store.prefers_chunks:
+                victims, data = class_grouped(victims, data, data["y"], rng)
             nxt.store.put_many(victims, data)
             with catalog.lock:
                 catalog.home[victims] = nxt.index

@@ -21,7 +21,7 @@ from storage_backends import StoreError
 
 from .catalog import Catalog
 from .metrics import MemoryMetrics
-from .tiers import Tier, enforce_capacity
+from .tiers import Tier, class_grouped, enforce_capacity
 
 log = logging.getLogger("carousel.write_behind")
 
@@ -112,6 +112,8 @@ class WriteBehind:
             if item is None:
                 return
             ids, fields = item
+            if self._tiers[0].store.prefers_chunks:
+                ids, fields = class_grouped(ids, fields, fields["y"], self._rng)
             while True:
                 try:
                     self._tiers[0].store.put_many(ids, fields)

@@ -160,6 +160,23 @@ class SampleStore(ABC):
         ids = all_ids[index * self.chunk_rows:(index + 1) * self.chunk_rows]
         return Chunk(ids, self.get_many(ids))
 
+    #: Whether a chunk read costs about what one record read costs (True for stores with
+    #: physical chunks): readers that want many records then read whole chunks.
+    prefers_chunks: bool = False
+
+    def chunk_of(self, ids: Any) -> np.ndarray:
+        """The chunk index (for :meth:`get_chunk`) holding each id; unknown ids raise
+        ``MissingIdsError``. Generic version: the id's rank in ascending order // ``chunk_rows``."""
+        self._check_open()
+        ids = validate_ids(ids)
+        all_ids = self._ids()
+        pos = np.searchsorted(all_ids, ids)
+        found = (pos < all_ids.size) & (all_ids[np.minimum(pos, max(all_ids.size - 1, 0))] == ids) \
+            if all_ids.size else np.zeros(ids.size, bool)
+        if not found.all():
+            raise self._missing(ids, found)
+        return pos // self.chunk_rows
+
     def iter_chunks(self) -> Iterator[Chunk]:
         """Every record, a chunk at a time (chunks holding no record are skipped)."""
         for i in range(self.num_chunks()):

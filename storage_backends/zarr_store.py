@@ -50,7 +50,7 @@ from .errors import (
 )
 from .locking import WriterLock
 from .records import pack_records, record_checksums
-from .schema import Schema
+from .schema import Schema, validate_ids
 from .url import StoreURL, parse_bool, parse_int
 from .zarr_manifest import Manifest
 
@@ -329,6 +329,17 @@ class ZarrStore(SampleStore):
     @property
     def chunk_rows(self) -> int:
         return self._chunk
+
+    prefers_chunks = True  # one chunk file read serves chunk_rows records
+
+    def chunk_of(self, ids) -> np.ndarray:
+        self._check_open()
+        ids = validate_ids(ids)
+        with self._mutex:
+            found, rows, _ = self._manifest.lookup(ids)
+        if not found.all():
+            raise self._missing(ids, found)
+        return rows // self._chunk
 
     def num_chunks(self) -> int:
         self._check_open()

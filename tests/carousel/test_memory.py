@@ -244,3 +244,39 @@ def test_sample_filters_seed_and_balance(tmp_path):
         assert counts[[0, 1, 2, 7]].min() >= 15  # equal shares (25 each) up to noise
         assert "carousel_sample_latency_seconds_count" in \
             __import__("prometheus_client").generate_latest(mem.registry).decode()
+
+
+def test_unfiltered_draws_are_distinct_and_uniform(tmp_path):
+    with CarouselMemory.from_dict(config(tmp_path, em=50, tiers=())) as mem:
+        mem.add(*stream(50, 0, [0, 1, 2, 3, 4], seed=3))
+        counts = np.zeros(50)
+        for _ in range(2000):
+            b = mem.sample(16)
+            assert len(b) == 16 and np.unique(b.ids.numpy()).size == 16
+            counts[b.ids.numpy()] += 1
+        expect = 2000 * 16 / 50
+        assert np.abs(counts - expect).max() < 0.15 * expect  # every sample equally often
+        check_slots_whole(mem.sample(50))
+
+
+def test_disk_tier_is_class_grouped_and_read_a_chunk_at_a_time(tmp_path):
+    cfg = config(tmp_path, em=40, tiers=(("lmdb", 64), ("zarr", 5000)))
+    cfg["tiers"][1]["chunk"] = 16
+    with CarouselMemory.from_dict(cfg) as mem:
+        for task in range(3):
+            for step in range(10):
+                mem.add(*stream(64, task, [2 * task, 2 * task + 1], seed=100 * task + step))
+        mem.flush()
+        disk = mem.tiers[1]
+        # demotion wrote each batch by class: chunks hold (nearly) one class each
+        purity = [np.bincount(c.fields["y"]).max() / c.ids.size for c in disk.store.iter_chunks()]
+        assert np.mean(purity) > 0.85, np.mean(purity)
+        # drain the prefetch queues and the flash tier's share, then count chunk reads per candidate
+        mem._engine.close()
+        counting = FaultyStore(disk.store)
+        disk.store = counting
+        got = mem._engine._read_candidates(0, 12)
+        assert len(got) == 12 and all(mem.catalog.label[i] == 0 for i, _ in got)
+        assert counting.reads <= 3, f"{counting.reads} chunk reads for 12 candidates"
+        for i, fields in got:
+            assert fields["x"].reshape(-1)[0] == 0 and mem.catalog.prefetched[i]

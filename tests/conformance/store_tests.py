@@ -319,6 +319,15 @@ class SampleStoreTests:
         with pytest.raises(IndexError):
             store.get_chunk(-1)
 
+    def test_chunk_of_names_the_chunk_get_chunk_returns(self, store):
+        ids = np.random.default_rng(5).choice(5000, 200, replace=False)
+        store.put_many(ids, make_batch(ids))
+        pick = ids[::17]
+        for i, c in zip(pick, store.chunk_of(pick)):
+            assert int(i) in store.get_chunk(int(c)).ids.tolist()
+        with pytest.raises(MissingIdsError):
+            store.chunk_of([int(ids.max()) + 1])
+
     def test_nothing_quarantined_in_a_healthy_store(self, store):
         store.put_many([1], make_batch([1]))
         assert store.quarantined_ids().size == 0

@@ -1,0 +1,219 @@
+"""Benchmark of the memory core: replay sampling cost and the CarM training-speed claim.
+
+``python -m benchmarks.memory [--quick] [--steps N] [--stored N] [--out DIR]``
+
+(a) ``sample(256)`` from a 500-slot EM of CIFAR-sized uint8 samples, against the bare limit: a
+    ``torch.index_select`` of the same pool tensors (x, y, task) with a random index. Reported as
+    samples/s and the ratio (target >= 0.9).
+(b) A training loop of a reduced ResNet-18 (nf 20) on CIFAR-sized input, ER (32 stream + 32
+    replay, one cross-entropy, SGD), EM 500, in its second task: RAM-only, against carousel with
+    an LMDB tier of ``--stored`` samples (default 50,000) swapping at ratio 0.5 asynchronously
+    (``workers = 1``) and synchronously (``workers = 0``, CarM's ablation). Reported: median step
+    time of each and the ratios to RAM-only (CarM's claim: async 1.01-1.07x; target <= 1.03).
+    The three variants run interleaved, in rounds, so drift in machine load hits all alike.
+
+It prints a table and writes ``results.json`` and ``results.md`` to ``--out`` (default
+``bench-out/memory``). It asserts nothing about speed: a benchmark measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from carousel import CarouselMemory
+from trainers.models import reduced_resnet18
+
+SHAPE = (3, 32, 32)
+CLASSES = 10
+
+
+def _config(em: int, tier_path: Path | None, workers: int, ratio: float = 0.5, capacity: int = 10**6) -> dict:
+    cfg = {"memory": {"em_size": em, "sample_shape": list(SHAPE), "seed": 0},
+           "swap": {"ratio": ratio, "workers": workers, "prefetch_depth": 512},
+           "write_behind": {"queue_samples": 8192, "batch": 256}}
+    if tier_path is not None:
+        cfg["tiers"] = [{"kind": "lmdb", "path": str(tier_path), "capacity": capacity, "sync": False}]
+    return cfg
+
+
+def _stream(n: int, task: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(2 * task, 2 * task + 2, (n,), generator=g) % CLASSES
+    x = torch.randint(0, 256, (n, *SHAPE), dtype=torch.uint8, generator=g)
+    return x, y
+
+
+def bench_sample(repeat: int) -> dict:
+    """(a): sample(256) against index_select of the same pool."""
+    mem = CarouselMemory.from_dict(_config(500, None, 1))
+    for step in range(4):
+        x, y = _stream(250, 0, step)
+        mem.add(x, y, task=0)
+    pool = mem.pool.tensors
+    g = torch.Generator().manual_seed(0)
+
+    def ours() -> None:
+        mem.sample(256)
+
+    def bare() -> None:
+        idx = torch.randint(0, 500, (256,), generator=g)
+        pool["x"].index_select(0, idx), pool["y"].index_select(0, idx), pool["task"].index_select(0, idx)
+
+    out = {}
+    for name, fn in (("carousel sample(256)", ours), ("index_select limit", bare)):
+        for _ in range(200):
+            fn()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for _ in range(100):
+                fn()
+            times.append((time.perf_counter() - t0) / 100)
+        out[name] = 256 / statistics.median(times)
+    mem.close()
+    out["ratio"] = out["carousel sample(256)"] / out["index_select limit"]
+    return out
+
+
+def _prefill(path: Path, stored: int) -> None:
+    """Put ``stored`` samples of 5 tasks into an LMDB tier, through the memory's own add()."""
+    with CarouselMemory.from_dict(_config(500, path, 1)) as mem:
+        per_task = stored // 5
+        for task in range(5):
+            for lo in range(0, per_task, 1000):
+                x, y = _stream(min(1000, per_task - lo), task, task * 10**6 + lo)
+                mem.add(x, y, task=task)
+        mem.flush(timeout_s=600)
+
+
+class _Run:
+    """One variant: a memory, a model and an optimizer, ready to take ER steps in task 1."""
+
+    def __init__(self, name: str, cfg: dict) -> None:
+        self.name = name
+        self.mem = CarouselMemory.from_dict(cfg)
+        if not cfg.get("tiers"):  # RAM-only: fill the EM from the same kind of stream
+            for task in range(2):
+                x, y = _stream(1000, task, 77 + task)
+                self.mem.add(x, y, task=task)
+        torch.manual_seed(0)
+        self.model = reduced_resnet18(CLASSES)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.03)
+        self.step_no = 0
+        self.times: list[float] = []
+
+    def step(self, record: bool) -> None:
+        x, y = _stream(32, 1, 10**7 + self.step_no)
+        self.step_no += 1
+        t0 = time.perf_counter()
+        self.mem.add(x, y, task=1)
+        replay = self.mem.sample(32)
+        inputs = torch.cat([x, replay.x]).float().div_(255)
+        targets = torch.cat([y, replay.y])
+        logits = self.model(inputs)
+        loss = F.cross_entropy(logits, targets)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.mem.observe(replay.ids, logits=logits[32:].detach())
+        if record:
+            self.times.append(time.perf_counter() - t0)
+
+
+def bench_training(stored: int, steps: int, rounds: int, workdir: Path) -> dict:
+    """(b): ER step time, RAM-only vs carousel async vs sync."""
+    tier = workdir / "flash"
+    t0 = time.perf_counter()
+    _prefill(tier, stored)
+    prefill_s = time.perf_counter() - t0
+    runs = [_Run("RAM-only", _config(500, None, 1)),
+            _Run("carousel async", _config(500, tier, 1))]
+    for run in runs:
+        for _ in range(3):
+            run.step(record=False)  # warm-up: allocator, prefetch queues
+    for _ in range(rounds):
+        for run in runs:
+            for _ in range(steps):
+                run.step(record=True)
+    swaps_async = runs[1].mem.stats()["swapped_in"]
+    hit = runs[1].mem.stats()["prefetch_hit_rate"]
+    for run in runs:
+        run.mem.close()
+    # The synchronous variant opens the same tier after the async one closed (one writer per store).
+    sync = _Run("carousel sync", _config(500, tier, 0))
+    base = _Run("RAM-only (2)", _config(500, None, 1))
+    for run in (sync, base):
+        for _ in range(3):
+            run.step(record=False)
+    for _ in range(rounds):
+        for run in (sync, base):
+            for _ in range(steps):
+                run.step(record=True)
+    swaps_sync = sync.mem.stats()["swapped_in"]
+    for run in (sync, base):
+        run.mem.close()
+    med = {r.name: statistics.median(r.times) for r in runs + [sync, base]}
+    return {
+        "stored": stored, "prefill_s": prefill_s, "steps_per_variant": steps * rounds,
+        "step_s": med,
+        "async_ratio": med["carousel async"] / med["RAM-only"],
+        "sync_ratio": med["carousel sync"] / med["RAM-only (2)"],
+        "swapped_in_async": swaps_async, "swapped_in_sync": swaps_sync, "prefetch_hit_rate_async": hit,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds (CI-sized)")
+    parser.add_argument("--stored", type=int, default=50_000)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default="bench-out/memory")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.stored, args.steps, args.rounds = 2_000, 3, 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="carousel-bench-", dir=out))
+    try:
+        results = {"machine": {"cpus": torch.get_num_threads(), "python": platform.python_version(),
+                               "torch": torch.__version__, "platform": platform.platform()},
+                   "sample": bench_sample(repeat=3 if args.quick else 15),
+                   "training": bench_training(args.stored, args.steps, args.rounds, workdir)}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    s, t = results["sample"], results["training"]
+    lines = [
+        "| measurement | value |", "|---|---|",
+        f"| carousel `sample(256)`, EM 500, CIFAR-sized | {s['carousel sample(256)']:,.0f} samples/s |",
+        f"| bare `index_select` of the same pool | {s['index_select limit']:,.0f} samples/s |",
+        f"| ratio (target >= 0.9) | {s['ratio']:.2f} |",
+    ]
+    for name, sec in t["step_s"].items():
+        lines.append(f"| ER step, reduced ResNet-18, {name} | {sec * 1e3:.1f} ms |")
+    lines += [
+        f"| async step-time ratio, LMDB tier of {t['stored']:,} at ratio 0.5 (target <= 1.03) | {t['async_ratio']:.3f} |",
+        f"| sync step-time ratio (workers = 0) | {t['sync_ratio']:.3f} |",
+        f"| swaps during the timed steps: async / sync | {t['swapped_in_async']} / {t['swapped_in_sync']} |",
+        f"| prefetch hit rate (async) | {t['prefetch_hit_rate_async']:.2f} |",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(table + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
