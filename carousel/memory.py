@@ -143,34 +143,42 @@ class CarouselMemory:
         n = fields["y"].shape[0]
         if n == 0:
             return torch.zeros(0, dtype=torch.int64)
-        ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-        self._next_id += n
-        labels = fields["y"]
-        with self.catalog.lock:
-            self.catalog.register(ids, labels, fields["task"].astype(np.int64), PENDING if self.tiers else RAM_ONLY)
-            slot_labels = self.pool.snapshot()[1]
-            slots = self._admission.admit(labels, slot_labels, self._seen, self._rng)
-            take = slots >= 0
-            if take.any():
-                old = self.pool.slot_ids[slots[take]]
-                old = old[old >= 0]
-                self.catalog.slot[old] = -1
-                if not self.tiers:
-                    self.catalog.home[old] = EVICTED
-                self.pool.write(slots[take], ids[take], {k: v[take] for k, v in fields.items()})
-                self.catalog.slot[ids[take]] = slots[take]
-                if not self.tiers and old.size:
-                    self.metrics.evictions.labels(reason="replaced").inc(old.size)
-            if not self.tiers and (~take).any():
-                self.catalog.home[ids[~take]] = EVICTED
-                self.metrics.evictions.labels(reason="not_admitted").inc(int((~take).sum()))
-        self._seen += n
-        self._current_task = max(self._current_task, int(fields["task"].max()))
+        if self._writer is not None:
+            # Room in the write-behind queue first: under back-pressure this blocks, and if the
+            # first tier keeps failing it raises -- before anything has changed.
+            self._writer.reserve(n)
+        try:
+            labels = fields["y"]
+            with self.catalog.lock:
+                ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+                self._next_id += n
+                self.catalog.register(ids, labels, fields["task"].astype(np.int64),
+                                      PENDING if self.tiers else RAM_ONLY)
+                slots = self._admission.admit(labels, self.pool.snapshot()[1], self._seen, self._rng)
+                take = slots >= 0
+                if take.any():
+                    old = self.pool.slot_ids[slots[take]]
+                    old = old[old >= 0]
+                    self.catalog.slot[old] = -1
+                    if not self.tiers:
+                        self.catalog.home[old] = EVICTED
+                        self.metrics.evictions.labels(reason="replaced").inc(old.size)
+                    self.pool.write(slots[take], ids[take], {k: v[take] for k, v in fields.items()})
+                    self.catalog.slot[ids[take]] = slots[take]
+                if not self.tiers and (~take).any():
+                    self.catalog.home[ids[~take]] = EVICTED
+                    self.metrics.evictions.labels(reason="not_admitted").inc(int((~take).sum()))
+                self._seen += n
+                self._current_task = max(self._current_task, int(fields["task"].max()))
+        except BaseException:
+            if self._writer is not None:
+                self._writer.cancel(n)
+            raise
+        if self._writer is not None:
+            self._writer.submit(ids, fields)  # into the room reserved above: never blocks
         self.metrics.added.inc(n)
         self.metrics.admissions.labels(result="admitted").inc(int(take.sum()))
         self.metrics.admissions.labels(result="rejected").inc(int((~take).sum()))
-        if self._writer is not None:
-            self._writer.submit(ids, fields)
         return torch.from_numpy(ids)
 
     def _validate(self, x: Any, y: Any, task: Any, extras: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -331,14 +339,17 @@ class CarouselMemory:
             m.bytes.labels(tier=t.name).set(tiers[t.name]["bytes"])
         m.samples.labels(tier="ram").set(tiers["ram"]["samples"])
         m.bytes.labels(tier="ram").set(tiers["ram"]["bytes"])
-        value = lambda c, **lab: c.labels(**lab)._value.get() if lab else c._value.get()  # noqa: E731
-        hits, misses = value(m.prefetch, result="hit"), value(m.prefetch, result="miss")
+        def value(name: str, **labels: str) -> float:
+            return m.registry.get_sample_value(name, labels) or 0.0
+
+        hits = value("carousel_prefetch_requests_total", result="hit")
+        misses = value("carousel_prefetch_requests_total", result="miss")
         return {
             "added": self._next_id,
             "evicted": self.catalog.count(EVICTED),
             "pending_writes": self._writer.queued if self._writer else 0,
-            "swapped_in": int(value(m.swaps, direction="in")),
-            "swapped_out": int(value(m.swaps, direction="out")),
+            "swapped_in": int(value("carousel_swaps_total", direction="in")),
+            "swapped_out": int(value("carousel_swaps_total", direction="out")),
             "swap_lag": self._engine.pending if self._engine else 0,
             "swap_ratio": self._ratio,
             "prefetched": self._engine.prefetched() if self._engine else 0,

@@ -290,10 +290,10 @@ class SwapEngine:
         for cls in np.unique(classes):
             sel = np.flatnonzero(classes == cls)
             cands = self._take_ready(int(cls), sel.size)
-            # A candidate evicted while it waited is dropped; its slot gets another.
-            with self._catalog.lock:
-                cands = [c for c in cands if self._catalog.home[c[0]] != EVICTED or
-                         self._release([c[0]])]
+            with self._catalog.lock:  # a candidate evicted while it waited is dropped
+                gone = [c[0] for c in cands if self._catalog.home[c[0]] == EVICTED]
+                self._catalog.prefetched[np.asarray(gone, dtype=np.int64)] = False
+                cands = [c for c in cands if c[0] not in gone]
             hits = len(cands)
             if len(cands) < sel.size:
                 cands += read(int(cls), sel.size - len(cands))
@@ -321,10 +321,6 @@ class SwapEngine:
             n = int(written.sum())
             self._metrics.swaps.labels(direction="out").inc(n)
             self._metrics.swaps.labels(direction="in").inc(n)
-
-    def _release(self, ids: list[int]) -> bool:
-        self._catalog.prefetched[np.asarray(ids, dtype=np.int64)] = False
-        return False
 
     def _record_error(self, op: str, exc: BaseException) -> None:
         self.last_error = exc

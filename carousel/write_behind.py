@@ -1,10 +1,12 @@
 """Write-behind: every stream sample goes to the first storage tier, off the trainer's thread.
 
-The queue is bounded (in samples). When it is full, ``submit`` blocks -- back-pressure, timed in
+The queue is bounded (in samples). ``add()`` first reserves room (:meth:`WriteBehind.reserve`);
+when the queue is full that blocks -- back-pressure, timed in
 ``carousel_write_behind_blocked_seconds_total`` -- and never drops a sample. If the tier keeps
 failing (disk full, I/O errors), the writer keeps the batch and retries with backoff, the queue
-fills, and ``submit`` raises :class:`WriteBehindError` carrying the store's error once it has
-waited ``block_timeout_s``: a fault reaches the caller instead of being swallowed.
+fills, and ``reserve`` raises :class:`WriteBehindError` carrying the store's error once it has
+waited ``block_timeout_s``, before ``add()`` changed anything: a fault reaches the caller
+instead of being swallowed, and the rejected batch leaves no trace.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class WriteBehind:
         self._rng = rng
         self._queue: deque[tuple[np.ndarray, dict[str, np.ndarray]]] = deque()
         self._queued = 0
+        self._reserved = 0  # room promised to add() calls that have not submitted yet
         self._busy = 0  # samples taken by the writer and not yet stored
         self._cond = threading.Condition()
         self._stop = False
@@ -57,14 +60,17 @@ class WriteBehind:
     def queued(self) -> int:
         return self._queued + self._busy
 
-    def submit(self, ids: np.ndarray, fields: dict[str, np.ndarray]) -> None:
-        """Queue samples for the first tier; blocks while the queue is full."""
-        n = ids.size
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` samples, blocking while the queue is full (back-pressure).
+
+        Raises :class:`WriteBehindError` after ``block_timeout_s`` (naming the first tier's
+        error if it keeps failing). A queue holding nothing always admits a batch, however large.
+        """
         with self._cond:
-            if self._queued and self._queued + n > self._limit:
+            room = lambda: self._stop or not self._held() or self._held() + n <= self._limit  # noqa: E731
+            if not room():
                 t0 = time.monotonic()
-                ok = self._cond.wait_for(lambda: self._stop or not self._queued or self._queued + n <= self._limit,
-                                         timeout=self._timeout)
+                ok = self._cond.wait_for(room, timeout=self._timeout)
                 self._metrics.write_blocked.inc(time.monotonic() - t0)
                 if not ok:
                     raise WriteBehindError(
@@ -72,10 +78,25 @@ class WriteBehind:
                         f"the first tier is {'failing: ' + repr(self.last_error) if self.last_error else 'too slow'}")
             if self._stop:
                 raise WriteBehindError("the memory is closing")
+            self._reserved += n
+
+    def cancel(self, n: int) -> None:
+        """Give back room reserved for a batch that will not come."""
+        with self._cond:
+            self._reserved -= n
+            self._cond.notify_all()
+
+    def submit(self, ids: np.ndarray, fields: dict[str, np.ndarray]) -> None:
+        """Queue samples for the first tier, into room taken with :meth:`reserve`."""
+        with self._cond:
+            self._reserved -= ids.size
             self._queue.append((ids, fields))
-            self._queued += n
+            self._queued += ids.size
             self._metrics.write_queue.set(self.queued)
             self._cond.notify_all()
+
+    def _held(self) -> int:
+        return self._queued + self._reserved
 
     def drain(self, timeout_s: float | None = None) -> bool:
         """Wait until every queued sample is stored; False on timeout."""

@@ -197,15 +197,19 @@ def test_write_behind_failure_reaches_add_and_loses_nothing(tmp_path):
         faulty = FaultyStore(mem.tiers[0].store)
         faulty.fail_puts = 10**6
         mem.tiers[0].store = faulty
+        returned = 0
         with pytest.raises(WriteBehindError, match="StoreFullError"):
             for step in range(20):
                 mem.add(*stream(32, 0, [0, 1], seed=step))
+                returned += 1
+        assert mem.stats()["added"] == 32 * returned  # the rejected add left no trace
         b = mem.sample(16)  # the RAM tier keeps serving
         assert len(b) == 16
         faulty.fail_puts = 0  # space comes back: every queued sample lands
         mem.flush(timeout_s=10)
         conservation(mem)
         assert mem.stats()["evicted"] == 0
+        assert (mem.catalog.home[:32 * returned] == 0).all()  # every accepted sample is stored
         assert mem.stats()["errors"]["write_behind"] is None
 
 
