@@ -22,7 +22,7 @@ is started: invalid TOML, an unknown section or key, a wrong type or an out-of-r
 >>> cfg.swap.ratio, cfg.tiers[0].capacity_bytes, cfg.tiers[0].capacity_for(3 * 32 * 32 + 8)
 (0.5, 4294967296, 1394469)
 >>> cfg.tiers[0].url()
-'zarr:///data/disk?chunk=16&codec=none&sync=1'
+'zarr:///data/disk?chunk=64&codec=none&sync=1'
 >>> CarouselConfig.from_dict(cfg.to_dict()) == cfg
 True
 >>> CarouselConfig.from_dict({"memory": {"em_size": 500, "sample_shape": [8]}, "swap": {"ration": 0.3}})
@@ -262,7 +262,7 @@ class TierConfig:
     capacity_samples: int | None = None   # capacity in samples, >= 1 ...
     capacity_bytes: int | None = None     # ... or in bytes, >= 1 (see capacity_for)
     sync: bool = True                     # fsync every write (the stores' sync=1)
-    chunk: int = 16                       # zarr only: rows per chunk, in [1, 2**20]
+    chunk: int = 64                       # zarr only: rows per chunk, in [1, 2**20]
     codec: str = "none"                   # zarr only: "none" or "zstd"
     eviction: str = "class_balanced"      # over capacity: who demotes to the next tier (or leaves, from the last)
     class_quota: int = 0                  # max samples per class on this tier; 0 = no quota

@@ -65,7 +65,7 @@ def open_store(url: str, schema: Mapping[str, Any] | Schema | None = None) -> Sa
     """Open (or, given a ``schema``, create) the store at ``url``.
 
     ``lmdb:///path?map_size=64MiB&max_size=0&sync=1&flush_s=1&mode=rw`` (flash tier) or
-    ``zarr:///path?chunk=16&codec=none|zstd&level=3&sync=1&readers=0&mode=rw`` (disk tier).
+    ``zarr:///path?chunk=64&codec=none|zstd&level=3&sync=1&readers=0&mode=rw`` (disk tier).
     Reopening needs only the URL: the schema is stored inside. A ``schema`` that differs from the
     stored one raises :class:`SchemaError`; a missing store without a schema raises
     :class:`StoreNotFoundError`; a store another process writes raises :class:`StoreLockedError`.

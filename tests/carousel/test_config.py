@@ -85,7 +85,7 @@ def test_defaults():
                                   prefetch_depth=512, start_task=1, adaptive=False, max_lag_steps=4)
     assert cfg.write_behind == WriteBehindConfig(queue_samples=4096, batch=256, block_timeout_s=30.0)
     t = CarouselConfig.from_dict({**MINIMAL, "tiers": [tier()]}).tiers[0]
-    assert (t.sync, t.chunk, t.codec, t.eviction, t.class_quota) == (True, 16, "none", "class_balanced", 0)
+    assert (t.sync, t.chunk, t.codec, t.eviction, t.class_quota) == (True, 64, "none", "class_balanced", 0)
 
 
 def test_configs_are_frozen_and_hashable():
@@ -372,10 +372,10 @@ def test_urls():
         "lmdb:///t/flash?sync=1",
         "lmdb:///t/flash-nosync?sync=0",
         "zarr:///t/disk?chunk=64&codec=zstd&sync=0",
-        "zarr:///t/odd%3Fdir%25?chunk=16&codec=none&sync=1",
+        "zarr:///t/odd%3Fdir%25?chunk=64&codec=none&sync=1",
     ]
     parsed = parse_url(tiers[3].url())  # the stores' own parser gets the path and params back
-    assert str(parsed.path) == "/t/odd?dir%" and parsed.params == {"chunk": "16", "codec": "none", "sync": "1"}
+    assert str(parsed.path) == "/t/odd?dir%" and parsed.params == {"chunk": "64", "codec": "none", "sync": "1"}
 
 
 def test_docstring_examples_run():
