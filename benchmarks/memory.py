@@ -1,6 +1,6 @@
 """Benchmark of the memory core: replay sampling cost and the CarM training-speed claim.
 
-``python -m benchmarks.memory [--quick] [--steps N] [--stored N] [--out DIR]``
+``python -m benchmarks.memory [--quick] [--steps N] [--stored N] [--read-delay-ms MS] [--out DIR]``
 
 (a) ``sample(256)`` from a 500-slot EM of CIFAR-sized uint8 samples, against the bare limit: a
     ``torch.index_select`` of the same pool tensors (x, y, task) with a random index. Reported as
@@ -10,7 +10,9 @@
     an LMDB tier of ``--stored`` samples (default 50,000) swapping at ratio 0.5 asynchronously
     (``workers = 1``) and synchronously (``workers = 0``, CarM's ablation). Reported: median step
     time of each and the ratios to RAM-only (CarM's claim: async 1.01-1.07x; target <= 1.03).
-    The three variants run interleaved, in rounds, so drift in machine load hits all alike.
+    The variants run interleaved, in rounds, so drift in machine load hits all alike.
+    ``--read-delay-ms`` adds latency to every storage read: on a machine whose page cache holds the
+    whole tier, that is what a real flash or disk read costs and what synchronous swapping waits on.
 
 It prints a table and writes ``results.json`` and ``results.md`` to ``--out`` (default
 ``bench-out/memory``). It asserts nothing about speed: a benchmark measures.
@@ -97,12 +99,37 @@ def _prefill(path: Path, stored: int) -> None:
         mem.flush(timeout_s=600)
 
 
+class _DelayedReads:
+    """A store whose reads take ``delay_s`` longer: flash or disk latency on a machine whose
+    page cache holds the whole tier (what CarM's synchronous swapping pays for)."""
+
+    def __init__(self, inner, delay_s: float) -> None:
+        self._inner, self._delay = inner, delay_s
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def get_many(self, ids):
+        time.sleep(self._delay)
+        return self._inner.get_many(ids)
+
+    def get_chunk(self, index):
+        time.sleep(self._delay)
+        return self._inner.get_chunk(index)
+
+
 class _Run:
     """One variant: a memory, a model and an optimizer, ready to take ER steps in task 1."""
 
-    def __init__(self, name: str, cfg: dict) -> None:
+    def __init__(self, name: str, cfg: dict, read_delay_s: float = 0.0) -> None:
         self.name = name
         self.mem = CarouselMemory.from_dict(cfg)
+        for tier in self.mem.tiers:
+            if read_delay_s:
+                tier.store = _DelayedReads(tier.store, read_delay_s)
         if not cfg.get("tiers"):  # RAM-only: fill the EM from the same kind of stream
             for task in range(2):
                 x, y = _stream(1000, task, 77 + task)
@@ -131,14 +158,14 @@ class _Run:
             self.times.append(time.perf_counter() - t0)
 
 
-def bench_training(stored: int, steps: int, rounds: int, workdir: Path) -> dict:
+def bench_training(stored: int, steps: int, rounds: int, workdir: Path, read_delay_s: float = 0.0) -> dict:
     """(b): ER step time, RAM-only vs carousel async vs sync."""
     tier = workdir / "flash"
     t0 = time.perf_counter()
     _prefill(tier, stored)
     prefill_s = time.perf_counter() - t0
     runs = [_Run("RAM-only", _config(500, None, 1)),
-            _Run("carousel async", _config(500, tier, 1))]
+            _Run("carousel async", _config(500, tier, 1), read_delay_s)]
     for run in runs:
         for _ in range(3):
             run.step(record=False)  # warm-up: allocator, prefetch queues
@@ -151,7 +178,7 @@ def bench_training(stored: int, steps: int, rounds: int, workdir: Path) -> dict:
     for run in runs:
         run.mem.close()
     # The synchronous variant opens the same tier after the async one closed (one writer per store).
-    sync = _Run("carousel sync", _config(500, tier, 0))
+    sync = _Run("carousel sync", _config(500, tier, 0), read_delay_s)
     base = _Run("RAM-only (2)", _config(500, None, 1))
     for run in (sync, base):
         for _ in range(3):
@@ -165,7 +192,7 @@ def bench_training(stored: int, steps: int, rounds: int, workdir: Path) -> dict:
         run.mem.close()
     med = {r.name: statistics.median(r.times) for r in runs + [sync, base]}
     return {
-        "stored": stored, "prefill_s": prefill_s, "steps_per_variant": steps * rounds,
+        "stored": stored, "read_delay_ms": read_delay_s * 1e3, "prefill_s": prefill_s, "steps_per_variant": steps * rounds,
         "step_s": med,
         "async_ratio": med["carousel async"] / med["RAM-only"],
         "sync_ratio": med["carousel sync"] / med["RAM-only (2)"],
@@ -179,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stored", type=int, default=50_000)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--read-delay-ms", type=float, default=0.0,
+                        help="add this latency to every storage read (emulates flash beyond the page cache)")
     parser.add_argument("--out", default="bench-out/memory")
     args = parser.parse_args(argv)
     if args.quick:
@@ -190,7 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
         results = {"machine": {"cpus": torch.get_num_threads(), "python": platform.python_version(),
                                "torch": torch.__version__, "platform": platform.platform()},
                    "sample": bench_sample(repeat=3 if args.quick else 15),
-                   "training": bench_training(args.stored, args.steps, args.rounds, workdir)}
+                   "training": bench_training(args.stored, args.steps, args.rounds, workdir,
+                                              args.read_delay_ms / 1e3)}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     s, t = results["sample"], results["training"]
@@ -203,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, sec in t["step_s"].items():
         lines.append(f"| ER step, reduced ResNet-18, {name} | {sec * 1e3:.1f} ms |")
     lines += [
+        f"| storage read latency added | {t['read_delay_ms']:g} ms per read call |",
         f"| async step-time ratio, LMDB tier of {t['stored']:,} at ratio 0.5 (target <= 1.03) | {t['async_ratio']:.3f} |",
         f"| sync step-time ratio (workers = 0) | {t['sync_ratio']:.3f} |",
         f"| swaps during the timed steps: async / sync | {t['swapped_in_async']} / {t['swapped_in_sync']} |",
