@@ -284,3 +284,51 @@ def test_disk_tier_is_class_grouped_and_read_a_chunk_at_a_time(tmp_path):
         assert counting.reads <= 3, f"{counting.reads} chunk reads for 12 candidates"
         for i, fields in got:
             assert fields["x"].reshape(-1)[0] == 0 and mem.catalog.prefetched[i]
+
+
+def test_adaptive_mode_lowers_the_ratio_when_storage_lags(tmp_path):
+    cfg = config(tmp_path, em=200, tiers=(("lmdb", 2000),), ratio=1.0, adaptive=True, max_lag_steps=2)
+    cfg["swap"]["prefetch_depth"] = 0  # every swap-in reads on demand: the engine feels the latency
+    with CarouselMemory.from_dict(cfg) as mem:
+        run_tasks(mem, tasks=2, steps=6)
+        mem.flush()
+        mem._engine.wait_idle()
+        mem.tiers[0].store = FaultyStore(mem.tiers[0].store, read_delay_s=0.05)
+        for _ in range(40):
+            b = mem.sample(64)
+            mem.observe(b.ids, logits=torch.randn(len(b), 4))
+        s = mem.stats()
+        assert s["swap_ratio"] < 1.0 / 4, s["swap_ratio"]  # halved several times while it lagged
+        assert mem.registry.get_sample_value("carousel_swap_effective_ratio") == s["swap_ratio"]
+        mem.tiers[0].store = mem.tiers[0].store.inner  # storage is fast again: the ratio recovers
+        mem._engine.wait_idle(30)
+        for _ in range(60):
+            b = mem.sample(64)
+            mem.observe(b.ids, logits=torch.randn(len(b), 4))
+            mem._engine.wait_idle()
+        assert mem.stats()["swap_ratio"] == 1.0
+
+
+def test_metrics_are_exposed_with_prometheus_names(tmp_path):
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with CarouselMemory.from_dict(config(tmp_path, tiers=(("lmdb", 100), ("zarr", 200)))) as mem:
+        run_tasks(mem, tasks=2, steps=8)
+        mem.flush()
+        mem._engine.wait_idle()
+        s = mem.stats()
+        text = generate_latest(mem.registry).decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        for name in ("carousel_samples", "carousel_bytes", "carousel_added", "carousel_admissions",
+                     "carousel_evictions", "carousel_migrated_samples", "carousel_swaps", "carousel_swap_lag_requests",
+                     "carousel_prefetch_depth", "carousel_prefetch_requests", "carousel_sample_latency_seconds",
+                     "carousel_write_behind_queue_samples", "carousel_errors"):
+            assert name in families, name
+        value = mem.registry.get_sample_value
+        assert value("carousel_added_total") == s["added"]
+        assert value("carousel_swaps_total", {"direction": "in"}) == s["swapped_in"] > 0
+        assert value("carousel_samples", {"tier": "0-lmdb"}) == 100
+        assert value("carousel_evictions_total", {"reason": "capacity"}) == s["evicted"]
+        assert value("carousel_migrated_samples_total", {"tier": "0-lmdb"}) >= 200
+        assert value("carousel_sample_latency_seconds_count") == 2 * 8
