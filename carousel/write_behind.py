@@ -19,8 +19,6 @@ from collections.abc import Callable
 
 import numpy as np
 
-from storage_backends import StoreError
-
 from .catalog import Catalog
 from .metrics import MemoryMetrics
 from .tiers import Tier, class_grouped, enforce_capacity
@@ -144,7 +142,7 @@ class WriteBehind:
                     self.last_error = None
                     backoff = 0.05
                     break
-                except (StoreError, OSError) as exc:
+                except Exception as exc:  # noqa: BLE001 - a store error or a bug: never die silently
                     # Keep the batch and retry: the samples stay queued (their home says so),
                     # and the error reaches add() callers once the queue fills.
                     self.last_error = exc

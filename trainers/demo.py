@@ -6,8 +6,9 @@ Reads a real data set (CIFAR-10, Fashion-MNIST or MNIST, whichever ``--data-root
 none it says so and uses generated images), writes the samples with their labels and task ids
 into an LMDB store (flash tier) and a Zarr store (disk tier), closes them, reopens them from the
 URL alone, reads random batches back, checks every byte against the source, and prints what each
-tier holds and how fast it went. Until the memory core lands this is the only part of
-``trainers`` that talks to ``storage_backends`` directly.
+tier holds and how fast it went. It exercises the storage tiers on their own, so it talks to
+``storage_backends`` directly -- the one place in ``trainers`` that does; the trainer demo that
+replaces it goes through ``carousel`` only.
 """
 
 from __future__ import annotations
