@@ -136,53 +136,31 @@ class SampleStore(ABC):
         return f"<{type(self).__name__} {self.url} {state}>"
 
     # ---- chunk-granular reads (what the swap engine uses to pull many candidates per read) -----
-    @property
-    def chunk_rows(self) -> int:
-        """Records per chunk returned by :meth:`get_chunk` / :meth:`iter_chunks`."""
-        return 256
-
-    def num_chunks(self) -> int:
-        """Number of chunk indexes :meth:`get_chunk` accepts (some may hold no record)."""
-        self._check_open()
-        return -(-self._len() // self.chunk_rows)
-
-    def get_chunk(self, index: int) -> Chunk:
-        """The records of chunk ``index`` (``0 <= index < num_chunks()``), read together.
-
-        Generic version: chunk ``i`` is the ``i``-th run of ``chunk_rows`` ids in ascending order.
-        Backends with physical chunks override it to read one chunk per call.
-        """
-        self._check_open()
-        all_ids = self._ids()
-        n_chunks = -(-all_ids.size // self.chunk_rows)
-        if not 0 <= index < n_chunks:
-            raise IndexError(f"{self.url}: chunk {index} out of range [0, {n_chunks})")
-        ids = all_ids[index * self.chunk_rows:(index + 1) * self.chunk_rows]
-        return Chunk(ids, self.get_many(ids))
-
     #: Whether a chunk read costs about what one record read costs (True for stores with
     #: physical chunks): readers that want many records then read whole chunks.
     prefers_chunks: bool = False
 
-    def chunk_of(self, ids: Any) -> np.ndarray:
-        """The chunk index (for :meth:`get_chunk`) holding each id; unknown ids raise
-        ``MissingIdsError``. Generic version: the id's rank in ascending order // ``chunk_rows``."""
-        self._check_open()
-        ids = validate_ids(ids)
-        all_ids = self._ids()
-        pos = np.searchsorted(all_ids, ids)
-        found = (pos < all_ids.size) & (all_ids[np.minimum(pos, max(all_ids.size - 1, 0))] == ids) \
-            if all_ids.size else np.zeros(ids.size, bool)
-        if not found.all():
-            raise self._missing(ids, found)
-        return pos // self.chunk_rows
+    @property
+    @abstractmethod
+    def chunk_rows(self) -> int:
+        """At most this many records per chunk."""
 
+    @abstractmethod
+    def num_chunks(self) -> int:
+        """Chunk indexes :meth:`get_chunk` accepts are ``range(num_chunks())``; some may hold
+        no record."""
+
+    @abstractmethod
+    def get_chunk(self, index: int) -> Chunk:
+        """The records of chunk ``index``, read together (``IndexError`` outside the range)."""
+
+    @abstractmethod
+    def chunk_of(self, ids: Any) -> np.ndarray:
+        """The chunk index holding each id; unknown ids raise ``MissingIdsError``."""
+
+    @abstractmethod
     def iter_chunks(self) -> Iterator[Chunk]:
-        """Every record, a chunk at a time (chunks holding no record are skipped)."""
-        for i in range(self.num_chunks()):
-            chunk = self.get_chunk(i)
-            if chunk.ids.size:
-                yield chunk
+        """Every record exactly once, a chunk at a time (chunks holding no record are skipped)."""
 
     def quarantined_ids(self) -> np.ndarray:
         """Ids removed from the live set because their record failed its checksum."""

@@ -53,6 +53,7 @@ from .url import StoreURL, parse_bool, parse_size
 
 FORMAT = b"carousel-lmdb/1"
 _CRC = 4  # bytes of the checksum trailer of every value
+_CHUNK_IDS = 256  # ids per chunk (an id range): one short read transaction's worth
 
 
 def _keys(ids: np.ndarray) -> list[bytes]:
@@ -264,6 +265,10 @@ class LMDBStore(SampleStore):
     def _len(self) -> int:
         with self._read() as txn:
             return txn.stat(self._data)["entries"]
+
+    @property
+    def chunk_rows(self) -> int:
+        return _CHUNK_IDS
 
     def num_chunks(self) -> int:
         self._check_open()
