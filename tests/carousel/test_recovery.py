@@ -70,11 +70,14 @@ def test_sigkill_loses_no_acknowledged_sample(tmp_path, workers):
     for round_ in range(3):
         proc = subprocess.Popen([sys.executable, "-c", CHILD, str(cfg)], stdout=subprocess.PIPE, text=True,
                                 cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.getcwd()})
-        deadline = time.monotonic() + rng.uniform(1.5, 3.0)
-        while time.monotonic() < deadline:
+        deadline = None  # the kill timer starts at the round's first ACK: startup time varies
+        while deadline is None or time.monotonic() < deadline:
             line = proc.stdout.readline()
+            assert line, "the child exited before it was killed"
             if line.startswith("ACK"):
                 acked = max(acked, int(line.split()[1]))
+                if deadline is None:
+                    deadline = time.monotonic() + rng.uniform(0.2, 1.5)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert acked >= 0, "the child acknowledged nothing"
