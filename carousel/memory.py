@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
-from storage_backends import open_store
+from storage_backends import Schema, open_store
 
 from .batch import Batch
 from .catalog import EVICTED, PENDING, RAM_ONLY, Catalog
@@ -78,25 +78,32 @@ class CarouselMemory:
         self._ratio = sc.ratio
         self._closed = False
         self.tiers: list[Tier] = []
-        record_nbytes = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for s, d in self.fields.values())
+        record_nbytes = Schema(self.fields).record_nbytes
+        self._state_dir = Path(mc.state_dir) if mc.state_dir else (
+            Path(config.tiers[0].path).with_name(Path(config.tiers[0].path).name + "-state") if config.tiers else None)
+        self._writer: WriteBehind | None = None
+        self._engine: SwapEngine | None = None
         try:
             for i, tc in enumerate(config.tiers):
                 store = open_store(tc.url(), self.fields)
                 self.tiers.append(Tier(i, f"{i}-{tc.kind}", store, tc.capacity_for(record_nbytes),
                                        tc.eviction, tc.class_quota))
             self._recover()
-        except BaseException:
+            if self.tiers:
+                self._writer = WriteBehind(self.tiers, self.catalog, self.metrics, config.write_behind.queue_samples,
+                                           config.write_behind.batch, config.write_behind.block_timeout_s,
+                                           np.random.default_rng([mc.seed, 3]))
+                self._engine = SwapEngine(self.pool, self.catalog, self.tiers, self.metrics, sc.workers,
+                                          sc.prefetch_depth, mc.seed)
+            self._refill_em()
+        except BaseException:  # a memory that failed to open leaves no thread or open store behind
+            if self._engine is not None:
+                self._engine.close()
+            if self._writer is not None:
+                self._writer.close()
             for t in self.tiers:
                 t.store.close()
             raise
-        self._state_dir = Path(mc.state_dir) if mc.state_dir else (
-            Path(config.tiers[0].path).with_name(Path(config.tiers[0].path).name + "-state") if config.tiers else None)
-        self._writer = WriteBehind(self.tiers, self.catalog, self.metrics, config.write_behind.queue_samples,
-                                   config.write_behind.batch, config.write_behind.block_timeout_s,
-                                   np.random.default_rng([mc.seed, 3])) if self.tiers else None
-        self._engine = SwapEngine(self.pool, self.catalog, self.tiers, self.metrics, sc.workers,
-                                  sc.prefetch_depth, mc.seed) if self.tiers else None
-        self._refill_em()
         self.metrics.swap_ratio.set(self._ratio)
         for t in self.tiers:
             self.metrics.capacity.labels(tier=t.name).set(t.capacity)

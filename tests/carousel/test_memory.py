@@ -336,3 +336,18 @@ def test_metrics_are_exposed_with_prometheus_names(tmp_path):
         assert value("carousel_evictions_total", {"reason": "capacity"}) == s["evicted"]
         assert value("carousel_migrated_samples_total", {"tier": "0-lmdb"}) >= 200
         assert value("carousel_sample_latency_seconds_count") == 2 * 8
+
+
+def test_a_second_memory_on_the_same_tiers_is_refused_cleanly(tmp_path):
+    from storage_backends import StoreLockedError
+
+    cfg = config(tmp_path, tiers=(("lmdb", 100), ("zarr", 100)))
+    with CarouselMemory.from_dict(cfg) as first:
+        threads = threading.active_count()
+        with pytest.raises(StoreLockedError):
+            CarouselMemory.from_dict(cfg)
+        assert threading.active_count() == threads  # no thread left behind by the failed open
+        first.add(*stream(8, 0, [0, 1], seed=1))
+        first.flush()
+    with CarouselMemory.from_dict(cfg) as again:  # the refused open held nothing
+        assert again.stats()["added"] == 8
