@@ -28,32 +28,33 @@ class Tier:
 
 
 def choose_overflow(ids: np.ndarray, labels: np.ndarray, over: int, policy: str,
-                    rng: np.random.Generator, quota: int = 0) -> np.ndarray:
-    """Which of ``ids`` leave a tier that holds ``over`` too many (plus any class over ``quota``).
+                    rng: np.random.Generator, quota: int = 0,
+                    protected: np.ndarray | None = None) -> np.ndarray:
+    """Which of ``ids`` leave a tier that holds ``over`` too many, plus any class over ``quota``.
 
     ``class_balanced`` takes from the largest class each time (a class-balanced reservoir: the
-    classes end up level), ``random`` uniformly, ``fifo`` the oldest (smallest) ids.
+    classes end up level), ``random`` uniformly, ``fifo`` the oldest (smallest) ids. ``protected``
+    samples count towards their class but are never chosen.
     """
-    out = []
-    keep = np.ones(ids.size, dtype=bool)
+    movable = np.ones(ids.size, dtype=bool) if protected is None else ~protected
+    leave = np.zeros(ids.size, dtype=bool)
     if quota > 0:
         for c in np.unique(labels):
             members = np.flatnonzero(labels == c)
-            if members.size > quota:
-                drop = rng.choice(members, members.size - quota, replace=False)
-                keep[drop] = False
-                out.append(ids[drop])
-        over -= sum(o.size for o in out)
-    if over > 0:
-        pool = np.flatnonzero(keep)
+            excess = members.size - quota
+            if excess > 0:
+                candidates = members[movable[members]]
+                leave[rng.choice(candidates, min(excess, candidates.size), replace=False)] = True
+    over -= int(leave.sum())
+    pool = np.flatnonzero(movable & ~leave)
+    if over > 0 and pool.size:
         if policy == "fifo":
             pick = pool[np.argsort(ids[pool], kind="stable")[:over]]
         elif policy == "random":
             pick = rng.choice(pool, min(over, pool.size), replace=False)
         elif policy == "class_balanced":
-            classes, counts = np.unique(labels[pool], return_counts=True)
-            take = np.zeros_like(counts)
-            left = counts.copy()
+            classes, left = np.unique(labels[pool], return_counts=True)
+            take = np.zeros_like(left)
             for _ in range(min(over, pool.size)):  # level the largest classes down, one at a time
                 c = int(np.argmax(left))
                 take[c] += 1
@@ -62,8 +63,8 @@ def choose_overflow(ids: np.ndarray, labels: np.ndarray, over: int, policy: str,
                                    for cls, t in zip(classes, take) if t] or [np.zeros(0, np.int64)])
         else:
             raise ValueError(f"unknown eviction policy {policy!r}; known: {EVICTION_POLICIES}")
-        out.append(ids[pick])
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
+        leave[pick] = True
+    return ids[leave]
 
 
 def class_grouped(ids: np.ndarray, fields: dict[str, np.ndarray], labels: np.ndarray,
@@ -97,10 +98,11 @@ def enforce_capacity(tiers: list[Tier], catalog: Catalog, metrics: MemoryMetrics
         if over <= 0 and not quota_hit:
             continue
         last = tier.index == len(tiers) - 1
-        # Samples an EM slot holds leave the last tier only if nothing else can: evicting them
-        # would leave their only copy in RAM.
-        prefer = ~in_em if last and (~in_em).sum() >= max(over, 0) else np.ones(ids.size, bool)
-        victims = choose_overflow(ids[prefer], labels[prefer], max(over, 0), tier.eviction, rng, tier.class_quota)
+        # Samples an EM slot holds never leave the last tier: their only copy would be in RAM,
+        # gone at the next swap. So the last tier may run over by at most the EM's size until
+        # they are swapped out.
+        victims = choose_overflow(ids, labels, max(over, 0), tier.eviction, rng, tier.class_quota,
+                                  protected=in_em if last else None)
         if not victims.size:
             continue
         if last:

@@ -351,3 +351,19 @@ def test_a_second_memory_on_the_same_tiers_is_refused_cleanly(tmp_path):
         first.flush()
     with CarouselMemory.from_dict(cfg) as again:  # the refused open held nothing
         assert again.stats()["added"] == 8
+
+
+def test_per_class_storage_quota(tmp_path):
+    cfg = config(tmp_path, em=16, tiers=(("lmdb", 1000),))
+    cfg["tiers"][0]["class_quota"] = 20
+    with CarouselMemory.from_dict(cfg) as mem:
+        for step in range(6):
+            mem.add(*stream(32, 0, [0, 1, 2], seed=step))
+        mem.flush()
+        stored = mem.tiers[0].store.ids()
+        counts = np.bincount(mem.catalog.label[stored], minlength=3)
+        pinned = np.bincount(mem.catalog.label[stored[mem.catalog.slot[stored] >= 0]], minlength=3)
+        # every class capped (samples an EM slot holds are never evicted from the last tier), none starved
+        assert ((counts - pinned) <= 20).all() and (counts >= 20).all(), (counts, pinned)
+        assert mem.stats()["evicted"] == 6 * 32 - counts.sum()
+        conservation(mem)
