@@ -48,6 +48,8 @@ from urllib.parse import quote
 from storage_backends import ALLOWED_DTYPES, InvalidURLError
 from storage_backends.url import parse_size
 
+from .tiers import EVICTION_POLICIES
+
 __all__ = ["CarouselConfig", "ConfigError", "MemoryConfig", "SwapConfig", "TierConfig", "WriteBehindConfig",
            "load_config"]
 
@@ -284,7 +286,7 @@ class TierConfig:
             for name in _ZARR_ONLY:
                 if getattr(self, name) != _TIER_DEFAULTS[name]:
                     _fail(name, f"applies to zarr tiers only; this tier is {self.kind}")
-        _str(self.eviction, "eviction")
+        _choice(self.eviction, "eviction", EVICTION_POLICIES)
         _int(self.class_quota, "class_quota", lo=0)
 
     def url(self) -> str:

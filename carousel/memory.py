@@ -37,7 +37,7 @@ from storage_backends import Schema, open_store
 
 from .batch import Batch
 from .catalog import EVICTED, PENDING, RAM_ONLY, Catalog
-from .config import CarouselConfig, load_config
+from .config import CarouselConfig, ConfigError, load_config
 from .em_pool import EMPool, balanced_weights
 from .metrics import MemoryMetrics
 from .policies import make_admission, make_swap_in, make_swap_out
@@ -67,9 +67,18 @@ class CarouselMemory:
         self._extras = tuple(mc.extras)
         self._rng = np.random.default_rng([mc.seed, 1])
         self._sample_rng = np.random.default_rng([mc.seed, 2])
-        self._admission = make_admission(mc.admission)
-        self._swap_out = make_swap_out(sc.policy)
-        self._swap_in = make_swap_in(sc.swap_in)
+        try:  # policy names are checked against the registries here, where plug-ins are known
+            self._admission = make_admission(mc.admission)
+        except ValueError as exc:
+            raise ConfigError(config.source, "memory.admission", str(exc)) from None
+        try:
+            self._swap_out = make_swap_out(sc.policy)
+        except ValueError as exc:
+            raise ConfigError(config.source, "swap.policy", str(exc)) from None
+        try:
+            self._swap_in = make_swap_in(sc.swap_in)
+        except ValueError as exc:
+            raise ConfigError(config.source, "swap.swap_in", str(exc)) from None
         self.pool = EMPool(mc.em_size, self.fields)
         self.catalog = Catalog()
         self._seen = 0

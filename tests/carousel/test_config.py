@@ -388,3 +388,10 @@ def test_every_field_has_a_documented_default():
     for cls in (MemoryConfig, SwapConfig, WriteBehindConfig, TierConfig, CarouselConfig):
         for name in cls.__dataclass_fields__:
             assert re.search(rf"^\s+{name}: .*#", source, re.M), f"{cls.__name__}.{name} has no comment"
+
+
+def test_unknown_eviction_policy_is_a_config_error():
+    with pytest.raises(ConfigError) as err:
+        CarouselConfig.from_dict({"memory": {"em_size": 4, "sample_shape": [2]},
+                                  "tiers": [{"kind": "lmdb", "path": "/t/a", "capacity": 5, "eviction": "lru"}]})
+    assert err.value.key == "tiers[0].eviction" and "class_balanced" in str(err.value)

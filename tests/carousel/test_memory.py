@@ -367,3 +367,15 @@ def test_per_class_storage_quota(tmp_path):
         assert ((counts - pinned) <= 20).all() and (counts >= 20).all(), (counts, pinned)
         assert mem.stats()["evicted"] == 6 * 32 - counts.sum()
         conservation(mem)
+
+
+@pytest.mark.parametrize("section, key, value", [("memory", "admission", "fifo"), ("swap", "policy", "lru"),
+                                                 ("swap", "swap_in", "nearest")])
+def test_unknown_policy_names_are_config_errors(tmp_path, section, key, value):
+    from carousel import ConfigError
+
+    cfg = config(tmp_path, tiers=())
+    cfg.setdefault(section, {})[key] = value
+    with pytest.raises(ConfigError) as err:
+        CarouselMemory.from_dict(cfg)
+    assert err.value.key == f"{section}.{key}" and value in str(err.value)
