@@ -97,14 +97,15 @@ class CarouselMemory:
                 store = open_store(tc.url(), self.fields)
                 self.tiers.append(Tier(i, f"{i}-{tc.kind}", store, tc.capacity_for(record_nbytes),
                                        tc.eviction, tc.class_quota))
-            self._recover()
+            state = self._load_state()
+            self._recover(state)
             if self.tiers:
                 self._writer = WriteBehind(self.tiers, self.catalog, self.metrics, config.write_behind.queue_samples,
                                            config.write_behind.batch, config.write_behind.block_timeout_s,
                                            np.random.default_rng([mc.seed, 3]))
                 self._engine = SwapEngine(self.pool, self.catalog, self.tiers, self.metrics, sc.workers,
                                           sc.prefetch_depth, mc.seed)
-            self._refill_em()
+            self._refill_em(state)
         except BaseException:  # a memory that failed to open leaves no thread or open store behind
             if self._engine is not None:
                 self._engine.close()
@@ -397,6 +398,7 @@ class CarouselMemory:
             n = self.catalog.n
             state = {"slot_ids": self.pool.snapshot()[0], "seen": np.array([self._seen]),
                      "current_task": np.array([self._current_task]),
+                     "label": self.catalog.label[:n], "task": self.catalog.task[:n],
                      "correct": self.catalog.correct[:n], "entropy": self.catalog.entropy[:n],
                      "loss": self.catalog.loss[:n], "replays": self.catalog.replays[:n]}
         tmp = self._state_dir / (_STATE_FILE + ".tmp")
@@ -433,45 +435,70 @@ class CarouselMemory:
             raise RuntimeError("the memory is closed")
 
     # ---- recovery ---------------------------------------------------------------------------------
-    def _recover(self) -> None:
-        """Rebuild the catalog from the tiers (they are the truth) after a restart or a crash."""
-        top = -1
-        seen = 0
-        for tier in self.tiers:
-            dup = []
-            for chunk in tier.store.iter_chunks():
-                ids = chunk.ids
-                known = ids < self.catalog.label.size
-                known[known] = self.catalog.home[ids[known]] >= 0
-                dup.append(ids[known])  # a crash mid-demotion left it in two tiers: keep the first
-                fresh = ~known
-                self.catalog.register(ids[fresh], chunk.fields["y"][fresh].astype(np.int64),
-                                      chunk.fields["task"][fresh].astype(np.int64), tier.index)
-                seen += int(fresh.sum())
-                if ids.size:
-                    top = max(top, int(ids.max()))
-            dup = np.concatenate(dup) if dup else np.zeros(0, np.int64)
-            if dup.size:
-                tier.store.delete_many(dup)
-        self._next_id = top + 1
-        self._seen = seen
+    def _load_state(self) -> dict[str, np.ndarray]:
+        """The last checkpoint's arrays (empty without one). Checked loosely: the tiers stay the
+        truth, the checkpoint only saves reading labels and restores the EM and statistics."""
+        path = self._state_dir / _STATE_FILE if self._state_dir else None
+        if path is None or not path.exists():
+            return {}
+        try:
+            with np.load(path, allow_pickle=False) as st:
+                return {k: st[k] for k in st.files}
+        except (OSError, ValueError, EOFError) as exc:
+            log.warning("ignoring an unreadable checkpoint %s: %s", path, exc)
+            return {}
 
-    def _refill_em(self) -> None:
+    def _recover(self, state: dict[str, np.ndarray]) -> None:
+        """Rebuild the catalog from the tiers (they are the truth) after a restart or a crash.
+
+        Labels and task ids of ids the last checkpoint knew come from it (a sample's label never
+        changes and ids are never reused below the checkpoint, which flushed everything before
+        it was written); only samples stored after it are read. An id found in two tiers (a crash
+        mid-demotion) is kept in the first.
+        """
+        ckpt_labels = state.get("label", np.zeros(0, np.int64))
+        ckpt_tasks = state.get("task", np.zeros(0, np.int64))
+        top = -1
+        seen = read = 0
+        for tier in self.tiers:
+            ids = tier.store.ids()
+            if not ids.size:
+                continue
+            top = max(top, int(ids.max()))
+            known = ids < self.catalog.label.size
+            known[known] = self.catalog.home[ids[known]] >= 0
+            if known.any():
+                tier.store.delete_many(ids[known])
+            ids = ids[~known]
+            have = ids < ckpt_labels.size
+            have[have] = ckpt_labels[ids[have]] >= 0
+            self.catalog.register(ids[have], ckpt_labels[ids[have]], ckpt_tasks[ids[have]], tier.index)
+            unknown = ids[~have]
+            for lo in range(0, unknown.size, 4096):
+                part = unknown[lo:lo + 4096]
+                fields = tier.store.get_many(part)
+                self.catalog.register(part, fields["y"].astype(np.int64), fields["task"].astype(np.int64), tier.index)
+            seen += ids.size
+            read += unknown.size
+        # Never reuse an id the checkpoint knew, even one evicted since: its label there is final.
+        self._next_id = max(top + 1, ckpt_labels.size)
+        self._seen = max(seen, int(state["seen"][0])) if "seen" in state else seen
+        self.recovered = {"samples": seen, "labels_read": read}
+
+    def _refill_em(self, state: dict[str, np.ndarray]) -> None:
         """Fill the EM from storage: the checkpointed slots when there are some, else a
         class-balanced random draw."""
         if not self.tiers or not self.catalog.n:
             return
         n = self.catalog.n
         stored = np.flatnonzero(self.catalog.home[:n] >= 0)
-        state_file = self._state_dir / _STATE_FILE if self._state_dir else None
         want = np.zeros(0, np.int64)
-        if state_file is not None and state_file.exists():
-            with np.load(state_file, allow_pickle=False) as st:
-                want = st["slot_ids"]
-                m = min(n, st["correct"].size)
-                for col in ("correct", "entropy", "loss", "replays"):
-                    getattr(self.catalog, col)[:m] = st[col][:m]
-                self._current_task = int(st["current_task"][0])
+        if state:
+            want = state["slot_ids"]
+            m = min(n, state["correct"].size)
+            for col in ("correct", "entropy", "loss", "replays"):
+                getattr(self.catalog, col)[:m] = state[col][:m]
+            self._current_task = int(state["current_task"][0])
             want = want[(want >= 0) & (want < n)]
             want = want[self.catalog.home[want] >= 0][: self.pool.size]
         if want.size < min(self.pool.size, stored.size):
