@@ -117,7 +117,12 @@ class CarouselMemory:
         self.metrics.swap_ratio.set(self._ratio)
         for t in self.tiers:
             self.metrics.capacity.labels(tier=t.name).set(t.capacity)
+            # Read at scrape time, so a scrape is current without anyone calling stats().
+            self.metrics.samples.labels(tier=t.name).set_function(self._gauge(lambda t=t: len(t.store)))
+            self.metrics.bytes.labels(tier=t.name).set_function(self._gauge(lambda t=t: t.store.nbytes))
         self.metrics.capacity.labels(tier="ram").set(mc.em_size)
+        self.metrics.samples.labels(tier="ram").set_function(self._gauge(self.pool.filled))
+        self.metrics.bytes.labels(tier="ram").set(sum(t.numel() * t.element_size() for t in self.pool.tensors.values()))
 
     # ---- entry points ---------------------------------------------------------------------------
     @classmethod
@@ -348,14 +353,11 @@ class CarouselMemory:
         m = self.metrics
         tiers: dict[str, dict[str, int]] = {"ram": {"samples": self.pool.filled(),
                                                     "bytes": sum(t.numel() * t.element_size()
-                                                                 for t in self.pool.tensors.values())}}
+                                                                 for t in self.pool.tensors.values()),
+                                                    "capacity": self.pool.size}}
         for t in self.tiers:
-            n = len(t.store)
-            tiers[t.name] = {"samples": n, "bytes": t.store.nbytes, "capacity": t.capacity}
-            m.samples.labels(tier=t.name).set(n)
-            m.bytes.labels(tier=t.name).set(tiers[t.name]["bytes"])
-        m.samples.labels(tier="ram").set(tiers["ram"]["samples"])
-        m.bytes.labels(tier="ram").set(tiers["ram"]["bytes"])
+            tiers[t.name] = {"samples": len(t.store), "bytes": t.store.nbytes, "capacity": t.capacity}
+
         def value(name: str, **labels: str) -> float:
             return m.registry.get_sample_value(name, labels) or 0.0
 
@@ -429,6 +431,17 @@ class CarouselMemory:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _gauge(self, read):
+        """A scrape-time reading that is NaN once the memory is closed (its stores are gone)."""
+        def value() -> float:
+            if self._closed:
+                return math.nan
+            try:
+                return float(read())
+            except Exception:  # noqa: BLE001 - a scrape must not fail because a store is busy closing
+                return math.nan
+        return value
 
     def _check_open(self) -> None:
         if self._closed:

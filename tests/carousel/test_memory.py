@@ -336,6 +336,9 @@ def test_metrics_are_exposed_with_prometheus_names(tmp_path):
         assert value("carousel_evictions_total", {"reason": "capacity"}) == s["evicted"]
         assert value("carousel_migrated_samples_total", {"tier": "0-lmdb"}) >= 200
         assert value("carousel_sample_latency_seconds_count") == 2 * 8
+        registry = mem.registry
+    # after close a scrape still works: tier gauges read NaN instead of touching closed stores
+    assert np.isnan(registry.get_sample_value("carousel_samples", {"tier": "1-zarr"}))
 
 
 def test_a_second_memory_on_the_same_tiers_is_refused_cleanly(tmp_path):
