@@ -107,12 +107,7 @@ class CarouselMemory:
                                           sc.prefetch_depth, mc.seed)
             self._refill_em(state)
         except BaseException:  # a memory that failed to open leaves no thread or open store behind
-            if self._engine is not None:
-                self._engine.close()
-            if self._writer is not None:
-                self._writer.close()
-            for t in self.tiers:
-                t.store.close()
+            self._release()
             raise
         self.metrics.swap_ratio.set(self._ratio)
         for t in self.tiers:
@@ -419,12 +414,16 @@ class CarouselMemory:
                 self.checkpoint()
         finally:
             self._closed = True
-            if self._engine is not None:
-                self._engine.close()
-            if self._writer is not None:
-                self._writer.close()
-            for t in self.tiers:
-                t.store.close()
+            self._release()
+
+    def _release(self) -> None:
+        """Stop the engine and the writer, close the tiers."""
+        if self._engine is not None:
+            self._engine.close()
+        if self._writer is not None:
+            self._writer.close()
+        for t in self.tiers:
+            t.store.close()
 
     def __enter__(self) -> CarouselMemory:
         return self
