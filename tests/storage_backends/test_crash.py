@@ -48,7 +48,7 @@ import numpy as np
 
 BATCH = 64
 NEW_BASE = 10_000_000  # ids first written by a mixed replace-and-add call
-SCHEMA = {"x": ((3, 32, 32), "uint8"), "y": ((), "int64"), "task": ((), "int16")}
+from tests.storage_backends.crash_records import SCHEMA, fields  # noqa: E402 - shared with test_faults.py
 
 
 def step_ops(b):
@@ -61,15 +61,6 @@ def step_ops(b):
     if b % 4 == 3:  # delete 8 ids of batch b-3 (never touched by a replace)
         ops.append(("delete", np.arange((b - 3) * BATCH + 20, (b - 3) * BATCH + 28, dtype=np.int64), None))
     return ops
-
-
-def fields(ids, seed):
-    """The records a put of ``ids`` with ``seed`` writes (random x, y and task tied to the seed)."""
-    rng = np.random.default_rng(seed)
-    n = len(ids)
-    return {"x": rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
-            "y": np.asarray(ids, dtype=np.int64) * 1000 + seed,
-            "task": np.full(n, seed % 65536 - 32768, dtype=np.int16)}
 
 
 def main():

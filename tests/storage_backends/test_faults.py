@@ -38,20 +38,13 @@ from storage_backends import (
     open_store,
     zarr_manifest,
 )
+from tests.storage_backends.crash_records import fields
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = {"x": ((3, 32, 32), "uint8"), "y": ((), "int64"), "task": ((), "int16")}
 REC_NBYTES = 3 * 32 * 32 + 8 + 2
 NOBODY = 65534
 
-
-def fields(ids, seed):
-    """Deterministic records (as in test_crash.py): random x; y and task tied to the seed."""
-    rng = np.random.default_rng(seed)
-    n = len(ids)
-    return {"x": rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
-            "y": np.asarray(ids, dtype=np.int64) * 1000 + seed,
-            "task": np.full(n, seed % 65536 - 32768, dtype=np.int16)}
 
 
 def batch(b, n=64):
