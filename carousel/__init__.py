@@ -5,14 +5,18 @@ tiers, and a swap engine that refills EM slots with other stored samples in the 
 learner replays far more of its past at the same speed (Carousel Memory, CarM, DAC 2022).
 
 >>> from carousel import CarouselMemory  # doctest: +SKIP
->>> mem = CarouselMemory.from_toml("deploy/profiles/laptop.toml")  # doctest: +SKIP
+>>> mem = CarouselMemory.from_toml("memory.toml")  # in-process          # doctest: +SKIP
+>>> mem = carousel.connect()  # or served by `carousel serve`             # doctest: +SKIP
 """
 
 from .batch import Batch
 from .config import CarouselConfig, ConfigError, load_config
 from .memory import CarouselMemory, MemoryInputError
 from .write_behind import WriteBehindError
+from .client import MemoryClient, connect
+from .dataset import ReplayDataset
+from .wire import RemoteError
 
 __version__ = "0.1.0"
-__all__ = ["Batch", "CarouselConfig", "CarouselMemory", "ConfigError", "MemoryInputError", "WriteBehindError",
-           "load_config", "__version__"]
+__all__ = ["Batch", "CarouselConfig", "CarouselMemory", "ConfigError", "MemoryClient", "MemoryInputError",
+           "RemoteError", "ReplayDataset", "WriteBehindError", "connect", "load_config", "__version__"]

@@ -30,3 +30,9 @@ class Batch:
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(move(self.ids), move(self.x), move(self.y), move(self.task),
                      {k: move(v) for k, v in self.extras.items()})
+
+    def pin_memory(self) -> Batch:
+        """The same batch in pinned memory (``DataLoader(pin_memory=True)`` calls this)."""
+        pin = lambda t: t.pin_memory()  # noqa: E731
+        return Batch(pin(self.ids), pin(self.x), pin(self.y), pin(self.task),
+                     {k: pin(v) for k, v in self.extras.items()})

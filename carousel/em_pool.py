@@ -110,6 +110,17 @@ class EMPool:
         ids = torch.from_numpy(self.slot_ids.take(slots))
         return Batch(ids, out["x"], out["y"], out["task"], {k: out[k] for k in extras})
 
+    def gather_into_locked(self, slots: np.ndarray, out: Mapping[str, torch.Tensor]) -> None:
+        """Gather ``slots`` into the first ``len(slots)`` rows of ``out`` (``"id"`` and every field)."""
+        k = int(slots.size)
+        index = torch.from_numpy(np.asarray(slots, dtype=np.int64))
+        np.take(self.slot_ids, slots, out=out["id"].numpy()[:k])
+        for name, src in self.tensors.items():
+            if name in self._big:
+                torch.index_select(src, 0, index, out=out[name][:k])
+            else:  # small rows: numpy's take has no dispatch cost
+                np.take(self.arrays[name], slots, axis=0, out=out[name].numpy()[:k])
+
     def snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Consistent copies of ``(slot_ids, slot_labels, slot_tasks)``."""
         with self.lock:

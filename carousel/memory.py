@@ -247,27 +247,44 @@ class CarouselMemory:
             raise MemoryInputError(f"n must be >= 0, got {n}")
         t0 = time.perf_counter()
         rng = np.random.default_rng(seed) if seed is not None else self._sample_rng
-        cls = None if classes is None else np.asarray(classes, dtype=np.int64).ravel()
-        tsk = None if tasks is None else np.asarray(tasks, dtype=np.int64).ravel()
         with self.pool.lock:  # choose and gather under one short lock: no half-written slot
-            if cls is None and tsk is None and not balanced and seed is None:
+            if classes is None and tasks is None and not balanced and seed is None:
                 batch = self.pool.gather_locked(self.pool.draw_locked(n, rng), self._extras)
-                self.metrics.sample_latency.observe(time.perf_counter() - t0)
-                return batch
-            ok = self.pool.slot_ids >= 0
-            if cls is not None:
-                ok &= np.isin(self.pool.slot_labels, cls)
-            if tsk is not None:
-                ok &= np.isin(self.pool.slot_tasks, tsk)
-            slots = np.flatnonzero(ok)
-            if balanced and slots.size:
-                pick = rng.choice(slots, min(n, slots.size), replace=False,
-                                  p=balanced_weights(self.pool.slot_labels[slots]))
             else:
-                pick = rng.choice(slots, min(n, slots.size), replace=False) if slots.size else slots
-            batch = self.pool.gather_locked(pick, self._extras)
+                batch = self.pool.gather_locked(self._pick_locked(n, classes, tasks, balanced, rng), self._extras)
         self.metrics.sample_latency.observe(time.perf_counter() - t0)
         return batch
+
+    def sample_into(self, n: int, out: Mapping[str, torch.Tensor], *, classes: Any = None, tasks: Any = None,
+                    balanced: bool = False) -> int:
+        """:meth:`sample` written into preallocated tensors (``out["id"]`` and one per field, each
+        with room for ``n`` rows); returns how many rows were filled. The daemon fills its
+        shared-memory batch rings with this, so a batch is copied once, straight into the ring."""
+        self._check_open()
+        if n < 0:
+            raise MemoryInputError(f"n must be >= 0, got {n}")
+        t0 = time.perf_counter()
+        with self.pool.lock:
+            if classes is None and tasks is None and not balanced:
+                slots = self.pool.draw_locked(n, self._sample_rng)
+            else:
+                slots = self._pick_locked(n, classes, tasks, balanced, self._sample_rng)
+            self.pool.gather_into_locked(slots, out)
+        self.metrics.sample_latency.observe(time.perf_counter() - t0)
+        return int(slots.size)
+
+    def _pick_locked(self, n: int, classes: Any, tasks: Any, balanced: bool, rng: np.random.Generator) -> np.ndarray:
+        """Slots for a filtered, balanced or seeded draw (caller holds ``pool.lock``)."""
+        ok = self.pool.slot_ids >= 0
+        if classes is not None:
+            ok &= np.isin(self.pool.slot_labels, np.asarray(classes, dtype=np.int64).ravel())
+        if tasks is not None:
+            ok &= np.isin(self.pool.slot_tasks, np.asarray(tasks, dtype=np.int64).ravel())
+        slots = np.flatnonzero(ok)
+        if not slots.size:
+            return slots
+        p = balanced_weights(self.pool.slot_labels[slots]) if balanced else None
+        return rng.choice(slots, min(n, slots.size), replace=False, p=p)
 
     # ---- observe and swap ------------------------------------------------------------------------------
     def observe(self, ids: Any, logits: Any = None, loss: Any = None) -> None:

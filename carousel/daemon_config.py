@@ -1,0 +1,219 @@
+"""A daemon profile: the ``[daemon]`` settings plus the memories it serves, from one TOML file.
+
+Two layouts. A single memory, served under the name ``default``, is a plain memory file (see
+:mod:`carousel.config`) with an optional ``[daemon]`` table::
+
+    [daemon]
+    data_dir = "/var/lib/carousel"
+    [memory]
+    em_size = 500
+    sample_shape = [3, 32, 32]
+    [[tiers]]
+    kind = "lmdb"
+    path = "flash"
+    capacity = 50000
+
+Several memories (one per experiment or stream) live under ``[memories.NAME]``, each holding the
+sections of a memory file (``[memories.cifar.memory]``, ``[[memories.cifar.tiers]]``, ...).
+Errors are :class:`~carousel.config.ConfigError` with keys such as ``daemon.max_clients`` or
+``memories.cifar.swap.ratio``.
+
+>>> p = DaemonProfile.from_dict({"daemon": {"metrics": ""},
+...                              "memory": {"em_size": 8, "sample_shape": [2]}}, source=None)
+>>> list(p.memories), p.daemon.metrics_address
+(['default'], None)
+>>> DaemonProfile.from_dict({"daemon": {"max_clients": 0}, "memory": {"em_size": 8, "sample_shape": [2]}})
+Traceback (most recent call last):
+...
+carousel.config.ConfigError: daemon.max_clients: must be in [1, 4096], got 0
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from storage_backends import InvalidURLError
+from storage_backends.url import parse_size
+
+from .config import CarouselConfig, ConfigError, _bool, _check_keys, _fail, _float, _int, _prefixed, _resolve, _show
+
+__all__ = ["DaemonConfig", "DaemonProfile", "default_socket_dir", "load_profile"]
+
+_MEMORY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # appears in socket ops, logs and metric labels
+_MEMORY_SECTIONS = ("memory", "swap", "write_behind", "tiers")
+
+
+def default_socket_dir() -> str:
+    """``$XDG_RUNTIME_DIR/carousel``, else ``/tmp/carousel-$UID`` (still private: 0700, checked)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(runtime, "carousel") if runtime else f"/tmp/carousel-{os.getuid()}"
+
+
+def _address(value: Any, key: str) -> tuple[str, int] | None:
+    if not isinstance(value, str):
+        _fail(key, f"expected \"HOST:PORT\" or \"\" (off), got {_show(value)}")
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        _fail(key, f"expected \"HOST:PORT\" such as \"127.0.0.1:9464\", got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _size(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        _fail(key, f"expected a byte count or a size such as \"64MiB\", got {_show(value)}")
+    try:
+        return value if isinstance(value, int) else parse_size(value, key)
+    except InvalidURLError as exc:
+        _fail(key, str(exc))
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """The ``[daemon]`` table. Every limit has a safe default; see ``docs/protocol.md``."""
+
+    data_dir: str | None = None          # lock file; None = the first memory's state/tier folder
+    socket_dir: str | None = None        # None = default_socket_dir(); must be ours and 0700
+    metrics: str = "127.0.0.1:9464"      # /metrics over HTTP; "" = off. Loopback unless you say otherwise
+    tcp: str = ""                        # "127.0.0.1:7070" = also TCP (token required); "" = off
+    token_file: str | None = None        # a file holding the TCP token (mode 0600)
+    allow_group: str | None = None       # a group whose members may also connect over the Unix socket
+    max_frame_bytes: int = 64 << 20      # any frame announcing more is refused before it is read
+    max_clients: int = 64
+    max_inflight: int = 8                # requests queued per connection before it is no longer read
+    read_timeout_s: float = 10.0         # a frame begun and not finished within this is dropped
+    ring_slots: int = 4                  # ready batches per standing sample request
+    min_free_shm_bytes: int = 16 << 20   # refuse to start with less free /dev/shm than this
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        for name in ("data_dir", "socket_dir", "token_file"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, str) or not value.strip():
+                    _fail(name, f"expected a path, got {_show(value)}")
+                object.__setattr__(self, name, os.path.normpath(os.path.expanduser(value)))
+        if self.allow_group is not None and (not isinstance(self.allow_group, str) or not self.allow_group):
+            _fail("allow_group", f"expected a group name, got {_show(self.allow_group)}")
+        _address(self.metrics, "metrics")
+        if _address(self.tcp, "tcp") is not None and self.token_file is None:
+            _fail("token_file", "TCP needs a token: set token_file to a file only you can read")
+        _int(self.max_frame_bytes, "max_frame_bytes", 4096, 1 << 34)
+        _int(self.max_clients, "max_clients", 1, 4096)
+        _int(self.max_inflight, "max_inflight", 1, 1024)
+        if not 0.01 <= _float(self.read_timeout_s, "read_timeout_s") <= 3600:
+            _fail("read_timeout_s", f"must be in [0.01, 3600], got {self.read_timeout_s}")
+        _int(self.ring_slots, "ring_slots", 2, 64)
+        _int(self.min_free_shm_bytes, "min_free_shm_bytes", 0)
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            _fail("log_level", f"{self.log_level!r} is not one of debug, info, warning, error")
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        return _address(self.metrics, "metrics")
+
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        return _address(self.tcp, "tcp")
+
+    def resolved_socket_dir(self) -> str:
+        return self.socket_dir or default_socket_dir()
+
+
+_DAEMON_KEYS = [f.name for f in fields(DaemonConfig)]
+_SIZES = ("max_frame_bytes", "min_free_shm_bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonProfile:
+    """What ``carousel serve`` runs: daemon settings and named memory configurations."""
+
+    daemon: DaemonConfig
+    memories: Mapping[str, CarouselConfig]
+    source: str | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> DaemonProfile:
+        """Build from a TOML-shaped dict; ``source`` names the file in errors and anchors relative paths."""
+        source = None if source is None else os.fspath(source)
+        try:
+            return _build(data, source)
+        except ConfigError as exc:
+            raise ConfigError(source, exc.key, exc.reason) from None
+
+    def data_dir(self) -> str:
+        """Where the daemon's lock file lives: ``daemon.data_dir``, else beside the first memory's data."""
+        if self.daemon.data_dir is not None:
+            return self.daemon.data_dir
+        for cfg in self.memories.values():
+            if cfg.memory.state_dir is not None:
+                return os.path.dirname(cfg.memory.state_dir.rstrip("/")) or cfg.memory.state_dir
+            if cfg.tiers:
+                return os.path.dirname(cfg.tiers[0].path.rstrip("/")) or cfg.tiers[0].path
+        return os.path.join(self.daemon.resolved_socket_dir(), "data")
+
+
+def _build(data: Mapping[str, Any], source: str | None) -> DaemonProfile:
+    if not isinstance(data, Mapping):
+        _fail("<root>", f"expected a table of sections, got {_show(data)}")
+    data = dict(data)
+    base = None if source is None else os.path.dirname(os.path.abspath(source))
+    raw = _check_keys(data.pop("daemon", {}), "daemon", _DAEMON_KEYS, what="table [daemon]")
+    for key in ("data_dir", "socket_dir", "token_file"):
+        if key in raw:
+            raw[key] = _resolve(raw[key], base)
+    for key in _SIZES:
+        if key in raw:
+            raw[key] = _size(raw[key], f"daemon.{key}")
+    try:
+        daemon = DaemonConfig(**raw)
+    except ConfigError as exc:
+        raise _prefixed("daemon", exc) from None
+
+    memories: dict[str, CarouselConfig] = {}
+    if "memories" in data:
+        stray = [k for k in data if k != "memories"]
+        if stray:
+            _fail(stray[0], "with [memories.NAME] tables, every memory section goes under its name "
+                            f"(e.g. [memories.default.{stray[0]}])")
+        table = data["memories"]
+        if not isinstance(table, Mapping) or not table:
+            _fail("memories", f"expected tables such as [memories.default.memory], got {_show(table)}")
+        for name, body in table.items():
+            if not _MEMORY_NAME.match(name):
+                _fail(f"memories.{name}", "a memory name is 1-64 letters, digits, '_', '.' or '-'")
+            memories[name] = _memory(body, f"memories.{name}", source)
+    else:
+        memories["default"] = _memory(data, "", source)
+    return DaemonProfile(daemon, memories, source)
+
+
+def _memory(body: Any, prefix: str, source: str | None) -> CarouselConfig:
+    if not isinstance(body, Mapping):
+        _fail(prefix or "<root>", f"expected the sections of a memory ({', '.join(_MEMORY_SECTIONS)}), "
+                                  f"got {_show(body)}")
+    try:
+        return CarouselConfig.from_dict(body, source=None if source is None else source)
+    except ConfigError as exc:
+        raise ConfigError(None, f"{prefix}.{exc.key}" if prefix else exc.key, exc.reason) from None
+
+
+def load_profile(path: str | os.PathLike[str]) -> DaemonProfile:
+    """Read a daemon profile; every problem is a :class:`ConfigError` naming file, key and reason."""
+    file = os.fspath(path)
+    try:
+        with open(file, "rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "<toml>", str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(file, "<toml>", f"not UTF-8 text: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(file, "<file>", f"cannot read: {exc.strerror or exc}") from None
+    return DaemonProfile.from_dict(data, source=file)

@@ -1,0 +1,840 @@
+"""``carousel serve``: the daemon that owns memories and serves them to trainer processes.
+
+One asyncio loop accepts connections on a Unix socket in a private directory (and, optionally,
+TCP on loopback with a token), reads framed requests (:mod:`carousel.wire`) and runs each memory
+operation on a small thread pool, so a slow ``add`` under back-pressure never stalls another
+client's ``sample``. A filler thread keeps every client's standing sample requests topped up in
+shared-memory rings (:mod:`carousel.shm`): a steady-state ``sample`` on the client is a look at
+a ring, with no socket round trip. Metrics of every memory, labelled ``memory``, are served on
+``/metrics`` over HTTP on loopback.
+
+Lifecycle: SIGTERM/SIGINT stop accepting, let running requests finish, close the rings, flush
+and checkpoint every memory, and exit 0. A lock file in the data directory (and one beside the
+socket) stops a second daemon on the same data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import grp
+import hmac
+import json
+import logging
+import math
+import os
+import pwd
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+from prometheus_client.core import Metric
+
+from storage_backends import StoreError
+
+from . import __version__
+from . import shm as shm_mod
+from . import wire
+from .config import ConfigError
+from .daemon_config import DaemonProfile
+from .memory import CarouselMemory, MemoryInputError
+from .write_behind import WriteBehindError
+
+log = logging.getLogger("carousel.daemon")
+
+SOCKET_NAME = "carousel.sock"
+LOCK_NAME = "daemon.lock"
+_PEERCRED = struct.Struct("3i")
+_MAX_RINGS_PER_CLIENT = 8
+_MAX_RING_ROWS = 1 << 16
+_REQUEST_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.25, 1.0, 5.0)
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start: a second daemon, an unsafe socket directory, no shared memory..."""
+
+
+# ---- logging ----------------------------------------------------------------------------------------
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``msg`` and any ``extra=`` fields."""
+
+    _skip = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
+        out.update({k: v for k, v in record.__dict__.items() if k not in self._skip})
+        if record.exc_info:
+            out["exc"] = "".join(traceback.format_exception(*record.exc_info)).strip()
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLineFormatter())
+    root = logging.getLogger("carousel")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+# ---- locks and the socket directory -------------------------------------------------------------------
+class _FileLock:
+    def __init__(self, path: str, what: str) -> None:
+        self.path = path
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
+            os.close(self._fd)
+            raise DaemonError(f"{path}: another carousel daemon (pid {holder or '?'}) already uses this {what}; "
+                              "stop it first or point this one elsewhere") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _allowed_gid(name: str | None) -> int | None:
+    if name is None:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise DaemonError(f"daemon.allow_group: no group named {name!r}") from None
+
+
+def prepare_socket_dir(path: str, group_gid: int | None) -> None:
+    """Create the socket directory 0700 (0710 with an allowed group), or refuse one that others
+    could write to, that another uid owns, or that is a symlink."""
+    if not os.path.lexists(path):
+        old = os.umask(0o077)
+        try:
+            os.makedirs(path, mode=0o700)
+        finally:
+            os.umask(old)
+        if group_gid is not None:
+            os.chown(path, -1, group_gid)
+            os.chmod(path, 0o710)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise DaemonError(f"socket directory {path} is not a directory (or is a symlink); refusing to start")
+    if st.st_uid != os.getuid():
+        raise DaemonError(f"socket directory {path} is owned by uid {st.st_uid}, not {os.getuid()}; "
+                          "refusing to start")
+    bad = st.st_mode & (0o077 if group_gid is None or st.st_gid != group_gid else 0o067)
+    if bad:
+        raise DaemonError(f"socket directory {path} has mode {stat.S_IMODE(st.st_mode):o}: others could reach "
+                          f"or replace the socket; make it 0700 (chmod 700 {path}) or remove it")
+
+
+# ---- metrics --------------------------------------------------------------------------------------------
+class _MemoryCollector:
+    """Every memory's registry, each sample labelled ``memory=NAME``, as one set of families."""
+
+    def __init__(self, memories: Mapping[str, CarouselMemory]) -> None:
+        self._memories = memories
+
+    def collect(self):
+        families: dict[str, Metric] = {}
+        for name, mem in list(self._memories.items()):
+            for fam in mem.registry.collect():
+                out = families.get(fam.name)
+                if out is None:
+                    out = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                for s in fam.samples:
+                    out.add_sample(s.name, {**s.labels, "memory": name}, s.value, s.timestamp, s.exemplar)
+        return list(families.values())
+
+
+class DaemonMetrics:
+    def __init__(self, memories: Mapping[str, CarouselMemory]) -> None:
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        Info("carousel_build", "carousel version and runtime.", registry=r).info(
+            {"version": __version__, "python": ".".join(map(str, sys.version_info[:3]))})
+        self.clients = Gauge("carousel_clients", "Connected clients.", registry=r)
+        self.requests = Counter("carousel_requests_total", "Requests by op and result.", ["op", "result"],
+                                registry=r)
+        self.refused = Counter("carousel_connections_refused_total", "Connections refused.", ["reason"],
+                               registry=r)
+        self.protocol_errors = Counter("carousel_protocol_errors_total", "Frames that broke the protocol.",
+                                       registry=r)
+        self.latency = Histogram("carousel_request_latency_seconds", "Request latency in the daemon.", ["op"],
+                                 buckets=_REQUEST_BUCKETS, registry=r)
+        self.shm_segments = Gauge("carousel_shm_segments", "Shared-memory segments owned by the daemon.",
+                                  registry=r)
+        self.shm_bytes = Gauge("carousel_shm_bytes", "Bytes of shared memory owned by the daemon.", registry=r)
+        self.ring_batches = Counter("carousel_ring_batches_total", "Batches placed in shared-memory rings.",
+                                    registry=r)
+        r.register(_MemoryCollector(memories))
+
+
+# ---- served memories, rings and the filler ---------------------------------------------------------------
+class Served:
+    """One named memory and what the daemon keeps beside it."""
+
+    def __init__(self, name: str, memory: CarouselMemory) -> None:
+        self.name, self.memory = name, memory
+        self.write_lock = threading.Lock()  # add / observe / checkpoint: one at a time per memory
+        self.epoch = 0                      # bumped by every add: rings drop short batches made before it
+
+    def schema(self) -> dict[str, Any]:
+        return {name: [list(shape), dtype] for name, (shape, dtype) in self.memory.fields.items()}
+
+
+class Filler(threading.Thread):
+    """Keeps every ring's FREE slots filled with fresh batches, so clients never wait on a socket."""
+
+    def __init__(self, metrics: DaemonMetrics) -> None:
+        super().__init__(name="carousel-ring-filler", daemon=True)
+        self.lock = threading.Lock()  # guards ``rings`` and every ring's segment while it is written
+        self.rings: dict[int, tuple[Served, shm_mod.BatchRing, dict]] = {}
+        self._halt = threading.Event()
+        self._wake = threading.Event()
+        self._metrics = metrics
+        self.last_error: BaseException | None = None
+
+    def add(self, ring_id: int, served: Served, ring: shm_mod.BatchRing, filters: dict) -> None:
+        with self.lock:
+            self.rings[ring_id] = (served, ring, filters)
+        self._wake.set()
+
+    def remove(self, ring_id: int) -> None:
+        with self.lock:
+            entry = self.rings.pop(ring_id, None)
+            if entry is not None:
+                entry[1].close()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def run(self) -> None:
+        idle = 5e-5
+        while not self._halt.is_set():
+            work = 0
+            with self.lock:
+                for served, ring, filters in list(self.rings.values()):
+                    if served.memory._closed:
+                        continue
+                    ring.set_epoch(served.epoch)
+                    for slot in ring.free_slots():
+                        try:
+                            rows = served.memory.sample_into(ring.layout.n, ring.outs[slot], **filters)
+                        except Exception as exc:  # noqa: BLE001 - a broken memory must not stop the others
+                            self.last_error = exc
+                            log.warning("ring fill failed", extra={"memory": served.name, "error": repr(exc)})
+                            break
+                        if rows == 0:
+                            break  # nothing to serve yet: the client asks over the socket meanwhile
+                        ring.publish(int(slot), rows, served.epoch)
+                        self._metrics.ring_batches.inc()
+                        work += 1
+            if work:
+                idle = 5e-5  # torch's copies release the GIL: the loop and the engine get their turns
+            else:
+                self._wake.wait(idle)
+                self._wake.clear()
+                idle = min(idle * 2, 2e-3)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self._wake.set()
+        if self.is_alive():
+            self.join(timeout=10)
+        with self.lock:
+            for _, ring, _ in self.rings.values():
+                ring.close()
+            self.rings.clear()
+
+
+# ---- the daemon -----------------------------------------------------------------------------------------
+class Daemon:
+    """Everything ``carousel serve`` runs. Construct (checks and opens), then :meth:`run`."""
+
+    def __init__(self, profile: DaemonProfile) -> None:
+        self.profile = profile
+        dc = profile.daemon
+        self.socket_dir = dc.resolved_socket_dir()
+        self.socket_path = os.path.join(self.socket_dir, SOCKET_NAME)
+        self._group = _allowed_gid(dc.allow_group)
+        self._token: bytes | None = None
+        self._locks: list[_FileLock] = []
+        self.served: dict[str, Served] = {}
+        self.memories: dict[str, CarouselMemory] = {}
+        self._http = None
+        try:
+            if dc.tcp_address is not None:
+                self._token = _read_token(dc.token_file)
+            self._locks.append(_FileLock(os.path.join(profile.data_dir(), LOCK_NAME), "data directory"))
+            prepare_socket_dir(self.socket_dir, self._group)
+            self._locks.append(_FileLock(os.path.join(self.socket_dir, SOCKET_NAME + ".lock"), "socket"))
+            swept = shm_mod.sweep()
+            if swept:
+                log.info("swept shared memory of dead daemons", extra={"segments": len(swept)})
+            free = shm_mod.shm_free_bytes()
+            if free < dc.min_free_shm_bytes:
+                raise DaemonError(f"{shm_mod.SHM_DIR} has {free} bytes free, less than daemon.min_free_shm_bytes="
+                                  f"{dc.min_free_shm_bytes}; give the container more (docker run --shm-size=...)")
+            self.metrics = DaemonMetrics(self.memories)
+            for name, cfg in profile.memories.items():
+                mem = _off_main_thread(CarouselMemory, cfg)
+                self.memories[name] = mem
+                self.served[name] = Served(name, mem)
+                log.info("memory open", extra={"memory": name, "em_size": cfg.memory.em_size,
+                                               "tiers": [t.kind for t in cfg.tiers],
+                                               "recovered": getattr(mem, "recovered", None)})
+        except BaseException:
+            self._close_memories()
+            self._release_locks()
+            raise
+        self.filler = Filler(self.metrics)
+        self._executor = ThreadPoolExecutor(max_workers=max(4, min(16, dc.max_inflight)),
+                                            thread_name_prefix="carousel-op")
+        self._connections: set[_Connection] = set()
+        self._ring_ids = iter(range(1, 1 << 62))
+        self._segments: dict[str, int] = {}  # name -> bytes, every segment the daemon owns
+        self._stop: asyncio.Event | None = None
+        self.ready = threading.Event()
+
+    # -- running --------------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit code (0 after a clean shutdown)."""
+        try:
+            return asyncio.run(self._main())
+        finally:
+            self._close_memories()
+            self._release_locks()
+
+    async def _main(self) -> int:
+        dc = self.profile.daemon
+        loop = self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        self._inflight = asyncio.Semaphore(dc.max_inflight)
+        if dc.metrics_address is not None:
+            from prometheus_client import start_http_server
+            host, port = dc.metrics_address
+            result = start_http_server(port, addr=host, registry=self.metrics.registry)
+            self._http = result[0] if isinstance(result, tuple) else None
+            log.info("metrics listening", extra={"address": f"{host}:{port}"})
+        if os.path.lexists(self.socket_path):
+            os.unlink(self.socket_path)  # ours: we hold the socket lock; a dead daemon left it
+        old = os.umask(0o177)  # the socket is born 0600: no window in which others may connect
+        try:
+            unix = await asyncio.start_unix_server(lambda r, w: self._accept(r, w, "unix"), path=self.socket_path,
+                                                   limit=1 << 16)
+        finally:
+            os.umask(old)
+        if self._group is not None:
+            os.chown(self.socket_path, -1, self._group)
+            os.chmod(self.socket_path, 0o660)
+        servers = [unix]
+        if dc.tcp_address is not None:
+            host, port = dc.tcp_address
+            servers.append(await asyncio.start_server(lambda r, w: self._accept(r, w, "tcp"), host, port))
+            log.info("tcp listening", extra={"address": f"{host}:{port}"})
+        self.filler.start()
+        log.info("serving", extra={"socket": self.socket_path, "memories": list(self.served), "pid": os.getpid()})
+        self.ready.set()
+        await self._stop.wait()
+
+        log.info("shutting down: no new connections, draining requests")
+        for s in servers:
+            s.close()
+        for conn in list(self._connections):
+            conn.closing = True
+        deadline = loop.time() + 30
+        while any(c.busy for c in self._connections) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self._connections):
+            conn.abort()
+        self.filler.stop()
+        for name in list(self._segments):
+            self._segments.pop(name, None)
+        await loop.run_in_executor(self._executor, self._close_memories)
+        self._executor.shutdown(wait=True)
+        if self._http is not None:
+            self._http.shutdown()
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        log.info("stopped cleanly")
+        return 0
+
+    def request_stop(self) -> None:
+        """Thread-safe: stop as on SIGTERM (for embedding the daemon in tests or tools)."""
+        loop = self._loop
+        loop.call_soon_threadsafe(self._stop.set)
+
+    def _close_memories(self) -> None:
+        for name, mem in list(self.memories.items()):
+            try:
+                mem.close()
+                log.info("memory closed", extra={"memory": name, "added": mem._next_id})
+            except Exception as exc:  # noqa: BLE001 - close the others anyway
+                log.error("memory close failed", extra={"memory": name, "error": repr(exc)})
+        self.memories.clear()
+
+    def _release_locks(self) -> None:
+        for lock in self._locks:
+            lock.release()
+        self._locks.clear()
+
+    # -- connections ------------------------------------------------------------------------------------
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, kind: str) -> None:
+        sock = writer.get_extra_info("socket")
+        peer = "tcp"
+        if kind == "unix":
+            pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            peer = f"pid {pid} uid {uid}"
+            if not self._peer_allowed(uid, gid):
+                # Refused before a single byte of theirs is read.
+                self.metrics.refused.labels(reason="uid").inc()
+                log.warning("connection refused: foreign uid", extra={"peer_pid": pid, "peer_uid": uid})
+                await _send_error(writer, "auth", f"uid {uid} may not use this daemon")
+                writer.close()
+                return
+        if self._stop.is_set() or len(self._connections) >= self.profile.daemon.max_clients:
+            self.metrics.refused.labels(reason="busy" if not self._stop.is_set() else "stopping").inc()
+            await _send_error(writer, "busy", f"too many clients (max_clients={self.profile.daemon.max_clients})"
+                              if not self._stop.is_set() else "the daemon is stopping")
+            writer.close()
+            return
+        conn = _Connection(self, reader, writer, kind, peer)
+        self._connections.add(conn)
+        self.metrics.clients.set(len(self._connections))
+        try:
+            await conn.serve()
+        finally:
+            self._connections.discard(conn)
+            self.metrics.clients.set(len(self._connections))
+            conn.release()
+
+    def _peer_allowed(self, uid: int, gid: int) -> bool:
+        if uid == os.getuid():
+            return True
+        if self._group is None:
+            return False
+        if gid == self._group:
+            return True
+        try:
+            return pwd.getpwuid(uid).pw_name in grp.getgrgid(self._group).gr_mem
+        except KeyError:
+            return False
+
+    def _track_segment(self, seg: shm_mod.Segment | None, drop: shm_mod.Segment | None = None) -> None:
+        if drop is not None:
+            self._segments.pop(drop.name, None)
+        if seg is not None:
+            self._segments[seg.name] = seg.size
+        self.metrics.shm_segments.set(len(self._segments))
+        self.metrics.shm_bytes.set(sum(self._segments.values()))
+
+    # -- status --------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"pid": os.getpid(), "version": __version__, "socket": self.socket_path,
+                               "clients": len(self._connections), "shm_segments": len(self._segments),
+                               "shm_bytes": sum(self._segments.values()), "memories": {}}
+        for name, served in self.served.items():
+            mem = served.memory
+            if mem._closed:
+                continue
+            st = mem.stats()
+            st["sample_latency_seconds"] = _histogram_quantiles(mem.registry, "carousel_sample_latency_seconds",
+                                                                (0.5, 0.9, 0.99))
+            out["memories"][name] = st
+        return out
+
+
+def _off_main_thread(fn, *args):
+    """Run ``fn`` in a short-lived thread. With GNU OpenMP (torch's CPU build), once the main
+    thread has run a parallel op, parallel ops from any other thread run at half speed here (the
+    ring filler's batch copy: 24 us instead of 15). So the daemon keeps torch off its main thread."""
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn(*args)))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box.append((False, exc))
+    t = threading.Thread(target=run, name="carousel-open")
+    t.start()
+    t.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _histogram_quantiles(registry: CollectorRegistry, name: str, qs) -> dict[str, float]:
+    """Quantiles of a histogram, interpolated within buckets as PromQL's ``histogram_quantile``."""
+    buckets = []
+    for fam in registry.collect():
+        if fam.name == name:
+            buckets = sorted((float(s.labels["le"]), s.value) for s in fam.samples if s.name == name + "_bucket")
+    out = {}
+    total = buckets[-1][1] if buckets else 0
+    for q in qs:
+        key = f"p{round(q * 100)}"
+        if not total:
+            out[key] = math.nan
+            continue
+        rank, prev_le, prev_c = q * total, 0.0, 0.0
+        for le, c in buckets:
+            if c >= rank:
+                out[key] = le if math.isinf(le) else prev_le + (le - prev_le) * ((rank - prev_c) / max(c - prev_c, 1e-12))
+                if math.isinf(le):
+                    out[key] = prev_le
+                break
+            prev_le, prev_c = le, c
+    return out
+
+
+def _read_token(path: str | None) -> bytes:
+    if path is None:
+        raise DaemonError("daemon.tcp needs daemon.token_file")
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as fh:
+            token = fh.read().strip()
+    except OSError as exc:
+        raise DaemonError(f"daemon.token_file {path}: {exc.strerror}") from None
+    if st.st_mode & 0o077:
+        raise DaemonError(f"daemon.token_file {path} has mode {stat.S_IMODE(st.st_mode):o}; make it 0600")
+    if len(token) < 16:
+        raise DaemonError(f"daemon.token_file {path}: the token must be at least 16 bytes")
+    return token
+
+
+async def _send_error(writer: asyncio.StreamWriter, kind: str, message: str) -> None:
+    try:
+        writer.writelines(wire.encode(wire.Op.ERROR, {"error": kind, "message": message}))
+        await asyncio.wait_for(writer.drain(), 1.0)
+    except (ConnectionError, asyncio.TimeoutError, OSError):
+        pass
+
+
+_ERROR_KINDS: tuple[tuple[type[BaseException], str], ...] = (
+    (MemoryInputError, "input"), (ConfigError, "input"), (KeyError, "input"), (ValueError, "input"),
+    (TypeError, "input"), (StoreError, "store"), (WriteBehindError, "store"), (shm_mod.ShmError, "shm"),
+    (TimeoutError, "timeout"), (OSError, "io"))
+
+
+class _RequestError(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class _Connection:
+    """One client: reads frames, runs them in order, owns the client's rings and upload segment."""
+
+    def __init__(self, daemon: Daemon, reader, writer, kind: str, peer: str) -> None:
+        self.d, self.reader, self.writer, self.kind, self.peer = daemon, reader, writer, kind, peer
+        self.served: Served | None = None
+        self.authed = kind == "unix"
+        self.rings: list[int] = []
+        self.ring_keys: dict[tuple, int] = {}
+        self.upload: shm_mod.Segment | None = None
+        self.busy = False
+        self.closing = False
+
+    async def serve(self) -> None:
+        dc = self.d.profile.daemon
+        while not self.closing:
+            try:
+                frame = await self._read_frame(dc.max_frame_bytes, dc.read_timeout_s)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return  # the client went away
+            except asyncio.TimeoutError:
+                log.warning("half-sent frame timed out; closing", extra={"peer": self.peer})
+                self.d.metrics.protocol_errors.inc()
+                return
+            except wire.ProtocolError as exc:
+                self.d.metrics.protocol_errors.inc()
+                log.warning("protocol error; closing", extra={"peer": self.peer, "error": str(exc)})
+                await _send_error(self.writer, "protocol", str(exc))
+                return
+            if frame is None:
+                return
+            op, meta, payload = frame
+            self.busy = True
+            try:
+                if not await self._handle(op, meta, payload):
+                    return
+            finally:
+                self.busy = False
+
+    async def _read_frame(self, max_bytes: int, timeout: float):
+        first = await self.reader.read(1)  # an idle client may wait as long as it likes between frames
+        if not first:
+            return None
+        rest = await asyncio.wait_for(self.reader.readexactly(wire.HEADER.size - 1), timeout)
+        head = first + rest
+        op, meta_len, payload_len, crc = wire.parse_header(head, max_bytes)  # before any body is read
+        body = await asyncio.wait_for(self.reader.readexactly(meta_len + payload_len), timeout) \
+            if meta_len + payload_len else b""
+        meta_raw, payload = body[:meta_len], memoryview(body)[meta_len:]
+        if wire.crc_of(head, meta_raw, payload) != crc:
+            raise wire.ProtocolError("checksum mismatch: the frame was damaged or is not a carousel frame")
+        meta = wire.decode_meta(meta_raw)
+        # Upload-segment tensors live in shared memory, not the payload: bounded in _tensors.
+        specs = wire.tensor_specs(meta, None if meta.get("upload") is True and not len(payload) else len(payload))
+        return op, meta, (specs, payload)
+
+    async def _handle(self, op: int, meta: dict, payload) -> bool:
+        """Run one request and reply; False closes the connection."""
+        name = wire.Op(op).name.lower()
+        t0 = time.perf_counter()
+        if not self.authed:
+            if op != wire.Op.HELLO or not self._token_ok(meta.get("token")):
+                self.d.metrics.refused.labels(reason="token").inc()
+                log.warning("tcp client without a valid token; closing", extra={"peer": self.peer})
+                await _send_error(self.writer, "auth", "a valid token must be sent in HELLO first")
+                return False
+        try:
+            async with self.d._inflight:
+                reply_meta, tensors = await self._dispatch(op, meta, payload)
+            frame = wire.encode(wire.Op.OK, reply_meta, tensors)
+            result = "ok"
+        except wire.ProtocolError as exc:
+            self.d.metrics.protocol_errors.inc()
+            await _send_error(self.writer, "protocol", str(exc))
+            self.d.metrics.requests.labels(op=name, result="protocol").inc()
+            return False
+        except _RequestError as exc:
+            frame, result = wire.encode(wire.Op.ERROR, {"error": exc.kind, "message": str(exc)}), exc.kind
+        except Exception as exc:  # noqa: BLE001 - one request's failure must not take the daemon down
+            kind = next((k for t, k in _ERROR_KINDS if isinstance(exc, t)), "internal")
+            if kind == "internal":
+                log.error("request failed", exc_info=True, extra={"op": name, "peer": self.peer})
+            frame, result = wire.encode(wire.Op.ERROR, {"error": kind, "message": str(exc) or repr(exc)}), kind
+        self.d.metrics.requests.labels(op=name, result=result).inc()
+        self.d.metrics.latency.labels(op=name).observe(time.perf_counter() - t0)
+        try:
+            self.writer.writelines(frame)
+            await self.writer.drain()
+        except (ConnectionError, OSError):
+            return False
+        return True
+
+    def _token_ok(self, token: Any) -> bool:
+        return isinstance(token, str) and self.d._token is not None and \
+            hmac.compare_digest(token.encode(), self.d._token)
+
+    def _memory(self) -> Served:
+        if self.served is None:
+            raise _RequestError("protocol", "send HELLO (choosing a memory) first")
+        if self.served.memory._closed:
+            raise _RequestError("closed", f"memory {self.served.name!r} is closed")
+        return self.served
+
+    async def _run(self, fn, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.d._executor, lambda: fn(*args, **kwargs))
+
+    async def _dispatch(self, op: int, meta: dict, payload) -> tuple[dict, list]:
+        specs, raw = payload
+        if op == wire.Op.HELLO:
+            name = meta.get("memory", "default")
+            if name not in self.d.served:
+                raise _RequestError("unknown_memory", f"no memory named {str(name)[:64]!r}; "
+                                                      f"this daemon serves {sorted(self.d.served)}")
+            self.served = self.d.served[name]
+            self.authed = True
+            mem = self.served.memory
+            return {"memory": name, "schema": self.served.schema(), "em_size": mem.config.memory.em_size,
+                    "daemon_pid": os.getpid(), "version": __version__, "shm": self.kind == "unix"}, []
+        if op == wire.Op.PING:
+            return {}, []
+        if op == wire.Op.STATUS:
+            return await self._run(self.d.status), []
+        served = self._memory()
+        mem = served.memory
+        if op == wire.Op.SAMPLE:
+            n, filters = _sample_args(meta, mem)
+            seed = meta.get("seed")
+            if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+                raise _RequestError("input", f"seed must be a non-negative int, got {seed!r}")
+            batch = await self._run(mem.sample, n, seed=seed, **filters)
+            tensors = [("id", batch.ids.numpy()), ("x", batch.x.numpy()), ("y", batch.y.numpy()),
+                       ("task", batch.task.numpy())] + [(k, v.numpy()) for k, v in batch.extras.items()]
+            return {}, tensors
+        if op == wire.Op.ADD:
+            arrays = self._tensors(specs, raw, meta.get("upload", False))
+            fields = _check_fields(arrays, served.memory.fields)
+            extras = {k: v for k, v in fields.items() if k not in ("x", "y", "task")}
+
+            def add():
+                with served.write_lock:
+                    ids = mem.add(fields["x"], fields["y"], fields["task"], **extras)
+                    served.epoch = (served.epoch + 1) & 0xFFFFFFFF
+                return ids
+            ids = await self._run(add)
+            self.d.filler.wake()
+            return {}, [("ids", ids.numpy())]
+        if op == wire.Op.OBSERVE:
+            arrays = wire.split_tensors(specs, raw)
+            if "ids" not in arrays:
+                raise _RequestError("input", "observe needs an 'ids' tensor")
+            unknown = set(arrays) - {"ids", "logits", "loss"}
+            if unknown:
+                raise _RequestError("input", f"observe takes ids, logits, loss; got {sorted(unknown)}")
+
+            def observe():
+                with served.write_lock:
+                    mem.observe(arrays["ids"], logits=arrays.get("logits"), loss=arrays.get("loss"))
+            await self._run(observe)
+            return {}, []
+        if op == wire.Op.STATS:
+            return await self._run(mem.stats), []
+        if op == wire.Op.CHECKPOINT:
+            def checkpoint():
+                with served.write_lock:
+                    mem.checkpoint()
+            await self._run(checkpoint)
+            return {}, []
+        if op == wire.Op.FLUSH:
+            timeout = meta.get("timeout_s", 60.0)
+            if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 3600:
+                raise _RequestError("input", f"timeout_s must be in (0, 3600], got {timeout!r}")
+            await self._run(mem.flush, float(timeout))
+            return {}, []
+        if op == wire.Op.SUBSCRIBE:
+            if self.kind != "unix":
+                raise _RequestError("input", "shared-memory rings need the Unix socket (same host)")
+            n, filters = _sample_args(meta, mem)
+            key = (n, json.dumps(filters, sort_keys=True, default=list))
+            if key in self.ring_keys:
+                ring_id = self.ring_keys[key]
+                ring = self.d.filler.rings[ring_id][1]
+            else:
+                if len(self.rings) >= _MAX_RINGS_PER_CLIENT:
+                    raise _RequestError("busy", f"at most {_MAX_RINGS_PER_CLIENT} standing sample requests "
+                                                "per client")
+                if not 1 <= n <= _MAX_RING_ROWS:
+                    raise _RequestError("input", f"n must be in [1, {_MAX_RING_ROWS}] for a ring, got {n}")
+                layout = shm_mod.RingLayout.plan(n, self.d.profile.daemon.ring_slots, mem.fields)
+                if layout.size > max(self.d.profile.daemon.max_frame_bytes * 4, 1 << 26):
+                    raise _RequestError("input", f"a ring of {layout.size} bytes is too large; sample fewer rows")
+                ring = shm_mod.BatchRing(layout, key)
+                ring_id = next(self.d._ring_ids)
+                self.rings.append(ring_id)
+                self.ring_keys[key] = ring_id
+                self.d._track_segment(ring.segment)
+                self.d.filler.add(ring_id, served, ring, filters)
+            return {"ring": ring_id, "segment": ring.segment.name, "layout": ring.layout.to_json()}, []
+        if op == wire.Op.UNSUBSCRIBE:
+            ring_id = meta.get("ring")
+            if ring_id not in self.rings:
+                raise _RequestError("input", f"no ring {str(ring_id)[:32]} on this connection")
+            self._drop_ring(ring_id)
+            return {}, []
+        if op == wire.Op.UPLOAD:
+            if self.kind != "unix":
+                raise _RequestError("input", "upload segments need the Unix socket (same host)")
+            nbytes = meta.get("nbytes")
+            if not isinstance(nbytes, int) or isinstance(nbytes, bool) or \
+                    not 0 < nbytes <= self.d.profile.daemon.max_frame_bytes:
+                raise _RequestError("input", f"nbytes must be in [1, max_frame_bytes="
+                                             f"{self.d.profile.daemon.max_frame_bytes}], got {str(nbytes)[:32]}")
+            if self.upload is None or self.upload.size < nbytes:
+                old = self.upload
+                self.upload = shm_mod.Segment.create(nbytes)
+                self.d._track_segment(self.upload, drop=old)
+                if old is not None:
+                    old.close()
+            return {"segment": self.upload.name, "size": self.upload.size}, []
+        raise wire.ProtocolError(f"op {wire.Op(op).name} is not a request")
+
+    def _tensors(self, specs, raw, upload: Any) -> dict[str, np.ndarray]:
+        if upload is True:
+            if self.upload is None:
+                raise _RequestError("input", "ADD from the upload segment before UPLOAD")
+            if len(raw):
+                raise _RequestError("input", "ADD from the upload segment carries no payload")
+            total = sum(s[3] for s in specs)
+            if total > self.upload.size:
+                raise _RequestError("input", f"tensors of {total} bytes overrun the {self.upload.size}-byte "
+                                             "upload segment")
+            # A copy: the client may overwrite its segment with the next batch as soon as we reply.
+            return {k: v.copy() for k, v in wire.split_tensors(specs, self.upload.map[:total]).items()}
+        if upload is not False:
+            raise _RequestError("input", "'upload' must be true or false")
+        return wire.split_tensors(specs, raw)
+
+    def _drop_ring(self, ring_id: int) -> None:
+        entry = self.d.filler.rings.get(ring_id)
+        if entry is not None:
+            self.d._track_segment(None, drop=entry[1].segment)
+        self.d.filler.remove(ring_id)
+        self.rings.remove(ring_id)
+        self.ring_keys = {k: v for k, v in self.ring_keys.items() if v != ring_id}
+
+    def abort(self) -> None:
+        self.closing = True
+        self.writer.close()
+
+    def release(self) -> None:
+        """The client is gone: reclaim its rings and upload segment (unlinked from /dev/shm)."""
+        for ring_id in list(self.rings):
+            self._drop_ring(ring_id)
+        if self.upload is not None:
+            self.d._track_segment(None, drop=self.upload)
+            self.upload.close()
+            self.upload = None
+        if not self.writer.is_closing():
+            self.writer.close()
+
+
+def _sample_args(meta: Mapping[str, Any], mem: CarouselMemory) -> tuple[int, dict]:
+    n = meta.get("n")
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= max(mem.config.memory.em_size, 1):
+        raise _RequestError("input", f"n must be an int in [0, em_size={mem.config.memory.em_size}], "
+                                     f"got {str(n)[:32]}")
+    filters: dict[str, Any] = {}
+    for key in ("classes", "tasks"):
+        value = meta.get(key)
+        if value is not None:
+            if not isinstance(value, list) or len(value) > 1 << 16 or \
+                    not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise _RequestError("input", f"{key} must be a list of ints")
+            filters[key] = value
+    balanced = meta.get("balanced", False)
+    if not isinstance(balanced, bool):
+        raise _RequestError("input", "balanced must be true or false")
+    if balanced:
+        filters["balanced"] = True
+    return n, filters
+
+
+def _check_fields(arrays: Mapping[str, np.ndarray], fields: Mapping[str, tuple[tuple[int, ...], str]]
+                  ) -> dict[str, np.ndarray]:
+    """The ADD tensors must be exactly the memory's fields, with its row shapes and dtypes."""
+    if set(arrays) != set(fields):
+        raise _RequestError("input", f"add needs exactly the tensors {sorted(fields)}, got {sorted(arrays)}")
+    n = arrays["y"].shape[0] if arrays["y"].ndim == 1 else -1
+    for name, (shape, dtype) in fields.items():
+        a = arrays[name]
+        if a.dtype != np.dtype(dtype) or a.shape != (n, *shape):
+            raise _RequestError("input", f"tensor {name!r} must be {dtype} of shape (n, {', '.join(map(str, shape))})"
+                                         f" with n = len(y); got {a.dtype} {tuple(a.shape)}")
+    return dict(arrays)
