@@ -1,0 +1,128 @@
+"""Start a real ``carousel serve`` subprocess for tests, with a profile written into a temp dir.
+
+>>> d = start_daemon(tmp_path)                 # doctest: +SKIP
+>>> client = carousel.connect(d.socket)        # doctest: +SKIP
+>>> d.stop()  # SIGTERM; returns the exit code # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CIFAR = {"em_size": 64, "sample_shape": [3, 8, 8]}  # small and fast by default
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def write_profile(path: Path, daemon: dict, memory: dict, swap: dict | None = None, tiers: list[dict] | None = None
+                  ) -> Path:
+    lines = ["[daemon]"] + [f"{k} = {_toml_value(v)}" for k, v in daemon.items()]
+    lines += ["[memory]"] + [f"{k} = {_toml_value(v)}" for k, v in memory.items()]
+    if swap:
+        lines += ["[swap]"] + [f"{k} = {_toml_value(v)}" for k, v in swap.items()]
+    for t in tiers or []:
+        lines += ["[[tiers]]"] + [f"{k} = {_toml_value(v)}" for k, v in t.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class DaemonProc:
+    """A running daemon: ``socket``, ``metrics_port``, ``proc``, ``log_path``, ``profile``."""
+
+    def __init__(self, proc: subprocess.Popen, socket_path: str, metrics_port: int | None, log_path: Path,
+                 profile: Path) -> None:
+        self.proc, self.socket, self.metrics_port, self.log_path, self.profile = \
+            proc, socket_path, metrics_port, log_path, profile
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_records(self) -> list[dict]:
+        out = []
+        for line in self.log().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def start_daemon(tmp_path: Path, *, daemon: dict | None = None, memory: dict | None = None,
+                 swap: dict | None = None, tiers: list[dict] | None = "lmdb", name: str = "d",
+                 metrics: bool = True, env: dict | None = None, wait: bool = True,
+                 timeout: float = 60.0) -> DaemonProc:
+    """Write a profile under ``tmp_path/name`` and start ``carousel serve`` on it.
+
+    ``tiers="lmdb"`` (default) gives one LMDB tier of 10,000 samples; ``None`` or ``[]`` is RAM only.
+    ``daemon`` entries override the defaults (socket_dir, data_dir, metrics on a free port).
+    With ``wait`` it returns once the daemon logs "serving" (raises with its log otherwise).
+    """
+    base = tmp_path / name
+    base.mkdir(parents=True, exist_ok=True)
+    port = free_port() if metrics else None
+    d = {"socket_dir": str(base / "sock"), "data_dir": str(base / "data"),
+         "metrics": f"127.0.0.1:{port}" if metrics else ""}
+    d.update(daemon or {})
+    if tiers == "lmdb":
+        tiers = [{"kind": "lmdb", "path": str(base / "data" / "flash"), "capacity": 10000}]
+    profile = write_profile(base / "profile.toml", d, memory or dict(CIFAR), swap, tiers or [])
+    log_path = base / "daemon.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "carousel", "serve", "--config", str(profile)],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    dp = DaemonProc(proc, os.path.join(d["socket_dir"], "carousel.sock"), port, log_path, profile)
+    if wait:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {proc.returncode}:\n{dp.log()}")
+            if '"msg": "serving"' in dp.log():
+                break
+            time.sleep(0.05)
+        else:
+            dp.kill()
+            raise RuntimeError(f"daemon not serving within {timeout} s:\n{dp.log()}")
+    return dp
