@@ -33,13 +33,12 @@ import torch
 from . import wire
 from .batch import Batch
 from .daemon_config import default_socket_dir
-from .shm import RingLayout, RingReader, Segment, ShmError
+from .shm import Doorbell, RingLayout, RingReader, Segment, ShmError
 
 __all__ = ["MemoryClient", "connect", "default_socket_path"]
 
 _INLINE_ADD_BYTES = 1 << 16  # smaller adds travel inline: one copy is cheaper than a segment round trip
 _RING_WAIT_S = 0.005         # how long sample() waits for the filler before asking over the socket
-_RING_POLL_S = 2e-5
 
 
 def default_socket_path() -> str:
@@ -68,6 +67,7 @@ class MemoryClient:
         self._pid = os.getpid()
         self._rings: dict[tuple, RingReader] = {}
         self._upload: Segment | None = None
+        self._doorbell: Doorbell | None = None
         self._closed = False
         self.schema: dict[str, tuple[tuple[int, ...], str]] = {}
         self.daemon_pid: int | None = None
@@ -197,15 +197,19 @@ class MemoryClient:
                     if exc.kind in ("busy", "shm"):
                         return None  # no ring: sample over the socket
                     raise
-                ring = self._rings[key] = RingReader(reply["segment"], RingLayout.from_json(reply["layout"]))
+                if self._doorbell is None or self._doorbell.segment.name != reply.get("doorbell"):
+                    self._doorbell = Doorbell.attach(reply["doorbell"])
+                ring = self._rings[key] = RingReader(reply["segment"], RingLayout.from_json(reply["layout"]),
+                                                     self._doorbell)
         deadline = time.perf_counter() + _RING_WAIT_S
         while True:
             out = ring.take()
             if out is not None:
                 return _batch(out)
-            if time.perf_counter() > deadline:
+            left = deadline - time.perf_counter()
+            if left <= 0:
                 return None
-            time.sleep(_RING_POLL_S)  # a real sleep: spinning would take the core the filler needs
+            ring.wait(left)  # asleep until the filler publishes: spinning would take its core
 
     # ---- the connection -------------------------------------------------------------------------------------
     def _check(self) -> None:
@@ -216,7 +220,7 @@ class MemoryClient:
             self._pid = os.getpid()
             for ring in self._rings.values():
                 ring._alive = False
-            self._rings, self._upload, self._sock = {}, None, None
+            self._rings, self._upload, self._sock, self._doorbell = {}, None, None, None
         if self._sock is None:
             self._connect()
 
@@ -264,6 +268,9 @@ class MemoryClient:
         for ring in self._rings.values():
             ring.close()
         self._rings.clear()
+        if self._doorbell is not None:
+            self._doorbell.close()
+            self._doorbell = None
         if self._upload is not None:
             self._upload.close()
             self._upload = None

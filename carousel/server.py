@@ -206,14 +206,14 @@ class Filler(threading.Thread):
         self.lock = threading.Lock()  # guards ``rings`` and every ring's segment while it is written
         self.rings: dict[int, tuple[Served, shm_mod.BatchRing, dict]] = {}
         self._halt = threading.Event()
-        self._wake = threading.Event()
+        self.doorbell = shm_mod.Doorbell.create()  # rung by clients handing slots back, and by us
         self._metrics = metrics
         self.last_error: BaseException | None = None
 
     def add(self, ring_id: int, served: Served, ring: shm_mod.BatchRing, filters: dict) -> None:
         with self.lock:
             self.rings[ring_id] = (served, ring, filters)
-        self._wake.set()
+        self.doorbell.ring()
 
     def remove(self, ring_id: int) -> None:
         with self.lock:
@@ -222,11 +222,12 @@ class Filler(threading.Thread):
                 entry[1].close()
 
     def wake(self) -> None:
-        self._wake.set()
+        self.doorbell.ring()
 
     def run(self) -> None:
         idle = 5e-5
         while not self._halt.is_set():
+            seen = self.doorbell.value()
             work = 0
             with self.lock:
                 for served, ring, filters in list(self.rings.values()):
@@ -248,19 +249,21 @@ class Filler(threading.Thread):
             if work:
                 idle = 5e-5  # torch's copies release the GIL: the loop and the engine get their turns
             else:
-                self._wake.wait(idle)
-                self._wake.clear()
-                idle = min(idle * 2, 2e-3)
+                # Asleep until a client hands a slot back (it rings the doorbell) or a ring or a
+                # sample arrives; the timeout only bounds what a client without futexes costs.
+                self.doorbell.wait(seen, idle)
+                idle = min(idle * 2, 0.05)
 
     def stop(self) -> None:
         self._halt.set()
-        self._wake.set()
+        self.doorbell.ring()
         if self.is_alive():
             self.join(timeout=10)
         with self.lock:
             for _, ring, _ in self.rings.values():
                 ring.close()
             self.rings.clear()
+        self.doorbell.close()
 
 
 # ---- the daemon -----------------------------------------------------------------------------------------
@@ -309,6 +312,7 @@ class Daemon:
         self._connections: set[_Connection] = set()
         self._ring_ids = iter(range(1, 1 << 62))
         self._segments: dict[str, int] = {}  # name -> bytes, every segment the daemon owns
+        self._track_segment(self.filler.doorbell.segment)
         self._stop: asyncio.Event | None = None
         self.ready = threading.Event()
 
@@ -741,7 +745,8 @@ class _Connection:
                 self.ring_keys[key] = ring_id
                 self.d._track_segment(ring.segment)
                 self.d.filler.add(ring_id, served, ring, filters)
-            return {"ring": ring_id, "segment": ring.segment.name, "layout": ring.layout.to_json()}, []
+            return {"ring": ring_id, "segment": ring.segment.name, "layout": ring.layout.to_json(),
+                    "doorbell": self.d.filler.doorbell.segment.name}, []
         if op == wire.Op.UNSUBSCRIBE:
             ring_id = meta.get("ring")
             if ring_id not in self.rings:

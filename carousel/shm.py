@@ -24,7 +24,9 @@ import itertools
 import mmap
 import os
 import re
+import sys
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +46,46 @@ _counter = itertools.count()
 # A pthread mutex acquire/release is a full memory barrier: after seeing READY, the client's reads
 # of the slot cannot be reordered before that load, even on weakly ordered CPUs (ARM boards).
 _fence_lock = threading.Lock()
+
+
+def _load_futex():
+    """``(wait, wake)`` on a uint32 in shared memory via Linux futexes, or None elsewhere.
+
+    A client whose ring is empty sleeps until the filler publishes a batch -- one wake-up per
+    batch -- instead of polling, which on a small board takes the very core the filler needs.
+    Not FUTEX_PRIVATE: the word lives in a mapping shared by two processes.
+    """
+    import ctypes
+    import platform
+    nr = {"x86_64": 202, "aarch64": 98, "arm64": 98, "riscv64": 98}.get(platform.machine())
+    if nr is None or not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        syscall = libc.syscall
+    except (OSError, AttributeError):
+        return None
+    syscall.restype = ctypes.c_long
+
+    class Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+    def wait(addr: int, expected: int, timeout_s: float) -> None:
+        ts = Timespec(int(timeout_s), int((timeout_s % 1) * 1e9))
+        syscall(nr, ctypes.c_void_p(addr), 0, ctypes.c_uint32(expected), ctypes.byref(ts), None, 0)  # FUTEX_WAIT
+
+    def wake(addr: int) -> None:
+        syscall(nr, ctypes.c_void_p(addr), 1, 0x7FFFFFFF, None, None, 0)  # FUTEX_WAKE, everyone
+
+    return wait, wake
+
+
+_FUTEX = _load_futex()
+
+
+def _address(seg: Segment, offset: int) -> int:
+    import ctypes
+    return ctypes.addressof(ctypes.c_uint32.from_buffer(seg.map, offset))
 
 
 class ShmError(OSError):
@@ -200,8 +242,55 @@ class RingLayout:
 
 def _states(seg: Segment, slots: int) -> np.ndarray:
     # Per slot, one cache line apart: (state, rows, epoch it was filled in, 0); then one line for
-    # the ring itself: (current epoch of the memory, 0, 0, 0).
+    # the ring itself: (current epoch of the memory, batches published, a client is waiting, 0).
     return np.ndarray((slots + 1, 4), dtype=np.uint32, buffer=seg.map, offset=0, strides=(_STATE_STRIDE, 4))
+
+
+class Doorbell:
+    """Clients ring it when they hand ring slots back; the daemon's filler sleeps on it when idle.
+
+    Two uint32 words in a one-page segment: a counter (the futex word) and a flag the filler sets
+    while asleep, so a client pays for the wake-up syscall only when someone is sleeping.
+    """
+
+    def __init__(self, segment: Segment) -> None:
+        self.segment = segment
+        self.words = np.ndarray((2,), dtype=np.uint32, buffer=segment.map, offset=0)
+        self._addr = _address(segment, 0)
+
+    @classmethod
+    def create(cls) -> Doorbell:
+        return cls(Segment.create(mmap.PAGESIZE))
+
+    @classmethod
+    def attach(cls, name: str) -> Doorbell:
+        return cls(Segment.attach(name, mmap.PAGESIZE))
+
+    def value(self) -> int:
+        return int(self.words[0])
+
+    def ring(self) -> None:
+        self.words[0] += 1
+        with _fence_lock:  # the count is stored before the sleeper flag is read
+            pass
+        if self.words[1] and _FUTEX is not None:
+            self.words[1] = 0
+            _FUTEX[1](self._addr)
+
+    def wait(self, seen: int, timeout_s: float) -> None:
+        """Sleep until rung after ``seen`` was read, or for ``timeout_s``."""
+        if _FUTEX is None:
+            time.sleep(timeout_s)
+            return
+        self.words[1] = 1
+        with _fence_lock:
+            pass
+        if int(self.words[0]) == seen:
+            _FUTEX[0](self._addr, seen, timeout_s)
+
+    def close(self) -> None:
+        self.words = None
+        self.segment.close()
 
 
 class BatchRing:
@@ -211,6 +300,7 @@ class BatchRing:
         self.layout, self.key = layout, key
         self.segment = Segment.create(layout.size)
         self.states = _states(self.segment, layout.slots)
+        self._published_addr = _address(self.segment, layout.slots * _STATE_STRIDE + 4)
         raw = torch.frombuffer(self.segment.map, dtype=torch.uint8)
         self.outs: list[dict[str, torch.Tensor]] = []
         for i in range(layout.slots):
@@ -238,6 +328,13 @@ class BatchRing:
         with _fence_lock:  # every write of the slot is visible before READY is
             pass
         self.states[slot, 0] = READY
+        head = self.states[-1]
+        head[1] += 1  # the futex word: a waiting client sleeps on its old value
+        with _fence_lock:  # READY and the count are stored before the waiter flag is read
+            pass
+        if head[2] and _FUTEX is not None:
+            head[2] = 0
+            _FUTEX[1](self._published_addr)
         self.filled += 1
 
     def close(self) -> None:
@@ -275,8 +372,9 @@ class RingReader:
     That check runs at each :meth:`take` -- a few hundred nanoseconds per slot held.
     """
 
-    def __init__(self, name: str, layout: RingLayout) -> None:
+    def __init__(self, name: str, layout: RingLayout, doorbell: Doorbell | None = None) -> None:
         self.layout = layout
+        self.doorbell = doorbell
         self.segment = Segment.attach(name, layout.size)
         self.states = _states(self.segment, layout.slots)
         self._slots: list[dict[str, torch.Tensor]] = []
@@ -295,6 +393,7 @@ class RingReader:
             self._storage.append(cdata)
             self._baseline.append(_USE_COUNT(cdata) if _USE_COUNT else 0)
         self._taken: set[int] = set()
+        self._published_addr = _address(self.segment, layout.slots * _STATE_STRIDE + 4)
         self._cursor = 0
         self._lock = threading.Lock()
         self._alive = True
@@ -306,10 +405,7 @@ class RingReader:
             if not self._alive:
                 return None
             states = self.states
-            if _USE_COUNT is not None and self._taken:
-                for slot in [s for s in self._taken if _USE_COUNT(self._storage[s]) == self._baseline[s]]:
-                    self._taken.discard(slot)
-                    states[slot, 0] = FREE
+            self._reclaim_locked()
             for i in range(lay.slots):
                 slot = (self._cursor + i) % lay.slots
                 if states[slot, 0] == READY:
@@ -331,6 +427,36 @@ class RingReader:
         if rows == lay.n:
             return {name: views[name].detach() for name, _, _, _ in lay.fields}
         return {name: views[name][:rows] for name, _, _, _ in lay.fields}
+
+    def _reclaim_locked(self) -> None:
+        """Slots whose batch the user has dropped go back to the daemon (which is told)."""
+        if _USE_COUNT is None or not self._taken:
+            return
+        freed = [s for s in self._taken if _USE_COUNT(self._storage[s]) == self._baseline[s]]
+        for slot in freed:
+            self._taken.discard(slot)
+            self.states[slot, 0] = FREE
+        if freed and self.doorbell is not None:
+            self.doorbell.ring()
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep until the daemon publishes a batch, or ``timeout_s`` passes (a short poll where
+        futexes are unavailable)."""
+        if _FUTEX is None:
+            time.sleep(min(timeout_s, 5e-5))
+            return
+        with self._lock:
+            if not self._alive:
+                return
+            self._reclaim_locked()  # what we drop is what the filler needs to make the next batch
+            head = self.states[-1]
+            seen = int(head[1])
+            head[2] = 1
+            with _fence_lock:  # the flag is stored before READY is looked at again
+                pass
+            if (self.states[:-1, 0] == READY).any():
+                return
+        _FUTEX[0](self._published_addr, seen, timeout_s)
 
     def _take_with_finalizer(self, slot: int, rows: int) -> dict[str, torch.Tensor]:
         # Fallback: an anchor array referenced only by the new tensors' storage; when it dies,

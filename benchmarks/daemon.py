@@ -1,0 +1,144 @@
+"""Benchmark: ``sample(256)`` through the daemon against the same memory in-process.
+
+``python -m benchmarks.daemon [--quick] [--seconds S] [--rounds R] [--out DIR]``
+
+One memory (EM of 500 CIFAR-sized uint8 samples, an LMDB tier behind it), filled the same way in
+both places. In-process: ``CarouselMemory.sample(256)`` back to back. Through the daemon: a real
+``carousel serve`` subprocess and ``carousel.connect`` in this process, ``sample(256)`` back to back
+(the shared-memory ring path), and seeded ``sample(256, seed=i)`` (the socket path: one round trip,
+tensors in the frame). Variants run interleaved in rounds; reported per variant: batches/s,
+samples/s, p50/p99 latency per call, and the daemon/in-process throughput ratio (target >= 0.8).
+
+It writes ``results.json`` and ``results.md`` to ``--out`` (default ``bench-out/daemon``) and
+asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import carousel
+from carousel import CarouselMemory
+
+SHAPE = (3, 32, 32)
+EM = 500
+N = 256
+
+
+def _memory_toml(tier: Path) -> str:
+    return (f"[memory]\nem_size = {EM}\nsample_shape = {list(SHAPE)}\nseed = 0\n"
+            f"[[tiers]]\nkind = \"lmdb\"\npath = \"{tier}\"\ncapacity = 100000\nsync = false\n")
+
+
+def _fill(mem, n: int = 2000) -> None:
+    g = torch.Generator().manual_seed(0)
+    for start in range(0, n, 250):
+        mem.add(torch.randint(0, 256, (250, *SHAPE), dtype=torch.uint8, generator=g),
+                torch.randint(0, 10, (250,), generator=g), task=0)
+
+
+def _time(fn, seconds: float) -> list[float]:
+    lat = []
+    end = time.perf_counter() + seconds
+    while True:
+        t0 = time.perf_counter()
+        batch = fn()
+        t1 = time.perf_counter()
+        lat.append(t1 - t0)
+        assert len(batch) == N
+        del batch
+        if t1 > end:
+            return lat
+
+
+def _summary(lat: list[float], seconds: float) -> dict:
+    arr = np.array(lat)
+    return {"batches_per_s": len(lat) / arr.sum(), "samples_per_s": N * len(lat) / arr.sum(),
+            "p50_us": float(np.percentile(arr, 50) * 1e6), "p99_us": float(np.percentile(arr, 99) * 1e6),
+            "calls": len(lat)}
+
+
+def run(seconds: float, rounds: int, workdir: Path) -> dict:
+    mem = CarouselMemory.from_dict({"memory": {"em_size": EM, "sample_shape": list(SHAPE), "seed": 0},
+                                    "tiers": [{"kind": "lmdb", "path": str(workdir / "inproc"),
+                                               "capacity": 100000, "sync": False}]})
+    _fill(mem)
+    profile = workdir / "profile.toml"
+    profile.write_text(f"[daemon]\nsocket_dir = \"{workdir / 'sock'}\"\ndata_dir = \"{workdir}\"\nmetrics = \"\"\n"
+                       + _memory_toml(workdir / "daemon-tier"))
+    log = open(workdir / "daemon.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "carousel", "serve", "--config", str(profile)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client = carousel.connect(str(workdir / "sock" / "carousel.sock"), reconnect_s=60)
+        _fill(client)
+        client.sample(N)  # subscribe: the ring exists before timing starts
+        seeds = iter(range(1 << 62))
+        variants = {"in-process": lambda: mem.sample(N),
+                    "daemon, shared-memory ring": lambda: client.sample(N),
+                    "daemon, socket (seeded draw)": lambda: client.sample(N, seed=next(seeds))}
+        lat: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(rounds):
+            for name, fn in variants.items():
+                lat[name] += _time(fn, seconds)
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        log.close()
+        mem.close()
+    out = {name: _summary(v, seconds) for name, v in lat.items()}
+    base = out["in-process"]["batches_per_s"]
+    for v in out.values():
+        v["ratio_to_in_process"] = v["batches_per_s"] / base
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.daemon", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few seconds (CI-sized)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per variant per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default="bench-out/daemon")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.rounds = 0.3, 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="carousel-bench-", dir=out)).resolve()
+    try:
+        variants = run(args.seconds, args.rounds, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                           "python": platform.python_version(), "torch": torch.__version__,
+                           "platform": platform.platform()},
+               "em_size": EM, "batch": N, "sample_shape": list(SHAPE), "variants": variants}
+    lines = ["| `sample(256)`, EM 500, CIFAR-sized uint8 | batches/s | samples/s | p50 | p99 | ratio to in-process |",
+             "|---|---|---|---|---|---|"]
+    for name, v in variants.items():
+        lines.append(f"| {name} | {v['batches_per_s']:,.0f} | {v['samples_per_s']:,.0f} | {v['p50_us']:.0f} us | "
+                     f"{v['p99_us']:.0f} us | {v['ratio_to_in_process']:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(table + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
