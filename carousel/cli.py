@@ -83,7 +83,11 @@ def _serve(path: str, log_level: str | None) -> int:
     except (DaemonError, ConfigError, StoreError, OSError) as exc:
         print(f"carousel: cannot start: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
-    return daemon.run()
+    try:
+        return daemon.run()
+    except DaemonError as exc:
+        print(f"carousel: cannot start: {exc}", file=sys.stderr)
+        return 1
 
 
 def _status(socket_path: str | None, memory: str, interval: float, as_json: bool) -> int:

@@ -335,7 +335,10 @@ class Daemon:
         if dc.metrics_address is not None:
             from prometheus_client import start_http_server
             host, port = dc.metrics_address
-            result = start_http_server(port, addr=host, registry=self.metrics.registry)
+            try:
+                result = start_http_server(port, addr=host, registry=self.metrics.registry)
+            except OSError as exc:
+                raise DaemonError(f"daemon.metrics {host}:{port}: cannot listen: {exc.strerror or exc}") from None
             self._http = result[0] if isinstance(result, tuple) else None
             log.info("metrics listening", extra={"address": f"{host}:{port}"})
         if os.path.lexists(self.socket_path):
@@ -352,7 +355,10 @@ class Daemon:
         servers = [unix]
         if dc.tcp_address is not None:
             host, port = dc.tcp_address
-            servers.append(await asyncio.start_server(lambda r, w: self._accept(r, w, "tcp"), host, port))
+            try:
+                servers.append(await asyncio.start_server(lambda r, w: self._accept(r, w, "tcp"), host, port))
+            except OSError as exc:
+                raise DaemonError(f"daemon.tcp {host}:{port}: cannot listen: {exc.strerror or exc}") from None
             log.info("tcp listening", extra={"address": f"{host}:{port}"})
         self.filler.start()
         log.info("serving", extra={"socket": self.socket_path, "memories": list(self.served), "pid": os.getpid()})
