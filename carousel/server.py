@@ -208,6 +208,7 @@ class Filler(threading.Thread):
         self._halt = threading.Event()
         self.doorbell = shm_mod.Doorbell.create()  # rung by clients handing slots back, and by us
         self._metrics = metrics
+        self._logged = 0.0
         self.last_error: BaseException | None = None
 
     def add(self, ring_id: int, served: Served, ring: shm_mod.BatchRing, filters: dict) -> None:
@@ -224,6 +225,22 @@ class Filler(threading.Thread):
     def wake(self) -> None:
         self.doorbell.ring()
 
+    def added(self, served: Served) -> None:
+        """``served`` got new samples: its rings' short batches are stale from now on."""
+        with self.lock:
+            for owner, ring, _ in self.rings.values():
+                if owner is served:
+                    ring.set_epoch(served.epoch)
+        self.doorbell.ring()
+
+    def _failed(self, served: Served, exc: Exception) -> None:
+        # Logged when the error changes or every 10 s, not on every pass.
+        now = time.monotonic()
+        if repr(exc) != repr(self.last_error) or now - self._logged > 10:
+            log.warning("ring fill failed", extra={"memory": served.name, "error": repr(exc)})
+            self._logged = now
+        self.last_error = exc
+
     def run(self) -> None:
         idle = 5e-5
         while not self._halt.is_set():
@@ -233,17 +250,16 @@ class Filler(threading.Thread):
                 for served, ring, filters in list(self.rings.values()):
                     if served.memory._closed:
                         continue
-                    ring.set_epoch(served.epoch)
                     for slot in ring.free_slots():
+                        epoch = served.epoch  # read first: a batch is never newer than its label
                         try:
                             rows = served.memory.sample_into(ring.layout.n, ring.outs[slot], **filters)
                         except Exception as exc:  # noqa: BLE001 - a broken memory must not stop the others
-                            self.last_error = exc
-                            log.warning("ring fill failed", extra={"memory": served.name, "error": repr(exc)})
+                            self._failed(served, exc)
                             break
-                        if rows == 0:
-                            break  # nothing to serve yet: the client asks over the socket meanwhile
-                        ring.publish(int(slot), rows, served.epoch)
+                        # Empty or short batches are published too (labelled with the epoch they
+                        # saw): a client takes them at once, and hands them back after an add.
+                        ring.publish(int(slot), rows, epoch)
                         self._metrics.ring_batches.inc()
                         work += 1
             if work:
@@ -319,6 +335,9 @@ class Daemon:
     # -- running --------------------------------------------------------------------------------------
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit code (0 after a clean shutdown)."""
+        # The filler holds the GIL between copies; a shorter switch interval (default 5 ms) keeps
+        # socket requests (observe, add) from waiting behind it under load.
+        sys.setswitchinterval(5e-4)
         try:
             return asyncio.run(self._main())
         finally:
@@ -347,6 +366,8 @@ class Daemon:
         try:
             unix = await asyncio.start_unix_server(lambda r, w: self._accept(r, w, "unix"), path=self.socket_path,
                                                    limit=1 << 16)
+        except OSError as exc:
+            raise DaemonError(f"cannot listen on {self.socket_path}: {exc.strerror or exc}") from None
         finally:
             os.umask(old)
         if self._group is not None:
@@ -697,9 +718,9 @@ class _Connection:
                 with served.write_lock:
                     ids = mem.add(fields["x"], fields["y"], fields["task"], **extras)
                     served.epoch = (served.epoch + 1) & 0xFFFFFFFF
+                    self.d.filler.added(served)
                 return ids
             ids = await self._run(add)
-            self.d.filler.wake()
             return {}, [("ids", ids.numpy())]
         if op == wire.Op.OBSERVE:
             arrays = wire.split_tensors(specs, raw)
@@ -746,6 +767,7 @@ class _Connection:
                 if layout.size > max(self.d.profile.daemon.max_frame_bytes * 4, 1 << 26):
                     raise _RequestError("input", f"a ring of {layout.size} bytes is too large; sample fewer rows")
                 ring = shm_mod.BatchRing(layout, key)
+                ring.set_epoch(served.epoch)
                 ring_id = next(self.d._ring_ids)
                 self.rings.append(ring_id)
                 self.ring_keys[key] = ring_id
