@@ -18,6 +18,10 @@ def test_demo_writes_reads_and_verifies(tmp_path):
     assert "demo: ok" in out.stdout
     with open_store(f"lmdb://{tmp_path}/flash") as s:
         assert len(s) == 1500
+    # The daemon leg: every sample added through `carousel serve`, replayed and checked, clean exit.
+    assert "daemon: 1500 samples added" in out.stdout and "SIGTERM -> exit 0" in out.stdout
+    with open_store(f"lmdb://{tmp_path}/daemon/flash") as s:
+        assert len(s) == 1500
 
 
 def test_demo_without_data_uses_generated_images(tmp_path):
