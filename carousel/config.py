@@ -210,7 +210,7 @@ class SwapConfig:
     policy: str = "carm"                  # swap-out policy (which EM samples leave), by registered name
     swap_in: str = "same_class_random"    # swap-in policy (which stored samples come in), by registered name
     workers: int = 1                      # swap threads; 0 = synchronous swapping on the caller's thread; <= 64
-    prefetch_depth: int = 512             # candidates per class kept read and decoded ahead, >= 0
+    prefetch_depth: int = 512             # candidates kept read and decoded ahead, in total (split over classes), >= 0
     start_task: int = 1                   # swaps begin when the trainer's task index reaches this (CarM: 2nd task)
     adaptive: bool = False                # lower the effective ratio when storage cannot keep up
     max_lag_steps: int = 4                # training steps a swap may trail before it counts as lagging, >= 1
@@ -390,21 +390,26 @@ class CarouselConfig:
 def load_config(path: str | os.PathLike[str]) -> CarouselConfig:
     """Read a TOML file into a :class:`CarouselConfig`; every problem is a :class:`ConfigError`."""
     file = os.fspath(path)
+    return CarouselConfig.from_dict(read_toml(file), source=file)
+
+
+def read_toml(file: str) -> dict[str, Any]:
+    """Parse a TOML file; unreadable, non-UTF-8 or invalid TOML is a :class:`ConfigError` naming it."""
     try:
         with open(file, "rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read()
+    except OSError as exc:
+        raise ConfigError(file, "<file>", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(file, "<toml>", f"not UTF-8 text: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         reason = str(exc)  # "... (at line 3, column 5)"; tomllib 3.11 has no lineno attribute
         if "end of document" in reason:
-            with open(file, "rb") as fh:
-                lines = fh.read().count(b"\n") or 1
-            reason += f"; the document ends at line {lines}"
+            # The last line, whether or not the file ends with a newline.
+            reason += f"; the document ends at line {len(raw.splitlines()) or 1}"
         raise ConfigError(file, "<toml>", reason) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(file, "<toml>", f"not UTF-8 text: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(file, "<file>", f"cannot read: {exc.strerror or exc}") from None
-    return CarouselConfig.from_dict(data, source=file)
 
 
 # ---------------------------------------------------------------------------------------------------

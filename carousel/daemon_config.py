@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -40,7 +39,8 @@ from typing import Any
 from storage_backends import InvalidURLError
 from storage_backends.url import parse_size
 
-from .config import CarouselConfig, ConfigError, _bool, _check_keys, _fail, _float, _int, _prefixed, _resolve, _show
+from .config import (CarouselConfig, ConfigError, _bool, _check_keys, _fail, _float, _int, _prefixed, _resolve, _show,
+                     read_toml)
 
 __all__ = ["DaemonConfig", "DaemonProfile", "default_socket_dir", "load_profile"]
 
@@ -207,13 +207,4 @@ def _memory(body: Any, prefix: str, source: str | None) -> CarouselConfig:
 def load_profile(path: str | os.PathLike[str]) -> DaemonProfile:
     """Read a daemon profile; every problem is a :class:`ConfigError` naming file, key and reason."""
     file = os.fspath(path)
-    try:
-        with open(file, "rb") as fh:
-            data = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(file, "<toml>", str(exc)) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(file, "<toml>", f"not UTF-8 text: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(file, "<file>", f"cannot read: {exc.strerror or exc}") from None
-    return DaemonProfile.from_dict(data, source=file)
+    return DaemonProfile.from_dict(read_toml(file), source=file)

@@ -8,7 +8,8 @@ URL: ``lmdb:///path/to/dir?map_size=64MiB&max_size=0&sync=1&flush_s=1&mode=rw``
   loss. ``0`` skips the fsync (``MDB_NOSYNC``): a returned ``put_many`` survives SIGKILL of the
   process (the data is in the page cache), but power loss may lose writes since the last
   ``flush()`` -- which a background thread also calls every ``flush_s`` seconds. ``writemap`` is
-  never used, so a ``sync=0`` store is never corrupted, only rolled back.
+  never used. LMDB promises that an ``MDB_NOSYNC`` store is only rolled back, never corrupted, on
+  power loss only where the file system keeps writes in order; elsewhere it may be corrupted.
 - ``mode=ro`` opens read-only, without the writer lock; readers never block the writer (MVCC).
 
 Layout: named databases ``meta`` (schema, format), ``data`` (8-byte big-endian id -> record bytes

@@ -147,13 +147,10 @@ def test_invalid_profile_exits_2_naming_file_key_and_reason(case, command, resul
     assert [p.name for p in profile.parent.iterdir()] == ["profile.toml"]
 
 
-# ---- known bugs in carousel/ (not ours to fix here): strict xfails that flip when they are fixed -----------
+# ---- a truncated file is located: where the document ends, on its last line ---------------------------
 TRUNCATED = '[daemon]\nmetrics = ""\n[memory]\nsample_shape = [3, 8, 8]\nem_size = '  # cut off in line 5
 
 
-@pytest.mark.xfail(strict=True, reason="carousel/daemon_config.py load_profile (~line 213) reports a TOML error "
-                                       "'at end of document' with no line; load_config (config.py ~line 398) adds "
-                                       "where the document ends, load_profile does not")
 def test_a_truncated_profile_is_located(tmp_path):
     path = tmp_path / "profile.toml"
     path.write_text(TRUNCATED)
@@ -163,8 +160,6 @@ def test_a_truncated_profile_is_located(tmp_path):
     assert "line 5" in info.value.reason, info.value.reason
 
 
-@pytest.mark.xfail(strict=True, reason="carousel/config.py load_config (~line 400) counts b'\\n' to find the last "
-                                       "line: a file cut off mid-line (no final newline) is reported one line early")
 def test_a_truncated_memory_file_is_located_on_its_last_line(tmp_path):
     path = tmp_path / "memory.toml"
     path.write_text("[memory]\nsample_shape = [3, 8, 8]\nem_size = ")  # 3 lines, the last cut off
