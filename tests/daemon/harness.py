@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ def _toml_value(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table: memory={"extras": {"logits": {"shape": [10], "dtype": "float32"}}}
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(v)
 
 
@@ -89,6 +92,40 @@ class DaemonProc:
             self.proc.kill()
         self.proc.wait()
 
+    def shm_segments(self) -> list[str]:
+        """This daemon's shared-memory segments in /dev/shm (``carousel-{uid}-{pid}-{n}``)."""
+        prefix = f"carousel-{os.getuid()}-{self.pid}-"
+        try:
+            return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
+        except FileNotFoundError:
+            return []
+
+    def metrics_text(self, timeout: float = 10.0) -> str:
+        """The raw exposition served on ``/metrics``."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=timeout) as resp:
+            return resp.read().decode("utf-8")
+
+    def close(self) -> None:
+        """Stop (SIGTERM, SIGKILL if that does not work) and remove segments a killed daemon left."""
+        try:
+            if self.proc.poll() is None:
+                self.stop(timeout=30.0)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            self.kill()
+            for name in self.shm_segments():
+                try:
+                    os.unlink(os.path.join("/dev/shm", name))
+                except FileNotFoundError:
+                    pass
+
+    def __enter__(self) -> "DaemonProc":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def start_daemon(tmp_path: Path, *, daemon: dict | None = None, memory: dict | None = None,
                  swap: dict | None = None, tiers: list[dict] | None = "lmdb", name: str = "d",
@@ -110,6 +147,8 @@ def start_daemon(tmp_path: Path, *, daemon: dict | None = None, memory: dict | N
         tiers = [{"kind": "lmdb", "path": str(base / "data" / "flash"), "capacity": 10000}]
     profile = write_profile(base / "profile.toml", d, memory or dict(CIFAR), swap, tiers or [])
     log_path = base / "daemon.log"
+    # A restart on the same name appends to the same log: only what this daemon writes counts.
+    offset = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "carousel", "serve", "--config", str(profile)],
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
@@ -119,7 +158,7 @@ def start_daemon(tmp_path: Path, *, daemon: dict | None = None, memory: dict | N
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {proc.returncode}:\n{dp.log()}")
-            if '"msg": "serving"' in dp.log():
+            if b'"msg": "serving"' in log_path.read_bytes()[offset:]:
                 break
             time.sleep(0.05)
         else:
