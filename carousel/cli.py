@@ -124,7 +124,7 @@ def _status(socket_path: str | None, memory: str, interval: float, as_json: bool
               f"prefetch hit rate {'-' if hit is None or math.isnan(hit) else f'{100 * hit:.1f}%'}; "
               f"ratio {st['swap_ratio']:.3f}")
         lat = st.get("sample_latency_seconds", {})
-        print("  sample latency: " + ", ".join(f"{k} {v * 1e6:.0f} us" if not math.isnan(v) else f"{k} -"
+        print("  sample latency: " + ", ".join(f"{k} {v * 1e6:.0f} us" if v is not None else f"{k} -"
                                               for k, v in lat.items()))
         print(f"  write-behind queue {st['pending_writes']}")
     return 0

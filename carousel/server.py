@@ -697,7 +697,7 @@ class _Connection:
         if op == wire.Op.PING:
             return {}, []
         if op == wire.Op.STATUS:
-            return await self._run(self.d.status), []
+            return wire.json_safe(await self._run(self.d.status)), []
         served = self._memory()
         mem = served.memory
         if op == wire.Op.SAMPLE:
@@ -736,7 +736,7 @@ class _Connection:
             await self._run(observe)
             return {}, []
         if op == wire.Op.STATS:
-            return await self._run(mem.stats), []
+            return wire.json_safe(await self._run(mem.stats)), []
         if op == wire.Op.CHECKPOINT:
             def checkpoint():
                 with served.write_lock:

@@ -188,15 +188,17 @@ class Segment:
         return cls(name, size, fd, owner=False)
 
     def close(self) -> None:
+        """Drop our reference to the mapping (and, for the owner, the name).
+
+        The map is never closed explicitly: tensors made with ``torch.frombuffer`` hold a reference
+        to it but no buffer export, so ``mmap.close()`` would succeed and unmap the memory under a
+        batch the user still holds. Dropped instead, it is unmapped when its last tensor dies; the
+        name goes now, so /dev/shm gets the memory back at that moment.
+        """
         if self._closed:
             return
         self._closed = True
-        try:
-            self.map.close()
-        except BufferError:
-            # Views of the map are still alive (a client's batch tensors): the mapping goes when
-            # they do; the name goes now, so /dev/shm is reclaimed as soon as the last view dies.
-            pass
+        self.map = None
         if self.owner:
             try:
                 os.unlink(os.path.join(SHM_DIR, self.name))
@@ -270,11 +272,14 @@ class Doorbell:
         return int(self.words[0])
 
     def ring(self) -> None:
-        self.words[0] += 1
+        words = self.words
+        if words is None:  # closed
+            return
+        words[0] += 1
         with _fence_lock:  # the count is stored before the sleeper flag is read
             pass
-        if self.words[1] and _FUTEX is not None:
-            self.words[1] = 0
+        if words[1] and _FUTEX is not None:
+            words[1] = 0
             _FUTEX[1](self._addr)
 
     def wait(self, seen: int, timeout_s: float) -> None:
@@ -418,15 +423,17 @@ class RingReader:
                 states[slot, 0] = FREE  # short and stale: the memory has grown since
                 return None
             states[slot, 0] = TAKEN
+            with _fence_lock:  # reads of the slot happen after READY was seen
+                pass
+            if _USE_COUNT is None:
+                return self._take_with_finalizer(slot, rows)
+            # The views are made under the lock: until they exist, another thread's reclaim
+            # would see the slot unused and hand it back while we read it.
             self._taken.add(slot)
-        with _fence_lock:  # reads of the slot happen after READY was seen
-            pass
-        views = self._slots[slot]
-        if _USE_COUNT is None:
-            return self._take_with_finalizer(slot, rows)
-        if rows == lay.n:
-            return {name: views[name].detach() for name, _, _, _ in lay.fields}
-        return {name: views[name][:rows] for name, _, _, _ in lay.fields}
+            views = self._slots[slot]
+            if rows == lay.n:
+                return {name: views[name].detach() for name, _, _, _ in lay.fields}
+            return {name: views[name][:rows] for name, _, _, _ in lay.fields}
 
     def _reclaim_locked(self) -> None:
         """Slots whose batch the user has dropped go back to the daemon (which is told)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -83,7 +84,7 @@ def encode(op: int, meta: Mapping[str, Any] | None = None, tensors: Sequence[tup
             desc.append([name, arr.dtype.name, list(arr.shape)])
             arrays.append(arr)
         meta["tensors"] = desc
-    body = json.dumps(meta, separators=(",", ":")).encode()
+    body = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
     payload_len = sum(a.nbytes for a in arrays)
     head = HEADER.pack(MAGIC, VERSION, int(op), 0, len(body), payload_len, 0)
     crc = google_crc32c.Checksum(head[:20])
@@ -94,6 +95,17 @@ def encode(op: int, meta: Mapping[str, Any] | None = None, tensors: Sequence[tup
         crc.update(v)
     head = head[:20] + crc.digest()[::-1]  # Checksum.digest() is big-endian; the header is little-endian
     return [head, body, *views]
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None: the metadata stays strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def crc_of(head: bytes, meta: bytes, payload: bytes | bytearray | memoryview) -> int:
