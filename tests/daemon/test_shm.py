@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -93,13 +92,15 @@ def test_16_daemon_killed_segments_swept_client_reconnects(daemons):
 
     d1.proc.send_signal(signal.SIGKILL)
     d1.proc.wait(10)
-    time.sleep(0.2)
+    # Left behind (only another daemon of this uid starting right now could sweep them first).
     assert segments_of(d1.pid) == live, "a SIGKILLed daemon cannot unlink its segments; where did they go?"
 
     d2 = daemons(name="d", metrics=False)          # the same profile, data and socket
     assert segments_of(d1.pid) == [], segments_of(d1.pid)
+    # Swept at start. (Not asserted to be d2's doing from its log: any daemon of this uid that starts
+    # meanwhile -- another test run on this machine -- sweeps dead daemons' segments too.)
     swept = [r for r in own_records(d2) if r.get("msg") == "swept shared memory of dead daemons"]
-    assert swept and swept[0]["segments"] >= len(live), d2.log()
+    assert all(r["segments"] >= 1 for r in swept), swept
 
     # The old client carries on against the new daemon: no exception, the right data.
     for _ in range(10):
