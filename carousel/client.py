@@ -21,6 +21,7 @@ connection dropped mid-request (it might have been applied); every other request
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 import time
@@ -189,6 +190,11 @@ class MemoryClient:
         key = (meta["n"], tuple(meta.get("classes", ())), tuple(meta.get("tasks", ())), meta.get("balanced", False))
         with self._lock:
             self._check()
+            if self._rings and self._daemon_gone():
+                # Batches left in a dead daemon's ring may name samples it never flushed: drop
+                # them, reconnect (the restarted daemon recovered what was acknowledged) and resubscribe.
+                self._drop()
+                self._connect()
             ring = self._rings.get(key)
             if ring is None:
                 try:
@@ -224,6 +230,13 @@ class MemoryClient:
         if self._sock is None:
             self._connect()
 
+    def _daemon_gone(self) -> bool:
+        """Whether the daemon closed our connection (it never sends unprompted: readable = EOF)."""
+        try:
+            return bool(self._poll.poll(0))
+        except (OSError, ValueError):
+            return True
+
     def _connect(self) -> None:
         deadline = time.monotonic() + self.reconnect_s
         delay = 0.05
@@ -251,6 +264,8 @@ class MemoryClient:
                 sock.close()
                 raise
         self._sock = sock
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
         try:
             hello: dict[str, Any] = {"memory": self.memory, "pid": os.getpid(), "version": wire.VERSION}
             if self._token is not None:

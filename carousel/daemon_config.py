@@ -86,10 +86,11 @@ class DaemonConfig:
     allow_group: str | None = None       # a group whose members may also connect over the Unix socket
     max_frame_bytes: int = 64 << 20      # any frame announcing more is refused before it is read
     max_clients: int = 64
-    max_inflight: int = 8                # requests queued per connection before it is no longer read
+    max_inflight: int = 8                # requests running at once, all clients together; more wait
     read_timeout_s: float = 10.0         # a frame begun and not finished within this is dropped
     ring_slots: int = 4                  # ready batches per standing sample request
     min_free_shm_bytes: int = 16 << 20   # refuse to start with less free /dev/shm than this
+    torch_threads: int = 1               # intra-op threads of the daemon's copies; see below
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -111,6 +112,9 @@ class DaemonConfig:
             _fail("read_timeout_s", f"must be in [0.01, 3600], got {self.read_timeout_s}")
         _int(self.ring_slots, "ring_slots", 2, 64)
         _int(self.min_free_shm_bytes, "min_free_shm_bytes", 0)
+        # 1 by default: beside a trainer that keeps every core busy, a parallel copy waits at its
+        # barrier for a descheduled worker (milliseconds); a single-threaded one just runs.
+        _int(self.torch_threads, "torch_threads", 1, 256)
         if self.log_level not in ("debug", "info", "warning", "error"):
             _fail("log_level", f"{self.log_level!r} is not one of debug, info, warning, error")
 

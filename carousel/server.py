@@ -209,6 +209,7 @@ class Filler(threading.Thread):
         self.doorbell = shm_mod.Doorbell.create()  # rung by clients handing slots back, and by us
         self._metrics = metrics
         self._logged = 0.0
+        self.torch_threads = 1
         self.last_error: BaseException | None = None
 
     def add(self, ring_id: int, served: Served, ring: shm_mod.BatchRing, filters: dict) -> None:
@@ -242,6 +243,7 @@ class Filler(threading.Thread):
         self.last_error = exc
 
     def run(self) -> None:
+        _set_torch_threads(self.torch_threads)
         idle = 5e-5
         while not self._halt.is_set():
             seen = self.doorbell.value()
@@ -300,8 +302,8 @@ class Daemon:
         try:
             if dc.tcp_address is not None:
                 self._token = _read_token(dc.token_file)
+            prepare_socket_dir(self.socket_dir, self._group)  # an unsafe directory refuses before anything is made
             self._locks.append(_FileLock(os.path.join(profile.data_dir(), LOCK_NAME), "data directory"))
-            prepare_socket_dir(self.socket_dir, self._group)
             self._locks.append(_FileLock(os.path.join(self.socket_dir, SOCKET_NAME + ".lock"), "socket"))
             swept = shm_mod.sweep()
             if swept:
@@ -323,8 +325,10 @@ class Daemon:
             self._release_locks()
             raise
         self.filler = Filler(self.metrics)
+        self.filler.torch_threads = dc.torch_threads
         self._executor = ThreadPoolExecutor(max_workers=max(4, min(16, dc.max_inflight)),
-                                            thread_name_prefix="carousel-op")
+                                            thread_name_prefix="carousel-op", initializer=_set_torch_threads,
+                                            initargs=(dc.torch_threads,))
         self._connections: set[_Connection] = set()
         self._ring_ids = iter(range(1, 1 << 62))
         self._segments: dict[str, int] = {}  # name -> bytes, every segment the daemon owns
@@ -495,6 +499,12 @@ class Daemon:
         return out
 
 
+def _set_torch_threads(n: int) -> None:
+    """Intra-op threads for torch ops run by the calling thread (OpenMP keeps this per thread)."""
+    import torch
+    torch.set_num_threads(n)
+
+
 def _off_main_thread(fn, *args):
     """Run ``fn`` in a short-lived thread. With GNU OpenMP (torch's CPU build), once the main
     thread has run a parallel op, parallel ops from any other thread run at half speed here (the
@@ -618,11 +628,13 @@ class _Connection:
         first = await self.reader.read(1)  # an idle client may wait as long as it likes between frames
         if not first:
             return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout  # the whole frame, once begun, within read_timeout_s
         rest = await asyncio.wait_for(self.reader.readexactly(wire.HEADER.size - 1), timeout)
         head = first + rest
         op, meta_len, payload_len, crc = wire.parse_header(head, max_bytes)  # before any body is read
-        body = await asyncio.wait_for(self.reader.readexactly(meta_len + payload_len), timeout) \
-            if meta_len + payload_len else b""
+        body = await asyncio.wait_for(self.reader.readexactly(meta_len + payload_len),
+                                      max(deadline - loop.time(), 0.0)) if meta_len + payload_len else b""
         meta_raw, payload = body[:meta_len], memoryview(body)[meta_len:]
         if wire.crc_of(head, meta_raw, payload) != crc:
             raise wire.ProtocolError("checksum mismatch: the frame was damaged or is not a carousel frame")
@@ -673,7 +685,7 @@ class _Connection:
 
     def _memory(self) -> Served:
         if self.served is None:
-            raise _RequestError("protocol", "send HELLO (choosing a memory) first")
+            raise wire.ProtocolError("send HELLO (choosing a memory) first")
         if self.served.memory._closed:
             raise _RequestError("closed", f"memory {self.served.name!r} is closed")
         return self.served
@@ -684,6 +696,8 @@ class _Connection:
 
     async def _dispatch(self, op: int, meta: dict, payload) -> tuple[dict, list]:
         specs, raw = payload
+        if op >= wire.Op.OK:
+            raise wire.ProtocolError(f"{wire.Op(op).name} is a reply, not a request")
         if op == wire.Op.HELLO:
             name = meta.get("memory", "default")
             if name not in self.d.served:
