@@ -93,8 +93,8 @@ class MemoryClient:
             self._check()
             nbytes = sum(np.asarray(a).nbytes for _, a in tensors)
             if self._use_shm and nbytes > _INLINE_ADD_BYTES:
-                meta, _ = self._request(wire.Op.UPLOAD, {"nbytes": nbytes}, retry=True)
-                if self._upload is None or self._upload.name != meta["segment"]:
+                if self._upload is None or self._upload.size < nbytes:  # else the segment we have fits
+                    meta, _ = self._request(wire.Op.UPLOAD, {"nbytes": nbytes}, retry=True)
                     if self._upload is not None:
                         self._upload.close()
                     self._upload = Segment.attach(meta["segment"], int(meta["size"]))
