@@ -285,10 +285,14 @@ def test_large_add_through_upload_and_small_inline(make_daemon, client_of):
     segments = d.shm_segments()
     assert len(set(segments) - set(base)) == 1, (base, segments)
     assert metric(d, "carousel_shm_segments") == base_metric + 1
-    x, y, t, lg = data(300, seed=3, task=3)  # fits the same segment
+    x, y, t, lg = data(300, seed=3, task=3)  # fits the same segment: no new UPLOAD round trip
+    added.record(c.add(x, y, t, logits=lg), x, y, t, lg)
+    assert metric(d, "carousel_requests_total", op="upload", result="ok") == 1
+    assert d.shm_segments() == segments
+    x, y, t, lg = data(500, seed=4, task=3)  # bigger: the segment is replaced, still one per client
     added.record(c.add(x, y, t, logits=lg), x, y, t, lg)
     assert metric(d, "carousel_requests_total", op="upload", result="ok") == 2
-    assert d.shm_segments() == segments
+    assert len(set(d.shm_segments()) - set(base)) == 1
     b = c.sample(512, seed=0)
     check_types(b, 512)
     added.check(b)
