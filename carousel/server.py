@@ -320,11 +320,11 @@ class Daemon:
                 log.info("memory open", extra={"memory": name, "em_size": cfg.memory.em_size,
                                                "tiers": [t.kind for t in cfg.tiers],
                                                "recovered": getattr(mem, "recovered", None)})
+            self.filler = Filler(self.metrics)  # its doorbell is the daemon's first segment
         except BaseException:
             self._close_memories()
             self._release_locks()
             raise
-        self.filler = Filler(self.metrics)
         self.filler.torch_threads = dc.torch_threads
         self._executor = ThreadPoolExecutor(max_workers=max(4, min(16, dc.max_inflight)),
                                             thread_name_prefix="carousel-op", initializer=_set_torch_threads,
@@ -344,7 +344,8 @@ class Daemon:
         sys.setswitchinterval(5e-4)
         try:
             return asyncio.run(self._main())
-        finally:
+        finally:  # also after a failed start (a port in use): no thread, segment or lock left behind
+            self.filler.stop()
             self._close_memories()
             self._release_locks()
 
