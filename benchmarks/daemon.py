@@ -18,7 +18,6 @@ asserts nothing about speed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -34,6 +33,8 @@ import torch
 
 import carousel
 from carousel import CarouselMemory
+
+from . import report
 
 SHAPE = (3, 32, 32)
 EM = 500
@@ -149,11 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{v['p99_us']:.0f} us | {v['ratio_to_in_process']:.2f} |")
         else:
             lines.append(f"| {name} | | | {v['p50_us']:.0f} us | {v['p99_us']:.0f} us | |")
-    table = "\n".join(lines)
-    print(table)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(table + "\n")
-    return results
+    return report.write(out, results, lines)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ It prints a table and writes ``results.json`` and ``results.md`` to ``--out`` (d
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import statistics
@@ -35,6 +34,8 @@ import torch.nn.functional as F
 
 from carousel import CarouselMemory
 from trainers.models import reduced_resnet18
+
+from . import report
 
 SHAPE = (3, 32, 32)
 CLASSES = 10
@@ -253,11 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"| swaps during the timed steps: async / sync | {t['swapped_in_async']} / {t['swapped_in_sync']} |",
         f"| prefetch hit rate (async) | {t['prefetch_hit_rate_async']:.2f} |",
     ]
-    table = "\n".join(lines)
-    print(table)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(table + "\n")
-    return results
+    return report.write(out, results, lines)
 
 
 if __name__ == "__main__":
