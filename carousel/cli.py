@@ -13,6 +13,7 @@ store that cannot be opened.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from storage_backends import CorruptRecordError, StoreError, open_store
@@ -70,7 +71,7 @@ def _check_config(path: str) -> int:
 
 def _serve(path: str, log_level: str | None) -> int:
     from .daemon_config import load_profile
-    from .server import Daemon, DaemonError, setup_logging
+    from .server import EARLY_STOP, Daemon, DaemonError, setup_logging
 
     try:
         profile = load_profile(path)
@@ -78,6 +79,10 @@ def _serve(path: str, log_level: str | None) -> int:
         print(f"carousel: invalid profile: {exc}", file=sys.stderr)
         return 2
     setup_logging(log_level or profile.daemon.log_level)
+    # Opening the memories (recovery) can take a while: a SIGTERM meanwhile is kept and honoured
+    # as soon as the daemon is up -- it then shuts down cleanly instead of dying mid-recovery.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: EARLY_STOP.set())
     try:
         daemon = Daemon(profile)
     except (DaemonError, ConfigError, StoreError, OSError) as exc:

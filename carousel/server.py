@@ -60,6 +60,9 @@ _MAX_RING_ROWS = 1 << 16
 _REQUEST_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.25, 1.0, 5.0)
 
 
+EARLY_STOP = threading.Event()  # set by a SIGTERM/SIGINT that came while the daemon was starting
+
+
 class DaemonError(RuntimeError):
     """The daemon cannot start: a second daemon, an unsafe socket directory, no shared memory..."""
 
@@ -313,6 +316,7 @@ class Daemon:
                 raise DaemonError(f"{shm_mod.SHM_DIR} has {free} bytes free, less than daemon.min_free_shm_bytes="
                                   f"{dc.min_free_shm_bytes}; give the container more (docker run --shm-size=...)")
             self.metrics = DaemonMetrics(self.memories)
+            log.info("opening memories", extra={"memories": list(profile.memories)})
             for name, cfg in profile.memories.items():
                 mem = _off_main_thread(CarouselMemory, cfg)
                 self.memories[name] = mem
@@ -355,6 +359,9 @@ class Daemon:
         self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        if EARLY_STOP.is_set():
+            log.info("stop requested while starting")
+            self._stop.set()
         self._inflight = asyncio.Semaphore(dc.max_inflight)
         if dc.metrics_address is not None:
             from prometheus_client import start_http_server
