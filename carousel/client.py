@@ -79,7 +79,7 @@ class MemoryClient:
     def add(self, x: Any, y: Any, task: Any, **extras: Any) -> torch.Tensor:
         """Add stream samples; returns their ids (int64 tensor). See :meth:`CarouselMemory.add`."""
         x, y = _np(x), _np(y)
-        n = y.shape[0] if y.ndim == 1 else -1
+        n = y.shape[0] if y.ndim >= 1 else 0  # a wrong shape is the daemon's to refuse, clearly
         t = _np(task)
         tensors = [("x", x), ("y", y.astype(np.int64) if y.dtype.kind in "iu" else y),
                    ("task", (np.full(n, int(t)) if t.ndim == 0 else t).astype(np.int16)

@@ -886,7 +886,9 @@ def _check_fields(arrays: Mapping[str, np.ndarray], fields: Mapping[str, tuple[t
     """The ADD tensors must be exactly the memory's fields, with its row shapes and dtypes."""
     if set(arrays) != set(fields):
         raise _RequestError("input", f"add needs exactly the tensors {sorted(fields)}, got {sorted(arrays)}")
-    n = arrays["y"].shape[0] if arrays["y"].ndim == 1 else -1
+    if arrays["y"].ndim != 1:
+        raise _RequestError("input", f"tensor 'y' must be 1-D (one label per sample), got shape {arrays['y'].shape}")
+    n = arrays["y"].shape[0]
     for name, (shape, dtype) in fields.items():
         a = arrays[name]
         if a.dtype != np.dtype(dtype) or a.shape != (n, *shape):

@@ -78,7 +78,9 @@ def encode(op: int, meta: Mapping[str, Any] | None = None, tensors: Sequence[tup
     if tensors:
         desc = []
         for name, arr in tensors:
-            arr = np.ascontiguousarray(arr)
+            arr = np.asarray(arr)
+            if not arr.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d array into 1-d)
+                arr = np.ascontiguousarray(arr)
             if arr.dtype.name not in WIRE_DTYPES:
                 raise TypeError(f"tensor {name!r}: dtype {arr.dtype} cannot travel (allowed: {sorted(WIRE_DTYPES)})")
             desc.append([name, arr.dtype.name, list(arr.shape)])

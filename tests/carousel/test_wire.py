@@ -104,3 +104,8 @@ def test_metadata_must_be_a_json_object(raw):
 def test_encode_refuses_dtypes_that_cannot_travel():
     with pytest.raises(TypeError, match="cannot travel"):
         wire.encode(wire.Op.ADD, {}, [("x", np.array(["a"]))])
+
+
+def test_zero_dimensional_tensors_keep_their_shape():
+    op, meta, t = _parse(_frame(wire.Op.ADD, {}, [("y", np.array(3, dtype=np.int64))]))
+    assert t["y"].shape == () and int(t["y"]) == 3
