@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,13 +17,18 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.prometheus_harness import free_port  # noqa: F401 - tests import it from here
+
 CIFAR = {"em_size": 64, "sample_shape": [3, 8, 8]}  # small and fast by default
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory, from /proc."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def _toml_value(v: Any) -> str:

@@ -123,13 +123,6 @@ def still_open(sock: socket.socket) -> bool:
         return False
 
 
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
 
 def segments_of(pid: int) -> list[str]:
     """Carousel segments in /dev/shm that daemon ``pid`` owns (by name)."""

@@ -22,10 +22,10 @@ import pytest
 
 import carousel
 
-from .harness import CIFAR, write_profile
+from .harness import CIFAR, rss_bytes, write_profile
 from .rawwire import daemons  # noqa: F401 - the fixture
 from .rawwire import (OP, closed_within, connect_raw, frame, hello, log_has, own_records, recv_frame, request,
-                      rss_bytes, still_open, wait_for)
+                      still_open, wait_for)
 
 NOBODY = 65534
 ROW = 3 * 8 * 8  # bytes of one default sample (uint8 [3, 8, 8])

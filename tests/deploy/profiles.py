@@ -14,7 +14,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -111,12 +110,6 @@ def budget(path: Path) -> dict[str, int]:
 
 
 # ---- processes ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def carousel_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
     return subprocess.run([*CAROUSEL, *args], capture_output=True, text=True, timeout=timeout)
 
@@ -155,10 +148,3 @@ def kill(proc: subprocess.Popen) -> None:
         proc.kill()
     proc.wait()
 
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")

@@ -29,8 +29,9 @@ from carousel.daemon_config import load_profile
 from carousel.shm import RingLayout, shm_free_bytes
 from storage_backends import Schema, open_store
 
-from .profiles import (CAROUSEL, budget, dump_toml, free_port, kill, move_paths, rss_bytes, start_serve, stop,
-                       strings, wait_for_socket)
+from tests.daemon.harness import free_port, rss_bytes
+
+from .profiles import CAROUSEL, budget, dump_toml, kill, move_paths, start_serve, stop, strings, wait_for_socket
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "deploy" / "configs"
