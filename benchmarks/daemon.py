@@ -7,7 +7,9 @@ both places. In-process: ``CarouselMemory.sample(256)`` back to back. Through th
 ``carousel serve`` subprocess and ``carousel.connect`` in this process, ``sample(256)`` back to back
 (the shared-memory ring path), and seeded ``sample(256, seed=i)`` (the socket path: one round trip,
 tensors in the frame). Variants run interleaved in rounds; reported per variant: batches/s,
-samples/s, p50/p99 latency per call, and the daemon/in-process throughput ratio (target >= 0.8).
+samples/s, p50/p99 latency per call, and the daemon/in-process throughput ratio (target >= 0.8),
+against the in-process draw with this process's torch threads and with one thread (the daemon's
+``torch_threads``).
 Then the paced case: the caller spins 1 ms between calls (a training step keeping its core busy)
 and only the ``sample`` calls are timed -- what sampling costs the trainer when it has other work.
 
@@ -95,16 +97,26 @@ def run(seconds: float, rounds: int, workdir: Path) -> dict:
         _fill(client)
         client.sample(N)  # subscribe: the ring exists before timing starts
         seeds = iter(range(1 << 62))
-        variants = {"in-process": lambda: mem.sample(N),
-                    "daemon, shared-memory ring": lambda: client.sample(N),
-                    "daemon, socket (seeded draw)": lambda: client.sample(N, seed=next(seeds))}
+        # (call, torch threads of this process while timed). The daemon gathers with its profile's
+        # torch_threads (1), so the in-process draw is also timed with one thread: on a 2-core
+        # machine the daemon cannot take a second core without taking it from the trainer.
+        threads = torch.get_num_threads()
+        variants = {"in-process": (lambda: mem.sample(N), threads),
+                    "in-process, 1 torch thread (the daemon's)": (lambda: mem.sample(N), 1),
+                    "daemon, shared-memory ring": (lambda: client.sample(N), threads),
+                    "daemon, socket (seeded draw)": (lambda: client.sample(N, seed=next(seeds)), threads)}
         lat: dict[str, list[float]] = {k: [] for k in variants}
-        paced: dict[str, list[float]] = {k: [] for k in list(variants)[:2]}
-        for _ in range(rounds):
-            for name, fn in variants.items():
-                lat[name] += _time(fn, seconds)
-            for name in paced:
-                paced[name] += _time(variants[name], seconds / 2, work_s=1e-3)
+        paced: dict[str, list[float]] = {k: [] for k in ("in-process", "daemon, shared-memory ring")}
+        try:
+            for _ in range(rounds):
+                for name, (fn, n_threads) in variants.items():
+                    torch.set_num_threads(n_threads)
+                    lat[name] += _time(fn, seconds)
+                torch.set_num_threads(threads)
+                for name in paced:
+                    paced[name] += _time(variants[name][0], seconds / 2, work_s=1e-3)
+        finally:
+            torch.set_num_threads(threads)
         client.close()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -113,8 +125,10 @@ def run(seconds: float, rounds: int, workdir: Path) -> dict:
         mem.close()
     out = {name: _summary(v, seconds) for name, v in lat.items()}
     base = out["in-process"]["batches_per_s"]
+    base_1t = out["in-process, 1 torch thread (the daemon's)"]["batches_per_s"]
     for v in out.values():
         v["ratio_to_in_process"] = v["batches_per_s"] / base
+        v["ratio_to_in_process_1_thread"] = v["batches_per_s"] / base_1t
     for name, v in paced.items():
         out[f"{name}, 1 ms of trainer work between calls"] = {
             "p50_us": float(np.percentile(v, 50) * 1e6), "p99_us": float(np.percentile(v, 99) * 1e6),
@@ -142,14 +156,15 @@ def main(argv: list[str] | None = None) -> dict:
                            "python": platform.python_version(), "torch": torch.__version__,
                            "platform": platform.platform()},
                "em_size": EM, "batch": N, "sample_shape": list(SHAPE), "variants": variants}
-    lines = ["| `sample(256)`, EM 500, CIFAR-sized uint8 | batches/s | samples/s | p50 | p99 | ratio to in-process |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| `sample(256)`, EM 500, CIFAR-sized uint8 | batches/s | samples/s | p50 | p99 "
+             "| ratio to in-process | ratio to in-process, 1 thread |",
+             "|---|---|---|---|---|---|---|"]
     for name, v in variants.items():
         if "batches_per_s" in v:
             lines.append(f"| {name} | {v['batches_per_s']:,.0f} | {v['samples_per_s']:,.0f} | {v['p50_us']:.0f} us | "
-                         f"{v['p99_us']:.0f} us | {v['ratio_to_in_process']:.2f} |")
+                         f"{v['p99_us']:.0f} us | {v['ratio_to_in_process']:.2f} | {v['ratio_to_in_process_1_thread']:.2f} |")
         else:
-            lines.append(f"| {name} | | | {v['p50_us']:.0f} us | {v['p99_us']:.0f} us | |")
+            lines.append(f"| {name} | | | {v['p50_us']:.0f} us | {v['p99_us']:.0f} us | | |")
     return report.write(out, results, lines)
 
 
