@@ -1,17 +1,15 @@
-"""``python -m trainers COMMAND``: ``demo`` (see :mod:`trainers.demo`)."""
+"""``python -m trainers COMMAND``: ``run`` (one run), ``compare`` (memory modes x seeds), ``demo``."""
 
 import sys
 
-from . import demo
-
-COMMANDS = {"demo": demo.main}
-
 
 def main(argv: list[str] | None = None) -> None:
+    from . import compare, demo, run
+    commands = {"run": run.main, "compare": compare.main, "demo": demo.main}
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(f"usage: python -m trainers {{{','.join(COMMANDS)}}} [options]")
-    COMMANDS[argv[0]](argv[1:])
+    if not argv or argv[0] not in commands:
+        raise SystemExit(f"usage: python -m trainers {{{','.join(commands)}}} [options]")
+    commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

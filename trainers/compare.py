@@ -1,0 +1,118 @@
+"""``python -m trainers compare``: one method in several memory modes over several seeds.
+
+    python -m trainers compare --benchmark split-fashion-mnist --method er \\
+        --modes ram,carousel,carousel-sync,storage --seeds 0,1,2 --out runs/compare-er
+
+Modes: ``ram``, ``carousel`` (async swapping), ``carousel-sync`` (``--swap-workers 0``: the
+synchronous ablation), ``carousel-daemon`` (the memory in a ``carousel serve`` subprocess), and
+``storage`` (replay read from a store of every past sample). Every (mode, seed) run is written to
+``OUT/MODE-sSEED/result.json``; the table (mean +- std over seeds: final average accuracy,
+task-IL accuracy, forgetting, train time and its ratio to ``ram``) goes to ``OUT/table.md`` and
+``OUT/compare.json``, the figure to ``OUT/accuracy.png``. Runs already on disk with the same
+settings are reused, so an interrupted comparison resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from . import metrics, plot
+from .run import RunConfig, add_run_arguments, config_from_args, run
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ram": {"memory": "ram"},
+    "carousel": {"memory": "carousel"},
+    "carousel-sync": {"memory": "carousel", "swap_workers": 0},
+    "carousel-daemon": {"memory": "carousel", "daemon": True},
+    "storage": {"memory": "storage"},
+}
+
+
+def variant_config(base: RunConfig, mode: str, seed: int, out: Path) -> RunConfig:
+    if mode not in VARIANTS:
+        raise ValueError(f"unknown mode {mode!r}; known: {', '.join(VARIANTS)}")
+    cfg = RunConfig(**{**asdict(base), **VARIANTS[mode], "seed": seed, "label": mode,
+                       "out": str(out / f"{mode}-s{seed}")})
+    return cfg
+
+
+def _reusable(cfg: RunConfig) -> dict[str, Any] | None:
+    path = Path(cfg.out) / "result.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    same = {k: v for k, v in result.get("config", {}).items() if k not in ("progress", "out")} == \
+        {k: v for k, v in asdict(cfg).items() if k not in ("progress", "out")}
+    return result if same else None
+
+
+def table(results: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """Markdown lines and the numbers: per mode, mean and std over seeds."""
+    rows: dict[str, dict[str, float]] = {}
+    base_train = None
+    if "ram" in results:
+        base_train = metrics.mean_std([r["wall_time_s"]["train"] for r in results["ram"]])[0]
+    lines = ["| memory | seeds | final avg acc (class-IL) | task-IL acc | forgetting | train time (s) | "
+             "vs ram | replay sample (s) |", "|---|---|---|---|---|---|---|---|"]
+    for mode, runs in results.items():
+        acc = metrics.mean_std([r["final_avg_accuracy"] for r in runs])
+        til = metrics.mean_std([r["task_il_accuracy"] for r in runs])
+        fgt = metrics.mean_std([r["forgetting"] for r in runs])
+        train = metrics.mean_std([r["wall_time_s"]["train"] for r in runs])
+        sample = metrics.mean_std([r["wall_time_s"]["replay_sample"] for r in runs])
+        ratio = train[0] / base_train if base_train else float("nan")
+        rows[mode] = {"final_avg_accuracy_mean": acc[0], "final_avg_accuracy_std": acc[1],
+                      "task_il_accuracy_mean": til[0], "task_il_accuracy_std": til[1],
+                      "forgetting_mean": fgt[0], "forgetting_std": fgt[1], "train_s_mean": train[0],
+                      "train_s_std": train[1], "train_ratio_to_ram": ratio, "replay_sample_s_mean": sample[0],
+                      "seeds": len(runs)}
+        lines.append(f"| {mode} | {len(runs)} | {acc[0]:.2f} +- {acc[1]:.2f} | {til[0]:.2f} +- {til[1]:.2f} | "
+                     f"{fgt[0]:.2f} +- {fgt[1]:.2f} | {train[0]:.1f} +- {train[1]:.1f} | {ratio:.3f} | {sample[0]:.2f} |")
+    return lines, rows
+
+
+def compare(base: RunConfig, modes: list[str], seeds: list[int], out: Path) -> dict[str, Any]:
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    # Seed-major order: a machine's slow minutes fall on every mode alike, not on one.
+    for seed in seeds:
+        for mode in modes:
+            cfg = variant_config(base, mode, seed, out)
+            result = _reusable(cfg)
+            if result is None:
+                result = run(cfg)
+            else:
+                print(f"[{mode}] seed {seed}: reusing {cfg.out}/result.json")
+            results[mode].append(result)
+    lines, rows = table(results)
+    title = f"{base.method} on {base.benchmark}, EM {base.em_size}"
+    out.mkdir(parents=True, exist_ok=True)
+    text = "\n".join([f"{title}, seeds {seeds}", "", *lines]) + "\n"
+    (out / "table.md").write_text(text)
+    summary = {"method": base.method, "benchmark": base.benchmark, "em_size": base.em_size, "seeds": seeds,
+               "modes": rows, "runs": {m: [r["config"]["out"] for r in rs] for m, rs in results.items()}}
+    (out / "compare.json").write_text(json.dumps(summary, indent=1))
+    plot.accuracy_figure({m: [r["acc_matrix"] for r in rs] for m, rs in results.items()}, out / "accuracy.png", title)
+    print("\n" + text)
+    print(f"wrote {out}/table.md, {out}/compare.json and {out}/accuracy.png")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m trainers compare", description=__doc__.split("\n\n")[0])
+    add_run_arguments(p, memory=False)
+    p.add_argument("--modes", default="ram,carousel", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--out", default=None, help="folder (default: runs/compare-BENCHMARK-METHOD)")
+    args = p.parse_args(argv)
+    base = config_from_args(args)
+    out = Path(args.out or f"runs/compare-{base.benchmark}-{base.method}")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:
+        return compare(base, modes, seeds, out)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise SystemExit(f"trainers compare: {exc}") from None

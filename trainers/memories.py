@@ -1,0 +1,231 @@
+"""The three memory modes a trainer runs with, all behind carousel's ``add / sample / observe``.
+
+- ``ram``: the classic replay buffer -- a RAM-only ``CarouselMemory`` of ``em_size`` samples
+  (no tiers, nothing swapped).
+- ``carousel``: the same EM plus storage tiers holding every past sample, swapped into the EM
+  asynchronously on every replay step (CarM). The tiers come from ``--profile`` (a carousel
+  profile; its ``[memory]`` is fitted to the benchmark, its tier folders moved under the run's
+  folder) or, without one, a single LMDB tier with room for the whole stream. ``--swap-workers 0``
+  swaps synchronously on the trainer's thread (the ablation). With ``daemon=True`` the memory
+  lives in a ``carousel serve`` subprocess started for the run and the trainer talks to it
+  through ``carousel.connect``; with ``connect=SOCKET`` it uses a daemon already running (its
+  memory must be empty and have the right shape).
+- ``storage``: every replay batch is read straight from a store of all past samples (CarM's
+  "ST-L" upper bound on what replay from storage can give; slow by design, every step waits on
+  storage). This is the one mode that bypasses the memory and talks to ``storage_backends``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import carousel
+from carousel import CarouselMemory
+from carousel.batch import Batch
+from carousel.config import CarouselConfig, read_toml
+from carousel.toml_write import dump_toml
+from storage_backends import open_store
+
+from .streams import Stream
+
+MODES = ("ram", "carousel", "storage")
+Extras = Mapping[str, tuple[tuple[int, ...], str]]
+
+
+@dataclass
+class MemorySpec:
+    """What the trainer asks of its memory; :func:`open_memory` turns it into one."""
+
+    mode: str                              # one of MODES
+    em_size: int
+    admission: str = "reservoir"
+    extras: Extras = field(default_factory=dict)
+    profile: str | None = None             # carousel mode: a profile TOML for swap settings and tiers
+    swap_workers: int | None = None        # carousel mode: override [swap].workers (0 = synchronous)
+    swap_ratio: float | None = None        # carousel mode: override [swap].ratio
+    daemon: bool = False                   # carousel mode: run the memory in a `carousel serve` subprocess
+    connect: str | None = None             # carousel mode: socket of a daemon already running
+    seed: int = 0
+
+
+class OpenMemory:
+    """A memory opened for one run: ``memory`` (the add/sample/observe object) and ``close()``."""
+
+    def __init__(self, memory: Any, describe: str, cleanup=None) -> None:
+        self.memory = memory
+        self.describe = describe
+        self._cleanup = cleanup
+
+    def close(self) -> dict[str, Any]:
+        """Close the memory (and stop its daemon); returns its last stats."""
+        stats = {}
+        try:
+            stats = dict(self.memory.stats())
+            self.memory.close()
+        finally:
+            if self._cleanup is not None:
+                self._cleanup()
+        return stats
+
+
+def memory_dict(spec: MemorySpec, stream: Stream, workdir: Path) -> dict[str, Any]:
+    """The TOML-shaped memory config for ``ram`` / ``carousel`` mode (without a ``[daemon]`` table)."""
+    memory = {"em_size": spec.em_size, "sample_shape": list(stream.input_shape), "dtype": "uint8",
+              "seed": spec.seed, "admission": spec.admission,
+              "extras": {k: {"shape": list(shape), "dtype": dt} for k, (shape, dt) in spec.extras.items()}}
+    if spec.mode == "ram":
+        return {"memory": memory}
+    stream_size = sum(len(t.train_y) for t in stream.tasks)
+    if spec.profile:
+        data = read_toml(spec.profile)
+        if "memories" in data:
+            raise ValueError(f"{spec.profile}: holds several [memories.*]; give a single-memory profile")
+        data.pop("daemon", None)
+        # The benchmark decides the sample shape, extras and EM size; tiers get fresh folders per run
+        # so that runs never share stored samples.
+        tiers = []
+        for i, tier in enumerate(data.get("tiers", [])):
+            tiers.append({**tier, "path": str(workdir / f"tier{i}-{tier.get('kind', 'store')}")})
+        data["tiers"] = tiers
+        data.pop("memory", None)
+    else:
+        data = {"swap": {"ratio": 0.5, "policy": "carm"},
+                "tiers": [{"kind": "lmdb", "path": str(workdir / "tier0-lmdb"), "capacity": stream_size,
+                           "sync": False}]}
+    if not data["tiers"]:
+        raise ValueError("carousel mode needs at least one storage tier; the profile has none (use --memory ram)")
+    swap = dict(data.get("swap", {}))
+    if spec.swap_workers is not None:
+        swap["workers"] = spec.swap_workers
+    if spec.swap_ratio is not None:
+        swap["ratio"] = spec.swap_ratio
+    memory["state_dir"] = str(workdir / "state")
+    out = {"memory": memory, **{k: v for k, v in data.items() if k not in ("memory",)}, "swap": swap}
+    CarouselConfig.from_dict(out)  # every problem surfaces here, as a ConfigError naming the key
+    return out
+
+
+def open_memory(spec: MemorySpec, stream: Stream, workdir: Path) -> OpenMemory:
+    """Open the memory ``spec`` describes for ``stream``; its files live under ``workdir``."""
+    if spec.mode not in MODES:
+        raise ValueError(f"unknown memory mode {spec.mode!r}; known: {', '.join(MODES)}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if spec.mode == "storage":
+        fields = {"x": (tuple(stream.input_shape), "uint8"), "y": ((), "int64"), "task": ((), "int16"),
+                  **{k: (tuple(s), d) for k, (s, d) in spec.extras.items()}}
+        return OpenMemory(StorageReplay(f"lmdb://{workdir / 'all-samples'}?sync=0", fields, spec.seed),
+                          "storage: every replay batch read from an LMDB store of all past samples")
+    if spec.mode == "carousel" and spec.connect:
+        client = carousel.connect(spec.connect)
+        if client.stats().get("added", 0):
+            client.close()
+            raise ValueError(f"the daemon at {spec.connect} already holds samples; a run needs an empty memory")
+        return OpenMemory(client, f"carousel daemon at {spec.connect}")
+    config = memory_dict(spec, stream, workdir)
+    if spec.mode == "carousel" and spec.daemon:
+        return _start_daemon(config, workdir)
+    mem = CarouselMemory.from_dict(config)
+    tiers = ", ".join(f"{t.kind} ({t.path})" for t in mem.config.tiers) or "none"
+    return OpenMemory(mem, f"{spec.mode}: EM {spec.em_size} in RAM, tiers: {tiers}, "
+                           f"swap ratio {mem.config.swap.ratio} ({mem.config.swap.policy}), "
+                           f"workers {mem.config.swap.workers}" if mem.config.tiers else
+                      f"{spec.mode}: EM {spec.em_size} in RAM, no tiers")
+
+
+def _start_daemon(config: dict[str, Any], workdir: Path) -> OpenMemory:
+    """A ``carousel serve`` subprocess for this run, stopped (SIGTERM, exit 0 expected) on close."""
+    sock_dir = workdir / "sock"
+    profile = workdir / "daemon.toml"
+    profile.write_text(dump_toml({"daemon": {"socket_dir": str(sock_dir), "data_dir": str(workdir), "metrics": ""},
+                                  **config}))
+    log = open(workdir / "daemon.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "carousel", "serve", "--config", str(profile)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            if code != 0:
+                raise RuntimeError(f"the daemon exited with {code}; see {workdir / 'daemon.log'}")
+
+    socket_path = str(sock_dir / "carousel.sock")
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited with {proc.returncode} at start; "
+                               f"see {workdir / 'daemon.log'}:\n{(workdir / 'daemon.log').read_text()[-2000:]}")
+        if Path(socket_path).exists():
+            try:
+                client = carousel.connect(socket_path, reconnect_s=30)
+                break
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            stop()
+            raise RuntimeError(f"the daemon did not come up in 120 s; see {workdir / 'daemon.log'}")
+        time.sleep(0.05)
+    return OpenMemory(client, f"carousel daemon (pid {proc.pid}, {socket_path}): EM {config['memory']['em_size']}, "
+                              f"tiers: {', '.join(t['kind'] for t in config['tiers'])}", stop)
+
+
+class StorageReplay:
+    """CarM's ST-L: replay batches drawn uniformly from *every* past sample, read from storage on
+    every call -- what replaying straight from flash would give, at storage's speed."""
+
+    def __init__(self, url: str, fields: Mapping[str, tuple[tuple[int, ...], str]], seed: int = 0) -> None:
+        self.fields = dict(fields)
+        self.store = open_store(url, self.fields)
+        self._n = 0
+        self._rng = np.random.default_rng([seed, 7])
+
+    def add(self, x: Any, y: Any, task: Any, **extras: Any) -> torch.Tensor:
+        x = _np(x)
+        n = x.shape[0]
+        t = _np(task)
+        records = {"x": x, "y": _np(y).astype(np.int64),
+                   "task": (np.full(n, int(t)) if t.ndim == 0 else t).astype(np.int16),
+                   **{k: _np(v).astype(self.fields[k][1]) for k, v in extras.items()}}
+        ids = np.arange(self._n, self._n + n, dtype=np.int64)
+        self.store.put_many(ids, records)
+        self._n += n
+        return torch.from_numpy(ids)
+
+    def sample(self, n: int, **_: Any) -> Batch:
+        ids = self._rng.choice(self._n, min(n, self._n), replace=False) if self._n else np.zeros(0, np.int64)
+        rec = self.store.get_many(ids) if ids.size else {k: np.zeros((0, *s), d) for k, (s, d) in self.fields.items()}
+        t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in rec.items()}
+        return Batch(torch.from_numpy(ids.astype(np.int64)), t.pop("x"), t.pop("y"), t.pop("task"), t)
+
+    def observe(self, ids: Any, logits: Any = None, loss: Any = None) -> None:
+        """Nothing to do: every past sample is already replayable."""
+
+    def stats(self) -> dict[str, Any]:
+        return {"added": self._n, "stored": len(self.store), "bytes": self.store.nbytes}
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _np(v: Any) -> np.ndarray:
+    return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+
+
+def remove_workdir(workdir: Path) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)

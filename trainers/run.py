@@ -1,0 +1,313 @@
+"""``python -m trainers run``: one continual-learning run -- a method, a benchmark, a memory mode.
+
+    python -m trainers run --benchmark split-fashion-mnist --method er --memory carousel --em-size 200
+
+Trains task after task (one head over every class seen), evaluates every task seen after each
+one (class-IL: argmax over the classes seen so far; task-IL: argmax within the task's classes),
+and writes ``result.json`` (accuracy matrices, final average accuracy, forgetting, BWT, wall time
+split into train / replay-sample / eval) and ``accuracy.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import metrics, plot
+from .augment import prepare
+from .memories import MODES, MemorySpec, open_memory
+from .methods import Context, PhaseTimer, get_method
+from .models import MLP, reduced_resnet18, resnet18
+from .streams import BENCHMARKS, Stream, generated_stream, make_stream
+
+ARCHS = ("auto", "mlp", "reduced-resnet18", "resnet18")
+
+
+@dataclass
+class RunConfig:
+    """One run's settings (the CLI flags); saved into the result JSON."""
+
+    benchmark: str = "split-fashion-mnist"
+    method: str = "er"
+    memory: str = "ram"
+    em_size: int = 200
+    profile: str | None = None
+    swap_workers: int | None = None
+    swap_ratio: float | None = None
+    daemon: bool = False
+    connect: str | None = None
+    tasks: int | None = None
+    arch: str = "auto"
+    epochs: int = 1
+    batch_size: int = 32
+    replay_size: int = 32
+    lr: float | None = None
+    hparams: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    data_root: str | None = None
+    download: bool = False
+    limit_per_class: int | None = None
+    eval_limit: int | None = None          # test samples per task (None: all)
+    device: str = "cpu"
+    threads: int | None = None
+    out: str | None = None
+    progress: bool = True
+    label: str | None = None               # the run's name in tables and figures (default: the memory mode)
+
+
+def build_model(arch: str, stream: Stream) -> torch.nn.Module:
+    """``auto``: the MLP for Split-MNIST and generated data, the reduced ResNet-18 otherwise."""
+    c = stream.input_shape[0]
+    if arch == "auto":
+        arch = "mlp" if stream.name in ("split-mnist", "split-generated") else "reduced-resnet18"
+    if arch == "mlp":
+        return MLP(stream.num_classes, in_features=int(np.prod(stream.input_shape)))
+    if arch == "reduced-resnet18":
+        return reduced_resnet18(stream.num_classes, in_channels=c)
+    if arch == "resnet18":
+        return resnet18(stream.num_classes, in_channels=c)
+    raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+
+
+def load_stream(cfg: RunConfig) -> Stream:
+    if cfg.benchmark == "generated":
+        return generated_stream(tasks=cfg.tasks or 5, seed=cfg.seed)
+    return make_stream(cfg.benchmark, cfg.data_root, seed=cfg.seed, tasks=cfg.tasks, download=cfg.download,
+                       limit_per_class=cfg.limit_per_class)
+
+
+@torch.no_grad()
+def evaluate(method, stream: Stream, upto: int, device: torch.device, eval_limit: int | None) -> tuple[list, list]:
+    """Class-IL and task-IL accuracy (percent) on the test sets of tasks 0..upto."""
+    seen = (upto + 1) * stream.classes_per_task
+    cil, til = [], []
+    for task in stream.tasks[:upto + 1]:
+        xs, ys = task.test_x, task.test_y
+        if eval_limit is not None:
+            xs, ys = xs[:eval_limit], ys[:eval_limit]
+        right_c = right_t = 0
+        lo_c, hi_c = min(task.classes), max(task.classes) + 1
+        for lo in range(0, len(ys), 512):
+            x = prepare(torch.from_numpy(xs[lo:lo + 512]).to(device), stream, train=False)
+            y = torch.from_numpy(ys[lo:lo + 512]).to(device)
+            logits = method.predict(x).float()
+            right_c += int((logits[:, :seen].argmax(1) == y).sum())
+            right_t += int((logits[:, lo_c:hi_c].argmax(1) + lo_c == y).sum())
+        cil.append(100.0 * right_c / len(ys))
+        til.append(100.0 * right_t / len(ys))
+    return cil, til
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Train ``cfg.method`` on ``cfg.benchmark`` with the ``cfg.memory`` mode; returns the result dict
+    (also written to ``cfg.out/result.json`` when ``out`` is set)."""
+    if cfg.memory not in MODES:
+        raise ValueError(f"unknown memory mode {cfg.memory!r}; known: {', '.join(MODES)}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available on this machine")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    t_start = time.perf_counter()
+    stream = load_stream(cfg)
+    model = build_model(cfg.arch, stream).to(device)
+    method_cls = get_method(cfg.method)
+    out = Path(cfg.out) if cfg.out else None
+    workdir = Path(tempfile.mkdtemp(prefix=f"carousel-{cfg.method}-{cfg.memory}-"))
+    spec = MemorySpec(cfg.memory, cfg.em_size, admission=method_cls.admission,
+                      extras=method_cls.extras(stream.num_classes), profile=cfg.profile,
+                      swap_workers=cfg.swap_workers, swap_ratio=cfg.swap_ratio, daemon=cfg.daemon,
+                      connect=cfg.connect, seed=cfg.seed)
+    timer = PhaseTimer()
+    opened = open_memory(spec, stream, workdir)
+    label = cfg.label or cfg.memory
+    acc_c = np.full((len(stream.tasks),) * 2, np.nan)
+    acc_t = np.full_like(acc_c, np.nan)
+    losses: list[float] = []
+    try:
+        ctx = Context(stream, model, opened.memory, device, cfg.batch_size, cfg.replay_size, cfg.lr, cfg.epochs,
+                      cfg.seed, timer, torch.Generator(device=device).manual_seed(cfg.seed))
+        method = method_cls(ctx, em_size=cfg.em_size, **cfg.hparams)
+        print(f"{cfg.method} on {stream.name} ({len(stream.tasks)} tasks, {stream.source}); memory {opened.describe}",
+              flush=True)
+        order_rng = np.random.default_rng([cfg.seed, 11])
+        for task in stream.tasks:
+            method.begin_task(task)
+            n = len(task.train_y)
+            steps = cfg.epochs * -(-n // cfg.batch_size)
+            bar = _progress(steps, f"[{label}] task {task.index + 1}/{len(stream.tasks)}", cfg.progress)
+            with timer.timed("train"):
+                for _ in range(cfg.epochs):
+                    order = order_rng.permutation(n)
+                    for lo in range(0, n, cfg.batch_size):
+                        idx = np.sort(order[lo:lo + cfg.batch_size])
+                        x = torch.from_numpy(task.train_x[idx])
+                        y = torch.from_numpy(task.train_y[idx])
+                        losses.append(method.train_step(x, y, task.index))
+                        bar.update(1)
+                        if bar.n % 50 == 0:
+                            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+            bar.close()
+            with timer.timed("end_task"):
+                method.end_task(task)
+            with timer.timed("eval"):
+                cil, til = evaluate(method, stream, task.index, device, cfg.eval_limit)
+            acc_c[task.index, :task.index + 1] = cil
+            acc_t[task.index, :task.index + 1] = til
+            print(f"[{label}] after task {task.index + 1}: class-IL {np.mean(cil):.2f}%  task-IL {np.mean(til):.2f}%  "
+                  f"per task {[round(v, 1) for v in cil]}", flush=True)
+    finally:
+        memory_stats = opened.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    summary = metrics.summary(acc_c)
+    seconds = dict(timer.seconds)
+    result = {
+        **summary,
+        "task_il_accuracy": float(np.mean(acc_t[-1])),
+        "acc_matrix": metrics.to_json_matrix(acc_c),
+        "task_il_matrix": metrics.to_json_matrix(acc_t),
+        "wall_time_s": {"total": time.perf_counter() - t_start,
+                        "train": seconds.get("train", 0.0) + seconds.get("end_task", 0.0),
+                        "replay_sample": seconds.get("replay_sample", 0.0),
+                        "replay_observe": seconds.get("replay_observe", 0.0),
+                        "memory_add": seconds.get("memory_add", 0.0),
+                        "eval": seconds.get("eval", 0.0)},
+        "steps": len(losses),
+        "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        "memory": {"mode": cfg.memory, "describe": opened.describe, "stats": _plain(memory_stats)},
+        "stream": {"name": stream.name, "tasks": len(stream.tasks), "num_classes": stream.num_classes,
+                   "class_order": list(stream.class_order), "source": stream.source},
+        "config": asdict(cfg),
+        "label": label,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
+                    "torch": torch.__version__, "python": platform.python_version()},
+    }
+    print(f"[{label}] final average accuracy {result['final_avg_accuracy']:.2f}% (class-IL), "
+          f"task-IL {result['task_il_accuracy']:.2f}%, forgetting {result['forgetting']:.2f}, "
+          f"train {result['wall_time_s']['train']:.1f} s (replay sample {result['wall_time_s']['replay_sample']:.2f} s)",
+          flush=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps(result, indent=1))
+        plot.accuracy_figure({label: [acc_c]}, out / "accuracy.png", f"{cfg.method} on {stream.name}")
+    return result
+
+
+def _plain(d: Any) -> Any:
+    """Stats as JSON-safe plain values."""
+    if isinstance(d, dict):
+        return {str(k): _plain(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_plain(v) for v in d]
+    if isinstance(d, (np.integer, np.floating)):
+        return d.item()
+    return d if isinstance(d, (int, float, str, bool, type(None))) else str(d)
+
+
+class _NoBar:
+    n = 0
+
+    def update(self, k: int) -> None:
+        self.n += k
+
+    def set_postfix(self, **_: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, file=sys.stderr,
+                mininterval=0.5)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------
+def add_run_arguments(p: argparse.ArgumentParser, *, memory: bool = True) -> None:
+    """The flags ``run`` and ``compare`` share."""
+    p.add_argument("--benchmark", default="split-fashion-mnist", choices=[*BENCHMARKS, "generated"])
+    p.add_argument("--tasks", type=int, help="split-cifar100: 10 (10x10, default) or 20 (20x5)")
+    p.add_argument("--method", default="er", help="er, derpp, icarl, gdumb, gcr")
+    if memory:
+        p.add_argument("--memory", default="ram", choices=MODES, help="ram: the classic buffer; carousel: EM + storage "
+                       "tiers with swapping; storage: replay read from a store of all past samples (ST-L)")
+        p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--em-size", type=int, default=200, help="samples the RAM episodic memory holds (the RAM budget)")
+    p.add_argument("--profile", help="carousel mode: a carousel profile TOML ([swap], [[tiers]]; [memory] is "
+                   "fitted to the benchmark); default: one LMDB tier holding every sample, ratio 0.5, carm")
+    p.add_argument("--swap-workers", type=int, help="carousel mode: swap threads; 0 = synchronous swapping (ablation)")
+    p.add_argument("--swap-ratio", type=float, help="carousel mode: override [swap].ratio")
+    p.add_argument("--daemon", action="store_true", help="carousel mode: run the memory in a `carousel serve` "
+                   "subprocess and train through carousel.connect")
+    p.add_argument("--connect", help="carousel mode: the socket of a running daemon (its memory must be empty)")
+    p.add_argument("--arch", default="auto", choices=ARCHS,
+                   help="auto: MLP for split-mnist, reduced ResNet-18 (nf 20) otherwise")
+    p.add_argument("--epochs", type=int, default=1, help="epochs per task")
+    p.add_argument("--published", action="store_true",
+                   help="the published schedule: 50 epochs per task and the full ResNet-18 (nf 64); use a GPU")
+    p.add_argument("--batch-size", type=int, default=32, help="stream samples per step")
+    p.add_argument("--replay-size", type=int, default=32, help="replay samples per draw")
+    p.add_argument("--lr", type=float, help="default: the method's best setting for the benchmark")
+    p.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE",
+                   help="a method hyper-parameter, e.g. alpha=0.1 (repeatable)")
+    p.add_argument("--data-root", help="data sets folder (default: ../shared/datasets, data, /usr/share/datasets)")
+    p.add_argument("--download", action="store_true", help="download missing data sets from their canonical sources")
+    p.add_argument("--limit-per-class", type=int, help="train samples per class (quick runs)")
+    p.add_argument("--eval-limit", type=int, help="test samples per task (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
+    hparams = {}
+    for item in args.hparam:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--hparam {item!r}: expected NAME=VALUE")
+        hparams[name] = float(value)
+    cfg = RunConfig(benchmark=args.benchmark, method=args.method, memory=getattr(args, "memory", "ram"),
+                    em_size=args.em_size, profile=args.profile, swap_workers=args.swap_workers,
+                    swap_ratio=args.swap_ratio, daemon=args.daemon, connect=args.connect, tasks=args.tasks,
+                    arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, replay_size=args.replay_size,
+                    lr=args.lr, hparams=hparams, seed=getattr(args, "seed", 0), data_root=args.data_root,
+                    download=args.download, limit_per_class=args.limit_per_class, eval_limit=args.eval_limit,
+                    device=args.device, threads=args.threads, progress=not args.no_progress)
+    if args.published:
+        cfg.epochs, cfg.arch = 50, "resnet18"
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m trainers run", description=__doc__.split("\n\n")[0])
+    add_run_arguments(p)
+    p.add_argument("--out", default=None, help="folder for result.json and accuracy.png (default: runs/NAME)")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    cfg.out = args.out or str(Path("runs") / f"{cfg.benchmark}-{cfg.method}-{cfg.memory}-s{cfg.seed}")
+    try:
+        result = run(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise SystemExit(f"trainers run: {exc}") from None
+    print(f"wrote {cfg.out}/result.json and {cfg.out}/accuracy.png")
+    return result
