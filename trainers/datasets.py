@@ -241,7 +241,8 @@ def _read_cifar_batch(path: Path, expected_md5: str | None = None) -> dict:
 def _cifar_layout(classes: int, train: bool) -> tuple[str, str, list[str], str]:
     """(set name, folder, batch files, label key) of CIFAR-``classes``."""
     if classes == 10:
-        return "cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"], "labels"
+        files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        return "cifar10", "cifar-10-batches-py", files, "labels"
     if classes == 100:
         return "cifar100", "cifar-100-python", ["train" if train else "test"], "fine_labels"
     raise ValueError(f"CIFAR has 10 or 100 classes, not {classes}")
