@@ -9,7 +9,8 @@ synchronous ablation), ``carousel-daemon`` (the memory in a ``carousel serve`` s
 ``OUT/MODE-sSEED/result.json``; the table (mean +- std over seeds: final average accuracy,
 task-IL accuracy, forgetting, train time and its ratio to ``ram``) goes to ``OUT/table.md`` and
 ``OUT/compare.json``, the figure to ``OUT/accuracy.png``. Runs already on disk with the same
-settings are reused, so an interrupted comparison resumes.
+settings are reused, so an interrupted comparison resumes. A mode may name its own seeds
+(``storage:0`` or ``carousel-sync:0+1``) when it is too slow to run with all of them.
 """
 
 from __future__ import annotations
@@ -75,11 +76,28 @@ def table(results: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[str
     return lines, rows
 
 
-def compare(base: RunConfig, modes: list[str], seeds: list[int], out: Path) -> dict[str, Any]:
-    results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+def parse_modes(text: str, seeds: list[int]) -> dict[str, list[int]]:
+    """``"ram,carousel,storage:0"`` -> ``{"ram": seeds, "carousel": seeds, "storage": [0]}``."""
+    modes: dict[str, list[int]] = {}
+    for item in (m.strip() for m in text.split(",")):
+        if not item:
+            continue
+        name, sep, own = item.partition(":")
+        if name not in VARIANTS:
+            raise ValueError(f"unknown mode {name!r}; known: {', '.join(VARIANTS)}")
+        modes[name] = [int(s) for s in own.split("+")] if sep else list(seeds)
+    return modes
+
+
+def compare(base: RunConfig, modes: list[str] | dict[str, list[int]], seeds: list[int], out: Path) -> dict[str, Any]:
+    """Run every (mode, seed) not already on disk; ``modes`` is a list (all ``seeds``) or mode -> seeds."""
+    plan = modes if isinstance(modes, dict) else {m: list(seeds) for m in modes}
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in plan}
     # Seed-major order: a machine's slow minutes fall on every mode alike, not on one.
-    for seed in seeds:
-        for mode in modes:
+    for seed in sorted({s for ss in plan.values() for s in ss}):
+        for mode, mode_seeds in plan.items():
+            if seed not in mode_seeds:
+                continue
             cfg = variant_config(base, mode, seed, out)
             result = _reusable(cfg)
             if result is None:
@@ -90,9 +108,9 @@ def compare(base: RunConfig, modes: list[str], seeds: list[int], out: Path) -> d
     lines, rows = table(results)
     title = f"{base.method} on {base.benchmark}, EM {base.em_size}"
     out.mkdir(parents=True, exist_ok=True)
-    text = "\n".join([f"{title}, seeds {seeds}", "", *lines]) + "\n"
+    text = "\n".join([f"{title}", "", *lines]) + "\n"
     (out / "table.md").write_text(text)
-    summary = {"method": base.method, "benchmark": base.benchmark, "em_size": base.em_size, "seeds": seeds,
+    summary = {"method": base.method, "benchmark": base.benchmark, "em_size": base.em_size, "seeds": plan,
                "modes": rows, "runs": {m: [r["config"]["out"] for r in rs] for m, rs in results.items()}}
     (out / "compare.json").write_text(json.dumps(summary, indent=1))
     plot.accuracy_figure({m: [r["acc_matrix"] for r in rs] for m, rs in results.items()}, out / "accuracy.png", title)
@@ -104,15 +122,15 @@ def compare(base: RunConfig, modes: list[str], seeds: list[int], out: Path) -> d
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m trainers compare", description=__doc__.split("\n\n")[0])
     add_run_arguments(p, memory=False)
-    p.add_argument("--modes", default="ram,carousel", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--modes", default="ram,carousel",
+                   help=f"comma-separated, of: {', '.join(VARIANTS)}; MODE:0+1 runs that mode with seeds 0 and 1 only")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--out", default=None, help="folder (default: runs/compare-BENCHMARK-METHOD)")
     args = p.parse_args(argv)
     base = config_from_args(args)
     out = Path(args.out or f"runs/compare-{base.benchmark}-{base.method}")
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     try:
-        return compare(base, modes, seeds, out)
+        return compare(base, parse_modes(args.modes, seeds), seeds, out)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise SystemExit(f"trainers compare: {exc}") from None

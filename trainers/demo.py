@@ -1,6 +1,7 @@
-"""The end-to-end demo: real samples into every storage tier and back, with a printed summary.
+"""The end-to-end demo: real samples into every storage tier and back, then ER trained side by side
+with a RAM-only buffer and with carousel running as a daemon.
 
-``python -m trainers demo [--data-root DIR] [--samples N] [--out DIR]``
+``python -m trainers demo [--data-root DIR] [--samples N] [--out DIR] [--train-per-class N] [--skip-training]``
 
 Reads a real data set (CIFAR-10, Fashion-MNIST or MNIST, whichever ``--data-root`` holds; with
 none it says so and uses generated images), writes the samples with their labels and task ids
@@ -11,7 +12,11 @@ tier holds and how fast it went. It exercises the storage tiers on their own, so
 (``carousel serve``, a real subprocess) on a profile with a 500-sample EM and an LMDB tier, adds the
 same samples through ``carousel.connect``, replays batches from the shared-memory ring while
 observing them (so CarM swaps samples in from storage), checks every replayed sample byte for byte
-against the source, and stops the daemon with SIGTERM.
+against the source, and stops the daemon with SIGTERM. Last, it trains ER (reduced ResNet-18, EM of
+200 samples) on Split-FashionMNIST (Split-MNIST, or generated data, when that is what there is) twice:
+with the classic RAM-only buffer, and through a ``carousel serve`` daemon started in the background
+(the same 200-sample EM plus an LMDB tier holding every past sample, CarM swapping). It prints the
+accuracy table and writes the figure (``runs/demo``), then stops the daemon cleanly.
 """
 
 from __future__ import annotations
@@ -168,11 +173,47 @@ capacity = {len(fields['y'])}
             "exit": code}
 
 
+def train_side_by_side(data_root: str | None, out: Path, per_class: int, seed: int = 0,
+                       progress: bool = True) -> dict:
+    """ER with a RAM-only buffer and through a carousel daemon, same EM, same seed: the table and figure."""
+    from .compare import compare
+    from .run import RunConfig
+    from .streams import make_stream
+
+    benchmark, root = "generated", data_root
+    # The same roots as the storage check above, so both legs use the same data.
+    for candidate in ([data_root] if data_root else [r for r in DEFAULT_ROOTS if Path(r).is_dir()]):
+        for name in ("split-fashion-mnist", "split-mnist"):
+            try:
+                make_stream(name, candidate, limit_per_class=1)
+                benchmark, root = name, candidate
+                break
+            except DatasetError:
+                continue
+        if benchmark != "generated":
+            break
+    if benchmark == "generated":
+        print("demo: neither Fashion-MNIST nor MNIST found - training on generated data")
+    base = RunConfig(benchmark=benchmark, method="er", em_size=200, arch="reduced-resnet18", seed=seed,
+                     data_root=root, limit_per_class=per_class, eval_limit=1000, progress=progress)
+    print(f"\ndemo: ER on {benchmark} ({per_class} training samples per class, reduced ResNet-18, EM 200), "
+          f"RAM-only and through a carousel daemon")
+    return compare(base, ["ram", "carousel-daemon"], [seed], out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trainers demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", help=f"data sets folder (default: the first of {DEFAULT_ROOTS} that exists)")
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--out", help="keep the stores in this folder (default: a temp folder, removed)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-per-class", type=int, default=1000,
+                        help="training samples per class for the ER comparison (default 1000)")
+    parser.add_argument("--train-out", default="runs/demo", help="where the comparison's table and figure go")
+    parser.add_argument("--skip-training", action="store_true", help="only the storage and daemon checks")
+    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     run(args.data_root, args.samples, args.out, args.seed)
+    if not args.skip_training:
+        train_side_by_side(args.data_root, Path(args.train_out), args.train_per_class, args.seed,
+                           progress=not args.no_progress)

@@ -13,7 +13,8 @@ def run(*args, **kw):
 
 
 def test_demo_writes_reads_and_verifies(tmp_path):
-    out = run("-m", "trainers", "demo", "--samples", "1500", "--out", str(tmp_path))
+    out = run("-m", "trainers", "demo", "--samples", "1500", "--out", str(tmp_path), "--train-per-class", "40",
+              "--train-out", str(tmp_path / "train"), "--no-progress")
     assert out.returncode == 0, out.stderr
     assert "demo: ok" in out.stdout
     with open_store(f"lmdb://{tmp_path}/flash") as s:
@@ -22,12 +23,17 @@ def test_demo_writes_reads_and_verifies(tmp_path):
     assert "daemon: 1500 samples added" in out.stdout and "SIGTERM -> exit 0" in out.stdout
     with open_store(f"lmdb://{tmp_path}/daemon/flash") as s:
         assert len(s) == 1500
+    # The training leg: ER RAM-only and through a daemon of its own, a table and a figure.
+    assert "| ram | 1 |" in out.stdout and "| carousel-daemon | 1 |" in out.stdout
+    assert (tmp_path / "train" / "accuracy.png").is_file()
+    assert (tmp_path / "train" / "carousel-daemon-s0" / "result.json").is_file()
 
 
 def test_demo_without_data_uses_generated_images(tmp_path):
-    out = run("-m", "trainers", "demo", "--samples", "300", "--out", str(tmp_path), cwd=tmp_path)
+    out = run("-m", "trainers", "demo", "--samples", "300", "--out", str(tmp_path), "--no-progress", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "demo: ok" in out.stdout
+    assert "training on generated data" in out.stdout and (tmp_path / "runs" / "demo" / "table.md").is_file()
 
 
 def test_store_info_and_verify(tmp_path):

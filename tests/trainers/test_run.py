@@ -155,3 +155,11 @@ def test_cli_run_and_clear_errors(tmp_path):
     bad = subprocess.run([*cmd, "--memory", "carousel", "--profile", str(prof)], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode != 0 and "swap.ratio" in bad.stderr
+
+
+def test_modes_may_carry_their_own_seeds():
+    from trainers.compare import parse_modes
+    assert parse_modes("ram, carousel,storage:0,carousel-sync:0+2", [0, 1, 2]) == {
+        "ram": [0, 1, 2], "carousel": [0, 1, 2], "storage": [0], "carousel-sync": [0, 2]}
+    with pytest.raises(ValueError, match="unknown mode 'rom'"):
+        parse_modes("rom", [0])
