@@ -42,7 +42,7 @@ from prometheus_client.core import Metric
 
 from storage_backends import StoreError
 
-from . import __version__
+from . import __version__, sd_notify
 from . import shm as shm_mod
 from . import wire
 from .config import ConfigError
@@ -396,8 +396,14 @@ class Daemon:
         self.filler.start()
         log.info("serving", extra={"socket": self.socket_path, "memories": list(self.served), "pid": os.getpid()})
         self.ready.set()
+        sd_notify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {', '.join(self.served)}")
+        watchdog = sd_notify.watchdog_period()
+        pinger = asyncio.ensure_future(self._watchdog(watchdog)) if watchdog else None
         await self._stop.wait()
 
+        sd_notify.notify("STOPPING=1\nSTATUS=draining")
+        if pinger is not None:
+            pinger.cancel()
         log.info("shutting down: no new connections, draining requests")
         for s in servers:
             s.close()
@@ -421,6 +427,16 @@ class Daemon:
             pass
         log.info("stopped cleanly")
         return 0
+
+    async def _watchdog(self, period: float) -> None:
+        """``WATCHDOG=1`` every ``period`` s while the event loop runs and the filler thread lives:
+        a wedged loop or a dead filler stops the pings and systemd restarts the daemon."""
+        while True:
+            if self.filler.is_alive():
+                sd_notify.notify("WATCHDOG=1")
+            else:
+                log.error("filler thread died; withholding the watchdog ping")
+            await asyncio.sleep(period)
 
     def request_stop(self) -> None:
         """Thread-safe: stop as on SIGTERM (for embedding the daemon in tests or tools)."""
