@@ -307,13 +307,17 @@ def run_prometheus(
     *,
     ready_timeout: float = READY_TIMEOUT_S,
     extra_args: Sequence[str] = (),
+    config: str | None = None,
+    files: dict[str, str] | None = None,
 ) -> Iterator[PrometheusServer]:
     """Run a real ``prometheus`` scraping ``targets`` (``"host:port"``) as ``job``.
 
     Config, TSDB and log go to a fresh directory under ``tmp_path``. The server
     listens on 127.0.0.1 at a free port and is ready (``/-/ready`` answered 200)
     when the body starts; it is stopped (SIGTERM, then SIGKILL) on exit, also
-    when the body raises. ``extra_args`` are appended to the command line.
+    when the body raises. ``extra_args`` are appended to the command line. ``config`` replaces
+    the generated prometheus.yml (a shipped config, say); ``files`` (name -> text) are written
+    beside it (its rule files).
 
     Ready is not scraped: Prometheus 2.x starts scraping about 5 s after start,
     so give :meth:`PrometheusServer.wait_for` a timeout well above that.
@@ -322,7 +326,9 @@ def run_prometheus(
         raise RuntimeError(f"prometheus not on PATH: {_INSTALL_HINT}")
     workdir = Path(tempfile.mkdtemp(prefix="prometheus-", dir=os.fspath(tmp_path)))
     config_path = workdir / "prometheus.yml"
-    config_path.write_text(render_config(targets, scrape_interval, job))
+    config_path.write_text(config if config is not None else render_config(targets, scrape_interval, job))
+    for name, text in (files or {}).items():
+        (workdir / name).write_text(text)
     log_path = workdir / "prometheus.log"
     port = free_port()
     cmd = [
