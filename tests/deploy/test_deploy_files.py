@@ -181,3 +181,19 @@ def test_container_files_point_at_what_exists():
     assert ds["datasources"][0]["type"] == "prometheus"
     provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "carousel.yml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_container_health_check_passes_on_a_live_daemon_and_fails_without_one(tmp_path):
+    dockerfile = (CONTAINER / "Dockerfile").read_text().replace("\\\n", " ")
+    cmd = json.loads(re.search(r"HEALTHCHECK .*?CMD (\[.*?\])", dockerfile).group(1))
+    d = start_daemon(tmp_path, metrics=False)
+    try:
+        live = [d.socket if a == "/run/carousel/carousel.sock" else a for a in cmd]
+        assert live != cmd, "the health check names the container's socket"
+        live[0] = str(Path(sys.executable).parent / live[0])
+        done = subprocess.run(live, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        d.stop()
+    done = subprocess.run(live, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0  # no daemon: unhealthy
