@@ -113,7 +113,13 @@ class MemoryClient:
 
     def sample(self, n: int, *, classes: Any = None, tasks: Any = None, seed: int | None = None,
                balanced: bool = False) -> Batch:
-        """A replay batch of up to ``n`` distinct EM samples (see :meth:`CarouselMemory.sample`)."""
+        """A replay batch of up to ``n`` distinct EM samples (see :meth:`CarouselMemory.sample`).
+
+        Unseeded, it comes from the shared-memory ring, filled ahead of time: a full batch may have
+        been drawn before this client's latest ``add`` (for replay, a draw a few steps old is as good
+        as a fresh one). To read the EM *as it is now* -- all of it, after adding exemplars, say --
+        pass a ``seed``: that draw is made by the daemon when the request arrives.
+        """
         meta: dict[str, Any] = {"n": int(n)}
         if classes is not None:
             meta["classes"] = [int(c) for c in np.asarray(classes).ravel()]
