@@ -56,6 +56,8 @@ __all__ = ["CarouselConfig", "ConfigError", "MemoryConfig", "SwapConfig", "TierC
 TIER_KINDS = ("lmdb", "zarr")
 ZARR_CODECS = ("none", "zstd")
 RESERVED_FIELDS = frozenset({"x", "y", "task", "id"})  # the fields every sample already has
+MEMORY_KINDS = ("plain", "coreset")
+WEIGHT_FIELD = "weight"  # a coreset memory's per-sample weight: float32, >= 0
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")  # what storage_backends.Schema accepts
 _MAX_WORKERS = 64
 _MAX_CHUNK = 1 << 20  # the zarr store's own bound on chunk rows
@@ -173,10 +175,15 @@ class MemoryConfig:
     # TOML: [memory.extras.logits] shape = [10]  dtype = "float32"
     extras: Mapping[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # none (see above)
     state_dir: str | None = None          # catalog/state folder; None: the memory chooses, beside its tiers
+    # "plain" replay samples, or "coreset": every sample carries a non-negative weight (the extra
+    # field "weight", float32, 1.0 unless add() says otherwise) that sample() returns and
+    # retain(ids, weights) sets (GCR).
+    kind: str = "plain"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         _int(self.em_size, "em_size", lo=1)
+        _choice(self.kind, "kind", MEMORY_KINDS)
         set_(self, "sample_shape", _shape(self.sample_shape, "sample_shape"))
         _choice(self.dtype, "dtype", ALLOWED_DTYPES)
         _int(self.seed, "seed", lo=0)  # numpy's SeedSequence rejects negative seeds
@@ -193,13 +200,18 @@ class MemoryConfig:
             if not isinstance(spec, (tuple, list)) or len(spec) != 2:
                 _fail(key, f"expected (shape, dtype), got {_show(spec)}")
             extras[name] = (_shape(spec[0], f"{key}.shape"), _choice(spec[1], f"{key}.dtype", ALLOWED_DTYPES))
+        if self.kind == "coreset":
+            if extras.get(WEIGHT_FIELD, ((), "float32")) != ((), "float32"):
+                _fail(f"extras.{WEIGHT_FIELD}", "is the coreset weight every sample of a kind = \"coreset\" memory "
+                                               "has (float32, shape []); name your field otherwise")
+            extras[WEIGHT_FIELD] = ((), "float32")
         set_(self, "extras", MappingProxyType(extras))
         if self.state_dir is not None:
             set_(self, "state_dir", _path(self.state_dir, "state_dir"))
 
     def __hash__(self) -> int:  # extras is a mapping; hash its items instead
         return hash((self.em_size, self.sample_shape, self.dtype, self.seed, self.admission,
-                     tuple(sorted(self.extras.items())), self.state_dir))
+                     tuple(sorted(self.extras.items())), self.state_dir, self.kind))
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +378,9 @@ class CarouselConfig:
             "em_size": self.memory.em_size, "sample_shape": list(self.memory.sample_shape),
             "dtype": self.memory.dtype, "seed": self.memory.seed, "admission": self.memory.admission,
             "extras": {name: {"shape": list(shape), "dtype": dtype}
-                       for name, (shape, dtype) in self.memory.extras.items()},
+                       for name, (shape, dtype) in self.memory.extras.items()
+                       if not (self.memory.kind == "coreset" and name == WEIGHT_FIELD)},  # implied by kind
+            "kind": self.memory.kind,
         }
         if self.memory.state_dir is not None:
             memory["state_dir"] = self.memory.state_dir

@@ -37,7 +37,7 @@ from storage_backends import Schema, open_store
 
 from .batch import Batch
 from .catalog import EVICTED, PENDING, RAM_ONLY, Catalog
-from .config import CarouselConfig, ConfigError, load_config
+from .config import WEIGHT_FIELD, CarouselConfig, ConfigError, load_config
 from .em_pool import EMPool, balanced_weights
 from .metrics import MemoryMetrics
 from .policies import make_admission, make_swap_in, make_swap_out
@@ -52,6 +52,19 @@ _STATE_FILE = "em-state.npz"
 
 class MemoryInputError(ValueError):
     """Bad input to the memory: wrong shapes, dtypes, unknown ids."""
+
+
+def _positions(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
+    """Where each of ``needles`` sits in ``haystack`` (distinct values, every needle present)."""
+    order = np.argsort(haystack)
+    return order[np.searchsorted(haystack, needles, sorter=order)]
+
+
+def _check_weights(w: np.ndarray, n: int) -> None:
+    if w.shape != (n,):
+        raise MemoryInputError(f"weights must be {n} values, got shape {tuple(w.shape)}")
+    if n and not (np.isfinite(w).all() and (w >= 0).all()):
+        raise MemoryInputError("coreset weights must be finite and >= 0")
 
 
 class CarouselMemory:
@@ -171,6 +184,8 @@ class CarouselMemory:
                 self._next_id += n
                 self.catalog.register(ids, labels, fields["task"].astype(np.int64),
                                       PENDING if self.tiers else RAM_ONLY)
+                if WEIGHT_FIELD in fields and self.config.memory.kind == "coreset":
+                    self.catalog.weight[ids] = fields[WEIGHT_FIELD]
                 slots = self._admission.admit(labels, self.pool.snapshot()[1], self._seen, self._rng)
                 take = slots >= 0
                 if take.any():
@@ -218,6 +233,8 @@ class CarouselMemory:
         t = np.full(n, int(t), dtype=np.int64) if t.ndim == 0 else t
         if t.shape != (n,) or t.dtype.kind not in "iu" or (n and (t.min() < 0 or t.max() > np.iinfo(np.int16).max)):
             raise MemoryInputError(f"task must be an int or {n} ints in [0, 32767], got {t.dtype} {tuple(t.shape)}")
+        if self.config.memory.kind == "coreset" and WEIGHT_FIELD not in extras:
+            extras = {**extras, WEIGHT_FIELD: np.ones(x.shape[0], np.float32)}  # weight 1 unless given
         unknown = sorted(set(extras) - set(self._extras))
         missing = sorted(set(self._extras) - set(extras))
         if unknown or missing:
@@ -231,6 +248,8 @@ class CarouselMemory:
             if not np.can_cast(e.dtype, dtype_e, casting="same_kind"):
                 raise MemoryInputError(f"extra {name!r} must be {dtype_e}, got {e.dtype}")
             out[name] = np.ascontiguousarray(e.astype(dtype_e))
+        if self.config.memory.kind == "coreset":
+            _check_weights(out[WEIGHT_FIELD], n)
         return out
 
     # ---- sample -----------------------------------------------------------------------------------
@@ -359,6 +378,98 @@ class CarouselMemory:
         self.metrics.swap_ratio.set(self._ratio)
 
     # ---- state ----------------------------------------------------------------------------------
+    # ---- coreset ----------------------------------------------------------------------------------
+    def retain(self, ids: Any, weights: Any, *, classes: Any = None) -> dict[str, int]:
+        """Make the EM's slice of ``classes`` hold exactly ``ids``, weighted ``weights`` (GCR's selection).
+
+        For memories of ``kind = "coreset"``. ``classes`` defaults to the labels of ``ids``; every id
+        must have one of them, be known and not evicted, and fit: the slice's slots plus the EM's
+        free ones. EM samples of those classes not in ``ids`` leave the EM -- they stay on their
+        storage tier, where swaps can bring them back (a RAM-only memory evicts them); ids not in
+        the EM are read from storage into the freed slots. ``sample()`` sees the old slice or the
+        new one, never a mix. The weights are the samples' weights from now on, also when swapped
+        out and back in, and are checkpointed here when the memory has tiers (a crash before that
+        leaves the last checkpoint's selection: every count stays consistent either way).
+        Returns ``{"kept", "entered", "left"}``.
+        """
+        self._check_open()
+        if self.config.memory.kind != "coreset":
+            raise MemoryInputError('retain() needs a memory of kind = "coreset"')
+        ids = (ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids))
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            raise MemoryInputError(f"ids must be a 1-D array of integers, got {ids.dtype} {tuple(ids.shape)}")
+        ids = ids.astype(np.int64)
+        w = (weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else np.asarray(weights))
+        w = w.astype(np.float32)
+        _check_weights(w, ids.size)
+        if np.unique(ids).size != ids.size:
+            raise MemoryInputError("ids must be distinct")
+        if ids.size and (ids.min() < 0 or ids.max() >= self._next_id):
+            raise MemoryInputError(f"unknown ids (valid: 0..{self._next_id - 1})")
+        with self.catalog.lock:
+            labels, homes = self.catalog.label[ids], self.catalog.home[ids].copy()
+        if (homes == EVICTED).any():
+            raise MemoryInputError(f"evicted ids cannot be retained: {ids[homes == EVICTED][:10].tolist()}")
+        slice_classes = np.unique(labels if classes is None else np.asarray(classes, dtype=np.int64).ravel())
+        if not np.isin(labels, slice_classes).all():
+            raise MemoryInputError(f"ids of classes {sorted(set(labels.tolist()) - set(slice_classes.tolist()))} "
+                                   f"are outside the slice of classes {slice_classes.tolist()}")
+        if (homes == PENDING).any():
+            self.flush()  # samples about to enter must be readable from storage
+        for _ in range(8):  # a swap may move an id in or out of the EM between the read and the update
+            with self.catalog.lock:
+                entering = ids[self.catalog.slot[ids] < 0]
+            if entering.size and not self.tiers:
+                raise MemoryInputError(f"ids not in the EM of a RAM-only memory are gone: {entering[:10].tolist()}")
+            records = self._read_stored(entering)  # storage I/O, outside every lock
+            with self.catalog.lock:
+                slot_ids, slot_labels = self.pool.snapshot()[:2]  # stable: the catalog lock stops swaps
+                in_slice = np.flatnonzero((slot_ids >= 0) & np.isin(slot_labels, slice_classes))
+                leave_slots = in_slice[~np.isin(slot_ids[in_slice], ids)]
+                now_entering = ids[self.catalog.slot[ids] < 0]
+                if not np.isin(now_entering, entering).all():
+                    continue
+                room = np.concatenate([leave_slots, np.flatnonzero(slot_ids < 0)])
+                if now_entering.size > room.size:
+                    raise MemoryInputError(
+                        f"{ids.size} ids do not fit: classes {slice_classes.tolist()} hold {in_slice.size} EM slots "
+                        f"and {room.size - leave_slots.size} are free")
+                fields = {k: v[_positions(entering, now_entering)] for k, v in records.items()}
+                fields[WEIGHT_FIELD] = w[_positions(ids, now_entering)]
+                target = room[:now_entering.size]
+                clear = np.setdiff1d(leave_slots, target)
+                left = slot_ids[leave_slots]
+                self.catalog.slot[left] = -1
+                if not self.tiers:
+                    self.catalog.home[left] = EVICTED
+                    self.metrics.evictions.labels(reason="coreset").inc(left.size)
+                self.catalog.slot[now_entering] = target
+                self.catalog.weight[ids] = w
+                self.pool.replace(clear, target, now_entering, fields,
+                                  (WEIGHT_FIELD, self.catalog.slot[ids], w))
+            break
+        else:
+            raise RuntimeError("retain() kept racing the swap engine; try again")
+        if self.tiers:
+            self.checkpoint()
+        return {"kept": int(ids.size - now_entering.size), "entered": int(now_entering.size), "left": int(left.size)}
+
+    def _read_stored(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Every field of stored samples ``ids`` (in that order), read from their tiers."""
+        out = {name: np.zeros((ids.size, *shape), dtype=dtype) for name, (shape, dtype) in self.fields.items()}
+        with self.catalog.lock:
+            homes = self.catalog.home[ids].copy()
+        for tier in self.tiers:
+            sel = np.flatnonzero(homes == tier.index)
+            if sel.size:
+                data = tier.store.get_many(ids[sel])
+                for name in out:
+                    out[name][sel] = data[name]
+        missing = ~np.isin(homes, [t.index for t in self.tiers])
+        if missing.any():
+            raise MemoryInputError(f"ids not on any storage tier: {ids[missing][:10].tolist()}")
+        return out
+
     def stats(self) -> dict[str, Any]:
         """Counts for people and tests: ``added``, ``evicted``, ``swapped_in``, ``swapped_out``,
         ``tiers: {name: {"samples", "bytes"}}`` and more."""
@@ -414,7 +525,8 @@ class CarouselMemory:
                      "current_task": np.array([self._current_task]),
                      "label": self.catalog.label[:n], "task": self.catalog.task[:n],
                      "correct": self.catalog.correct[:n], "entropy": self.catalog.entropy[:n],
-                     "loss": self.catalog.loss[:n], "replays": self.catalog.replays[:n]}
+                     "loss": self.catalog.loss[:n], "replays": self.catalog.replays[:n],
+                     "weight": self.catalog.weight[:n]}
         tmp = self._state_dir / (_STATE_FILE + ".tmp")
         with open(tmp, "wb") as fh:
             np.savez(fh, **state)
@@ -525,12 +637,15 @@ class CarouselMemory:
         if state:
             want = state["slot_ids"]
             m = min(n, state["correct"].size)
-            for col in ("correct", "entropy", "loss", "replays"):
-                getattr(self.catalog, col)[:m] = state[col][:m]
+            for col in ("correct", "entropy", "loss", "replays", "weight"):
+                if col in state:  # checkpoints older than the coreset weights have no "weight"
+                    getattr(self.catalog, col)[:min(m, state[col].size)] = state[col][:m]
             self._current_task = int(state["current_task"][0])
             want = want[(want >= 0) & (want < n)]
             want = want[self.catalog.home[want] >= 0][: self.pool.size]
-        if want.size < min(self.pool.size, stored.size):
+        # A coreset's free slots are free on purpose (retain() chose fewer samples): keep them so.
+        top_up = not (state and self.config.memory.kind == "coreset")
+        if top_up and want.size < min(self.pool.size, stored.size):
             rest = np.setdiff1d(stored, want)
             extra = self._rng.choice(rest, min(self.pool.size - want.size, rest.size), replace=False,
                                      p=balanced_weights(self.catalog.label[rest]))
@@ -542,6 +657,8 @@ class CarouselMemory:
             if not sel.size:
                 continue
             data = tier.store.get_many(sel)
+            if WEIGHT_FIELD in data and self.config.memory.kind == "coreset":
+                data[WEIGHT_FIELD] = self.catalog.weight[sel]  # as retain() last set it, not as stored
             free = np.flatnonzero(self.pool.slot_ids < 0)[: sel.size]
             self.pool.write(free, sel, data)
             self.catalog.slot[sel] = free

@@ -33,6 +33,7 @@ import numpy as np
 from storage_backends import CorruptRecordError, MissingIdsError, StoreError
 
 from .catalog import EVICTED, Catalog
+from .config import WEIGHT_FIELD
 from .em_pool import EMPool
 from .metrics import MemoryMetrics
 from .tiers import Tier
@@ -307,6 +308,8 @@ class SwapEngine:
             fields = {k: np.stack([c[1][k] for c in cands]) for k in cands[0][1]}
             tgt_slots, tgt_victims = slots[sel[:m]], victims[sel[:m]]
             with self._catalog.lock:
+                if WEIGHT_FIELD in fields:  # a coreset weight set by retain() since the sample was stored
+                    fields[WEIGHT_FIELD] = self._catalog.weight[ids]
                 written = self._pool.write(tgt_slots, ids, fields, expect=tgt_victims)
                 self._catalog.slot[tgt_victims[written]] = -1
                 self._catalog.slot[ids[written]] = tgt_slots[written]
