@@ -149,6 +149,18 @@ class MemoryClient:
             self._check()
             self._request(wire.Op.OBSERVE, {}, tensors, retry=True)
 
+    def retain(self, ids: Any, weights: Any, *, classes: Any = None) -> dict[str, int]:
+        """Make a coreset memory's EM slice of ``classes`` hold exactly ``ids`` with ``weights``
+        (see :meth:`CarouselMemory.retain`); idempotent, so retried after a reconnect."""
+        meta: dict[str, Any] = {}
+        if classes is not None:
+            meta["classes"] = [int(c) for c in np.asarray(classes).ravel()]
+        tensors = [("ids", _np(ids).astype(np.int64, copy=False)),
+                   ("weights", _np(weights).astype(np.float32, copy=False))]
+        with self._lock:
+            self._check()
+            return self._request(wire.Op.RETAIN, meta, tensors, retry=True)[0]
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             self._check()

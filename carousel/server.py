@@ -45,7 +45,7 @@ from storage_backends import StoreError
 from . import __version__, sd_notify
 from . import shm as shm_mod
 from . import wire
-from .config import ConfigError
+from .config import WEIGHT_FIELD, ConfigError
 from .daemon_config import DaemonProfile
 from .memory import CarouselMemory, MemoryInputError
 from .write_behind import WriteBehindError
@@ -773,6 +773,23 @@ class _Connection:
                     mem.observe(arrays["ids"], logits=arrays.get("logits"), loss=arrays.get("loss"))
             await self._run(observe)
             return {}, []
+        if op == wire.Op.RETAIN:
+            arrays = wire.split_tensors(specs, raw)
+            if set(arrays) != {"ids", "weights"}:
+                raise _RequestError("input", f"retain takes tensors ids and weights; got {sorted(arrays)}")
+            classes = meta.get("classes")
+            if classes is not None and (not isinstance(classes, list) or not all(
+                    isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes)):
+                raise _RequestError("input", f"classes must be a list of non-negative ints, got {classes!r}")
+
+            def retain():
+                with served.write_lock:
+                    out = mem.retain(arrays["ids"], arrays["weights"], classes=classes)
+                    # Ring batches drawn before hold the old selection: stale from now on.
+                    served.epoch = (served.epoch + 1) & 0xFFFFFFFF
+                    self.d.filler.added(served)
+                return out
+            return await self._run(retain), []
         if op == wire.Op.STATS:
             return wire.json_safe(await self._run(mem.stats)), []
         if op == wire.Op.CHECKPOINT:
@@ -899,7 +916,10 @@ def _sample_args(meta: Mapping[str, Any], mem: CarouselMemory) -> tuple[int, dic
 
 def _check_fields(arrays: Mapping[str, np.ndarray], fields: Mapping[str, tuple[tuple[int, ...], str]]
                   ) -> dict[str, np.ndarray]:
-    """The ADD tensors must be exactly the memory's fields, with its row shapes and dtypes."""
+    """The ADD tensors must be exactly the memory's fields, with its row shapes and dtypes (a
+    coreset memory's ``weight`` may be left out: 1.0 each)."""
+    if WEIGHT_FIELD in fields and WEIGHT_FIELD not in arrays and fields[WEIGHT_FIELD] == ((), "float32"):
+        fields = {k: v for k, v in fields.items() if k != WEIGHT_FIELD}
     if set(arrays) != set(fields):
         raise _RequestError("input", f"add needs exactly the tensors {sorted(fields)}, got {sorted(arrays)}")
     if arrays["y"].ndim != 1:

@@ -54,6 +54,7 @@ class Op(enum.IntEnum):
     UPLOAD = 10      # {nbytes} -> {segment, size}: a per-connection segment for ADD's tensors
     STATUS = 11      # {} -> the daemon's status (every memory)
     PING = 12        # {} -> {}
+    RETAIN = 13      # {classes?}, tensors ids int64, weights float32 -> {kept, entered, left} (coreset memories)
     OK = 128
     ERROR = 129
 

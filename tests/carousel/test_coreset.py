@@ -202,3 +202,33 @@ def test_sigkill_mid_retain_leaves_one_selection_or_the_other(tmp_path, delay):
         first = {i: 1.0 for i in range(30)}  # killed before the first retain was checkpointed
         assert slice_ in options or set(slice_) <= set(first) and set(slice_.values()) <= {1.0}, slice_
         assert len(em_of(mem)[0]) <= 24
+
+
+def test_retain_through_the_daemon_and_weights_survive_its_restart(tmp_path):
+    from tests.daemon.harness import start_daemon
+    import carousel
+    memory = {"em_size": 30, "sample_shape": SHAPE, "kind": "coreset"}
+    d = start_daemon(tmp_path, memory=memory, metrics=False)
+    try:
+        client = carousel.connect(d.socket)
+        y = np.repeat(np.arange(3), 20)
+        ids = client.add(np.stack([np.full(4, i, np.uint8) for i in range(60)]), y, 0).numpy()
+        client.flush()
+        keep = ids[y == 2][:4]
+        out = client.retain(keep, [0.5, 1.0, 1.5, 2.0])
+        assert out["kept"] + out["entered"] == 4
+        b = client.sample(30, classes=[2], seed=1)
+        assert dict(zip(b.ids.tolist(), b.extras["weight"].tolist())) == dict(zip(keep.tolist(), [0.5, 1.0, 1.5, 2.0]))
+        with pytest.raises(carousel.RemoteError, match="outside the slice"):
+            client.retain(ids[:2], [1.0, 1.0], classes=[2])
+        client.close()
+    finally:
+        assert d.stop() == 0
+    d = start_daemon(tmp_path, memory=memory, metrics=False)
+    try:
+        client = carousel.connect(d.socket)
+        b = client.sample(30, classes=[2], seed=2)
+        assert dict(zip(b.ids.tolist(), b.extras["weight"].tolist())) == dict(zip(keep.tolist(), [0.5, 1.0, 1.5, 2.0]))
+        client.close()
+    finally:
+        assert d.stop() == 0
