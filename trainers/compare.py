@@ -46,7 +46,9 @@ def _reusable(cfg: RunConfig) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    same = {k: v for k, v in result.get("config", {}).items() if k not in ("progress", "out")} == \
+    # A setting added since the run was written counts as its default.
+    saved = {**asdict(RunConfig()), **result.get("config", {})}
+    same = {k: v for k, v in saved.items() if k not in ("progress", "out")} == \
         {k: v for k, v in asdict(cfg).items() if k not in ("progress", "out")}
     return result if same else None
 

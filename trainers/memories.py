@@ -57,6 +57,7 @@ class MemorySpec:
     daemon: bool = False                   # carousel mode: run the memory in a `carousel serve` subprocess
     connect: str | None = None             # carousel mode: socket of a daemon already running
     seed: int = 0
+    kind: str = "plain"                    # memory kind: "plain" or "coreset" (weights + retain)
 
 
 class OpenMemory:
@@ -82,7 +83,7 @@ class OpenMemory:
 def memory_dict(spec: MemorySpec, stream: Stream, workdir: Path) -> dict[str, Any]:
     """The TOML-shaped memory config for ``ram`` / ``carousel`` mode (without a ``[daemon]`` table)."""
     memory = {"em_size": spec.em_size, "sample_shape": list(stream.input_shape), "dtype": "uint8",
-              "seed": spec.seed, "admission": spec.admission,
+              "seed": spec.seed, "admission": spec.admission, "kind": spec.kind,
               "extras": {k: {"shape": list(shape), "dtype": dt} for k, (shape, dt) in spec.extras.items()}}
     if spec.mode == "ram":
         return {"memory": memory}
@@ -124,6 +125,8 @@ def open_memory(spec: MemorySpec, stream: Stream, workdir: Path) -> OpenMemory:
     if spec.mode == "storage":
         fields = {"x": (tuple(stream.input_shape), "uint8"), "y": ((), "int64"), "task": ((), "int16"),
                   **{k: (tuple(s), d) for k, (s, d) in spec.extras.items()}}
+        if spec.kind == "coreset":
+            fields["weight"] = ((), "float32")
         return OpenMemory(StorageReplay(f"lmdb://{workdir / 'all-samples'}?sync=0", fields, spec.seed),
                           "storage: every replay batch read from an LMDB store of all past samples")
     if spec.mode == "carousel" and spec.connect:
@@ -202,6 +205,8 @@ class StorageReplay:
         records = {"x": x, "y": _np(y).astype(np.int64),
                    "task": (np.full(n, int(t)) if t.ndim == 0 else t).astype(np.int16),
                    **{k: _np(v).astype(self.fields[k][1]) for k, v in extras.items()}}
+        if "weight" in self.fields and "weight" not in records:
+            records["weight"] = np.ones(n, np.float32)  # a coreset sample weighs 1 unless told
         ids = np.arange(self._n, self._n + n, dtype=np.int64)
         self.store.put_many(ids, records)
         self._n += n

@@ -42,6 +42,7 @@ class RunConfig:
     benchmark: str = "split-fashion-mnist"
     method: str = "er"
     memory: str = "ram"
+    memory_kind: str = "plain"
     em_size: int = 200
     profile: str | None = None
     swap_workers: int | None = None
@@ -132,7 +133,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     spec = MemorySpec(cfg.memory, cfg.em_size, admission=method_cls.admission,
                       extras=method_cls.extras(stream.num_classes), profile=cfg.profile,
                       swap_workers=cfg.swap_workers, swap_ratio=cfg.swap_ratio, daemon=cfg.daemon,
-                      connect=cfg.connect, seed=cfg.seed)
+                      connect=cfg.connect, seed=cfg.seed, kind=cfg.memory_kind)
     timer = PhaseTimer()
     opened = open_memory(spec, stream, workdir)
     label = cfg.label or cfg.memory
@@ -141,7 +142,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     losses: list[float] = []
     try:
         ctx = Context(stream, model, opened.memory, device, cfg.batch_size, cfg.replay_size, cfg.lr, cfg.epochs,
-                      cfg.seed, timer, torch.Generator(device=device).manual_seed(cfg.seed))
+                      cfg.seed, timer, torch.Generator(device=device).manual_seed(cfg.seed), cfg.memory_kind)
         method = method_cls(ctx, em_size=cfg.em_size, **cfg.hparams)
         print(f"{cfg.method} on {stream.name} ({len(stream.tasks)} tasks, {stream.source}); memory {opened.describe}",
               flush=True)
@@ -250,6 +251,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, memory: bool = True) -> Non
         p.add_argument("--memory", default="ram", choices=MODES, help="ram: the classic buffer; carousel: EM + storage "
                        "tiers with swapping; storage: replay read from a store of all past samples (ST-L)")
         p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-kind", default="plain", choices=("plain", "coreset"),
+                   help="coreset: every sample carries a weight and GCR re-selects with retain(ids, weights)")
     p.add_argument("--em-size", type=int, default=200, help="samples the RAM episodic memory holds (the RAM budget)")
     p.add_argument("--profile", help="carousel mode: a carousel profile TOML ([swap], [[tiers]]; [memory] is "
                    "fitted to the benchmark); default: one LMDB tier holding every sample, ratio 0.5, carm")
@@ -285,6 +288,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
             raise SystemExit(f"--hparam {item!r}: expected NAME=VALUE")
         hparams[name] = float(value)
     cfg = RunConfig(benchmark=args.benchmark, method=args.method, memory=getattr(args, "memory", "ram"),
+                    memory_kind=args.memory_kind,
                     em_size=args.em_size, profile=args.profile, swap_workers=args.swap_workers,
                     swap_ratio=args.swap_ratio, daemon=args.daemon, connect=args.connect, tasks=args.tasks,
                     arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, replay_size=args.replay_size,

@@ -163,3 +163,39 @@ def test_modes_may_carry_their_own_seeds():
         "ram": [0, 1, 2], "carousel": [0, 1, 2], "storage": [0], "carousel-sync": [0, 2]}
     with pytest.raises(ValueError, match="unknown mode 'rom'"):
         parse_modes("rom", [0])
+
+
+def test_gcr_with_a_coreset_memory_reselects_and_reweights_old_classes(tmp_path):
+    result = run(small(method="gcr", memory="carousel", memory_kind="coreset", tasks=3, em_size=30,
+                       out=str(tmp_path / "gcr")))
+    assert result["acc_matrix"][0][0] > 90
+    assert result["memory"]["stats"]["tiers"]["ram"]["samples"] <= 30
+
+
+def test_gcr_coreset_end_task_applies_retain_per_class(tmp_path):
+    from trainers.memories import MemorySpec, open_memory
+    from trainers.methods import Context, get_method
+    stream = generated_stream(tasks=2, train_per_class=30, test_per_class=5)
+    gcr = get_method("gcr")
+    spec = MemorySpec("carousel", em_size=12, admission=gcr.admission, extras=gcr.extras(stream.num_classes),
+                      kind="coreset")
+    opened = open_memory(spec, stream, tmp_path)
+    try:
+        mem = opened.memory
+        method = gcr(Context(stream, MLP(stream.num_classes), mem, batch_size=10, replay_size=10,
+                             memory_kind="coreset"), em_size=12)
+        for task in stream.tasks:
+            method.begin_task(task)
+            for lo in range(0, len(task.train_y), 10):
+                method.train_step(torch.from_numpy(task.train_x[lo:lo + 10]),
+                                  torch.from_numpy(task.train_y[lo:lo + 10]), task.index)
+            method.end_task(task)
+            b = mem.sample(12, seed=0)
+            counts = np.bincount(b.y.numpy(), minlength=stream.num_classes)
+            m = 12 // method.seen_classes
+            assert (counts[:method.seen_classes] == m).all(), counts  # every class exactly at its budget
+            assert (b.extras["weight"] >= 0).all()
+        # after the second task the old classes were re-weighted: not all weights are the add-time ones
+        assert not torch.all(b.extras["weight"] == 1.0)
+    finally:
+        opened.close()

@@ -68,6 +68,7 @@ class Context:
     seed: int = 0
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     generator: torch.Generator | None = None   # augmentation randomness
+    memory_kind: str = "plain"            # "coreset": the memory has per-sample weights and retain()
 
 
 class Method(ABC):

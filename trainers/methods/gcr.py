@@ -18,10 +18,13 @@ end of the task, in eval mode, on unaugmented samples.
 Deviations from the paper, and why:
 
 - The paper re-selects the coreset (and re-weights) from the union of buffer and stream at
-  every selection round, so old samples' weights change too. Re-weighting samples already in the
-  memory needs the memory's ``retain(ids, weights)`` API (issue 7); it is not done here: a
-  sample keeps the weight it was stored with, and old classes shrink by the admission's random
-  eviction rather than by a coreset re-selection.
+  every selection round, so old samples' weights change too. With a memory of
+  ``kind = "coreset"`` (``--memory-kind coreset``) this is done per class at the end of every task:
+  each old class's EM slice is re-selected and re-weighted by :func:`gradient_coreset` and applied
+  with ``retain(ids, weights)``, which shrinks it to its new budget (its other samples stay on
+  storage, where CarM's swaps can bring them back); each new class's selection is set exactly the
+  same way. With a plain memory, a sample keeps the weight it was stored with and old classes
+  shrink by the admission's random eviction.
 - Selection happens once per task, per class (the paper's per-class variant), not every few
   steps.
 - No supervised-contrastive term (the paper's ``L_SC``); the losses are DER++'s, weighted.
@@ -269,6 +272,9 @@ class GCR(Method):
 
     def end_task(self, task: Task) -> None:
         m = self.em_size // max(self.seen_classes, 1)
+        coreset = self.ctx.memory_kind == "coreset" and callable(getattr(self.memory, "retain", None))
+        if coreset:  # re-select every old class's coreset from its EM slice, re-weighted; frees room
+            self._reselect_old(m, exclude=set(self.pool.samples))
         for c in sorted(self.pool.samples):
             xs = torch.stack(self.pool.samples[c])
             feats, logits = self._forward(xs)
@@ -278,8 +284,27 @@ class GCR(Method):
             if not len(idx):
                 continue
             w = w * (len(w) / w.sum())  # average 1: the replay losses normalize per draw anyway
-            self.add(xs[idx], labels[idx], task.index, logits=logits[idx], weight=w)
+            with self.ctx.timer.timed("memory_add"):
+                ids = self.memory.add(xs[idx], labels[idx], task.index, logits=logits[idx], weight=w)
+            if coreset:  # exactly this selection: whatever admission did besides is undone
+                self.memory.retain(ids, w, classes=[c])
         self.pool.clear()
+
+    def _reselect_old(self, m: int, exclude: set[int]) -> None:
+        """Per old class, the gradient coreset of its current EM slice, applied with ``retain``."""
+        # Seeded: the EM as it is now (a daemon's ring batch may predate the last swaps).
+        em = self.memory.sample(self.em_size, seed=int(torch.randint(2 ** 31, (), generator=self.generator)))
+        if not len(em):
+            return
+        labels_all = em.y.long()
+        for c in sorted(set(labels_all.tolist()) - exclude):
+            rows = torch.nonzero(labels_all == c).flatten()
+            feats, logits = self._forward(em.x[rows])
+            labels = torch.full((len(rows),), c, dtype=torch.long)
+            idx, w = gradient_coreset(feats, logits[:, :self.seen_classes], labels, min(m, len(rows)),
+                                      reg=self.reg, generator=self.generator)
+            if len(idx):
+                self.memory.retain(em.ids[rows][idx], w * (len(w) / w.sum()), classes=[c])
 
     @torch.no_grad()
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
