@@ -140,6 +140,17 @@ class Method(ABC):
         with self.ctx.timer.timed("replay_observe"):
             self.memory.observe(batch.ids, logits=logits.detach()[:, :self.seen_classes].float().cpu())
 
+    def step(self, loss: torch.Tensor, *replayed: tuple[Batch | None, torch.Tensor | None]) -> float:
+        """One optimizer step on ``loss``, then ``observe`` every ``(batch, its logits)`` replayed in
+        it (None batches skipped): the swap policies see what this step's model made of them."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        for batch, logits in replayed:
+            if batch is not None:
+                self.observe(batch, logits)
+        return float(loss.detach())
+
     def add(self, x: torch.Tensor, y: torch.Tensor, task: int, **extras: torch.Tensor) -> None:
         with self.ctx.timer.timed("memory_add"):
             self.memory.add(x, y, task, **{k: v.detach().cpu() for k, v in extras.items()})

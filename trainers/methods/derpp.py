@@ -45,12 +45,6 @@ class DERpp(Method):
         if second is not None:
             out2 = self.model(self.prep(second.x))
             loss = loss + self.beta * F.cross_entropy(self.masked(out2), second.y.to(self.device))
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        if first is not None:
-            self.observe(first, out1)
-        if second is not None:
-            self.observe(second, out2)
+        value = self.step(loss, (first, out1), (second, out2))
         self.add(x, y, task, logits=logits)
-        return float(loss.detach())
+        return value

@@ -27,10 +27,6 @@ class ER(Method):
             targets = torch.cat([targets, batch.y.to(self.device)])
         logits = self.model(inputs)
         loss = F.cross_entropy(self.masked(logits), targets)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        if batch is not None:
-            self.observe(batch, logits[x.shape[0]:])
+        value = self.step(loss, (batch, logits[x.shape[0]:]))
         self.add(x, y, task)
-        return float(loss.detach())
+        return value

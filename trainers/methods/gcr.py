@@ -260,15 +260,9 @@ class GCR(Method):
             out2 = self.model(self.prep(second.x))
             per = F.cross_entropy(self.masked(out2), second.y.to(self.device), reduction="none")
             loss = loss + self.beta * (_normalized(second.extras["weight"]).to(self.device) * per).sum()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        if first is not None:
-            self.observe(first, out1)
-        if second is not None:
-            self.observe(second, out2)
+        value = self.step(loss, (first, out1), (second, out2))
         self.pool.offer(x, y)
-        return float(loss.detach())
+        return value
 
     def end_task(self, task: Task) -> None:
         m = self.em_size // max(self.seen_classes, 1)

@@ -100,12 +100,7 @@ class ICaRL(Method):
         loss = F.binary_cross_entropy_with_logits(out[:, :seen], targets)
         if self.wd_reg:
             loss = loss + self.wd_reg * sum((p ** 2).sum() for p in self.model.parameters())
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        if batch is not None:
-            self.observe(batch, out[x.shape[0]:])
-        return float(loss.detach())
+        return self.step(loss, (batch, out[x.shape[0]:]))
 
     def end_task(self, task: Task) -> None:
         m = self.em_size // max(self.seen_classes, 1)
