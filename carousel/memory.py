@@ -419,8 +419,6 @@ class CarouselMemory:
         for _ in range(8):  # a swap may move an id in or out of the EM between the read and the update
             with self.catalog.lock:
                 entering = ids[self.catalog.slot[ids] < 0]
-            if entering.size and not self.tiers:
-                raise MemoryInputError(f"ids not in the EM of a RAM-only memory are gone: {entering[:10].tolist()}")
             records = self._read_stored(entering)  # storage I/O, outside every lock
             with self.catalog.lock:
                 slot_ids, slot_labels = self.pool.snapshot()[:2]  # stable: the catalog lock stops swaps

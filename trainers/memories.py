@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -139,11 +138,14 @@ def open_memory(spec: MemorySpec, stream: Stream, workdir: Path) -> OpenMemory:
     if spec.mode == "carousel" and spec.daemon:
         return _start_daemon(config, workdir)
     mem = CarouselMemory.from_dict(config)
-    tiers = ", ".join(f"{t.kind} ({t.path})" for t in mem.config.tiers) or "none"
-    return OpenMemory(mem, f"{spec.mode}: EM {spec.em_size} in RAM, tiers: {tiers}, "
-                           f"swap ratio {mem.config.swap.ratio} ({mem.config.swap.policy}), "
-                           f"workers {mem.config.swap.workers}" if mem.config.tiers else
-                      f"{spec.mode}: EM {spec.em_size} in RAM, no tiers")
+    describe = f"{spec.mode}: EM {spec.em_size} in RAM, "
+    if mem.config.tiers:
+        sc = mem.config.swap
+        describe += (f"tiers: {', '.join(f'{t.kind} ({t.path})' for t in mem.config.tiers)}, "
+                     f"swap ratio {sc.ratio} ({sc.policy}), workers {sc.workers}")
+    else:
+        describe += "no tiers"
+    return OpenMemory(mem, describe)
 
 
 def _start_daemon(config: dict[str, Any], workdir: Path) -> OpenMemory:
@@ -230,7 +232,3 @@ class StorageReplay:
 
 def _np(v: Any) -> np.ndarray:
     return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-
-
-def remove_workdir(workdir: Path) -> None:
-    shutil.rmtree(workdir, ignore_errors=True)
