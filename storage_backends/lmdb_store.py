@@ -1,6 +1,6 @@
 """The flash tier: records in an LMDB environment, one key per id.
 
-URL: ``lmdb:///path/to/dir?map_size=64MiB&max_size=0&sync=1&flush_s=1&mode=rw``
+URL: ``lmdb:///path/to/dir?map_size=64MiB&max_size=0&sync=1&flush_s=1&codec=none&level=3&mode=rw``
 
 - ``map_size``: initial map size. The map grows (doubling) when a write meets ``MDB_MAP_FULL``
   instead of failing, up to ``max_size`` bytes (``0``: no cap; then a full disk is the limit).
@@ -10,6 +10,10 @@ URL: ``lmdb:///path/to/dir?map_size=64MiB&max_size=0&sync=1&flush_s=1&mode=rw``
   ``flush()`` -- which a background thread also calls every ``flush_s`` seconds. ``writemap`` is
   never used. LMDB promises that an ``MDB_NOSYNC`` store is only rolled back, never corrupted, on
   power loss only where the file system keeps writes in order; elsewhere it may be corrupted.
+- ``codec``: ``none`` or ``zstd`` (``level``): every value is compressed on its own, so a record
+  whose tail is padding (a saliency memory's variable-length code in a fixed-size field) takes
+  only the room of its content. Fixed when the store is created and kept in its ``meta``; a URL
+  that names another codec for an existing store is refused.
 - ``mode=ro`` opens read-only, without the writer lock; readers never block the writer (MVCC).
 
 Layout: named databases ``meta`` (schema, format), ``data`` (8-byte big-endian id -> record bytes
@@ -33,6 +37,7 @@ from pathlib import Path
 import google_crc32c
 import lmdb
 import numpy as np
+from numcodecs import Zstd
 
 from .base import Chunk, SampleStore
 from .errors import (
@@ -50,7 +55,7 @@ from .locking import WriterLock
 from .records import RESIDUE, failed_values, pack_records, record_checksums, unpack_records
 from .rwlock import RWLock
 from .schema import Schema, validate_ids
-from .url import StoreURL, parse_bool, parse_size
+from .url import StoreURL, parse_bool, parse_int, parse_size
 
 FORMAT = b"carousel-lmdb/1"
 _CRC = 4  # bytes of the checksum trailer of every value
@@ -73,11 +78,15 @@ class LMDBStore(SampleStore):
     scheme = "lmdb"
 
     def __init__(self, url: StoreURL, schema: Schema | None) -> None:
-        opts = url.take({"map_size": "64MiB", "max_size": "0", "sync": "1", "flush_s": "1", "mode": "rw"})
+        opts = url.take({"map_size": "64MiB", "max_size": "0", "sync": "1", "flush_s": "1", "mode": "rw",
+                         "codec": "", "level": "3"})
         # A bad value is an InvalidURLError (a ValueError), like an unknown key.
         if opts["mode"] not in ("rw", "ro"):
             raise InvalidURLError(f"{url.text}: mode must be rw or ro, got {opts['mode']!r}")
         readonly = opts["mode"] == "ro"
+        if opts["codec"] not in ("", "zstd", "none"):
+            raise InvalidURLError(f"{url.text}: codec must be zstd or none, got {opts['codec']!r}")
+        level = parse_int(opts["level"], "level", -7, 22)
         self._map_size = parse_size(opts["map_size"], "map_size")
         self._max_size = parse_size(opts["max_size"], "max_size")
         self._sync = parse_bool(opts["sync"], "sync")
@@ -110,9 +119,17 @@ class LMDBStore(SampleStore):
                 with self._env.begin(write=True, db=meta) as txn:
                     txn.put(b"format", FORMAT)
                     txn.put(b"schema", schema.to_json().encode())
+                    txn.put(b"codec", (opts["codec"] or "none").encode())
                 stored = schema
             elif schema is not None and Schema(schema) != stored:
                 raise SchemaError(f"{url.text}: store has schema {stored!r}, asked for {Schema(schema)!r}")
+            with self._env.begin(db=meta) as txn:
+                codec = (txn.get(b"codec") or b"none").decode()  # stores from before codecs: none
+            if codec not in ("zstd", "none"):
+                raise CorruptStoreError(f"{url.text}: unknown value codec {codec!r} in the store's meta")
+            if opts["codec"] and opts["codec"] != codec:
+                raise InvalidURLError(f"{url.text}: the store was created with codec={codec}; "
+                                      f"it cannot be reopened with codec={opts['codec']}")
             if not readonly:
                 self._env.reader_check()  # slots of killed readers would pin old pages forever
         except lmdb.Error as exc:
@@ -125,6 +142,8 @@ class LMDBStore(SampleStore):
         self._rw = RWLock()  # shared: any transaction; exclusive: set_mapsize
         self._write_mutex = threading.Lock()  # LMDB write transactions stay on one thread at a time
         self._rec = stored.record_nbytes
+        self.codec = codec
+        self._zstd = Zstd(level=level) if codec == "zstd" else None
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
         if not readonly and not self._sync and flush_s > 0:
@@ -172,9 +191,15 @@ class LMDBStore(SampleStore):
         values[:, self._rec:] = record_checksums(values[:, :self._rec]).astype("<u4").view(np.uint8).reshape(n, _CRC)
         flat = values.tobytes()
         step = self._rec + _CRC
-        items = list(zip(_keys(ids), (flat[i * step:(i + 1) * step] for i in range(n))))
-        self._write(lambda txn: txn.cursor(db=self._data).putmulti(items, dupdata=False, overwrite=True),
-                    needed=len(flat) * 2)
+        items = [flat[i * step:(i + 1) * step] for i in range(n)]
+        if self._zstd is not None:
+            # The CRC is inside the compressed value: it checks the decompressed record, and a
+            # damaged frame fails to decompress or fails the check.
+            encode = self._zstd.encode
+            items = [encode(v) for v in items]
+        pairs = list(zip(_keys(ids), items))
+        self._write(lambda txn: txn.cursor(db=self._data).putmulti(pairs, dupdata=False, overwrite=True),
+                    needed=sum(map(len, items)) * 2)
 
     def _delete(self, ids: np.ndarray) -> None:
         found = self._contains(ids)
@@ -233,6 +258,8 @@ class LMDBStore(SampleStore):
             get = txn.get
             db = self._data
             values = [get(k, db=db) for k in keys]
+        if self._zstd is not None:
+            values = [None if v is None else self._decompress(v, step) for v in values]
         try:
             joined = b"".join(values)
         except TypeError:  # a None: unknown ids
@@ -248,6 +275,15 @@ class LMDBStore(SampleStore):
                                      f"{'quarantined' if not self.readonly else 'left in place (read-only)'}",
                                      bad_ids)
         return unpack_records(self.schema, np.frombuffer(joined, dtype=np.uint8).reshape(len(keys), step)[:, :self._rec])
+
+    def _decompress(self, value: bytes, step: int) -> bytes:
+        """A compressed value's record + CRC; a damaged frame gives ``b""`` (a wrong length,
+        so the batch check below names it corrupt)."""
+        try:
+            out = self._zstd.decode(value)
+        except Exception:  # noqa: BLE001 - numcodecs raises RuntimeError/ValueError for a bad frame
+            return b""
+        return bytes(out) if len(out) == step else b""
 
     def _read(self, buffers: bool = True):
         return _ReadTxn(self, buffers)
