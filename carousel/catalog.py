@@ -23,7 +23,8 @@ RAM_ONLY = -3  # held by an EM slot only (RAM-only memory: no storage tiers)
 
 class Catalog:
     """Columns per id: ``label``, ``task``, ``home``, ``slot``, ``correct``, ``entropy``, ``loss``,
-    ``replays``, ``prefetched``, ``weight`` (a coreset memory's per-sample weight; 1 otherwise)."""
+    ``replays``, ``prefetched``, ``weight`` (a coreset memory's per-sample weight; 1 otherwise),
+    ``nbytes`` (bytes of the stored record, what a tier's byte budget counts; 0 until stored)."""
 
     def __init__(self, capacity: int = 1024) -> None:
         self.lock = threading.RLock()
@@ -37,7 +38,7 @@ class Catalog:
         cols = {"label": (np.int64, -1), "task": (np.int64, -1), "home": (np.int8, EVICTED),
                 "slot": (np.int32, -1), "correct": (np.int8, -1), "entropy": (np.float32, np.nan),
                 "loss": (np.float32, np.nan), "replays": (np.int32, 0), "prefetched": (np.bool_, False),
-                "weight": (np.float32, 1.0)}
+                "weight": (np.float32, 1.0), "nbytes": (np.uint32, 0)}
         for name, (dtype, fill) in cols.items():
             new = np.full(capacity, fill, dtype=dtype)
             if old is not None:

@@ -50,14 +50,15 @@ from storage_backends.url import parse_size
 
 from .tiers import EVICTION_POLICIES
 
-__all__ = ["CarouselConfig", "ConfigError", "MemoryConfig", "SwapConfig", "TierConfig", "WriteBehindConfig",
+__all__ = ["CarouselConfig", "ConfigError", "MemoryConfig", "SaliencyConfig", "SwapConfig", "TierConfig", "WriteBehindConfig",
            "load_config"]
 
 TIER_KINDS = ("lmdb", "zarr")
-ZARR_CODECS = ("none", "zstd")
+TIER_CODECS = ("none", "zstd")
 RESERVED_FIELDS = frozenset({"x", "y", "task", "id"})  # the fields every sample already has
-MEMORY_KINDS = ("plain", "coreset")
+MEMORY_KINDS = ("plain", "coreset", "saliency")
 WEIGHT_FIELD = "weight"  # a coreset memory's per-sample weight: float32, >= 0
+SALIENCY_FIELD = "saliency"  # a saliency memory's add() input: (H, W) map in [0, 1] (or uint8 0..255)
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")  # what storage_backends.Schema accepts
 _MAX_WORKERS = 64
 _MAX_CHUNK = 1 << 20  # the zarr store's own bound on chunk rows
@@ -163,6 +164,27 @@ def _within(inner: str, outer: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class SaliencyConfig:
+    """``[memory.saliency]``: how a ``kind = "saliency"`` memory compresses samples on storage (SAMC).
+
+    A sample keeps the pixels whose saliency is >= ``theta``; the rest are dropped on storage and
+    filled in by ``completion`` when the sample is read back, before it reaches the EM.
+    """
+
+    theta: float = 0.6                    # keep pixels with saliency >= theta, in [0, 1]
+    completion: str = "diffusion"         # how dropped pixels are filled on read (carousel.completion registry)
+    level: int = 3                        # zstd level of the code, in [1, 22]
+
+    def __post_init__(self) -> None:
+        theta = _float(self.theta, "theta")
+        if not 0.0 <= theta <= 1.0:
+            _fail("theta", f"must be in [0, 1], got {theta}")
+        object.__setattr__(self, "theta", theta)
+        _str(self.completion, "completion")
+        _int(self.level, "level", lo=1, hi=22)
+
+
+@dataclass(frozen=True, slots=True)
 class MemoryConfig:
     """``[memory]``: the episodic memory (EM) in RAM and the samples it holds."""
 
@@ -177,8 +199,10 @@ class MemoryConfig:
     state_dir: str | None = None          # catalog/state folder; None: the memory chooses, beside its tiers
     # "plain" replay samples, or "coreset": every sample carries a non-negative weight (the extra
     # field "weight", float32, 1.0 unless add() says otherwise) that sample() returns and
-    # retain(ids, weights) sets (GCR).
+    # retain(ids, weights) sets (GCR); or "saliency": samples are stored compressed to their salient
+    # pixels (add() takes a "saliency" map per sample) and completed when read back (SAMC).
     kind: str = "plain"
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)  # [memory.saliency], kind = "saliency"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -205,13 +229,20 @@ class MemoryConfig:
                 _fail(f"extras.{WEIGHT_FIELD}", "is the coreset weight every sample of a kind = \"coreset\" memory "
                                                "has (float32, shape []); name your field otherwise")
             extras[WEIGHT_FIELD] = ((), "float32")
+        if self.kind == "saliency" and len(self.sample_shape) not in (2, 3):
+            _fail("kind", f"a saliency memory holds images, (H, W) or (C, H, W); sample_shape is {list(self.sample_shape)}")
+        if SALIENCY_FIELD in extras:
+            _fail(f"extras.{SALIENCY_FIELD}", "is the saliency map a kind = \"saliency\" memory takes in add(); "
+                                             "name your field otherwise")
+        if not isinstance(self.saliency, SaliencyConfig):
+            _fail("saliency", f"expected a table [memory.saliency], got {_show(self.saliency)}")
         set_(self, "extras", MappingProxyType(extras))
         if self.state_dir is not None:
             set_(self, "state_dir", _path(self.state_dir, "state_dir"))
 
     def __hash__(self) -> int:  # extras is a mapping; hash its items instead
         return hash((self.em_size, self.sample_shape, self.dtype, self.seed, self.admission,
-                     tuple(sorted(self.extras.items())), self.state_dir, self.kind))
+                     tuple(sorted(self.extras.items())), self.state_dir, self.kind, self.saliency))
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +292,7 @@ class WriteBehindConfig:
         object.__setattr__(self, "block_timeout_s", timeout)
 
 
-_ZARR_ONLY = ("chunk", "codec")
+_ZARR_ONLY = ("chunk",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +308,7 @@ class TierConfig:
     capacity_bytes: int | None = None     # ... or in bytes, >= 1 (see capacity_for)
     sync: bool = True                     # fsync every write (the stores' sync=1)
     chunk: int = 64                       # zarr only: rows per chunk, in [1, 2**20]
-    codec: str = "none"                   # zarr only: "none" or "zstd"
+    codec: str = "none"                   # "none" or "zstd" (compressed records; a saliency memory needs it)
     eviction: str = "class_balanced"      # over capacity: who demotes to the next tier (or leaves, from the last)
     class_quota: int = 0                  # max samples per class on this tier; 0 = no quota
 
@@ -293,7 +324,7 @@ class TierConfig:
             _int(self.capacity_bytes, "capacity_bytes", lo=1)
         _bool(self.sync, "sync")
         _int(self.chunk, "chunk", lo=1, hi=_MAX_CHUNK)
-        _choice(self.codec, "codec", ZARR_CODECS)
+        _choice(self.codec, "codec", TIER_CODECS)
         if self.kind != "zarr":
             for name in _ZARR_ONLY:
                 if getattr(self, name) != _TIER_DEFAULTS[name]:
@@ -310,7 +341,7 @@ class TierConfig:
         path = quote(self.path, safe="/")  # parse_url unquotes; a '?' or '%' in a folder name survives
         sync = int(self.sync)
         if self.kind == "lmdb":
-            return f"lmdb://{path}?sync={sync}"
+            return f"lmdb://{path}?sync={sync}" + ("&codec=zstd" if self.codec == "zstd" else "")
         return f"zarr://{path}?chunk={self.chunk}&codec={self.codec}&sync={sync}"
 
     def capacity_for(self, record_nbytes: int) -> int:
@@ -356,6 +387,12 @@ class CarouselConfig:
             state = self.memory.state_dir
             if state is not None and _within(state, tier.path):
                 _fail("memory.state_dir", f"{state!r} lies inside tiers[{j}].path {tier.path!r}")
+            if self.memory.kind == "saliency" and tier.codec != "zstd":
+                _fail(f"tiers[{j}].codec", "a saliency memory stores variable-length codes in fixed-size records; "
+                                           "give the tier codec = \"zstd\" so that the padding takes no room")
+        if self.memory.kind == "saliency" and not self.tiers:
+            _fail("memory.kind", "a saliency memory compresses samples on storage tiers and completes them on the "
+                                 "way into RAM; a RAM-only memory (no [[tiers]]) has nowhere to keep them compressed")
 
     # -- TOML-shaped dicts ----------------------------------------------------------------------------
 
@@ -382,6 +419,8 @@ class CarouselConfig:
                        if not (self.memory.kind == "coreset" and name == WEIGHT_FIELD)},  # implied by kind
             "kind": self.memory.kind,
         }
+        if self.memory.kind == "saliency":
+            memory["saliency"] = {f.name: getattr(self.memory.saliency, f.name) for f in fields(SaliencyConfig)}
         if self.memory.state_dir is not None:
             memory["state_dir"] = self.memory.state_dir
         tiers = []
@@ -496,6 +535,10 @@ def _build(data: Mapping[str, Any], source: str | None) -> CarouselConfig:
         spec = _check_keys(spec, f"memory.extras.{name}", _EXTRA_KEYS, _EXTRA_KEYS, "table {shape, dtype}")
         extras[name] = (spec["shape"], spec["dtype"])
     memory["extras"] = extras
+    if "saliency" in memory:
+        table = _check_keys(memory["saliency"], "memory.saliency", [f.name for f in fields(SaliencyConfig)],
+                            what="table [memory.saliency]")
+        memory["saliency"] = _section(SaliencyConfig, table, "memory.saliency")
     if "state_dir" in memory:
         memory["state_dir"] = _resolve(memory["state_dir"], base)
     memory_cfg = _section(MemoryConfig, memory, "memory")

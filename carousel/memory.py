@@ -37,8 +37,9 @@ from storage_backends import Schema, open_store
 
 from .batch import Batch
 from .catalog import EVICTED, PENDING, RAM_ONLY, Catalog
-from .config import WEIGHT_FIELD, CarouselConfig, ConfigError, load_config
+from .config import SALIENCY_FIELD, WEIGHT_FIELD, CarouselConfig, ConfigError, load_config
 from .em_pool import EMPool, balanced_weights
+from .kinds import RawCodec, make_codec
 from .metrics import MemoryMetrics
 from .policies import make_admission, make_swap_in, make_swap_out
 from .swap_engine import SwapEngine
@@ -48,6 +49,7 @@ from .write_behind import WriteBehind
 log = logging.getLogger("carousel.memory")
 
 _STATE_FILE = "em-state.npz"
+_UNBOUNDED = 2**62  # the sample capacity of a tier bounded by bytes only
 
 
 class MemoryInputError(ValueError):
@@ -65,6 +67,17 @@ def _check_weights(w: np.ndarray, n: int) -> None:
         raise MemoryInputError(f"weights must be {n} values, got shape {tuple(w.shape)}")
     if n and not (np.isfinite(w).all() and (w >= 0).all()):
         raise MemoryInputError("coreset weights must be finite and >= 0")
+
+
+def _saliency_u8(s: np.ndarray) -> np.ndarray:
+    """A saliency map as 0..255: float maps must lie in [0, 1]; integer maps pass as they are."""
+    if s.dtype.kind == "f":
+        if s.size and not (np.isfinite(s).all() and s.min() >= 0.0 and s.max() <= 1.0):
+            raise MemoryInputError("a float saliency map must hold values in [0, 1]")
+        return np.rint(s * 255.0).astype(np.uint8)
+    if s.dtype.kind in "iu" and s.size and (s.min() < 0 or s.max() > 255):
+        raise MemoryInputError("an integer saliency map must hold values in 0..255")
+    return s
 
 
 class CarouselMemory:
@@ -92,6 +105,13 @@ class CarouselMemory:
             self._swap_in = make_swap_in(sc.swap_in)
         except ValueError as exc:
             raise ConfigError(config.source, "swap.swap_in", str(exc)) from None
+        try:
+            self.codec = make_codec(mc, self.fields)
+        except ValueError as exc:
+            raise ConfigError(config.source, "memory.saliency" if mc.kind == "saliency" else "memory.kind",
+                              str(exc)) from None
+        # What add() takes: the EM's fields plus what the codec alone consumes (a saliency map).
+        self.input_fields = {**self.fields, **self.codec.inputs}
         self.pool = EMPool(mc.em_size, self.fields)
         self.catalog = Catalog()
         self._seen = 0
@@ -100,31 +120,38 @@ class CarouselMemory:
         self._ratio = sc.ratio
         self._closed = False
         self.tiers: list[Tier] = []
-        record_nbytes = Schema(self.fields).record_nbytes
+        raw_nbytes = Schema(self.fields).record_nbytes
+        variable = not isinstance(self.codec, RawCodec)  # records of varying size: budgets count bytes
         self._state_dir = Path(mc.state_dir) if mc.state_dir else (
             Path(config.tiers[0].path).with_name(Path(config.tiers[0].path).name + "-state") if config.tiers else None)
         self._writer: WriteBehind | None = None
         self._engine: SwapEngine | None = None
         try:
             for i, tc in enumerate(config.tiers):
-                store = open_store(tc.url(), self.fields)
-                self.tiers.append(Tier(i, f"{i}-{tc.kind}", store, tc.capacity_for(record_nbytes),
-                                       tc.eviction, tc.class_quota))
+                store = open_store(tc.url(), self.codec.stored)
+                by_bytes = variable and tc.capacity_bytes is not None
+                self.tiers.append(Tier(i, f"{i}-{tc.kind}", store,
+                                       _UNBOUNDED if by_bytes else tc.capacity_for(raw_nbytes),
+                                       tc.eviction, tc.class_quota, tc.capacity_bytes if by_bytes else None))
             state = self._load_state()
             self._recover(state)
             if self.tiers:
                 self._writer = WriteBehind(self.tiers, self.catalog, self.metrics, config.write_behind.queue_samples,
                                            config.write_behind.batch, config.write_behind.block_timeout_s,
-                                           np.random.default_rng([mc.seed, 3]))
+                                           np.random.default_rng([mc.seed, 3]), self.codec)
                 self._engine = SwapEngine(self.pool, self.catalog, self.tiers, self.metrics, sc.workers,
-                                          sc.prefetch_depth, mc.seed)
+                                          sc.prefetch_depth, mc.seed, self.codec)
             self._refill_em(state)
         except BaseException:  # a memory that failed to open leaves no thread or open store behind
             self._release()
             raise
         self.metrics.swap_ratio.set(self._ratio)
         for t in self.tiers:
-            self.metrics.capacity.labels(tier=t.name).set(t.capacity)
+            if t.capacity_bytes is None:
+                self.metrics.capacity.labels(tier=t.name).set(t.capacity)
+            else:
+                self.metrics.capacity_bytes.labels(tier=t.name).set(t.capacity_bytes)
+            self.metrics.record_bytes.labels(tier=t.name).set_function(self._gauge(lambda t=t: self._tier_bytes(t)))
             # Read at scrape time, so a scrape is current without anyone calling stats().
             self.metrics.samples.labels(tier=t.name).set_function(self._gauge(lambda t=t: len(t.store)))
             self.metrics.bytes.labels(tier=t.name).set_function(self._gauge(lambda t=t: t.store.nbytes))
@@ -195,7 +222,7 @@ class CarouselMemory:
                     if not self.tiers:
                         self.catalog.home[old] = EVICTED
                         self.metrics.evictions.labels(reason="replaced").inc(old.size)
-                    self.pool.write(slots[take], ids[take], {k: v[take] for k, v in fields.items()})
+                    self.pool.write(slots[take], ids[take], {k: fields[k][take] for k in self.fields})
                     self.catalog.slot[ids[take]] = slots[take]
                 if not self.tiers and (~take).any():
                     self.catalog.home[ids[~take]] = EVICTED
@@ -235,13 +262,16 @@ class CarouselMemory:
             raise MemoryInputError(f"task must be an int or {n} ints in [0, 32767], got {t.dtype} {tuple(t.shape)}")
         if self.config.memory.kind == "coreset" and WEIGHT_FIELD not in extras:
             extras = {**extras, WEIGHT_FIELD: np.ones(x.shape[0], np.float32)}  # weight 1 unless given
-        unknown = sorted(set(extras) - set(self._extras))
-        missing = sorted(set(self._extras) - set(extras))
+        names = [k for k in self.input_fields if k not in ("x", "y", "task")]
+        unknown = sorted(set(extras) - set(names))
+        missing = sorted(set(names) - set(extras))
         if unknown or missing:
-            raise MemoryInputError(f"extras must be exactly {list(self._extras)}: unknown {unknown}, missing {missing}")
+            raise MemoryInputError(f"extras must be exactly {names}: unknown {unknown}, missing {missing}")
         out = {"x": np.ascontiguousarray(x), "y": y.astype(np.int64), "task": t.astype(np.int16)}
-        for name in self._extras:
-            shape_e, dtype_e = self.fields[name]
+        if SALIENCY_FIELD in names:
+            extras = {**extras, SALIENCY_FIELD: _saliency_u8(arr(extras[SALIENCY_FIELD]))}
+        for name in names:
+            shape_e, dtype_e = self.input_fields[name]
             e = arr(extras[name])
             if tuple(e.shape) != (n, *shape_e):
                 raise MemoryInputError(f"extra {name!r} must have shape {(n, *shape_e)}, got {tuple(e.shape)}")
@@ -460,7 +490,7 @@ class CarouselMemory:
         for tier in self.tiers:
             sel = np.flatnonzero(homes == tier.index)
             if sel.size:
-                data = tier.store.get_many(ids[sel])
+                data = self.codec.decode(tier.store.get_many(ids[sel]))
                 for name in out:
                     out[name][sel] = data[name]
         missing = ~np.isin(homes, [t.index for t in self.tiers])
@@ -477,7 +507,9 @@ class CarouselMemory:
                                                                  for t in self.pool.tensors.values()),
                                                     "capacity": self.pool.size}}
         for t in self.tiers:
-            tiers[t.name] = {"samples": len(t.store), "bytes": t.store.nbytes, "capacity": t.capacity}
+            tiers[t.name] = {"samples": len(t.store), "bytes": t.store.nbytes, "record_bytes": self._tier_bytes(t),
+                             "capacity": t.capacity if t.capacity_bytes is None else None,
+                             "capacity_bytes": t.capacity_bytes}
 
         def value(name: str, **labels: str) -> float:
             return m.registry.get_sample_value(name, labels) or 0.0
@@ -500,6 +532,10 @@ class CarouselMemory:
                        else None,
                        "swap": repr(self._engine.last_error) if self._engine and self._engine.last_error else None},
         }
+
+    def _tier_bytes(self, tier: Tier) -> int:
+        with self.catalog.lock:
+            return int(self.catalog.nbytes[self.catalog.tier_ids(tier.index)].sum())
 
     def flush(self, timeout_s: float | None = 60.0) -> None:
         """Wait for write-behind to store every added sample, then make the tiers durable."""
@@ -524,7 +560,7 @@ class CarouselMemory:
                      "label": self.catalog.label[:n], "task": self.catalog.task[:n],
                      "correct": self.catalog.correct[:n], "entropy": self.catalog.entropy[:n],
                      "loss": self.catalog.loss[:n], "replays": self.catalog.replays[:n],
-                     "weight": self.catalog.weight[:n]}
+                     "weight": self.catalog.weight[:n], "nbytes": self.catalog.nbytes[:n]}
         tmp = self._state_dir / (_STATE_FILE + ".tmp")
         with open(tmp, "wb") as fh:
             np.savez(fh, **state)
@@ -597,6 +633,8 @@ class CarouselMemory:
         """
         ckpt_labels = state.get("label", np.zeros(0, np.int64))
         ckpt_tasks = state.get("task", np.zeros(0, np.int64))
+        ckpt_nbytes = state.get("nbytes", np.zeros(0, np.uint32))
+        raw = isinstance(self.codec, RawCodec)
         top = -1
         seen = read = 0
         for tier in self.tiers:
@@ -611,12 +649,20 @@ class CarouselMemory:
             ids = ids[~known]
             have = ids < ckpt_labels.size
             have[have] = ckpt_labels[ids[have]] >= 0
+            if not raw:  # a record's size is in the checkpoint (from this version on) or in the record
+                have[have] = ids[have] < ckpt_nbytes.size
+                have[have] = ckpt_nbytes[ids[have]] > 0
             self.catalog.register(ids[have], ckpt_labels[ids[have]], ckpt_tasks[ids[have]], tier.index)
+            if not raw:
+                self.catalog.nbytes[ids[have]] = ckpt_nbytes[ids[have]]
             unknown = ids[~have]
             for lo in range(0, unknown.size, 4096):
                 part = unknown[lo:lo + 4096]
                 fields = tier.store.get_many(part)
                 self.catalog.register(part, fields["y"].astype(np.int64), fields["task"].astype(np.int64), tier.index)
+                self.catalog.nbytes[part] = self.codec.nbytes(fields)
+            if raw:
+                self.catalog.nbytes[ids] = Schema(self.fields).record_nbytes
             seen += ids.size
             read += unknown.size
         # Never reuse an id the checkpoint knew, even one evicted since: its label there is final.
@@ -654,7 +700,7 @@ class CarouselMemory:
             sel = want[self.catalog.home[want] == tier.index]
             if not sel.size:
                 continue
-            data = tier.store.get_many(sel)
+            data = self.codec.decode(tier.store.get_many(sel))
             if WEIGHT_FIELD in data and self.config.memory.kind == "coreset":
                 data[WEIGHT_FIELD] = self.catalog.weight[sel]  # as retain() last set it, not as stored
             free = np.flatnonzero(self.pool.slot_ids < 0)[: sel.size]

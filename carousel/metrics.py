@@ -20,6 +20,13 @@ class MemoryMetrics:
         self.samples = Gauge("carousel_samples", "Samples held per tier (ram = EM slots filled).", ["tier"], registry=r)
         self.bytes = Gauge("carousel_bytes", "Bytes occupied per tier.", ["tier"], registry=r)
         self.capacity = Gauge("carousel_capacity_samples", "Capacity per tier in samples.", ["tier"], registry=r)
+        self.capacity_bytes = Gauge("carousel_capacity_bytes", "Byte budget per tier (tiers of variable-size "
+                                    "records with capacity in bytes).", ["tier"], registry=r)
+        self.record_bytes = Gauge("carousel_record_bytes", "Bytes of the records each tier holds, as its budget "
+                                  "counts them (a compressed sample: its compressed size).", ["tier"], registry=r)
+        self.codec_seconds = Counter("carousel_codec_seconds_total", "Time encoding samples for storage "
+                                     "(write-behind) and decoding them back (prefetch; saliency: completion).",
+                                     ["op"], registry=r)
         self.added = Counter("carousel_added_total", "Samples handed to add().", registry=r)
         self.admissions = Counter("carousel_admissions_total", "EM admission decisions.", ["result"], registry=r)
         self.evictions = Counter("carousel_evictions_total", "Samples dropped for good.", ["reason"], registry=r)

@@ -45,7 +45,7 @@ from storage_backends import StoreError
 from . import __version__, sd_notify
 from . import shm as shm_mod
 from . import wire
-from .config import WEIGHT_FIELD, ConfigError
+from .config import SALIENCY_FIELD, WEIGHT_FIELD, ConfigError
 from .daemon_config import DaemonProfile
 from .memory import CarouselMemory, MemoryInputError
 from .write_behind import WriteBehindError
@@ -198,7 +198,8 @@ class Served:
         self.epoch = 0                      # bumped by every add: rings drop short batches made before it
 
     def schema(self) -> dict[str, Any]:
-        return {name: [list(shape), dtype] for name, (shape, dtype) in self.memory.fields.items()}
+        """The fields ``add`` takes (a saliency memory's map included)."""
+        return {name: [list(shape), dtype] for name, (shape, dtype) in self.memory.input_fields.items()}
 
 
 class Filler(threading.Thread):
@@ -749,7 +750,7 @@ class _Connection:
             return {}, tensors
         if op == wire.Op.ADD:
             arrays = self._tensors(specs, raw, meta.get("upload", False))
-            fields = _check_fields(arrays, served.memory.fields)
+            fields = _check_fields(arrays, served.memory.input_fields)
             extras = {k: v for k, v in fields.items() if k not in ("x", "y", "task")}
 
             def add():
@@ -927,7 +928,9 @@ def _check_fields(arrays: Mapping[str, np.ndarray], fields: Mapping[str, tuple[t
     n = arrays["y"].shape[0]
     for name, (shape, dtype) in fields.items():
         a = arrays[name]
-        if a.dtype != np.dtype(dtype) or a.shape != (n, *shape):
+        # A saliency map may also come as floats in [0, 1]: the memory quantizes (and checks) it.
+        dtype_ok = a.dtype == np.dtype(dtype) or (name == SALIENCY_FIELD and a.dtype.kind == "f")
+        if not dtype_ok or a.shape != (n, *shape):
             raise _RequestError("input", f"tensor {name!r} must be {dtype} of shape (n, {', '.join(map(str, shape))})"
                                          f" with n = len(y); got {a.dtype} {tuple(a.shape)}")
     return dict(arrays)

@@ -5,7 +5,7 @@ background thread runs an asyncio loop with two jobs:
 
 - **prefetch**: keep, per class, a queue of already-decoded candidates -- uniformly random stored
   samples of that class that are neither in the EM nor already queued -- read from the tiers in a
-  small thread pool;
+  small thread pool and decoded by the memory's codec (a saliency sample is completed here);
 - **swap**: for each request take a candidate of the asked class from its queue (a *hit*) or read
   one on demand (a *miss*), then copy it into the slot under the EM lock -- a memcpy -- if the slot
   still holds the victim.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,6 +36,7 @@ from storage_backends import CorruptRecordError, MissingIdsError, StoreError
 from .catalog import EVICTED, Catalog
 from .config import WEIGHT_FIELD
 from .em_pool import EMPool
+from .kinds import Codec
 from .metrics import MemoryMetrics
 from .tiers import Tier
 
@@ -43,8 +45,9 @@ log = logging.getLogger("carousel.swap_engine")
 
 class SwapEngine:
     def __init__(self, pool: EMPool, catalog: Catalog, tiers: list[Tier], metrics: MemoryMetrics,
-                 workers: int, prefetch_depth: int, seed: int, max_pending: int = 4096) -> None:
+                 workers: int, prefetch_depth: int, seed: int, codec: Codec, max_pending: int = 4096) -> None:
         self._pool = pool
+        self._codec = codec
         self._catalog = catalog
         self._tiers = tiers
         self._metrics = metrics
@@ -275,8 +278,17 @@ class SwapEngine:
         self._metrics.storage_reads.labels(tier=tier.name).inc(ids.size)
         return self._rows(ids, data)
 
-    @staticmethod
-    def _rows(ids: np.ndarray, data: dict[str, np.ndarray]) -> list[tuple[int, dict[str, np.ndarray]]]:
+    def _rows(self, ids: np.ndarray, data: dict[str, np.ndarray]) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """Stored records -> decoded candidates, one per id."""
+        if not ids.size:
+            return []
+        t0 = time.perf_counter()
+        try:
+            data = self._codec.decode(data)
+            self._metrics.codec_seconds.labels(op="decode").inc(time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - a record that passed its CRC but does not decode
+            self._record_error("decode", exc)
+            return []
         return [(int(i), {k: v[j] for k, v in data.items()}) for j, i in enumerate(ids)]
 
     def _take_ready(self, cls: int, n: int) -> list[tuple[int, dict[str, np.ndarray]]]:
@@ -290,11 +302,7 @@ class SwapEngine:
     def _swap(self, slots: np.ndarray, victims: np.ndarray, classes: np.ndarray, read) -> None:
         for cls in np.unique(classes):
             sel = np.flatnonzero(classes == cls)
-            cands = self._take_ready(int(cls), sel.size)
-            with self._catalog.lock:  # a candidate evicted while it waited is dropped
-                gone = [c[0] for c in cands if self._catalog.home[c[0]] == EVICTED]
-                self._catalog.prefetched[np.asarray(gone, dtype=np.int64)] = False
-                cands = [c for c in cands if c[0] not in gone]
+            cands = self._drop_stale(self._take_ready(int(cls), sel.size))
             hits = len(cands)
             if len(cands) < sel.size:
                 cands += read(int(cls), sel.size - len(cands))
@@ -308,6 +316,15 @@ class SwapEngine:
             fields = {k: np.stack([c[1][k] for c in cands]) for k in cands[0][1]}
             tgt_slots, tgt_victims = slots[sel[:m]], victims[sel[:m]]
             with self._catalog.lock:
+                # retain() may have brought a candidate into the EM since it was read: a sample
+                # must never sit in two slots, so such a candidate is skipped.
+                fresh = self._catalog.slot[ids] < 0
+                if not fresh.all():
+                    self._catalog.prefetched[ids[~fresh]] = False
+                    tgt_slots, tgt_victims, ids = tgt_slots[fresh], tgt_victims[fresh], ids[fresh]
+                    fields = {k: v[fresh] for k, v in fields.items()}
+                    cands = [c for c, f in zip(cands, fresh) if f]
+                    self._metrics.swap_skipped.labels(reason="no_candidate").inc(int((~fresh).sum()))
                 if WEIGHT_FIELD in fields:  # a coreset weight set by retain() since the sample was stored
                     fields[WEIGHT_FIELD] = self._catalog.weight[ids]
                 written = self._pool.write(tgt_slots, ids, fields, expect=tgt_victims)
@@ -324,6 +341,16 @@ class SwapEngine:
             n = int(written.sum())
             self._metrics.swaps.labels(direction="out").inc(n)
             self._metrics.swaps.labels(direction="in").inc(n)
+
+    def _drop_stale(self, cands: list[tuple[int, dict[str, np.ndarray]]]) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """Queued candidates still eligible: not evicted meanwhile, not brought into the EM by retain()."""
+        if not cands:
+            return cands
+        with self._catalog.lock:
+            ids = np.array([c[0] for c in cands], dtype=np.int64)
+            ok = (self._catalog.home[ids] != EVICTED) & (self._catalog.slot[ids] < 0)
+            self._catalog.prefetched[ids[~ok]] = False
+        return [c for c, keep in zip(cands, ok) if keep]
 
     def _record_error(self, op: str, exc: BaseException) -> None:
         self.last_error = exc

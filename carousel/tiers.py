@@ -17,7 +17,9 @@ EVICTION_POLICIES = ("class_balanced", "random", "fifo")
 
 @dataclass
 class Tier:
-    """One storage tier: ``store`` holds at most ``capacity`` samples (``class_quota`` per class)."""
+    """One storage tier: ``store`` holds at most ``capacity`` samples (``class_quota`` per class)
+    and, when ``capacity_bytes`` is set, records of at most that many bytes in all (as the
+    catalog's ``nbytes`` counts them: a compressed sample counts its compressed size)."""
 
     index: int
     name: str
@@ -25,6 +27,7 @@ class Tier:
     capacity: int
     eviction: str = "class_balanced"
     class_quota: int = 0
+    capacity_bytes: int | None = None
 
 
 def choose_overflow(ids: np.ndarray, labels: np.ndarray, over: int, policy: str,
@@ -93,7 +96,8 @@ def enforce_capacity(tiers: list[Tier], catalog: Catalog, metrics: MemoryMetrics
             ids = catalog.tier_ids(tier.index)
             labels = catalog.label[ids]
             in_em = catalog.slot[ids] >= 0
-        over = ids.size - tier.capacity
+            sizes = catalog.nbytes[ids].astype(np.int64)
+        over = max(ids.size - tier.capacity, _over_budget(sizes, tier.capacity_bytes))
         quota_hit = tier.class_quota > 0 and ids.size and np.bincount(labels).max() > tier.class_quota
         if over <= 0 and not quota_hit:
             continue
@@ -103,6 +107,16 @@ def enforce_capacity(tiers: list[Tier], catalog: Catalog, metrics: MemoryMetrics
         # they are swapped out.
         victims = choose_overflow(ids, labels, max(over, 0), tier.eviction, rng, tier.class_quota,
                                   protected=in_em if last else None)
+        for _ in range(8):  # a byte budget: the average was an estimate; take more until it fits
+            stay = ~np.isin(ids, victims)
+            more = _over_budget(sizes[stay], tier.capacity_bytes)
+            if not more:
+                break
+            extra = choose_overflow(ids[stay], labels[stay], more, tier.eviction, rng,
+                                    protected=in_em[stay] if last else None)
+            if not extra.size:
+                break
+            victims = np.concatenate([victims, extra])
         if not victims.size:
             continue
         if last:
@@ -120,4 +134,17 @@ def enforce_capacity(tiers: list[Tier], catalog: Catalog, metrics: MemoryMetrics
                 catalog.home[victims] = nxt.index
             tier.store.delete_many(victims)
             metrics.migrated.labels(tier=tier.name).inc(victims.size)
-            metrics.migrated_bytes.labels(tier=tier.name).inc(victims.size * tier.store.schema.record_nbytes)
+            with catalog.lock:
+                moved = int(catalog.nbytes[victims].sum())
+            metrics.migrated_bytes.labels(tier=tier.name).inc(moved)
+
+
+def _over_budget(sizes: np.ndarray, budget: int | None) -> int:
+    """How many samples of average size must leave for records of ``sizes`` to fit ``budget``
+    bytes (0 without a budget). An estimate from the average: the next write corrects it."""
+    if budget is None or not sizes.size:
+        return 0
+    excess = int(sizes.sum()) - budget
+    if excess <= 0:
+        return 0
+    return min(sizes.size, -(-excess * sizes.size // max(int(sizes.sum()), 1)))

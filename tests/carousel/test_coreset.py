@@ -232,3 +232,24 @@ def test_retain_through_the_daemon_and_weights_survive_its_restart(tmp_path):
         client.close()
     finally:
         assert d.stop() == 0
+
+
+def test_retaining_a_prefetched_candidate_never_puts_a_sample_in_two_slots(tmp_path):
+    # retain() may bring in a sample the swap engine already holds, decoded, in its prefetch queue;
+    # the engine must then drop that candidate rather than write it into a second slot.
+    with CarouselMemory.from_dict(config(tmp_path, em=12)) as mem:
+        ids, y = fill(mem, per_class=60, classes=2)
+        for round_ in range(30):
+            b = mem.sample(12, seed=round_)
+            mem.observe(b.ids, logits=torch.randn(len(b), 2))
+            with mem._engine._ready_lock:  # the next candidates the engine will hand out for class 0
+                queued = np.array([c[0] for c in list(mem._engine._ready.get(0, ()))[:4]], dtype=np.int64)
+            if queued.size:
+                mem.retain(queued, np.ones(queued.size), classes=[0])
+        mem._engine.wait_idle()
+        slot_ids = mem.pool.snapshot()[0]
+        held = slot_ids[slot_ids >= 0]
+        assert np.unique(held).size == held.size, "a sample sits in two EM slots"
+        with mem.catalog.lock:
+            np.testing.assert_array_equal(mem.catalog.slot[held], np.flatnonzero(slot_ids >= 0))
+            assert (mem.catalog.slot[:ids.size] >= 0).sum() == held.size

@@ -1,0 +1,193 @@
+"""Memory kinds as the storage path sees them: a :class:`Codec` turns a batch of samples into the
+records a tier stores, and stored records back into samples for the EM.
+
+- ``raw`` (kinds ``plain`` and ``coreset``): records are the samples, byte for byte.
+- ``saliency`` (kind ``saliency``, SAMC): a sample keeps only its salient pixels. ``add()`` takes a
+  saliency map per sample (``(H, W)``, in [0, 1] or 0..255); write-behind encodes each sample as
+  its bit-packed keep-mask (saliency >= ``theta``) plus the kept pixel values, zstd-compressed, in
+  a fixed-size ``x_code`` field with its length in ``x_len`` -- the tiers compress their records
+  (``codec = "zstd"``), so the unused tail of ``x_code`` takes no room and the bytes on storage fall
+  with ``theta``. Reading back (the swap engine's prefetch, retain, recovery) decodes and
+  completes the dropped pixels (:mod:`carousel.completion`) before the sample reaches the EM.
+
+Each codec reports the bytes a record really carries (:meth:`Codec.nbytes`): the measure of a
+tier's byte budget (``capacity = "64MiB"``), so compressed samples let more of them fit.
+
+>>> import numpy as np
+>>> codec = SaliencyCodec({"x": ((1, 8, 8), "uint8"), "y": ((), "int64"), "task": ((), "int16")}, theta=0.5)
+>>> x = np.arange(64, dtype=np.uint8).reshape(1, 1, 8, 8)
+>>> sal = np.zeros((1, 8, 8), np.uint8); sal[:, :, :4] = 255          # the left half is salient
+>>> rec = codec.encode({"x": x, "y": np.zeros(1, np.int64), "task": np.zeros(1, np.int16), "saliency": sal})
+>>> back = codec.decode(rec)
+>>> bool((back["x"][0, 0, :, :4] == x[0, 0, :, :4]).all()), int(codec.nbytes(rec)[0]) < 64 + 10
+(True, True)
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import ClassVar
+
+import numpy as np
+from numcodecs import Zstd
+
+from storage_backends import Schema
+
+from .completion import Completion, make_completion
+from .config import SALIENCY_FIELD, MemoryConfig
+
+Fields = Mapping[str, tuple[tuple[int, ...], str]]
+
+CODE_FIELD = "x_code"  # a saliency record's code: mask bits + kept pixels, zstd, zero-padded
+LEN_FIELD = "x_len"    # bytes of the code that are real
+
+
+class Codec(ABC):
+    """Encodes a memory's samples for its storage tiers and decodes them back (one per memory).
+
+    ``fields`` are the EM's fields (what ``sample()`` returns); :attr:`inputs` are extra fields
+    ``add()`` takes that only the encoder uses; :attr:`stored` is the tiers' record schema.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, fields: Fields) -> None:
+        self.fields = dict(fields)
+
+    @property
+    def inputs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Fields ``add()`` takes beyond the EM's, consumed by :meth:`encode` (none by default)."""
+        return {}
+
+    @property
+    @abstractmethod
+    def stored(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The schema of a stored record."""
+
+    @abstractmethod
+    def encode(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Records (fields of :attr:`stored`) for a batch of EM fields plus :attr:`inputs`."""
+
+    @abstractmethod
+    def decode(self, records: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """EM fields for stored records (may be a subset: ``y`` and ``task`` only need no decoding)."""
+
+    @abstractmethod
+    def nbytes(self, records: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Bytes each record really carries (the measure of byte budgets), ``(n,)`` int64."""
+
+
+class RawCodec(Codec):
+    """Records are the samples themselves."""
+
+    name = "raw"
+
+    @property
+    def stored(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return dict(self.fields)
+
+    def encode(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: batch[k] for k in self.fields}
+
+    def decode(self, records: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(records)
+
+    def nbytes(self, records: Mapping[str, np.ndarray]) -> np.ndarray:
+        n = len(records["y"])
+        return np.full(n, Schema(self.fields).record_nbytes, dtype=np.int64)
+
+
+def _zstd_bound(n: int) -> int:
+    """ZSTD_COMPRESSBOUND(n) plus a frame header's worth: no zstd frame of n bytes is longer."""
+    return n + (n >> 8) + ((128 * 1024 - n) >> 11 if n < 128 * 1024 else 0) + 32
+
+
+class SaliencyCodec(Codec):
+    """Keep-mask + kept pixels, zstd (see the module docstring)."""
+
+    name = "saliency"
+
+    def __init__(self, fields: Fields, theta: float = 0.6, completion: Completion | str = "diffusion",
+                 level: int = 3) -> None:
+        super().__init__(fields)
+        shape, dtype = self.fields["x"]
+        if len(shape) not in (2, 3):
+            raise ValueError(f"a saliency memory holds images, (H, W) or (C, H, W); x is {shape}")
+        for name in (CODE_FIELD, LEN_FIELD, SALIENCY_FIELD):
+            if name in self.fields:
+                raise ValueError(f"field {name!r} is a saliency memory's own; name your extra field otherwise")
+        self.theta = float(theta)
+        # A map given as 0..255 keeps pixels >= this (theta 0 keeps everything).
+        self._threshold = int(math.ceil(self.theta * 255 - 1e-9))
+        self.completion = make_completion(completion) if isinstance(completion, str) else completion
+        self._zstd = Zstd(level=level)
+        self._shape = shape
+        self._dtype = np.dtype(dtype)
+        self._hw = shape[-2:]
+        self._channels = shape[0] if len(shape) == 3 else 1
+        self._mask_bytes = (self._hw[0] * self._hw[1] + 7) // 8
+        self._cap = _zstd_bound(self._mask_bytes + math.prod(shape) * self._dtype.itemsize)
+        self._rest = {k: v for k, v in self.fields.items() if k != "x"}
+
+    @property
+    def inputs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {SALIENCY_FIELD: (tuple(self._hw), "uint8")}
+
+    @property
+    def stored(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {CODE_FIELD: ((self._cap,), "uint8"), LEN_FIELD: ((), "uint32"), **self._rest}
+
+    def keep_mask(self, saliency: np.ndarray) -> np.ndarray:
+        """``(n, H, W)`` bool: the pixels a sample keeps (saliency >= theta)."""
+        return np.asarray(saliency) >= self._threshold
+
+    def encode(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = np.ascontiguousarray(batch["x"]).reshape(-1, self._channels, *self._hw)
+        keep = self.keep_mask(batch[SALIENCY_FIELD])
+        n = x.shape[0]
+        code = np.zeros((n, self._cap), np.uint8)
+        lengths = np.zeros(n, np.uint32)
+        bits = np.packbits(keep.reshape(n, -1), axis=1)
+        for i in range(n):
+            payload = bits[i].tobytes() + np.ascontiguousarray(x[i][:, keep[i]]).tobytes()
+            frame = self._zstd.encode(payload)
+            if len(frame) > self._cap:  # cannot happen for a zstd frame (see _zstd_bound); say so if it does
+                raise ValueError(f"a saliency code of {len(frame)} bytes exceeds its field ({self._cap})")
+            code[i, :len(frame)] = np.frombuffer(frame, np.uint8)
+            lengths[i] = len(frame)
+        return {CODE_FIELD: code, LEN_FIELD: lengths, **{k: batch[k] for k in self._rest}}
+
+    def decode(self, records: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        code, lengths = records[CODE_FIELD], records[LEN_FIELD]
+        n = lengths.shape[0]
+        h, w = self._hw
+        x = np.zeros((n, self._channels, h, w), self._dtype)
+        known = np.zeros((n, 1, h, w), bool)
+        for i in range(n):
+            raw = bytes(self._zstd.decode(code[i, :int(lengths[i])].tobytes()))
+            keep = np.unpackbits(np.frombuffer(raw, np.uint8, self._mask_bytes))[: h * w].astype(bool).reshape(h, w)
+            vals = np.frombuffer(raw, self._dtype, offset=self._mask_bytes).reshape(self._channels, -1)
+            x[i][:, keep] = vals
+            known[i, 0] = keep
+        filled = self.completion.fill(x.astype(np.float32), known)
+        if self._dtype.kind in "iu":
+            info = np.iinfo(self._dtype)
+            filled = np.clip(np.rint(filled), info.min, info.max)
+        x = np.where(known, x, filled.astype(self._dtype))
+        out = {"x": x.reshape(n, *self._shape)}
+        out.update({k: records[k] for k in self._rest if k in records})
+        return out
+
+    def nbytes(self, records: Mapping[str, np.ndarray]) -> np.ndarray:
+        rest = Schema(self._rest).record_nbytes if self._rest else 0
+        return records[LEN_FIELD].astype(np.int64) + (rest + 4)
+
+
+def make_codec(memory: MemoryConfig, fields: Fields) -> Codec:
+    """The codec of a memory's kind."""
+    if memory.kind == "saliency":
+        sc = memory.saliency
+        return SaliencyCodec(fields, sc.theta, sc.completion, sc.level)
+    return RawCodec(fields)
