@@ -5,7 +5,9 @@
 
 Modes: ``ram``, ``carousel`` (async swapping), ``carousel-sync`` (``--swap-workers 0``: the
 synchronous ablation), ``carousel-daemon`` (the memory in a ``carousel serve`` subprocess), and
-``storage`` (replay read from a store of every past sample). Every (mode, seed) run is written to
+``storage`` (replay read from a store of every past sample); ``carousel-raw`` and
+``carousel-saliency`` store samples raw or saliency-compressed (``--tier-capacity "1MiB"`` gives
+both the same byte budget). Every (mode, seed) run is written to
 ``OUT/MODE-sSEED/result.json``; the table (mean +- std over seeds: final average accuracy,
 task-IL accuracy, forgetting, train time and its ratio to ``ram``) goes to ``OUT/table.md`` and
 ``OUT/compare.json``, the figure to ``OUT/accuracy.png``. Runs already on disk with the same
@@ -30,6 +32,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "carousel-sync": {"memory": "carousel", "swap_workers": 0},
     "carousel-daemon": {"memory": "carousel", "daemon": True},
     "storage": {"memory": "storage"},
+    # The same carousel memory, samples stored raw or saliency-compressed (give both the same
+    # --tier-capacity in bytes: the byte-budget experiment).
+    "carousel-raw": {"memory": "carousel", "memory_kind": "plain"},
+    "carousel-saliency": {"memory": "carousel", "memory_kind": "saliency"},
 }
 
 
@@ -59,8 +65,11 @@ def table(results: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[str
     base_train = None
     if "ram" in results:
         base_train = metrics.mean_std([r["wall_time_s"]["train"] for r in results["ram"]])[0]
+    stored = {m: [_stored(r) for r in runs] for m, runs in results.items()}
+    show_stored = any(s for ss in stored.values() for s in ss)  # a run with storage tiers
     lines = ["| memory | seeds | final avg acc (class-IL) | task-IL acc | forgetting | train time (s) | "
-             "vs ram | replay sample (s) |", "|---|---|---|---|---|---|---|---|"]
+             "vs ram | replay sample (s) |" + (" samples on storage | bytes per stored sample |" if show_stored else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if show_stored else "")]
     for mode, runs in results.items():
         acc = metrics.mean_std([r["final_avg_accuracy"] for r in runs])
         til = metrics.mean_std([r["task_il_accuracy"] for r in runs])
@@ -73,9 +82,28 @@ def table(results: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[str
                       "forgetting_mean": fgt[0], "forgetting_std": fgt[1], "train_s_mean": train[0],
                       "train_s_std": train[1], "train_ratio_to_ram": ratio, "replay_sample_s_mean": sample[0],
                       "seeds": len(runs)}
-        lines.append(f"| {mode} | {len(runs)} | {acc[0]:.2f} +- {acc[1]:.2f} | {til[0]:.2f} +- {til[1]:.2f} | "
-                     f"{fgt[0]:.2f} +- {fgt[1]:.2f} | {train[0]:.1f} +- {train[1]:.1f} | {ratio:.3f} | {sample[0]:.2f} |")
+        line = (f"| {mode} | {len(runs)} | {acc[0]:.2f} +- {acc[1]:.2f} | {til[0]:.2f} +- {til[1]:.2f} | "
+                f"{fgt[0]:.2f} +- {fgt[1]:.2f} | {train[0]:.1f} +- {train[1]:.1f} | {ratio:.3f} | {sample[0]:.2f} |")
+        if show_stored:
+            got = [s for s in stored[mode] if s]
+            if got:
+                n = metrics.mean_std([s[0] for s in got])[0]
+                per = sum(s[1] for s in got) / max(sum(s[0] for s in got), 1)
+                rows[mode].update(stored_samples_mean=n, bytes_per_stored_sample=per)
+                line += f" {n:.0f} | {per:.0f} |"
+            else:
+                line += " - | - |"
+        lines.append(line)
     return lines, rows
+
+
+def _stored(result: dict[str, Any]) -> tuple[int, int] | None:
+    """(samples, record bytes) on a run's storage tiers at its end; None without tiers."""
+    tiers = {k: v for k, v in result.get("memory", {}).get("stats", {}).get("tiers", {}).items()
+             if k != "ram" and isinstance(v, dict) and "record_bytes" in v}
+    if not tiers:
+        return None
+    return sum(int(v["samples"]) for v in tiers.values()), sum(int(v["record_bytes"]) for v in tiers.values())
 
 
 def parse_modes(text: str, seeds: list[int]) -> dict[str, list[int]]:

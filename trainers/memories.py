@@ -56,7 +56,9 @@ class MemorySpec:
     daemon: bool = False                   # carousel mode: run the memory in a `carousel serve` subprocess
     connect: str | None = None             # carousel mode: socket of a daemon already running
     seed: int = 0
-    kind: str = "plain"                    # memory kind: "plain" or "coreset" (weights + retain)
+    kind: str = "plain"                    # memory kind: "plain", "coreset" (weights + retain) or "saliency"
+    tier_capacity: str | None = None       # carousel mode's default tier: samples ("50000") or bytes ("2MiB")
+    theta: float | None = None             # saliency: keep pixels with saliency >= theta
 
 
 class OpenMemory:
@@ -84,9 +86,13 @@ def memory_dict(spec: MemorySpec, stream: Stream, workdir: Path) -> dict[str, An
     memory = {"em_size": spec.em_size, "sample_shape": list(stream.input_shape), "dtype": "uint8",
               "seed": spec.seed, "admission": spec.admission, "kind": spec.kind,
               "extras": {k: {"shape": list(shape), "dtype": dt} for k, (shape, dt) in spec.extras.items()}}
+    if spec.kind == "saliency":
+        memory["saliency"] = {} if spec.theta is None else {"theta": spec.theta}
     if spec.mode == "ram":
         return {"memory": memory}
     stream_size = sum(len(t.train_y) for t in stream.tasks)
+    if spec.profile and spec.tier_capacity is not None:
+        raise ValueError("--tier-capacity sizes the default tier; with --profile, set the capacity in the profile")
     if spec.profile:
         data = read_toml(spec.profile)
         if "memories" in data:
@@ -100,9 +106,13 @@ def memory_dict(spec: MemorySpec, stream: Stream, workdir: Path) -> dict[str, An
         data["tiers"] = tiers
         data.pop("memory", None)
     else:
+        capacity: int | str = stream_size
+        if spec.tier_capacity is not None:
+            text = str(spec.tier_capacity).strip()
+            capacity = int(text) if text.isdigit() else text
         data = {"swap": {"ratio": 0.5, "policy": "carm"},
-                "tiers": [{"kind": "lmdb", "path": str(workdir / "tier0-lmdb"), "capacity": stream_size,
-                           "sync": False}]}
+                "tiers": [{"kind": "lmdb", "path": str(workdir / "tier0-lmdb"), "capacity": capacity,
+                           "sync": False, **({"codec": "zstd"} if spec.kind == "saliency" else {})}]}
     if not data["tiers"]:
         raise ValueError("carousel mode needs at least one storage tier; the profile has none (use --memory ram)")
     swap = dict(data.get("swap", {}))
@@ -122,6 +132,8 @@ def open_memory(spec: MemorySpec, stream: Stream, workdir: Path) -> OpenMemory:
         raise ValueError(f"unknown memory mode {spec.mode!r}; known: {', '.join(MODES)}")
     workdir.mkdir(parents=True, exist_ok=True)
     if spec.mode == "storage":
+        if spec.kind == "saliency":
+            raise ValueError("--memory-kind saliency compresses samples in carousel's tiers; use --memory carousel")
         fields = {"x": (tuple(stream.input_shape), "uint8"), "y": ((), "int64"), "task": ((), "int16"),
                   **{k: (tuple(s), d) for k, (s, d) in spec.extras.items()}}
         if spec.kind == "coreset":

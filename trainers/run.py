@@ -43,6 +43,8 @@ class RunConfig:
     method: str = "er"
     memory: str = "ram"
     memory_kind: str = "plain"
+    tier_capacity: str | None = None        # carousel mode's default tier: "50000" samples or "2MiB"
+    theta: float | None = None              # saliency memories: keep pixels with saliency >= theta
     em_size: int = 200
     profile: str | None = None
     swap_workers: int | None = None
@@ -133,7 +135,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     spec = MemorySpec(cfg.memory, cfg.em_size, admission=method_cls.admission,
                       extras=method_cls.extras(stream.num_classes), profile=cfg.profile,
                       swap_workers=cfg.swap_workers, swap_ratio=cfg.swap_ratio, daemon=cfg.daemon,
-                      connect=cfg.connect, seed=cfg.seed, kind=cfg.memory_kind)
+                      connect=cfg.connect, seed=cfg.seed, kind=cfg.memory_kind,
+                      tier_capacity=cfg.tier_capacity, theta=cfg.theta)
     timer = PhaseTimer()
     opened = open_memory(spec, stream, workdir)
     label = cfg.label or cfg.memory
@@ -142,7 +145,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     losses: list[float] = []
     try:
         ctx = Context(stream, model, opened.memory, device, cfg.batch_size, cfg.replay_size, cfg.lr, cfg.epochs,
-                      cfg.seed, timer, torch.Generator(device=device).manual_seed(cfg.seed), cfg.memory_kind)
+                      cfg.seed, timer, torch.Generator(device=device).manual_seed(cfg.seed), cfg.memory_kind,
+                      tiered=cfg.memory == "carousel")
         method = method_cls(ctx, em_size=cfg.em_size, **cfg.hparams)
         print(f"{cfg.method} on {stream.name} ({len(stream.tasks)} tasks, {stream.source}); memory {opened.describe}",
               flush=True)
@@ -187,6 +191,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                         "replay_sample": seconds.get("replay_sample", 0.0),
                         "replay_observe": seconds.get("replay_observe", 0.0),
                         "memory_add": seconds.get("memory_add", 0.0),
+                        "saliency": seconds.get("saliency", 0.0),
                         "eval": seconds.get("eval", 0.0)},
         "steps": len(losses),
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
@@ -251,8 +256,14 @@ def add_run_arguments(p: argparse.ArgumentParser, *, memory: bool = True) -> Non
         p.add_argument("--memory", default="ram", choices=MODES, help="ram: the classic buffer; carousel: EM + storage "
                        "tiers with swapping; storage: replay read from a store of all past samples (ST-L)")
         p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--memory-kind", default="plain", choices=("plain", "coreset"),
-                   help="coreset: every sample carries a weight and GCR re-selects with retain(ids, weights)")
+    p.add_argument("--memory-kind", default="plain", choices=("plain", "coreset", "saliency"),
+                   help="coreset: every sample carries a weight and GCR re-selects with retain(ids, weights); "
+                   "saliency (carousel mode): samples are stored as their Grad-CAM-salient pixels and completed "
+                   "on the way back into RAM")
+    p.add_argument("--tier-capacity", help="carousel mode, default tier: its capacity, in samples (50000) or "
+                   "bytes (\"2MiB\"); default: room for the whole stream")
+    p.add_argument("--theta", type=float, help="--memory-kind saliency: keep pixels with saliency >= theta "
+                   "(default 0.6)")
     p.add_argument("--em-size", type=int, default=200, help="samples the RAM episodic memory holds (the RAM budget)")
     p.add_argument("--profile", help="carousel mode: a carousel profile TOML ([swap], [[tiers]]; [memory] is "
                    "fitted to the benchmark); default: one LMDB tier holding every sample, ratio 0.5, carm")
@@ -288,7 +299,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
             raise SystemExit(f"--hparam {item!r}: expected NAME=VALUE")
         hparams[name] = float(value)
     cfg = RunConfig(benchmark=args.benchmark, method=args.method, memory=getattr(args, "memory", "ram"),
-                    memory_kind=args.memory_kind,
+                    memory_kind=args.memory_kind, tier_capacity=args.tier_capacity, theta=args.theta,
                     em_size=args.em_size, profile=args.profile, swap_workers=args.swap_workers,
                     swap_ratio=args.swap_ratio, daemon=args.daemon, connect=args.connect, tasks=args.tasks,
                     arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, replay_size=args.replay_size,

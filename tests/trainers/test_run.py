@@ -172,7 +172,8 @@ def test_gcr_with_a_coreset_memory_reselects_and_reweights_old_classes(tmp_path)
     assert result["memory"]["stats"]["tiers"]["ram"]["samples"] <= 30
 
 
-def test_gcr_coreset_end_task_applies_retain_per_class(tmp_path):
+@pytest.mark.parametrize("tiered", [False, True])
+def test_gcr_coreset_end_task_applies_retain_per_class(tmp_path, tiered):
     from trainers.memories import MemorySpec, open_memory
     from trainers.methods import Context, get_method
     stream = generated_stream(tasks=2, train_per_class=30, test_per_class=5)
@@ -183,7 +184,7 @@ def test_gcr_coreset_end_task_applies_retain_per_class(tmp_path):
     try:
         mem = opened.memory
         method = gcr(Context(stream, MLP(stream.num_classes), mem, batch_size=10, replay_size=10,
-                             memory_kind="coreset"), em_size=12)
+                             memory_kind="coreset", tiered=tiered), em_size=12)
         for task in stream.tasks:
             method.begin_task(task)
             for lo in range(0, len(task.train_y), 10):
@@ -197,5 +198,29 @@ def test_gcr_coreset_end_task_applies_retain_per_class(tmp_path):
             assert (b.extras["weight"] >= 0).all()
         # after the second task the old classes were re-weighted: not all weights are the add-time ones
         assert not torch.all(b.extras["weight"] == 1.0)
+        # tiered: every stream sample was stored (swaps can bring any of them back); else only the coresets
+        total = sum(len(t.train_y) for t in stream.tasks)
+        assert (mem.stats()["added"] == total) == tiered
     finally:
         opened.close()
+
+
+@pytest.mark.parametrize("daemon", [False, True])
+def test_er_with_a_saliency_memory_stores_compressed_samples(tmp_path, daemon):
+    result = run(small(method="er", memory="carousel", memory_kind="saliency", arch="reduced-resnet18", tasks=2,
+                       em_size=20, tier_capacity="24KiB", theta=0.6, daemon=daemon, out=str(tmp_path / "sal")))
+    tier = result["memory"]["stats"]["tiers"]["0-lmdb"]
+    assert tier["capacity_bytes"] == 24 * 1024 and tier["record_bytes"] <= 24 * 1024
+    raw_fit = 24 * 1024 // (28 * 28 + 10)
+    assert tier["samples"] > 1.5 * raw_fit  # generated patterns: Grad-CAM keeps about half of each image
+    assert result["wall_time_s"]["saliency"] > 0
+    assert result["final_avg_accuracy"] > 60  # it learns (replaying completed samples)
+
+
+def test_saliency_memory_kind_needs_carousel_mode(tmp_path):
+    with pytest.raises(Exception, match="saliency"):
+        run(small(method="er", memory="ram", memory_kind="saliency", arch="reduced-resnet18", tasks=2,
+                  out=str(tmp_path / "r")))
+    with pytest.raises(ValueError, match="use --memory carousel"):
+        run(small(method="er", memory="storage", memory_kind="saliency", arch="reduced-resnet18", tasks=2,
+                  out=str(tmp_path / "s")))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from carousel.batch import Batch
+from carousel.saliency import grad_cam, last_conv_block
 
 from ..augment import prepare
 from ..streams import Stream, Task
@@ -68,7 +69,8 @@ class Context:
     seed: int = 0
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     generator: torch.Generator | None = None   # augmentation randomness
-    memory_kind: str = "plain"            # "coreset": the memory has per-sample weights and retain()
+    memory_kind: str = "plain"            # "coreset": per-sample weights and retain(); "saliency": add() sends maps
+    tiered: bool = False                  # the memory keeps samples beyond the EM (carousel mode: storage tiers)
 
 
 class Method(ABC):
@@ -151,9 +153,17 @@ class Method(ABC):
                 self.observe(batch, logits)
         return float(loss.detach())
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, task: int, **extras: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, y: torch.Tensor, task: int, **extras: torch.Tensor) -> torch.Tensor:
+        """Add raw stream samples to the memory; returns their ids. For a saliency memory the
+        samples' Grad-CAM maps (the predicted class among the current task's) go along, timed
+        as ``saliency``: the memory keeps only their salient pixels on storage."""
+        if self.ctx.memory_kind == "saliency":
+            with self.ctx.timer.timed("saliency"):
+                classes = self.task.classes if self.task is not None else None
+                extras = {**extras, "saliency": grad_cam(self.model, self.prep(x, train=False),
+                                                         last_conv_block(self.model), classes)}
         with self.ctx.timer.timed("memory_add"):
-            self.memory.add(x, y, task, **{k: v.detach().cpu() for k, v in extras.items()})
+            return self.memory.add(x, y, task, **{k: v.detach().cpu() for k, v in extras.items()})
 
     def masked(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits of classes not seen yet set to -inf: class-incremental training over seen classes."""

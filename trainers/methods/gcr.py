@@ -25,6 +25,11 @@ Deviations from the paper, and why:
   storage, where CarM's swaps can bring them back); each new class's selection is set exactly the
   same way. With a plain memory, a sample keeps the weight it was stored with and old classes
   shrink by the admission's random eviction.
+- With a coreset memory that has storage tiers (``--memory carousel``), every stream sample is
+  stored as it streams by (with its training-time logits, as DER++ stores them, and weight 1) and
+  the selection is applied to those stored ids with ``retain``; between selections CarM's swaps
+  rotate other stored samples (weight 1 unless selected before) through the EM. So the dark-
+  knowledge targets of a carousel GCR are the training-time logits, not the end-of-task ones.
 - Selection happens once per task, per class (the paper's per-class variant), not every few
   steps.
 - No supervised-contrastive term (the paper's ``L_SC``); the losses are DER++'s, weighted.
@@ -197,23 +202,30 @@ class ClassReservoir:
     def __init__(self, cap: int, seed: int = 0) -> None:
         self.cap = max(1, int(cap))
         self.samples: dict[int, list[torch.Tensor]] = {}
+        self.ids: dict[int, list[int]] = {}  # memory ids of the kept samples (-1: not in the memory)
         self.seen: dict[int, int] = {}
         self._rng = np.random.default_rng(seed)
 
-    def offer(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def offer(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Offer stream samples (with their memory ids, when the memory already holds them)."""
         for i, c in enumerate(y.tolist()):
             t = self.seen.get(c, 0)
             self.seen[c] = t + 1
             kept = self.samples.setdefault(c, [])
+            kept_ids = self.ids.setdefault(c, [])
+            sid = -1 if ids is None else int(ids[i])
             if len(kept) < self.cap:
                 kept.append(x[i].clone())
+                kept_ids.append(sid)
             else:
                 j = int(self._rng.integers(0, t + 1))
                 if j < self.cap:
                     kept[j] = x[i].clone()
+                    kept_ids[j] = sid
 
     def clear(self) -> None:
         self.samples.clear()
+        self.ids.clear()
         self.seen.clear()
 
 
@@ -236,6 +248,9 @@ class GCR(Method):
         self.alpha, self.beta, self.reg = float(alpha), float(beta), float(reg)
         self.pool_factor = int(pool_factor)
         self.pool = ClassReservoir(1, seed=ctx.seed)
+        # A tiered coreset memory (carousel mode) keeps every stream sample on storage, so the
+        # selection is applied to stored ids with retain() and swaps bring other stored samples in.
+        self._stores_stream = ctx.memory_kind == "coreset" and ctx.tiered
         self.generator = torch.Generator().manual_seed(ctx.seed)  # the coreset's random fill
 
     @classmethod
@@ -261,7 +276,10 @@ class GCR(Method):
             per = F.cross_entropy(self.masked(out2), second.y.to(self.device), reduction="none")
             loss = loss + self.beta * (_normalized(second.extras["weight"]).to(self.device) * per).sum()
         value = self.step(loss, (first, out1), (second, out2))
-        self.pool.offer(x, y)
+        ids = None
+        if self._stores_stream:  # every stream sample goes to storage, with its logits (as in DER++)
+            ids = self.add(x, y, task, logits=logits.detach())
+        self.pool.offer(x, y, ids)
         return value
 
     def end_task(self, task: Task) -> None:
@@ -269,6 +287,7 @@ class GCR(Method):
         coreset = self.ctx.memory_kind == "coreset" and callable(getattr(self.memory, "retain", None))
         if coreset:  # re-select every old class's coreset from its EM slice, re-weighted; frees room
             self._reselect_old(m, exclude=set(self.pool.samples))
+        selected: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         for c in sorted(self.pool.samples):
             xs = torch.stack(self.pool.samples[c])
             feats, logits = self._forward(xs)
@@ -278,9 +297,19 @@ class GCR(Method):
             if not len(idx):
                 continue
             w = w * (len(w) / w.sum())  # average 1: the replay losses normalize per draw anyway
-            with self.ctx.timer.timed("memory_add"):
-                ids = self.memory.add(xs[idx], labels[idx], task.index, logits=logits[idx], weight=w)
+            if self._stores_stream:  # already stored: the EM's slice becomes exactly this selection
+                selected.append((c, torch.tensor(self.pool.ids[c])[idx], w))
+                continue
+            ids = self.add(xs[idx], labels[idx], task.index, logits=logits[idx], weight=w)
             if coreset:  # exactly this selection: whatever admission did besides is undone
+                self.memory.retain(ids, w, classes=[c])
+        if selected:
+            # Admission filled the EM with the new classes unevenly: shrink the slices that hold
+            # more than their selection first, so that the growing ones find the freed slots.
+            em = self.memory.sample(self.em_size, seed=int(torch.randint(2 ** 31, (), generator=self.generator)))
+            held = torch.bincount(em.y.long(), minlength=self.seen_classes) if len(em) else None
+            selected.sort(key=lambda s: -(int(held[s[0]]) - len(s[1])) if held is not None else 0)
+            for c, ids, w in selected:
                 self.memory.retain(ids, w, classes=[c])
         self.pool.clear()
 
