@@ -15,6 +15,9 @@ Built in:
 - ``mean``: every dropped pixel gets the mean of the sample's kept pixels (per channel): the
   cheapest fill, a baseline.
 
+Both take a dropped pixel from the ``base`` when the code carries one (the saliency codec's
+thumbnail, upsampled): measured, that beats every fill from the kept border (:func:`from_base`).
+
 >>> import numpy as np
 >>> x = np.zeros((1, 1, 4, 4), np.float32); x[..., :, 0] = 10; x[..., :, 3] = 20
 >>> known = np.zeros((1, 1, 4, 4), bool); known[..., :, [0, 3]] = True
@@ -35,13 +38,14 @@ _REGISTRY: dict[str, type[Completion]] = {}
 
 class Completion(ABC):
     """Fills dropped pixels. ``fill`` gets float32 ``x`` ``(n, C, H, W)`` (dropped pixels hold
-    anything) and ``known`` ``(n, 1, H, W)`` bool, and returns ``(n, C, H, W)`` float32 with the
-    known pixels unchanged."""
+    anything), ``known`` ``(n, 1, H, W)`` bool and, when the code carries one, ``base``: a coarse
+    estimate of the whole image ``(n, C, H, W)`` (the upsampled thumbnail); it returns
+    ``(n, C, H, W)`` float32 with the known pixels unchanged."""
 
     name: ClassVar[str]
 
     @abstractmethod
-    def fill(self, x: np.ndarray, known: np.ndarray) -> np.ndarray:
+    def fill(self, x: np.ndarray, known: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
         """``x`` with every pixel where ``known`` is False filled in."""
 
 
@@ -64,6 +68,17 @@ def completions() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def from_base(x: np.ndarray, known: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Dropped pixels from the base as it is.
+
+    Measured on Fashion-MNIST (theta 0.6, thumbnail 1/4): a mean error of 24 of 255 on dropped
+    pixels, against 60-80 when the kept pixels' difference from the base is diffused into the
+    hole (screened or not) and ~160 without a base -- the kept region is the object, whose
+    border says little about the background around it.
+    """
+    return np.where(known, x, base).astype(np.float32)
+
+
 def _masked_mean(x: np.ndarray, known: np.ndarray) -> np.ndarray:
     """Per (sample, channel) mean of the known pixels, ``(n, C, 1, 1)``; 0 where none is known."""
     k = known.astype(np.float32)
@@ -77,7 +92,9 @@ class MeanFill(Completion):
 
     name = "mean"
 
-    def fill(self, x: np.ndarray, known: np.ndarray) -> np.ndarray:
+    def fill(self, x: np.ndarray, known: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
+        if base is not None:
+            return from_base(x, known, base)
         return np.where(known, x, _masked_mean(x, known)).astype(np.float32)
 
 
@@ -88,7 +105,9 @@ class DiffusionFill(Completion):
     name = "diffusion"
     sweeps = 6  # Jacobi sweeps per pyramid level
 
-    def fill(self, x: np.ndarray, known: np.ndarray) -> np.ndarray:
+    def fill(self, x: np.ndarray, known: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
+        if base is not None:
+            return from_base(x, known, base)
         x = x.astype(np.float32, copy=False)
         k = np.broadcast_to(known, x.shape)
         start = self._start(x, known)

@@ -174,6 +174,7 @@ class SaliencyConfig:
     theta: float = 0.6                    # keep pixels with saliency >= theta, in [0, 1]
     completion: str = "diffusion"         # how dropped pixels are filled on read (carousel.completion registry)
     level: int = 3                        # zstd level of the code, in [1, 22]
+    thumbnail: int = 4                    # also store a 1/thumbnail-scale image completion starts from; 0 = none
 
     def __post_init__(self) -> None:
         theta = _float(self.theta, "theta")
@@ -182,6 +183,7 @@ class SaliencyConfig:
         object.__setattr__(self, "theta", theta)
         _str(self.completion, "completion")
         _int(self.level, "level", lo=1, hi=22)
+        _int(self.thumbnail, "thumbnail", lo=0, hi=255)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,12 @@ records a tier stores, and stored records back into samples for the EM.
 - ``raw`` (kinds ``plain`` and ``coreset``): records are the samples, byte for byte.
 - ``saliency`` (kind ``saliency``, SAMC): a sample keeps only its salient pixels. ``add()`` takes a
   saliency map per sample (``(H, W)``, in [0, 1] or 0..255); write-behind encodes each sample as
-  its bit-packed keep-mask (saliency >= ``theta``) plus the kept pixel values, zstd-compressed, in
-  a fixed-size ``x_code`` field with its length in ``x_len`` -- the tiers compress their records
+  its bit-packed keep-mask (saliency >= ``theta``), a coarse thumbnail of the whole image (area
+  averages over ``thumbnail`` x ``thumbnail`` cells: 49 bytes for a 28 x 28 image at 4) and the kept
+  pixel values, zstd-compressed, in a fixed-size ``x_code`` field with its length in ``x_len``. The
+  thumbnail is what completion starts from: without it a dropped background fills with the
+  object's border colour (measured on Fashion-MNIST: a mean error of ~160 of 255 on dropped pixels
+  whose true mean is ~19). The tiers compress their records
   (``codec = "zstd"``), so the unused tail of ``x_code`` takes no room and the bytes on storage fall
   with ``theta``. Reading back (the swap engine's prefetch, retain, recovery) decodes and
   completes the dropped pixels (:mod:`carousel.completion`) before the sample reaches the EM.
@@ -110,7 +114,7 @@ class SaliencyCodec(Codec):
     name = "saliency"
 
     def __init__(self, fields: Fields, theta: float = 0.6, completion: Completion | str = "diffusion",
-                 level: int = 3) -> None:
+                 level: int = 3, thumbnail: int = 4) -> None:
         super().__init__(fields)
         shape, dtype = self.fields["x"]
         if len(shape) not in (2, 3):
@@ -128,7 +132,11 @@ class SaliencyCodec(Codec):
         self._hw = shape[-2:]
         self._channels = shape[0] if len(shape) == 3 else 1
         self._mask_bytes = (self._hw[0] * self._hw[1] + 7) // 8
-        self._cap = _zstd_bound(self._mask_bytes + math.prod(shape) * self._dtype.itemsize)
+        if not 0 <= int(thumbnail) <= 255:
+            raise ValueError(f"thumbnail must be a downscale factor in [0, 255], got {thumbnail}")
+        self.thumbnail = int(thumbnail)
+        # Worst case: header, mask, the largest thumbnail (factor 1: the image again), every pixel.
+        self._cap = _zstd_bound(1 + self._mask_bytes + 2 * math.prod(shape) * self._dtype.itemsize)
         self._rest = {k: v for k, v in self.fields.items() if k != "x"}
 
     @property
@@ -150,8 +158,11 @@ class SaliencyCodec(Codec):
         code = np.zeros((n, self._cap), np.uint8)
         lengths = np.zeros(n, np.uint32)
         bits = np.packbits(keep.reshape(n, -1), axis=1)
+        header = bytes([self.thumbnail])  # decoding follows the payload, not today's config
+        thumbs = _thumbnails(x, self.thumbnail).astype(self._dtype) if self.thumbnail else None
         for i in range(n):
-            payload = bits[i].tobytes() + np.ascontiguousarray(x[i][:, keep[i]]).tobytes()
+            payload = header + bits[i].tobytes() + (thumbs[i].tobytes() if thumbs is not None else b"") + \
+                np.ascontiguousarray(x[i][:, keep[i]]).tobytes()
             frame = self._zstd.encode(payload)
             if len(frame) > self._cap:  # cannot happen for a zstd frame (see _zstd_bound); say so if it does
                 raise ValueError(f"a saliency code of {len(frame)} bytes exceeds its field ({self._cap})")
@@ -165,13 +176,26 @@ class SaliencyCodec(Codec):
         h, w = self._hw
         x = np.zeros((n, self._channels, h, w), self._dtype)
         known = np.zeros((n, 1, h, w), bool)
+        base = np.zeros((n, self._channels, h, w), np.float32)
+        has_base = np.zeros(n, bool)
         for i in range(n):
             raw = bytes(self._zstd.decode(code[i, :int(lengths[i])].tobytes()))
-            keep = np.unpackbits(np.frombuffer(raw, np.uint8, self._mask_bytes))[: h * w].astype(bool).reshape(h, w)
-            vals = np.frombuffer(raw, self._dtype, offset=self._mask_bytes).reshape(self._channels, -1)
-            x[i][:, keep] = vals
+            factor, off = raw[0], 1
+            keep = np.unpackbits(np.frombuffer(raw, np.uint8, self._mask_bytes, off))[: h * w].astype(bool)
+            keep = keep.reshape(h, w)
+            off += self._mask_bytes
+            if factor:
+                th, tw = -(-h // factor), -(-w // factor)
+                thumb = np.frombuffer(raw, self._dtype, self._channels * th * tw, off).reshape(self._channels, th, tw)
+                off += thumb.nbytes
+                base[i] = _upsample(thumb.astype(np.float32), h, w, factor)
+                has_base[i] = True
+            x[i][:, keep] = np.frombuffer(raw, self._dtype, offset=off).reshape(self._channels, -1)
             known[i, 0] = keep
-        filled = self.completion.fill(x.astype(np.float32), known)
+        filled = self.completion.fill(x.astype(np.float32), known, base if has_base.all() else None)
+        if has_base.any() and not has_base.all():  # a mix of codes written under two configs
+            filled[has_base] = self.completion.fill(x[has_base].astype(np.float32), known[has_base],
+                                                    base[has_base])
         if self._dtype.kind in "iu":
             info = np.iinfo(self._dtype)
             filled = np.clip(np.rint(filled), info.min, info.max)
@@ -185,9 +209,32 @@ class SaliencyCodec(Codec):
         return records[LEN_FIELD].astype(np.int64) + (rest + 4)
 
 
+def _thumbnails(x: np.ndarray, factor: int) -> np.ndarray:
+    """``(n, C, ceil(H/f), ceil(W/f))`` area averages of ``x`` (edges replicated to a multiple of f)."""
+    n, c, h, w = x.shape
+    th, tw = -(-h // factor), -(-w // factor)
+    p = np.pad(x.astype(np.float32), ((0, 0), (0, 0), (0, th * factor - h), (0, tw * factor - w)), mode="edge")
+    t = p.reshape(n, c, th, factor, tw, factor).mean(axis=(3, 5))
+    return np.rint(t) if x.dtype.kind in "iu" else t
+
+
+def _upsample(thumb: np.ndarray, h: int, w: int, factor: int) -> np.ndarray:
+    """Bilinear upsampling of a ``(C, th, tw)`` thumbnail back to ``(C, h, w)`` (cell centres aligned)."""
+    def axis(size: int, cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = np.clip((np.arange(size) + 0.5) / factor - 0.5, 0, cells - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, cells - 1)
+        return lo, hi, (pos - lo).astype(np.float32)
+
+    ylo, yhi, fy = axis(h, thumb.shape[1])
+    xlo, xhi, fx = axis(w, thumb.shape[2])
+    rows = thumb[:, ylo] * (1 - fy)[None, :, None] + thumb[:, yhi] * fy[None, :, None]
+    return rows[:, :, xlo] * (1 - fx) + rows[:, :, xhi] * fx
+
+
 def make_codec(memory: MemoryConfig, fields: Fields) -> Codec:
     """The codec of a memory's kind."""
     if memory.kind == "saliency":
         sc = memory.saliency
-        return SaliencyCodec(fields, sc.theta, sc.completion, sc.level)
+        return SaliencyCodec(fields, sc.theta, sc.completion, sc.level, sc.thumbnail)
     return RawCodec(fields)

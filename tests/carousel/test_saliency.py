@@ -116,6 +116,32 @@ def test_completion_contract(name):
     assert out.min() >= x[kk].min() - 1e-3 and out.max() <= x[kk].max() + 1e-3
 
 
+@pytest.mark.parametrize("name", completions())
+def test_completion_takes_dropped_pixels_from_a_base(name):
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 255, (2, 3, 8, 8)).astype(np.float32)
+    base = rng.uniform(0, 255, (2, 3, 8, 8)).astype(np.float32)
+    known = rng.random((2, 1, 8, 8)) < 0.5
+    out = make_completion(name).fill(x, known, base)
+    kk = np.broadcast_to(known, x.shape)
+    np.testing.assert_array_equal(out[kk], x[kk])
+    np.testing.assert_array_equal(out[~kk], base[~kk])
+
+
+def test_the_thumbnail_makes_completion_far_closer_on_real_images_for_a_few_bytes():
+    x, sal, source = real_or_object_images(256)
+    err, size = {}, {}
+    for thumb in (0, 4):
+        codec = SaliencyCodec(FIELDS, theta=0.6, thumbnail=thumb)
+        rec = codec.encode(batch(x, sal))
+        back = codec.decode(rec)["x"].astype(np.float32)
+        dropped = ~np.broadcast_to(codec.keep_mask(np.rint(sal * 255).astype(np.uint8))[:, None], x.shape)
+        err[thumb] = np.abs(back - x)[dropped].mean()
+        size[thumb] = codec.nbytes(rec).mean()
+    assert err[4] < 0.5 * err[0], (source, err)
+    assert size[4] - size[0] <= 7 * 7 + 8, (source, size)  # the thumbnail: 49 bytes before zstd
+
+
 def test_diffusion_fills_smooth_images_better_than_the_mean():
     yy, xx = np.mgrid[:28, :28].astype(np.float32)
     x = np.stack([np.sin(xx / 5 + k) * 60 + yy * 4 + 30 for k in range(4)])[:, None]
@@ -131,7 +157,7 @@ def test_a_completion_plugs_in_by_name(tmp_path):
     class Zero(Completion):
         name = "zero-test"
 
-        def fill(self, x, known):
+        def fill(self, x, known, base=None):
             return np.where(known, x, 0).astype(np.float32)
 
     cfg = saliency_config(tmp_path, completion="zero-test")
@@ -348,3 +374,14 @@ def test_saliency_memory_through_the_daemon_and_its_restart(tmp_path):
         client.close()
     finally:
         assert d.stop() == 0
+
+
+def test_codes_decode_by_their_own_header_after_the_config_changes():
+    x, sal = object_images(6)
+    with_thumb, without = SaliencyCodec(FIELDS, theta=0.5, thumbnail=4), SaliencyCodec(FIELDS, theta=0.5, thumbnail=0)
+    a, b = with_thumb.encode(batch(x[:3], sal[:3])), without.encode(batch(x[3:], sal[3:]))
+    mixed = {k: np.concatenate([a[k], b[k]]) for k in a}
+    for reader in (with_thumb, without):  # either config reads both kinds of code, even in one batch
+        got = reader.decode(mixed)["x"]
+        np.testing.assert_array_equal(got[:3], with_thumb.decode(a)["x"])
+        np.testing.assert_array_equal(got[3:], without.decode(b)["x"])
