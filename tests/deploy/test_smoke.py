@@ -24,7 +24,8 @@ pytestmark = pytest.mark.timeout(240)
 # Panels that show only what the workload below does not cause: faults, demotion past a full
 # tier, eviction (every sample is stored), refused connections. They must parse, not return data.
 QUIET = ("Errors /s", "Demotions between tiers /s", "Swap lag and skipped swaps [B]",
-         "Admissions and evictions /s [B]")
+         "Admissions and evictions /s [B]",
+         "Byte budget in use")  # only tiers of variable-size records (saliency memories) have byte budgets
 
 
 def promql(expr: str) -> str:
