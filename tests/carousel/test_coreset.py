@@ -21,11 +21,13 @@ from carousel.memory import MemoryInputError
 SHAPE = [4]
 
 
-def config(tmp_path=None, em=30, **memory):
+def config(tmp_path=None, em=30, tier="lmdb", **memory):
     cfg = {"memory": {"em_size": em, "sample_shape": SHAPE, "kind": "coreset", "seed": 0, **memory},
            "swap": {"ratio": 0.5, "start_task": 0}}
     if tmp_path is not None:
-        cfg["tiers"] = [{"kind": "lmdb", "path": str(tmp_path / "flash"), "capacity": 10000}]
+        cfg["tiers"] = [{"kind": tier, "path": str(tmp_path / tier), "capacity": 10000}]
+        if tier == "zarr":
+            cfg["tiers"][0]["chunk"] = 8
     return cfg
 
 
@@ -97,8 +99,9 @@ def test_retain_replaces_one_class_slice_and_keeps_the_rest(tmp_path):
         assert mem.stats()["evicted"] == 0
 
 
-def test_swapped_in_samples_carry_their_retained_weight(tmp_path):
-    with CarouselMemory.from_dict(config(tmp_path, em=6)) as mem:
+@pytest.mark.parametrize("tier", ["lmdb", "zarr"])
+def test_swapped_in_samples_carry_their_retained_weight(tmp_path, tier):
+    with CarouselMemory.from_dict(config(tmp_path, em=6, tier=tier)) as mem:
         ids, y = fill(mem, per_class=10, classes=2)
         mem.retain(ids[y == 1][:3], [1.0, 1.0, 1.0])  # frees what class 1 held beyond 3 slots
         mem.retain(ids[y == 0][:3], [7.0, 7.0, 7.0])
