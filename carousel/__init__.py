@@ -14,9 +14,9 @@ from .config import CarouselConfig, ConfigError, load_config
 from .memory import CarouselMemory, MemoryInputError
 from .write_behind import WriteBehindError
 from .client import MemoryClient, connect
-from .dataset import ReplayDataset
+from .dataset import ReplayDataset, StreamReplayDataset
 from .wire import RemoteError
 
 __version__ = "0.1.0"
 __all__ = ["Batch", "CarouselConfig", "CarouselMemory", "ConfigError", "MemoryClient", "MemoryInputError",
-           "RemoteError", "ReplayDataset", "WriteBehindError", "connect", "load_config", "__version__"]
+           "RemoteError", "ReplayDataset", "StreamReplayDataset", "WriteBehindError", "connect", "load_config", "__version__"]
