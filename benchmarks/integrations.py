@@ -1,0 +1,169 @@
+"""Benchmark of the integrations: each framework's own buffer against carousel's, on the same loop.
+
+``python -m benchmarks.integrations [--quick] [--steps N] [--out DIR]``
+
+(a) Mammoth's ER step (an MLP on 28x28 inputs; 32 stream + 32 replayed samples; ``get_data`` with a
+    per-example transform, ``add_data`` of the stream batch) with a reservoir buffer as Mammoth's
+    ``utils/buffer.py`` implements it (Mammoth is not a package; the same algorithm re-written here:
+    per-sample reservoir insertion, ``np.random.choice`` draw, per-example transform), against
+    ``CarouselBuffer`` RAM-only and with an LMDB tier holding every sample (swapping).
+(b) A TorchRL off-policy loop: ``extend`` 32 transitions (obs 64 float32, action, reward, next obs),
+    ``sample(256)``, one MLP step; ``ReplayBuffer`` on ``LazyTensorStorage`` (RAM), on
+    ``LazyMemmapStorage`` (disk) and on ``CarouselStorage`` (an LMDB tier). Needs torchrl.
+
+Reported: steps/s of each and the ratio to the framework's own buffer. It asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from carousel.integrations.mammoth import CarouselBuffer
+
+from . import report
+
+
+class ReservoirBuffer:
+    """Mammoth's reservoir ``Buffer`` (examples, labels), re-written for the comparison."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.seen = size, 0
+        self.examples: torch.Tensor | None = None
+
+    def is_empty(self) -> bool:
+        return self.seen == 0
+
+    def add_data(self, examples: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.examples is None:
+            self.examples = torch.zeros((self.size, *examples.shape[1:]), dtype=examples.dtype)
+            self.labels = torch.zeros(self.size, dtype=torch.int64)
+        for i in range(examples.shape[0]):
+            j = self.seen if self.seen < self.size else np.random.randint(0, self.seen + 1)
+            self.seen += 1
+            if j < self.size:
+                self.examples[j] = examples[i]
+                self.labels[j] = labels[i]
+
+    def get_data(self, size: int, transform=None, device=None):
+        n = min(self.seen, self.size)
+        choice = np.random.choice(n, size=min(size, n), replace=False)
+        x = self.examples[choice]
+        if transform is not None:
+            x = torch.stack([transform(e) for e in x])
+        return x, self.labels[choice]
+
+
+def _flip(x: torch.Tensor) -> torch.Tensor:
+    return torch.flip(x, dims=[-1])
+
+
+def mammoth_loop(buffer, steps: int, warmup: int) -> float:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    x_all = torch.rand(steps + warmup, 32, 1, 28, 28)
+    y_all = torch.randint(0, 10, (steps + warmup, 32))
+    t0 = 0.0
+    for s in range(steps + warmup):
+        if s == warmup:
+            t0 = time.perf_counter()
+        inputs, labels = x_all[s], y_all[s]
+        opt.zero_grad()
+        if not buffer.is_empty():
+            bx, by = buffer.get_data(32, transform=_flip)
+            inputs, labels = torch.cat([inputs, bx]), torch.cat([labels, by])
+        F.cross_entropy(net(inputs), labels).backward()
+        opt.step()
+        buffer.add_data(examples=x_all[s], labels=y_all[s])
+    return steps / (time.perf_counter() - t0)
+
+
+def torchrl_loop(make_storage, steps: int, warmup: int) -> float:
+    from tensordict import TensorDict
+    from torchrl.data import RandomSampler, ReplayBuffer, RoundRobinWriter
+    torch.manual_seed(0)
+    rb = ReplayBuffer(storage=make_storage(), sampler=RandomSampler(), writer=RoundRobinWriter(), batch_size=256)
+    net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+
+    def transitions(n: int) -> TensorDict:
+        return TensorDict({"obs": torch.randn(n, 64), "action": torch.randint(0, 4, (n,)),
+                           "next": {"obs": torch.randn(n, 64), "reward": torch.randn(n)}}, batch_size=[n])
+
+    rb.extend(transitions(1024))
+    t0 = 0.0
+    for s in range(steps + warmup):
+        if s == warmup:
+            t0 = time.perf_counter()
+        rb.extend(transitions(32))
+        batch = rb.sample()
+        q = net(batch["obs"]).gather(1, batch["action"][:, None])[:, 0]
+        target = batch["next", "reward"] + 0.99 * net(batch["next", "obs"]).max(1).values.detach()
+        opt.zero_grad()
+        F.mse_loss(q, target).backward()
+        opt.step()
+    return steps / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.integrations", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="few steps (a smoke run)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--out", default="bench-out/integrations")
+    args = p.parse_args(argv)
+    steps = 50 if args.quick else args.steps
+    warmup = 10 if args.quick else 100
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="carousel-bench-int-"))
+    rows: dict[str, dict[str, float]] = {}
+    try:
+        mam = {"Mammoth reservoir Buffer (re-written)": lambda: ReservoirBuffer(500),
+               "CarouselBuffer, RAM only": lambda: CarouselBuffer(500),
+               "CarouselBuffer + LMDB tier (swapping)": lambda: CarouselBuffer(
+                   500, tiers=[{"kind": "lmdb", "capacity": 10**6}], root=tmp / "mam")}
+        base = None
+        for name, make in mam.items():
+            buf = make()
+            rate = mammoth_loop(buf, steps, warmup)
+            if hasattr(buf, "close"):
+                buf.close()
+            base = base or rate
+            rows[name] = {"loop": "mammoth-er", "steps_per_s": rate, "ratio": rate / base}
+        if importlib.util.find_spec("torchrl") is None:
+            print("torchrl not installed: TorchRL rows skipped (pip install 'carousel[torchrl]')")
+        else:
+            from torchrl.data import LazyMemmapStorage, LazyTensorStorage
+
+            from carousel.integrations.torchrl import CarouselStorage
+            trl = {"TorchRL LazyTensorStorage (RAM)": lambda: LazyTensorStorage(200_000),
+                   "TorchRL LazyMemmapStorage (disk)": lambda: LazyMemmapStorage(200_000, scratch_dir=tmp / "mm"),
+                   "CarouselStorage (LMDB tier)": lambda: CarouselStorage(200_000, tmp / "cs")}
+            base = None
+            for name, make in trl.items():
+                rate = torchrl_loop(make, steps, warmup)
+                base = base or rate
+                rows[name] = {"loop": "torchrl-dqn", "steps_per_s": rate, "ratio": rate / base}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    lines = [f"Integrations, {steps} steps each ({platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} torch threads)", "",
+             "| loop | buffer | steps/s | vs the framework's own |", "|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {r['loop']} | {name} | {r['steps_per_s']:.1f} | {r['ratio']:.2f} |")
+    return report.write(out, {"steps": steps, "rows": rows}, lines)
+
+
+if __name__ == "__main__":
+    main()
