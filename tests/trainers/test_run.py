@@ -165,9 +165,10 @@ def test_modes_may_carry_their_own_seeds():
         parse_modes("rom", [0])
 
 
-def test_gcr_with_a_coreset_memory_reselects_and_reweights_old_classes(tmp_path):
+@pytest.mark.parametrize("daemon", [False, True])
+def test_gcr_with_a_coreset_memory_reselects_and_reweights_old_classes(tmp_path, daemon):
     result = run(small(method="gcr", memory="carousel", memory_kind="coreset", tasks=3, em_size=30,
-                       out=str(tmp_path / "gcr")))
+                       daemon=daemon, out=str(tmp_path / "gcr")))
     assert result["acc_matrix"][0][0] > 90
     assert result["memory"]["stats"]["tiers"]["ram"]["samples"] <= 30
 
