@@ -174,7 +174,10 @@ class SaliencyConfig:
     theta: float = 0.6                    # keep pixels with saliency >= theta, in [0, 1]
     completion: str = "diffusion"         # how dropped pixels are filled on read (carousel.completion registry)
     level: int = 3                        # zstd level of the code, in [1, 22]
-    thumbnail: int = 4                    # also store a 1/thumbnail-scale image completion starts from; 0 = none
+    # Pixels below theta: kept at this many bits (of 8) -- coarse but sharp -- or dropped (0) and
+    # completed on read, from a 1/thumbnail-scale image when thumbnail > 0.
+    background_bits: int = 2
+    thumbnail: int = 4
 
     def __post_init__(self) -> None:
         theta = _float(self.theta, "theta")
@@ -184,6 +187,7 @@ class SaliencyConfig:
         _str(self.completion, "completion")
         _int(self.level, "level", lo=1, hi=22)
         _int(self.thumbnail, "thumbnail", lo=0, hi=255)
+        _int(self.background_bits, "background_bits", lo=0, hi=8)
 
 
 @dataclass(frozen=True, slots=True)

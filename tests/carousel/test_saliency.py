@@ -61,7 +61,7 @@ def batch(x, sal, y=None, task=0):
 # ---- the codec ---------------------------------------------------------------------------------------
 def test_kept_pixels_come_back_exactly_and_dropped_ones_are_filled():
     x, sal = object_images(16)
-    codec = SaliencyCodec(FIELDS, theta=0.5)
+    codec = SaliencyCodec(FIELDS, theta=0.5, background_bits=0)
     rec = codec.encode(batch(x, sal, y=np.arange(16)))
     back = codec.decode(rec)
     keep = codec.keep_mask(np.rint(sal * 255).astype(np.uint8))[:, None]
@@ -89,6 +89,25 @@ def test_multichannel_and_other_dtypes_round_trip():
     keep = np.broadcast_to((np.rint(sal * 255) >= codec._threshold)[:, None], x.shape)
     np.testing.assert_array_equal(back["x"][keep], x[keep])
     np.testing.assert_array_equal(back["logits"], logits)
+
+
+def test_background_pixels_are_kept_coarse_and_sharp():
+    x, sal = object_images(32)
+    keep = np.broadcast_to((np.rint(sal * 255) >= 128)[:, None], x.shape)
+    err, size = {}, {}
+    for b in (1, 2, 4, 8):
+        codec = SaliencyCodec(FIELDS, theta=0.5, background_bits=b)
+        rec = codec.encode(batch(x, sal))
+        back = codec.decode(rec)["x"]
+        np.testing.assert_array_equal(back[keep], x[keep])           # salient: exact
+        step = 1 << (8 - b)
+        diff = np.abs(back.astype(int) - x.astype(int))[~keep]
+        upper = x[~keep] >= step
+        assert diff[upper].max() <= step // 2 + 1, (b, diff[upper].max())  # the rest: within half a step,
+        assert (back[~keep][~upper] == 0).all()                            # the lowest step to 0: black stays black
+        err[b], size[b] = diff.mean(), codec.nbytes(rec).mean()
+    assert err[1] > err[2] > err[4] > err[8] == 0
+    assert size[1] < size[2] < size[4] < size[8]
 
 
 def test_bytes_per_sample_fall_with_theta_on_real_images():
@@ -132,7 +151,7 @@ def test_the_thumbnail_makes_completion_far_closer_on_real_images_for_a_few_byte
     x, sal, source = real_or_object_images(256)
     err, size = {}, {}
     for thumb in (0, 4):
-        codec = SaliencyCodec(FIELDS, theta=0.6, thumbnail=thumb)
+        codec = SaliencyCodec(FIELDS, theta=0.6, thumbnail=thumb, background_bits=0)
         rec = codec.encode(batch(x, sal))
         back = codec.decode(rec)["x"].astype(np.float32)
         dropped = ~np.broadcast_to(codec.keep_mask(np.rint(sal * 255).astype(np.uint8))[:, None], x.shape)
@@ -378,7 +397,8 @@ def test_saliency_memory_through_the_daemon_and_its_restart(tmp_path):
 
 def test_codes_decode_by_their_own_header_after_the_config_changes():
     x, sal = object_images(6)
-    with_thumb, without = SaliencyCodec(FIELDS, theta=0.5, thumbnail=4), SaliencyCodec(FIELDS, theta=0.5, thumbnail=0)
+    with_thumb = SaliencyCodec(FIELDS, theta=0.5, thumbnail=4, background_bits=0)
+    without = SaliencyCodec(FIELDS, theta=0.5, thumbnail=0, background_bits=2)
     a, b = with_thumb.encode(batch(x[:3], sal[:3])), without.encode(batch(x[3:], sal[3:]))
     mixed = {k: np.concatenate([a[k], b[k]]) for k in a}
     for reader in (with_thumb, without):  # either config reads both kinds of code, even in one batch
