@@ -11,6 +11,10 @@
     ``sample(256)``, one MLP step; ``ReplayBuffer`` on ``LazyTensorStorage`` (RAM), on
     ``LazyMemmapStorage`` (disk) and on ``CarouselStorage`` (an LMDB tier). Needs torchrl.
 
+(c) Avalanche's ``Naive`` strategy (the same MLP, 28x28 inputs, mini-batches of 32) with its own
+    ``ReplayPlugin(mem_size=500)`` against ``CarouselReplayPlugin(mem_size=500)``, RAM-only and with
+    an LMDB tier. Needs avalanche-lib (run the script with the interpreter of a venv that has it).
+
 Reported: steps/s of each and the ratio to the framework's own buffer. It asserts nothing.
 """
 
@@ -116,6 +120,34 @@ def torchrl_loop(make_storage, steps: int, warmup: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
+def avalanche_loop(plugin, steps: int) -> float:
+    import warnings
+
+    from avalanche.benchmarks import nc_benchmark
+    from avalanche.training import Naive
+    from torch.utils.data import TensorDataset
+
+    class Split(TensorDataset):
+        def __init__(self, x, y):
+            super().__init__(x, y)
+            self.targets = y
+
+    torch.manual_seed(0)
+    n = steps * 32 // 2  # two experiences of steps / 2 mini-batches each
+    x, y = torch.rand(n * 2, 1, 28, 28), torch.arange(n * 2) % 4
+    bm = nc_benchmark(Split(x, y), Split(x[:64], y[:64]), n_experiences=2, task_labels=False, seed=0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 4))
+    strategy = Naive(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.05),
+                     criterion=nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=1, plugins=[plugin],
+                     evaluator=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strategy.train(bm.train_stream[0], num_workers=0)  # the first experience: warm-up, no replay yet
+        t0 = time.perf_counter()
+        strategy.train(bm.train_stream[1], num_workers=0)
+    return (len(bm.train_stream[1].dataset) / 32) / (time.perf_counter() - t0)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.integrations", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="few steps (a smoke run)")
@@ -155,6 +187,24 @@ def main(argv: list[str] | None = None) -> dict:
                 rate = torchrl_loop(make, steps, warmup)
                 base = base or rate
                 rows[name] = {"loop": "torchrl-dqn", "steps_per_s": rate, "ratio": rate / base}
+        if importlib.util.find_spec("avalanche") is None:
+            print("avalanche-lib not installed: Avalanche rows skipped")
+        else:
+            from avalanche.training.plugins import ReplayPlugin
+
+            from carousel.integrations.avalanche import CarouselReplayPlugin
+            ava = {"Avalanche ReplayPlugin (ReservoirSamplingBuffer)": lambda: ReplayPlugin(mem_size=500),
+                   "CarouselReplayPlugin, RAM only": lambda: CarouselReplayPlugin(500, root=tmp / "ava0"),
+                   "CarouselReplayPlugin + LMDB tier (swapping)": lambda: CarouselReplayPlugin(
+                       500, tiers=[{"kind": "lmdb", "capacity": 10**6}], root=tmp / "ava1")}
+            base = None
+            for name, make in ava.items():
+                plugin = make()
+                rate = avalanche_loop(plugin, steps)
+                if hasattr(plugin, "close"):
+                    plugin.close()
+                base = base or rate
+                rows[name] = {"loop": "avalanche-naive", "steps_per_s": rate, "ratio": rate / base}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     lines = [f"Integrations, {steps} steps each ({platform.processor() or platform.machine()}, "
