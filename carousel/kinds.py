@@ -14,13 +14,13 @@ records a tier stores, and stored records back into samples for the EM.
   ``theta``. Reading back (the swap engine's prefetch, recovery) decodes (and completes) before the
   sample reaches the EM.
 
-  Measured on Fashion-MNIST with Grad-CAM maps of a reduced ResNet-18 early in training (25 % of the
-  pixels salient at theta 0.6), against 794-byte raw records (565 bytes raw + zstd): 2-bit
-  background 367 bytes/sample, and the same model classifies the decoded images as well as the
-  originals (81.8 vs 82.0 %); 1-bit 318 bytes (80.5 %); dropped + 1/4 thumbnail + completion 280
-  bytes (76.3 %, visibly blurred); dropped without a thumbnail, the background fills with the
-  object's border colour. Dropping is what SAMC does; the coarse background is what keeps replay
-  from teaching the model blurred images.
+  Measured (``python -m benchmarks.saliency``) on Fashion-MNIST with Grad-CAM maps of a reduced
+  ResNet-18 early in training (30 % of the pixels salient at theta 0.6), against 794-byte raw
+  records (575 bytes raw + zstd): 2-bit background 361 bytes/sample, and the same model classifies
+  the decoded images as well as the originals (78.0 vs 78.0 %); 1-bit 316 bytes (74.0 %); dropped
+  with a 1/4 thumbnail 315 bytes (74.8 %, visibly blurred); dropped without one 266 bytes (56.5 %:
+  the background fills with the object's border colour). Dropping is what SAMC does; the coarse
+  background is what keeps replay from teaching the model blurred images.
 
 Each codec reports the bytes a record really carries (:meth:`Codec.nbytes`): the measure of a
 tier's byte budget (``capacity = "64MiB"``), so compressed samples let more of them fit.
