@@ -106,9 +106,12 @@ class RawCodec(Codec):
     def decode(self, records: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(records)
 
+    def __init__(self, fields: Fields) -> None:
+        super().__init__(fields)
+        self._record_nbytes = Schema(self.fields).record_nbytes
+
     def nbytes(self, records: Mapping[str, np.ndarray]) -> np.ndarray:
-        n = len(records["y"])
-        return np.full(n, Schema(self.fields).record_nbytes, dtype=np.int64)
+        return np.full(len(records["y"]), self._record_nbytes, dtype=np.int64)
 
 
 def _zstd_bound(n: int) -> int:
@@ -153,6 +156,7 @@ class SaliencyCodec(Codec):
         # Worst case: header, mask, the largest thumbnail (factor 1: the image again), every pixel.
         self._cap = _zstd_bound(2 + self._mask_bytes + 2 * math.prod(shape) * self._dtype.itemsize)
         self._rest = {k: v for k, v in self.fields.items() if k != "x"}
+        self._rest_nbytes = Schema(self._rest).record_nbytes
 
     @property
     def inputs(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -243,8 +247,8 @@ class SaliencyCodec(Codec):
         return filled.astype(self._dtype)
 
     def nbytes(self, records: Mapping[str, np.ndarray]) -> np.ndarray:
-        rest = Schema(self._rest).record_nbytes if self._rest else 0
-        return records[LEN_FIELD].astype(np.int64) + (rest + 4)
+        # The code's real length, its length field and the other fields (label, task, extras).
+        return records[LEN_FIELD].astype(np.int64) + (self._rest_nbytes + 4)
 
 
 def _pack(values: np.ndarray, bits: int) -> bytes:

@@ -662,7 +662,7 @@ class CarouselMemory:
                 self.catalog.register(part, fields["y"].astype(np.int64), fields["task"].astype(np.int64), tier.index)
                 self.catalog.nbytes[part] = self.codec.nbytes(fields)
             if raw:
-                self.catalog.nbytes[ids] = Schema(self.fields).record_nbytes
+                self.catalog.nbytes[ids] = self.codec.nbytes({"y": ids})
             seen += ids.size
             read += unknown.size
         # Never reuse an id the checkpoint knew, even one evicted since: its label there is final.

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from avalanche.core import SupervisedPlugin
 
-from ..memory import CarouselMemory
+from ._memory import memory_for
 
 __all__ = ["CarouselReplayPlugin"]
 
@@ -107,13 +107,8 @@ class CarouselReplayPlugin(SupervisedPlugin):
             shutil.rmtree(self._root, ignore_errors=True)
             self._root = None
 
-    def _open(self, x: torch.Tensor) -> CarouselMemory:
+    def _open(self, x: torch.Tensor) -> Any:
         if self._root is None:
             self._root = Path(tempfile.mkdtemp(prefix="carousel-avalanche-"))
-        memory: dict[str, Any] = {"em_size": self.mem_size, "sample_shape": list(x.shape[1:]),
-                                  "dtype": str(x.dtype).removeprefix("torch."), "seed": self._seed}
-        tiers = [{"path": str(self._root / f"tier{i}-{t.get('kind', 'store')}"), "sync": False, **t}
-                 for i, t in enumerate(self._tiers)]
-        if tiers:
-            memory["state_dir"] = str(self._root / "state")
-        return CarouselMemory.from_dict({"memory": memory, "swap": self._swap, "tiers": tiers})
+        memory, _ = memory_for(x, self.mem_size, self._root, self._tiers, self._swap, self._seed)
+        return memory

@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from ..memory import CarouselMemory
+from ..batch import Batch
+from ._memory import memory_for
 
 __all__ = ["CarouselBuffer"]
 
@@ -144,7 +145,6 @@ class CarouselBuffer:
         self._require_data()
         batch = self._memory.sample(self.buffer_size, seed=0)
         order = torch.argsort(batch.ids)
-        from ..batch import Batch
         batch = Batch(batch.ids[order], batch.x[order], batch.y[order], batch.task[order],
                       {k: v[order] for k, v in batch.extras.items()})
         return self._tuple(batch, transform, device, False)
@@ -195,22 +195,14 @@ class CarouselBuffer:
         self.close()
 
     # ---- internals --------------------------------------------------------------------------------
-    def _open(self, examples: torch.Tensor, logits: torch.Tensor | None) -> CarouselMemory:
+    def _open(self, examples: torch.Tensor, logits: torch.Tensor | None) -> Any:
         if self._given is not None:
             return self._given
         if self._root is None:
             self._root = Path(tempfile.mkdtemp(prefix="carousel-buffer-"))
-        memory: dict[str, Any] = {
-            "em_size": self.buffer_size, "sample_shape": list(examples.shape[1:]),
-            "dtype": str(examples.dtype).removeprefix("torch."), "seed": self._seed, "admission": "reservoir",
-            "extras": {"logits": {"shape": list(logits.shape[1:]), "dtype": "float32"}} if logits is not None else {}}
-        tiers = [{"path": str(self._root / f"tier{i}-{t.get('kind', 'store')}"), "sync": False, **t}
-                 for i, t in enumerate(self._tiers)]
-        if tiers:
-            memory["state_dir"] = str(self._root / "state")
-        self._created = [Path(t["path"]) for t, given in zip(tiers, self._tiers) if "path" not in given]
-        self._created += [Path(memory["state_dir"])] if tiers else []
-        return CarouselMemory.from_dict({"memory": memory, "swap": self._swap, "tiers": tiers})
+        memory, self._created = memory_for(examples, self.buffer_size, self._root, self._tiers, self._swap,
+                                           self._seed, {"logits": logits} if logits is not None else None)
+        return memory
 
     def _tuple(self, batch: Any, transform, device, return_index: bool) -> tuple[torch.Tensor, ...]:
         target = self.device if device is None else device
