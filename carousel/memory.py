@@ -320,7 +320,7 @@ class CarouselMemory:
                 slots = self._pick_locked(n, classes, tasks, balanced, self._sample_rng)
             self.pool.gather_into_locked(slots, out)
         self.metrics.sample_latency.observe(time.perf_counter() - t0)
-        return int(slots.size)
+        return len(slots)
 
     def _pick_locked(self, n: int, classes: Any, tasks: Any, balanced: bool, rng: np.random.Generator) -> np.ndarray:
         """Slots for a filtered, balanced or seeded draw (caller holds ``pool.lock``)."""
