@@ -80,12 +80,13 @@ class Sizes:
     scale_stored: tuple[int, ...] = (10_000, 100_000, 1_000_000)
     clients: tuple[int, ...] = (1, 2, 4)
     client_seconds: float = 3.0
+    persist_adds: int = 512  # add(32) calls timed until flushed: the write-behind's sustained rate
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(ems=(500,), seconds=0.2, rounds=1, records=5000, batches=5, repeat=1, cold_batches=2,
                    train_stored=2000, train_steps=2, train_rounds=1, scale_ems=(500, 2000),
-                   scale_stored=(1000, 5000), clients=(1, 2), client_seconds=0.5)
+                   scale_stored=(1000, 5000), clients=(1, 2), client_seconds=0.5, persist_adds=16)
 
 
 def log(message: str) -> None:
@@ -369,11 +370,12 @@ def bench_scaling(sizes: Sizes, workdir: Path) -> dict:
         mem = CarouselMemory.from_dict({"memory": {"em_size": 500, "sample_shape": list(SHAPE), "seed": 0},
                                         "tiers": [{"kind": "lmdb", "path": str(path), "capacity": 10**7, "sync": False}]})
         add = _per_call(lambda: mem.add(x32, y32, task=1), sizes.seconds)
+        mem.flush()
         t0 = time.perf_counter()
-        for _ in range(64):
+        for _ in range(sizes.persist_adds):
             mem.add(x32, y32, task=1)
         mem.flush()
-        drain = 64 * 32 / (time.perf_counter() - t0)
+        drain = sizes.persist_adds * 32 / (time.perf_counter() - t0)
         mem.close()
         shutil.rmtree(path, ignore_errors=True)
         out["stored"][str(stored)] = {"put_many_samples_per_s": put_rate, "random_get_256_us": read * 1e6,
