@@ -53,6 +53,13 @@ def _verify(url: str) -> int:
     return 1 if bad else 0
 
 
+def _capacity(tier) -> str:
+    """A tier's capacity as the profile gave it: samples, or a byte budget."""
+    if tier.capacity_bytes is not None:
+        return f"{tier.capacity_bytes:,} bytes"
+    return f"{tier.capacity_samples:,} samples"
+
+
 def _check_config(path: str) -> int:
     from .daemon_config import load_profile
 
@@ -62,9 +69,9 @@ def _check_config(path: str) -> int:
         print(f"carousel: invalid profile: {exc}", file=sys.stderr)
         return 2
     for name, cfg in profile.memories.items():
-        tiers = ", ".join(f"{t.kind} {t.path}" for t in cfg.tiers) or "RAM only"
-        print(f"memory {name}: em_size {cfg.memory.em_size} x {list(cfg.memory.sample_shape)} {cfg.memory.dtype}; "
-              f"swap {cfg.swap.policy} ratio {cfg.swap.ratio}; tiers: {tiers}")
+        tiers = ", ".join(f"{t.kind} {t.path} ({_capacity(t)})" for t in cfg.tiers) or "RAM only"
+        print(f"memory {name}: kind {cfg.memory.kind}; em_size {cfg.memory.em_size} x {list(cfg.memory.sample_shape)} "
+              f"{cfg.memory.dtype}; swap {cfg.swap.policy} ratio {cfg.swap.ratio}; tiers: {tiers}")
     print(f"{path}: ok")
     return 0
 

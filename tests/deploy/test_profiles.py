@@ -88,8 +88,11 @@ def test_check_config_accepts_the_profile(path, checked):
     assert done.returncode == 0, done.stderr
     assert done.stdout.rstrip().endswith(f"{path}: ok")
     _, cfg, _ = _load(path)
+    assert f"kind {cfg.memory.kind};" in done.stdout
     for tier in cfg.tiers:
-        assert f"{tier.kind} {tier.path}" in done.stdout
+        capacity = (f"{tier.capacity_bytes:,} bytes" if tier.capacity_bytes is not None
+                    else f"{tier.capacity_samples:,} samples")
+        assert f"{tier.kind} {tier.path} ({capacity})" in done.stdout
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
