@@ -20,13 +20,9 @@ asserts nothing about speed.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -146,15 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.seconds, args.rounds = 0.3, 1
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="carousel-bench-", dir=out)).resolve()
-    try:
+    with report.scratch(out) as workdir:
         variants = run(args.seconds, args.rounds, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                           "python": platform.python_version(), "torch": torch.__version__,
-                           "platform": platform.platform()},
+    results = {"machine": report.machine(),
                "em_size": EM, "batch": N, "sample_shape": list(SHAPE), "variants": variants}
     lines = ["| `sample(256)`, EM 500, CIFAR-sized uint8 | batches/s | samples/s | p50 | p99 "
              "| ratio to in-process | ratio to in-process, 1 thread |",

@@ -21,10 +21,7 @@ It prints a table and writes ``results.json`` and ``results.md`` to ``--out`` (d
 from __future__ import annotations
 
 import argparse
-import platform
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -226,16 +223,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.stored, args.steps, args.rounds = 2_000, 3, 1
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="carousel-bench-", dir=out))
-    try:
-        results = {"machine": {"cpus": torch.get_num_threads(), "python": platform.python_version(),
-                               "torch": torch.__version__, "platform": platform.platform()},
+    with report.scratch(out) as workdir:
+        results = {"machine": report.machine(),
                    "sample": bench_sample(repeat=3 if args.quick else 15),
                    "training": bench_training(args.stored, args.steps, args.rounds, workdir,
                                               args.read_delay_ms / 1e3)}
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     s, t = results["sample"], results["training"]
     lines = [
         "| measurement | value |", "|---|---|",

@@ -25,13 +25,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -183,16 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.seconds, args.rounds = 0.3, 1
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="carousel-bench-", dir=out)).resolve()
-    try:
+    with report.scratch(out) as workdir:
         variants = run(args.seconds, args.rounds, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     import ray
-    results = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                           "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-                           "platform": platform.platform()},
+    results = {"machine": report.machine(ray=ray.__version__),
                "em_size_per_shard": EM, "batch": N, "add_batch": ADD_BATCH, "sample_shape": list(SHAPE), **variants}
     lines = ["| `sample(256)`, EM 500 per shard, CIFAR-sized uint8 | batches/s | samples/s | p50 | p99 "
              "| vs daemon ring | vs daemon socket |", "|---|---|---|---|---|---|---|"]

@@ -3,7 +3,32 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+
+
+def machine(**extra: str) -> dict:
+    """What every result records of the machine it ran on (``extra``: versions of peers, say)."""
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform(), **extra}
+
+
+@contextmanager
+def scratch(out: Path, prefix: str = "carousel-bench-") -> Iterator[Path]:
+    """A fresh work folder under ``out`` (created), removed afterwards whatever happens."""
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=out)).resolve()
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def write(out: Path, results: dict, lines: list[str]) -> dict:

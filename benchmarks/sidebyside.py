@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -55,6 +54,7 @@ from carousel import CarouselMemory
 from storage_backends import open_store
 
 from . import memory as memory_bench
+from . import report
 from .peer_worker import BATCH, SHAPE, rates_interleaved
 from .storage import FlatFile, drop_page_cache, list_files, make_dataset
 
@@ -511,14 +511,10 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     python, why = peers_python(args.peers_python, args.build_peers, out)
     log(f"peers: {python or 'none'} ({why})")
-    workdir = Path(tempfile.mkdtemp(prefix="work-", dir=out)).resolve()
     parts = set(args.only.split(","))
     results: dict = {"quick": args.quick, "peers_python": python, "peers_found_by": why,
-                     "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                                 "python": platform.python_version(), "torch": torch.__version__,
-                                 "platform": platform.platform()},
-                     "peer_versions": run_peer(python, why, "versions")}
-    try:
+                     "machine": report.machine(), "peer_versions": run_peer(python, why, "versions")}
+    with report.scratch(out, prefix="work-") as workdir:
         if "ram" in parts:
             results["ram"] = bench_ram(sizes, python, why, workdir)
         if "storage" in parts:
@@ -527,8 +523,6 @@ def main(argv: list[str] | None = None) -> dict:
             results["training"] = bench_training(sizes, python, why, workdir)
         if "scaling" in parts:
             results["scaling"] = bench_scaling(sizes, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     if parts >= {"ram", "storage", "training", "scaling"}:
         lines = markdown(results)

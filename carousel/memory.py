@@ -69,6 +69,46 @@ def _check_weights(w: np.ndarray, n: int) -> None:
         raise MemoryInputError("coreset weights must be finite and >= 0")
 
 
+def as_array(v: Any) -> np.ndarray:
+    """A tensor or array-like as a numpy array (a CPU copy of a device tensor)."""
+    return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+
+
+def check_sample_fields(x: Any, y: Any, task: Any, shape: tuple[int, ...], dtype: str) -> dict[str, np.ndarray]:
+    """``x``, ``y`` and ``task`` of one ``add`` checked and normalized (``x`` contiguous, ``y``
+    int64, ``task`` int16 per sample); raises :class:`MemoryInputError` naming what is wrong.
+    Shared by every front that takes samples (the memory itself, the sharded Ray client)."""
+    x = as_array(x)
+    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape):
+        raise MemoryInputError(f"x must have shape (n, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+    if x.dtype != np.dtype(dtype):
+        raise MemoryInputError(f"x must be {dtype}, got {x.dtype} (store raw samples; convert explicitly)")
+    n = x.shape[0]
+    y = as_array(y)
+    if y.shape != (n,) or y.dtype.kind not in "iu":
+        raise MemoryInputError(f"y must be {n} integer labels, got {y.dtype} {tuple(y.shape)}")
+    if n and y.min() < 0:
+        raise MemoryInputError("labels must be non-negative")
+    t = as_array(task)
+    t = np.full(n, int(t), dtype=np.int64) if t.ndim == 0 and t.dtype.kind in "iu" else t
+    if t.shape != (n,) or t.dtype.kind not in "iu" or (n and (t.min() < 0 or t.max() > np.iinfo(np.int16).max)):
+        raise MemoryInputError(f"task must be an int or {n} ints in [0, 32767], got {t.dtype} {tuple(t.shape)}")
+    return {"x": np.ascontiguousarray(x), "y": y.astype(np.int64), "task": t.astype(np.int16)}
+
+
+def check_extra(name: str, value: Any, n: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """One extra field of ``n`` samples, checked against its ``(shape, dtype)`` and cast to it (a
+    saliency map may come as floats in [0, 1] and is stored as 0..255)."""
+    e = as_array(value)
+    if name == SALIENCY_FIELD:
+        e = _saliency_u8(e)
+    if tuple(e.shape) != (n, *shape):
+        raise MemoryInputError(f"extra {name!r} must have shape {(n, *shape)}, got {tuple(e.shape)}")
+    if not np.can_cast(e.dtype, dtype, casting="same_kind"):
+        raise MemoryInputError(f"extra {name!r} must be {dtype}, got {e.dtype}")
+    return np.ascontiguousarray(e.astype(dtype, copy=False))
+
+
 def _saliency_u8(s: np.ndarray) -> np.ndarray:
     """A saliency map as 0..255: float maps must lie in [0, 1]; integer maps pass as they are."""
     if s.dtype.kind == "f":
@@ -241,43 +281,18 @@ class CarouselMemory:
         return torch.from_numpy(ids)
 
     def _validate(self, x: Any, y: Any, task: Any, extras: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        def arr(v: Any) -> np.ndarray:
-            return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-
         shape, dtype = self.fields["x"]
-        x = arr(x)
-        if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
-            raise MemoryInputError(f"x must have shape (n, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
-        if x.dtype != np.dtype(dtype):
-            raise MemoryInputError(f"x must be {dtype}, got {x.dtype} (store raw samples; convert explicitly)")
-        n = x.shape[0]
-        y = arr(y)
-        if y.shape != (n,) or y.dtype.kind not in "iu":
-            raise MemoryInputError(f"y must be {n} integer labels, got {y.dtype} {tuple(y.shape)}")
-        if n and y.min() < 0:
-            raise MemoryInputError("labels must be non-negative")
-        t = arr(task)
-        t = np.full(n, int(t), dtype=np.int64) if t.ndim == 0 else t
-        if t.shape != (n,) or t.dtype.kind not in "iu" or (n and (t.min() < 0 or t.max() > np.iinfo(np.int16).max)):
-            raise MemoryInputError(f"task must be an int or {n} ints in [0, 32767], got {t.dtype} {tuple(t.shape)}")
+        out = check_sample_fields(x, y, task, shape, dtype)
+        n = out["x"].shape[0]
         if self.config.memory.kind == "coreset" and WEIGHT_FIELD not in extras:
-            extras = {**extras, WEIGHT_FIELD: np.ones(x.shape[0], np.float32)}  # weight 1 unless given
+            extras = {**extras, WEIGHT_FIELD: np.ones(n, np.float32)}  # weight 1 unless given
         names = [k for k in self.input_fields if k not in ("x", "y", "task")]
         unknown = sorted(set(extras) - set(names))
         missing = sorted(set(names) - set(extras))
         if unknown or missing:
             raise MemoryInputError(f"extras must be exactly {names}: unknown {unknown}, missing {missing}")
-        out = {"x": np.ascontiguousarray(x), "y": y.astype(np.int64), "task": t.astype(np.int16)}
-        if SALIENCY_FIELD in names:
-            extras = {**extras, SALIENCY_FIELD: _saliency_u8(arr(extras[SALIENCY_FIELD]))}
         for name in names:
-            shape_e, dtype_e = self.input_fields[name]
-            e = arr(extras[name])
-            if tuple(e.shape) != (n, *shape_e):
-                raise MemoryInputError(f"extra {name!r} must have shape {(n, *shape_e)}, got {tuple(e.shape)}")
-            if not np.can_cast(e.dtype, dtype_e, casting="same_kind"):
-                raise MemoryInputError(f"extra {name!r} must be {dtype_e}, got {e.dtype}")
-            out[name] = np.ascontiguousarray(e.astype(dtype_e))
+            out[name] = check_extra(name, extras[name], n, *self.input_fields[name])
         if self.config.memory.kind == "coreset":
             _check_weights(out[WEIGHT_FIELD], n)
         return out

@@ -63,8 +63,8 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from ..batch import Batch
-from ..config import SALIENCY_FIELD, WEIGHT_FIELD, ConfigError
-from ..memory import MemoryInputError
+from ..config import WEIGHT_FIELD, ConfigError
+from ..memory import MemoryInputError, as_array, check_extra, check_sample_fields
 from .actor import ShardActor
 from .allocation import allocate
 from .config import ShardingConfig
@@ -325,27 +325,14 @@ class ShardedMemory:
                    ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """The shards' own checks, made here first, so that no shard takes a batch another rejects."""
         shape, dtype = self.input_fields["x"]
-        x = _np(x)
-        if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
-            raise MemoryInputError(f"x must have shape (n, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
-        if x.dtype != np.dtype(dtype):
-            raise MemoryInputError(f"x must be {dtype}, got {x.dtype} (store raw samples; convert explicitly)")
-        n = x.shape[0]
-        y = _np(y)
-        if y.shape != (n,) or y.dtype.kind not in "iu":
-            raise MemoryInputError(f"y must be {n} integer labels, got {y.dtype} {tuple(y.shape)}")
-        if n and y.min() < 0:
-            raise MemoryInputError("labels must be non-negative")
-        t = _np(task)
-        t = np.full(n, int(t), dtype=np.int64) if t.ndim == 0 and t.dtype.kind in "iu" else t
-        if t.shape != (n,) or t.dtype.kind not in "iu" or (n and (t.min() < 0 or t.max() > np.iinfo(np.int16).max)):
-            raise MemoryInputError(f"task must be an int or {n} ints in [0, 32767], got {t.dtype} {tuple(t.shape)}")
+        core = check_sample_fields(x, y, task, shape, dtype)
+        n = core["x"].shape[0]
         key_arr = None
         if keys is not None:
             if self.sharding.routing != "key":
                 raise MemoryInputError(f'keys route samples with routing = "key"; this memory routes by '
                                        f'{self.sharding.routing!r}')
-            key_arr = _np(keys)
+            key_arr = as_array(keys)
             if key_arr.shape != (n,) or key_arr.dtype.kind not in "iu":
                 raise MemoryInputError(f"keys must be {n} integers (one routing key per sample), "
                                        f"got {key_arr.dtype} {tuple(key_arr.shape)}")
@@ -356,16 +343,7 @@ class ShardedMemory:
         missing = sorted(set(names) - set(extras) - optional)
         if unknown or missing:
             raise MemoryInputError(f"extras must be exactly {names}: unknown {unknown}, missing {missing}")
-        out = {"x": np.ascontiguousarray(x), "y": y.astype(np.int64), "task": t.astype(np.int16)}
-        for name, value in extras.items():
-            shape_e, dtype_e = self.input_fields[name]
-            e = _np(value)
-            if tuple(e.shape) != (n, *shape_e):
-                raise MemoryInputError(f"extra {name!r} must have shape {(n, *shape_e)}, got {tuple(e.shape)}")
-            # A saliency map may come as floats in [0, 1]: the shard's memory converts it.
-            if name != SALIENCY_FIELD and not np.can_cast(e.dtype, dtype_e, casting="same_kind"):
-                raise MemoryInputError(f"extra {name!r} must be {dtype_e}, got {e.dtype}")
-            out[name] = np.ascontiguousarray(e if name == SALIENCY_FIELD else e.astype(dtype_e, copy=False))
+        out = {**core, **{name: check_extra(name, value, n, *self.input_fields[name]) for name, value in extras.items()}}
         return out, key_arr
 
     # ---- sample ---------------------------------------------------------------------------------------
@@ -505,8 +483,8 @@ class ShardedMemory:
         :meth:`CarouselMemory.observe`). Statistics for shards that are down are dropped."""
         self._check_open()
         ids = self._check_ids(ids)
-        lg = None if logits is None else _np(logits)
-        ls = None if loss is None else _np(loss).reshape(-1)
+        lg = None if logits is None else as_array(logits)
+        ls = None if loss is None else as_array(loss).reshape(-1)
         if lg is not None and (lg.ndim != 2 or lg.shape[0] != ids.size):
             raise MemoryInputError(f"logits must be ({ids.size}, C), got {tuple(lg.shape)}")
         if ls is not None and ls.size != ids.size:
@@ -671,7 +649,7 @@ class ShardedMemory:
             time.sleep(min(self.sharding.probe_interval_s, max(deadline - time.monotonic(), 0.0)))
 
     def _check_ids(self, ids: Any) -> np.ndarray:
-        ids = _np(ids)
+        ids = as_array(ids)
         if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
             raise MemoryInputError(f"ids must be a 1-D array of integers, got {ids.dtype} {tuple(ids.shape)}")
         ids = ids.astype(np.int64)
@@ -740,14 +718,10 @@ def _cause(exc: RayTaskError, shard: int) -> BaseException:
     return cause
 
 
-def _np(value: Any) -> np.ndarray:
-    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-
-
 def _int_list(values: Any, what: str) -> list[int] | None:
     if values is None:
         return None
-    arr = _np(values).ravel()
+    arr = as_array(values).ravel()
     if arr.size and arr.dtype.kind not in "iu":
         raise MemoryInputError(f"{what} must be integers, got {arr.dtype}")
     return [int(v) for v in arr]
