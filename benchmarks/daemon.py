@@ -19,7 +19,6 @@ asserts nothing about speed.
 
 from __future__ import annotations
 
-import argparse
 import signal
 import subprocess
 import sys
@@ -133,14 +132,7 @@ def run(seconds: float, rounds: int, workdir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.daemon", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few seconds (CI-sized)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per variant per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default="bench-out/daemon")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.seconds, args.rounds = 0.3, 1
+    args = report.timed_args("benchmarks.daemon", __doc__, 3.0, 5, argv)
     out = Path(args.out)
     with report.scratch(out) as workdir:
         variants = run(args.seconds, args.rounds, workdir)

@@ -23,7 +23,6 @@ nothing about speed.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import subprocess
@@ -170,14 +169,7 @@ def run(seconds: float, rounds: int, workdir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ray_shards", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few seconds (CI-sized)")
-    parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per variant per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default="bench-out/ray_shards")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.seconds, args.rounds = 0.3, 1
+    args = report.timed_args("benchmarks.ray_shards", __doc__, 2.0, 3, argv)
     out = Path(args.out)
     with report.scratch(out) as workdir:
         variants = run(args.seconds, args.rounds, workdir)

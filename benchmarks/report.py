@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -12,6 +13,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+
+def timed_args(prog: str, doc: str, seconds: float, rounds: int, argv: list[str] | None) -> argparse.Namespace:
+    """The options of a benchmark that times variants in rounds: ``--quick`` (0.3 s, one round),
+    ``--seconds``, ``--rounds`` and ``--out`` (default ``bench-out/<name>``)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few seconds (CI-sized)")
+    parser.add_argument("--seconds", type=float, default=seconds, help="timed seconds per variant per round")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--out", default=f"bench-out/{prog.rsplit('.', 1)[-1]}")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.rounds = 0.3, 1
+    return args
 
 
 def machine(**extra: str) -> dict:
