@@ -4,9 +4,11 @@ A small episodic memory (EM) in RAM, every sample also kept on flash (LMDB) and 
 tiers, and a swap engine that refills EM slots with other stored samples in the background, so a
 learner replays far more of its past at the same speed (Carousel Memory, CarM, DAC 2022).
 
->>> from carousel import CarouselMemory  # doctest: +SKIP
->>> mem = CarouselMemory.from_toml("memory.toml")  # in-process          # doctest: +SKIP
->>> mem = carousel.connect()  # or served by `carousel serve`             # doctest: +SKIP
+Example (not a doctest: it needs a memory.toml and a running daemon)::
+
+    from carousel import CarouselMemory
+    mem = CarouselMemory.from_toml("memory.toml")  # in-process
+    mem = carousel.connect()  # or served by `carousel serve`
 """
 
 from .batch import Batch

@@ -1,10 +1,12 @@
 """The client of a carousel daemon: the same ``add / sample / observe / stats / close`` as
 :class:`~carousel.CarouselMemory`, plus ``checkpoint`` and ``flush``.
 
->>> mem = carousel.connect()                            # doctest: +SKIP
->>> ids = mem.add(x_uint8, y, task=0)                   # doctest: +SKIP
->>> batch = mem.sample(256)                             # doctest: +SKIP
->>> mem.observe(batch.ids, logits=model(batch.x))       # doctest: +SKIP
+Example (needs a running daemon, so not a doctest)::
+
+    mem = carousel.connect()
+    ids = mem.add(x_uint8, y, task=0)
+    batch = mem.sample(256)
+    mem.observe(batch.ids, logits=model(batch.x))
 
 Over the Unix socket, ``sample(n)`` subscribes once to a shared-memory ring that the daemon keeps
 filled with ready batches; afterwards a sample is a look into that ring, no socket round trip, and

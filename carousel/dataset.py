@@ -9,10 +9,12 @@
   :class:`~carousel.Batch` drawn beside it, so loading, decoding and replay draws all happen in the
   workers (with ``pin_memory=True`` too).
 
->>> from torch.utils.data import DataLoader                                     # doctest: +SKIP
->>> replay = DataLoader(ReplayDataset(sock, batch_size=32, num_batches=1000),   # doctest: +SKIP
-...                     batch_size=None, num_workers=2, pin_memory=True)
->>> for (x, y), batch in zip(stream_loader, replay): ...                        # doctest: +SKIP
+Example (needs a running daemon, so not a doctest)::
+
+    from torch.utils.data import DataLoader
+    replay = DataLoader(ReplayDataset(sock, batch_size=32, num_batches=1000),
+                        batch_size=None, num_workers=2, pin_memory=True)
+    for (x, y), batch in zip(stream_loader, replay): ...
 """
 
 from __future__ import annotations
@@ -86,10 +88,12 @@ class StreamReplayDataset(IterableDataset):
     steps of a run): the trainer adds the stream batch to the memory itself, after its step, so
     what it adds and observes stays in its own process and order.
 
-    >>> loader = DataLoader(StreamReplayDataset(task_data, sock, batch_size=32, replay_size=32),  # doctest: +SKIP
-    ...                     batch_size=None, num_workers=2, pin_memory=True)
-    >>> for x, y, replay in loader:                                                              # doctest: +SKIP
-    ...     logits = model(torch.cat([x, replay.x]))
+    Example (needs a running daemon, so not a doctest)::
+
+        loader = DataLoader(StreamReplayDataset(task_data, sock, batch_size=32, replay_size=32),
+                            batch_size=None, num_workers=2, pin_memory=True)
+        for x, y, replay in loader:
+            logits = model(torch.cat([x, replay.x]))
     """
 
     def __init__(self, stream: Dataset, socket_path: str | None = None, memory: str = "default", *,

@@ -1,8 +1,10 @@
 """Start a real ``carousel serve`` subprocess for tests, with a profile written into a temp dir.
 
->>> d = start_daemon(tmp_path)                 # doctest: +SKIP
->>> client = carousel.connect(d.socket)        # doctest: +SKIP
->>> d.stop()  # SIGTERM; returns the exit code # doctest: +SKIP
+Example (not a doctest: it starts a real daemon)::
+
+    d = start_daemon(tmp_path)
+    client = carousel.connect(d.socket)
+    d.stop()  # SIGTERM; returns the exit code
 """
 
 from __future__ import annotations
