@@ -152,6 +152,12 @@ class EMPool:
         for name, src in self.tensors.items():
             torch.index_select(src, 0, index, out=out[name][:k])
 
+    def labels_snapshot(self) -> np.ndarray:
+        """A consistent copy of ``slot_labels`` alone (what admission reads on every ``add``: one
+        copy of the EM's labels instead of three arrays)."""
+        with self.lock:
+            return self.slot_labels.copy()
+
     def snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Consistent copies of ``(slot_ids, slot_labels, slot_tasks)``."""
         with self.lock:

@@ -253,7 +253,7 @@ class CarouselMemory:
                                       PENDING if self.tiers else RAM_ONLY)
                 if WEIGHT_FIELD in fields and self.config.memory.kind == "coreset":
                     self.catalog.weight[ids] = fields[WEIGHT_FIELD]
-                slots = self._admission.admit(labels, self.pool.snapshot()[1], self._seen, self._rng)
+                slots = self._admission.admit(labels, self.pool.labels_snapshot(), self._seen, self._rng)
                 take = slots >= 0
                 if take.any():
                     old = self.pool.slot_ids[slots[take]]
