@@ -61,13 +61,17 @@ class EMPool:
     def draw_locked(self, n: int, rng: np.random.Generator) -> torch.Tensor:
         """Up to ``n`` distinct filled slots, uniformly at random (caller holds ``lock``).
 
-        Slots are dealt from a shuffled pass over the EM, reshuffled when a batch would not fit
-        in what is left: every slot is equally likely in every batch, and the hot path costs a
-        slice instead of a fresh draw without replacement. The shuffle is ``torch.randperm``
-        (3.4 us for 500 slots here against 5.4 us for numpy's ``permutation``), on a generator
-        seeded once from ``rng`` so a seeded memory stays reproducible.
+        Slots are dealt from a shuffled pass over the EM. A batch that would run past the pass's
+        end is its last ``n`` slots instead (overlapping the batch before), so a pass replays every
+        slot -- none sits out until the next shuffle -- and each shuffle serves ``ceil(size / n)``
+        batches (2 at EM 500 for batches of 256, against 1 if the remainder were dropped). Any
+        ``n`` positions of a uniform permutation are a uniform draw without replacement, so every
+        slot is equally likely in every batch. The shuffle is ``torch.randperm`` (3.4 us for 500
+        slots here against 5.4 us for numpy's ``permutation``), on a generator seeded once from
+        ``rng`` so a seeded memory stays reproducible.
         """
-        if self._cursor + n > self._order.numel():
+        m = self._order.numel()
+        if self._cursor >= m:
             if self._filled is None:
                 self._filled = torch.from_numpy(np.flatnonzero(self.slot_ids != EMPTY))
             if self._shuffle is None:
@@ -76,9 +80,10 @@ class EMPool:
             # A full EM (the steady state) fills slots 0..size-1: the permutation is the order.
             self._order = perm if self._filled.numel() == self.size else self._filled[perm]
             self._cursor = 0
-        pick = self._order[self._cursor:self._cursor + n]
-        self._cursor += pick.numel()
-        return pick
+            m = self._order.numel()
+        start = min(self._cursor, max(m - n, 0))
+        self._cursor = start + n
+        return self._order[start:start + n]
 
     def write(self, slots: np.ndarray, ids: np.ndarray, fields: Mapping[str, torch.Tensor | np.ndarray],
               expect: np.ndarray | None = None) -> np.ndarray:
@@ -135,14 +140,15 @@ class EMPool:
 
     def gather_locked(self, slots: np.ndarray | torch.Tensor, extras: tuple[str, ...]) -> Batch:
         """:meth:`gather` for a caller that already holds ``lock``."""
-        index = _index(slots)
+        index = slots if type(slots) is torch.Tensor else _index(slots)
         # Every field through torch's index_select, the big ones on its intra-op pool (12 us for
         # 256 x 3 KiB here against 24 us in numpy). Small fields through numpy cost more than
         # they seem: wrapping fresh numpy results with from_numpy and freeing them measured ~3 us
         # a field per batch, against ~1 us for index_select (20 us against 28 us for x, y, task, ids).
-        out = {name: t.index_select(0, index) for name, t in self.tensors.items()}
-        return Batch(self._slot_ids_t.index_select(0, index), out["x"], out["y"], out["task"],
-                     {k: out[k] for k in extras})
+        t = self.tensors
+        return Batch(self._slot_ids_t.index_select(0, index), t["x"].index_select(0, index),
+                     t["y"].index_select(0, index), t["task"].index_select(0, index),
+                     {k: t[k].index_select(0, index) for k in extras})
 
     def gather_into_locked(self, slots: np.ndarray | torch.Tensor, out: Mapping[str, torch.Tensor]) -> None:
         """Gather ``slots`` into the first ``len(slots)`` rows of ``out`` (``"id"`` and every field)."""

@@ -310,13 +310,14 @@ class CarouselMemory:
         if n < 0:
             raise MemoryInputError(f"n must be >= 0, got {n}")
         t0 = time.perf_counter()
-        rng = np.random.default_rng(seed) if seed is not None else self._sample_rng
-        with self.pool.lock:  # choose and gather under one short lock: no half-written slot
-            if classes is None and tasks is None and not balanced and seed is None:
-                batch = self.pool.gather_locked(self.pool.draw_locked(n, rng), self._extras)
+        pool = self.pool
+        with pool.lock:  # choose and gather under one short lock: no half-written slot
+            if classes is None and tasks is None and seed is None and not balanced:
+                batch = pool.gather_locked(pool.draw_locked(n, self._sample_rng), self._extras)
             else:
-                batch = self.pool.gather_locked(self._pick_locked(n, classes, tasks, balanced, rng), self._extras)
-        self.metrics.sample_latency.observe(time.perf_counter() - t0)
+                rng = np.random.default_rng(seed) if seed is not None else self._sample_rng
+                batch = pool.gather_locked(self._pick_locked(n, classes, tasks, balanced, rng), self._extras)
+            self.metrics.sample_latency.observe(time.perf_counter() - t0)  # under the lock: see its class
         return batch
 
     def sample_into(self, n: int, out: Mapping[str, torch.Tensor], *, classes: Any = None, tasks: Any = None,
@@ -334,7 +335,7 @@ class CarouselMemory:
             else:
                 slots = self._pick_locked(n, classes, tasks, balanced, self._sample_rng)
             self.pool.gather_into_locked(slots, out)
-        self.metrics.sample_latency.observe(time.perf_counter() - t0)
+            self.metrics.sample_latency.observe(time.perf_counter() - t0)
         return len(slots)
 
     def _pick_locked(self, n: int, classes: Any, tasks: Any, balanced: bool, rng: np.random.Generator) -> np.ndarray:

@@ -6,7 +6,12 @@ labels only from small closed sets (tier names from the config, direction, resul
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import bisect
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 # sample() is a memcpy-sized operation: ~30 us for 256 CIFAR samples here.
 _LATENCY_BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.25, 1.0)
@@ -43,8 +48,8 @@ class MemoryMetrics:
         self.prefetch_depth = Gauge("carousel_prefetch_depth", "Decoded swap-in candidates ready.", registry=r)
         self.prefetch = Counter("carousel_prefetch_requests_total", "Swap-ins served from the prefetch queue "
                                 "(hit) or read on demand (miss).", ["result"], registry=r)
-        self.sample_latency = Histogram("carousel_sample_latency_seconds", "sample() latency.",
-                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.sample_latency = LatencyHistogram("carousel_sample_latency_seconds", "sample() latency.",
+                                               _LATENCY_BUCKETS, registry=r)
         self.write_queue = Gauge("carousel_write_behind_queue_samples", "Samples waiting for write-behind.",
                                  registry=r)
         self.write_blocked = Counter("carousel_write_behind_blocked_seconds_total",
@@ -52,3 +57,35 @@ class MemoryMetrics:
         self.errors = Counter("carousel_errors_total", "Errors by operation and kind.", ["op", "kind"], registry=r)
         self.storage_reads = Counter("carousel_storage_read_samples_total", "Samples read from storage tiers.",
                                      ["tier"], registry=r)
+
+
+class LatencyHistogram:
+    """A Prometheus histogram for the hot path, observed in 0.13 us instead of 0.65 us.
+
+    ``prometheus_client.Histogram.observe`` takes two locks and walks the buckets in Python: 2.5 %
+    of a 26 us ``sample()``. This one bisects into plain counters and leaves the locking to its
+    callers, who already hold one (``sample()`` observes under the EM's lock), so two observers
+    never interleave. A scrape copies the counters; it may see a ``_sum`` one sample behind the
+    buckets, never a bucket count that goes down.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self._bounds = tuple(float(b) for b in buckets)
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one: above every bound (+Inf)
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, seconds: float) -> None:
+        """Count one latency (callers serialize: see the class docstring)."""
+        self._counts[bisect.bisect_left(self._bounds, seconds)] += 1  # le: bound included
+        self._sum += seconds
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        counts, total = list(self._counts), self._sum
+        cumulative, running = [], 0
+        for bound, c in zip((*map(floatToGoString, self._bounds), "+Inf"), counts):
+            running += c
+            cumulative.append((bound, running))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=total)

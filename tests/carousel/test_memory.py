@@ -267,6 +267,39 @@ def test_unfiltered_draws_are_distinct_and_uniform(tmp_path):
         check_slots_whole(mem.sample(50))
 
 
+def test_a_pass_of_batches_replays_every_sample(tmp_path):
+    # 50 samples in batches of 16: a shuffled pass deals 16, 16, 16 and then the pass's last 16
+    # (overlapping the third by 14), so no sample sits a pass out until the next shuffle.
+    with CarouselMemory.from_dict(config(tmp_path, em=50, tiers=())) as mem:
+        mem.add(*stream(50, 0, [0, 1, 2, 3, 4], seed=3))
+        for _ in range(20):
+            seen = [mem.sample(16).ids.numpy() for _ in range(4)]
+            assert all(np.unique(b).size == 16 for b in seen)
+            assert np.unique(np.concatenate(seen)).size == 50
+        assert len(mem.sample(64)) == 50  # a batch larger than the EM: all of it, once
+
+
+def test_sample_latency_histogram_is_cumulative_and_counts_every_call(tmp_path):
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with CarouselMemory.from_dict(config(tmp_path, em=50, tiers=())) as mem:
+        mem.add(*stream(50, 0, [0, 1], seed=3))
+        for _ in range(37):
+            mem.sample(8)
+        mem.metrics.sample_latency.observe(0.3)  # lands in (0.25, 1.0]
+        mem.metrics.sample_latency.observe(5.0)  # above every bound: +Inf only
+        fam = {f.name: f for f in text_string_to_metric_families(generate_latest(mem.registry).decode())}
+        samples = fam["carousel_sample_latency_seconds"].samples
+        buckets = [(float(s.labels["le"]), s.value) for s in samples if s.name.endswith("_bucket")]
+        value = {s.name: s.value for s in samples if not s.name.endswith("_bucket")}
+        counts = [c for _, c in buckets]
+        assert counts == sorted(counts) and buckets[-1] == (float("inf"), 39)
+        assert value["carousel_sample_latency_seconds_count"] == 39
+        assert dict(buckets)[1.0] - dict(buckets)[0.25] == 1 and dict(buckets)[1.0] == 38
+        assert 5.3 < value["carousel_sample_latency_seconds_sum"] < 5.3 + 37 * 0.05
+
+
 def test_disk_tier_is_class_grouped_and_read_a_chunk_at_a_time(tmp_path):
     cfg = config(tmp_path, em=40, tiers=(("lmdb", 64), ("zarr", 5000)))
     cfg["tiers"][1]["chunk"] = 16
