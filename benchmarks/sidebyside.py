@@ -10,8 +10,9 @@ Avalanche) and with this machine's limits, in one run.
    ``prefetch``), Avalanche's ``ReservoirSamplingBuffer`` read as its replay reads it (a shuffled
    ``DataLoader``), and the bare ``index_select`` limit (random index; and a distinct draw, as
    ``sample()`` returns), in samples/s and as ratios.
-2. **Storage tiers**: random batches of 256 from 200,000 samples on disk: carousel's LMDB and Zarr
-   tiers (``get_many`` of random ids; ``get_chunk``, what the swap engine reads) against TorchRL's
+2. **Storage tiers**: random batches of 256 from 200,000 samples on disk: carousel's LMDB, Zarr
+   and flat tiers (``get_many`` of random ids; ``get_chunk``, what the swap engine reads from a
+   tier that prefers chunks) against TorchRL's
    ``LazyMemmapStorage`` and one ``os.pread`` per fixed-size record, warm and cold page cache.
 3. **Training without stalls**: ER on a reduced ResNet-18 (``benchmarks.memory``'s loop) with
    RAM-only replay, carousel async, carousel sync, and TorchRL memmap replay: step-time ratios.
@@ -241,7 +242,8 @@ def bench_storage(sizes: Sizes, python: str | None, why: str, workdir: Path) -> 
     results: dict[str, dict] = {}
     flat = FlatFile(workdir / "flat.bin", data)
     specs = {"carousel LMDB tier": f"lmdb://{workdir}/lmdb?sync=0",
-             "carousel Zarr tier (chunk 64)": f"zarr://{workdir}/zarr?chunk=64&codec=none&sync=0"}
+             "carousel Zarr tier (chunk 64)": f"zarr://{workdir}/zarr?chunk=64&codec=none&sync=0",
+             "carousel flat tier": f"flat://{workdir}/flat-tier?sync=0"}
     try:
         for name, url in specs.items():
             store = open_store(url, SCHEMA)
@@ -288,7 +290,7 @@ def bench_storage(sizes: Sizes, python: str | None, why: str, workdir: Path) -> 
                                                sizes.cold_batches, 1, cold=flat.drop_cache)}
     finally:
         flat.close()
-        for path in ("lmdb", "zarr", "flat.bin"):
+        for path in ("lmdb", "zarr", "flat-tier", "flat.bin"):
             p = workdir / path
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     peer_dir = workdir / "memmap"

@@ -1,12 +1,12 @@
-"""Benchmark of ``storage_backends``: how fast the LMDB and Zarr stores ingest and read, each read
-set beside the plainest fast way to do the same read.
+"""Benchmark of ``storage_backends``: how fast the LMDB, Zarr and flat stores ingest and read, each
+read set beside the plainest fast way to do the same read.
 
 Records are CIFAR-sized (``x`` uint8 (3, 32, 32), ``y`` int64, ``task`` int16; random content;
 ids 0..N-1, ingested in order). Measured:
 
 - ingest: ``put_many`` of ``--batch`` records at a time into LMDB (sync=1, sync=0) and Zarr
-  (codec=none sync=1 and sync=0, codec=zstd, and each ``--zarr-chunks`` size), in samples/s, and
-  the bytes on disk per record (``store.nbytes``);
+  (codec=none sync=1 and sync=0, codec=zstd, and each ``--zarr-chunks`` size) and flat (sync=1,
+  sync=0), in samples/s, and the bytes on disk per record (``store.nbytes``);
 - random reads: ``get_many`` of random batches of ids out of all stored;
 - chunk-granular reads: ``get_chunk`` at random chunk indexes and an ``iter_chunks`` scan from the
   first chunk, ``ceil(batch / chunk_rows)`` chunks per timed batch;
@@ -322,6 +322,8 @@ def store_specs(settings: Settings, default_chunk: int) -> list[StoreSpec]:
         StoreSpec(f"zarr none c{c} sync=1", "zarr", f"codec=none&chunk={c}&sync=1", read=True),
         StoreSpec(f"zarr none c{c} sync=0", "zarr", f"codec=none&chunk={c}&sync=0", read=False),
         StoreSpec(f"zarr zstd c{c} sync=1", "zarr", f"codec=zstd&chunk={c}&sync=1", read=True),
+        StoreSpec("flat sync=1", "flat", "sync=1", read=True),
+        StoreSpec("flat sync=0", "flat", "sync=0", read=False),
     ]
     specs += [StoreSpec(f"zarr none c{k} sync=1", "zarr", f"codec=none&chunk={k}&sync=1", read=True)
               for k in settings.zarr_chunks if k != c]

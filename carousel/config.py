@@ -53,7 +53,7 @@ from .tiers import EVICTION_POLICIES
 __all__ = ["CarouselConfig", "ConfigError", "MemoryConfig", "SaliencyConfig", "SwapConfig", "TierConfig", "WriteBehindConfig",
            "load_config"]
 
-TIER_KINDS = ("lmdb", "zarr")
+TIER_KINDS = ("lmdb", "zarr", "flat")
 TIER_CODECS = ("none", "zstd")
 RESERVED_FIELDS = frozenset({"x", "y", "task", "id"})  # the fields every sample already has
 MEMORY_KINDS = ("plain", "coreset", "saliency")
@@ -308,7 +308,7 @@ class TierConfig:
     In TOML the capacity is one key: ``capacity = 50000`` (samples) or ``capacity = "4GiB"`` (bytes).
     """
 
-    kind: str                             # required; "lmdb" (flash) or "zarr" (disk)
+    kind: str                             # required; "lmdb" (flash), "zarr" (disk) or "flat" (fixed rows, mapped)
     path: str                             # required; the store's folder, ~ expanded (relative: to the TOML file)
     capacity_samples: int | None = None   # capacity in samples, >= 1 ...
     capacity_bytes: int | None = None     # ... or in bytes, >= 1 (see capacity_for)
@@ -331,6 +331,9 @@ class TierConfig:
         _bool(self.sync, "sync")
         _int(self.chunk, "chunk", lo=1, hi=_MAX_CHUNK)
         _choice(self.codec, "codec", TIER_CODECS)
+        if self.kind == "flat" and self.codec != "none":
+            _fail("codec", "a flat tier keeps raw fixed-size rows (that is what makes its random reads one "
+                           "gather); it has no codec: use an lmdb or zarr tier for zstd")
         if self.kind != "zarr":
             for name in _ZARR_ONLY:
                 if getattr(self, name) != _TIER_DEFAULTS[name]:
@@ -348,6 +351,8 @@ class TierConfig:
         sync = int(self.sync)
         if self.kind == "lmdb":
             return f"lmdb://{path}?sync={sync}" + ("&codec=zstd" if self.codec == "zstd" else "")
+        if self.kind == "flat":
+            return f"flat://{path}?sync={sync}"
         return f"zarr://{path}?chunk={self.chunk}&codec={self.codec}&sync={sync}"
 
     def capacity_for(self, record_nbytes: int) -> int:

@@ -33,13 +33,14 @@ from .errors import (
     StoreNotFoundError,
     StorePermissionError,
 )
+from .flat_store import FlatStore
 from .lmdb_store import LMDBStore
 from .schema import ALLOWED_DTYPES, FieldSpec, Schema
 from .url import StoreURL, parse_url
 from .zarr_store import ZarrStore
 
 __all__ = [
-    "ALLOWED_DTYPES", "Chunk", "CorruptRecordError", "CorruptStoreError", "FieldSpec", "InvalidURLError",
+    "ALLOWED_DTYPES", "Chunk", "CorruptRecordError", "CorruptStoreError", "FieldSpec", "FlatStore", "InvalidURLError",
     "LMDBStore", "MissingIdsError", "SampleStore", "Schema", "SchemaError", "StoreClosedError", "StoreError",
     "StoreFullError", "StoreLockedError", "StoreNotFoundError", "StorePermissionError", "ZarrStore",
     "open_store", "register_backend", "backends",
@@ -48,6 +49,7 @@ __all__ = [
 _BACKENDS: dict[str, Callable[[StoreURL, Schema | None], SampleStore]] = {
     "lmdb": LMDBStore,
     "zarr": ZarrStore,
+    "flat": FlatStore,
 }
 
 
@@ -64,8 +66,10 @@ def backends() -> list[str]:
 def open_store(url: str, schema: Mapping[str, Any] | Schema | None = None) -> SampleStore:
     """Open (or, given a ``schema``, create) the store at ``url``.
 
-    ``lmdb:///path?map_size=64MiB&max_size=0&sync=1&flush_s=1&mode=rw`` (flash tier) or
-    ``zarr:///path?chunk=64&codec=none|zstd&level=3&sync=1&readers=0&mode=rw`` (disk tier).
+    ``lmdb:///path?map_size=64MiB&max_size=0&sync=1&flush_s=1&mode=rw`` (flash tier),
+    ``zarr:///path?chunk=64&codec=none|zstd&level=3&sync=1&readers=0&mode=rw`` (disk tier) or
+    ``flat:///path?chunk=64&sync=1&mode=rw`` (fixed-size rows in one memory-mapped file: the
+    fastest random reads, no compression).
     Reopening needs only the URL: the schema is stored inside. A ``schema`` that differs from the
     stored one raises :class:`SchemaError`; a missing store without a schema raises
     :class:`StoreNotFoundError`; a store another process writes raises :class:`StoreLockedError`.

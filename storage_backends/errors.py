@@ -9,6 +9,7 @@ A rejected call changes nothing: stores validate before they act.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
 
 import numpy as np
@@ -76,3 +77,16 @@ def format_ids(ids: np.ndarray, limit: int = 8) -> str:
     head = ", ".join(str(int(i)) for i in ids[:limit])
     more = f", ... (+{ids.size - limit} more)" if ids.size > limit else ""
     return f"[{head}{more}]"
+
+
+def from_os_error(exc: OSError, what: str) -> StoreError:
+    """The typed store error for an ``OSError`` of a file-based store (a ``StoreError`` passes)."""
+    if isinstance(exc, StoreError):
+        return exc
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return StoreFullError(f"{what}: no space left ({exc}); nothing was written")
+    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return StorePermissionError(f"{what}: not writable ({exc}); open with ?mode=ro to read")
+    if exc.errno == errno.ENOENT:
+        return StoreNotFoundError(f"{what}: {exc}")
+    return StoreError(f"{what}: {exc}")

@@ -78,6 +78,17 @@ def failed_values(joined: bytes, step: int, n: int) -> np.ndarray | None:
     return np.fromiter((value(joined[i * step:(i + 1) * step]) != RESIDUE for i in range(n)), dtype=bool, count=n)
 
 
+def failed_rows(rows: np.ndarray) -> np.ndarray | None:
+    """:func:`failed_values` for a C-contiguous ``(n, step)`` uint8 matrix of values, checked in
+    place (no copy into ``bytes``): ``None`` if every row is intact, else the mask of those that
+    are not."""
+    n, step = rows.shape
+    if n == 0 or google_crc32c.value(rows) == batch_crc(step, n):
+        return None
+    value = google_crc32c.value
+    return np.fromiter((value(row) != RESIDUE for row in rows), dtype=bool, count=n)
+
+
 def failed_records(schema: Schema, fields: dict[str, np.ndarray], crcs: np.ndarray) -> np.ndarray | None:
     """Check records against their stored CRC-32Cs: ``None`` if all match, else the mismatch mask.
 

@@ -14,7 +14,7 @@ URL: ``zarr:///path/to/dir?chunk=64&codec=zstd|none&level=3&sync=1&readers=0&mod
 
 Writes go through zarr (each chunk is written to a temporary file and renamed), so the arrays are
 ordinary Zarr v3 arrays any zarr reader can open. The truth about which rows hold which id is the
-manifest (``zarr_manifest.py``), updated only after the chunk data is in place.
+manifest (``row_manifest.py``), updated only after the chunk data is in place.
 
 Reads do not go through zarr's selection machinery. Measured here with zarr 3.1: 256 random rows by
 index array run at ~2,500 samples/s and even one ``getitem`` per chunk awaited concurrently at
@@ -29,7 +29,6 @@ in a 16 MiB LRU cache that writes invalidate.
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 from collections import OrderedDict
@@ -48,16 +47,15 @@ from .errors import (
     InvalidURLError,
     SchemaError,
     StoreError,
-    StoreFullError,
     StoreNotFoundError,
-    StorePermissionError,
     format_ids,
+    from_os_error,
 )
 from .locking import WriterLock
 from .records import failed_records, pack_records, record_checksums
+from .row_manifest import Manifest
 from .schema import Schema, validate_ids
 from .url import StoreURL, parse_bool, parse_int
-from .zarr_manifest import Manifest
 
 FORMAT = "carousel-zarr/1"
 _SMALL_CHUNK_BYTES = 64 * 1024
@@ -98,7 +96,7 @@ class ZarrStore(SampleStore):
                 path.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._lock = WriterLock(path, exclusive=not readonly)
         except OSError as exc:
-            raise _wrap(exc, f"{url.text}: cannot open {path}") from exc
+            raise from_os_error(exc, f"{url.text}: cannot open {path}") from exc
         try:
             if exists:
                 group = zarr.open_group(store=str(path), mode="r" if readonly else "r+", zarr_format=3)
@@ -120,7 +118,7 @@ class ZarrStore(SampleStore):
             raise
         except OSError as exc:
             self._lock.release()
-            raise _wrap(exc, f"{url.text}: cannot open") from exc
+            raise from_os_error(exc, f"{url.text}: cannot open") from exc
         except (ValueError, KeyError, TypeError) as exc:
             # Damaged zarr.json files surface as JSONDecodeError or zarr's metadata errors (all
             # ValueErrors) or a missing key: report them in our hierarchy, not as a bare ValueError.
@@ -211,7 +209,7 @@ class ZarrStore(SampleStore):
                 self._write_rows(rows, fields)
                 self._manifest.put(ids, rows, crcs)
             except OSError as exc:
-                raise _wrap(exc, f"{self.url}: write failed") from exc
+                raise from_os_error(exc, f"{self.url}: write failed") from exc
 
     def _grow(self, n: int) -> None:
         old = self._manifest.capacity
@@ -254,7 +252,7 @@ class ZarrStore(SampleStore):
             try:
                 self._manifest.delete(ids)
             except OSError as exc:
-                raise _wrap(exc, f"{self.url}: delete failed") from exc
+                raise from_os_error(exc, f"{self.url}: delete failed") from exc
 
     # ---- reads --------------------------------------------------------------------------------
     def _get(self, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -460,7 +458,7 @@ class ZarrStore(SampleStore):
                 self._fsync_dirty()
                 self._manifest.flush()
             except OSError as exc:
-                raise _wrap(exc, f"{self.url}: flush failed") from exc
+                raise from_os_error(exc, f"{self.url}: flush failed") from exc
 
     def _close(self) -> None:
         try:
@@ -490,14 +488,3 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
     finally:
         os.close(fd)
 
-
-def _wrap(exc: OSError, what: str) -> StoreError:
-    if isinstance(exc, StoreError):
-        return exc
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return StoreFullError(f"{what}: no space left ({exc}); nothing was written")
-    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return StorePermissionError(f"{what}: not writable ({exc}); open with ?mode=ro to read")
-    if exc.errno == errno.ENOENT:
-        return StoreNotFoundError(f"{what}: {exc}")
-    return StoreError(f"{what}: {exc}")

@@ -323,7 +323,7 @@ def test_bad_extra_names(name, words):
 
 def test_bad_tier_kind():
     exc = error({**MINIMAL, "tiers": [tier(kind="lmbd", chunk=4)]})
-    assert exc.key == "tiers[0].kind" and "lmdb, zarr" in exc.reason and "did you mean 'lmdb'?" in exc.reason
+    assert exc.key == "tiers[0].kind" and "flat, lmdb, zarr" in exc.reason and "did you mean 'lmdb'?" in exc.reason
     exc = error({**MINIMAL, "tiers": [tier(kind="zarr", codec="gzip")]})
     assert exc.key == "tiers[0].codec" and "none, zstd" in exc.reason
 
@@ -340,6 +340,16 @@ def test_an_lmdb_tier_may_compress_its_records():
     assert cfg.tiers[0].url().endswith("&codec=zstd")
     assert CarouselConfig.from_dict(cfg.to_dict()) == cfg
     assert "codec" not in CarouselConfig.from_dict({**MINIMAL, "tiers": [tier()]}).tiers[0].url()
+
+
+def test_a_flat_tier_has_no_codec_and_round_trips():
+    cfg = CarouselConfig.from_dict({**MINIMAL, "tiers": [tier(kind="flat", sync=False)]})
+    assert cfg.tiers[0].url().startswith("flat://") and cfg.tiers[0].url().endswith("?sync=0")
+    assert CarouselConfig.from_dict(cfg.to_dict()) == cfg
+    exc = error({**MINIMAL, "tiers": [tier(kind="flat", codec="zstd")]})
+    assert exc.key == "tiers[0].codec" and "no codec" in exc.reason
+    exc = error({**MINIMAL, "tiers": [tier(kind="flat", chunk=16)]})
+    assert exc.key == "tiers[0].chunk" and "zarr tiers only" in exc.reason
 
 
 def test_errors_without_a_file():

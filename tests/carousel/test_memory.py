@@ -77,7 +77,8 @@ def test_ram_only_memory_is_a_replay_buffer(tmp_path):
     mem.close()
 
 
-@pytest.mark.parametrize("tiers", [(("lmdb", 400),), (("lmdb", 150), ("zarr", 300))])
+@pytest.mark.parametrize("tiers", [(("lmdb", 400),), (("lmdb", 150), ("zarr", 300)), (("flat", 150), ("zarr", 300)),
+                                   (("lmdb", 150), ("flat", 300))])
 def test_swaps_conservation_and_no_duplicates(tmp_path, tiers):
     with CarouselMemory.from_dict(config(tmp_path, tiers=tiers)) as mem:
         run_tasks(mem)

@@ -67,10 +67,10 @@ def main():
     url, step, op = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     compact_bytes = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     if compact_bytes:
-        # Compact the Zarr manifest every COMPACT_BYTES of journal (the store waits for 1 MiB and
-        # 24 bytes per live id), so that kills also land inside compactions: snapshot write,
-        # journal switch, unlink of the old pair.
-        from storage_backends.zarr_manifest import Manifest
+        # Compact the row manifest (Zarr, flat) every COMPACT_BYTES of journal (the store waits for
+        # 1 MiB and 24 bytes per live id), so that kills also land inside compactions: snapshot
+        # write, journal switch, unlink of the old pair.
+        from storage_backends.row_manifest import Manifest
 
         def maybe_compact(self):
             if self._journal_bytes > compact_bytes:
@@ -245,6 +245,8 @@ CASES = [
     ("zarr-sync1", "zarr", "chunk=16&sync=1", 16384, 0.25),  # ... and in manifest compactions
     ("zarr-sync0", "zarr", "chunk=16&sync=0", 0, 0.25),
     ("zarr-zstd-sync0", "zarr", "chunk=16&codec=zstd&sync=0", 16384, 0.25),
+    ("flat-sync1", "flat", "chunk=16&sync=1", 16384, 0.25),  # the flat store's manifest compacts too
+    ("flat-sync0", "flat", "chunk=16&sync=0", 0, 0.25),
 ]
 ROUNDS = 6
 
@@ -500,7 +502,7 @@ def test_stale_lmdb_readers_of_killed_processes_are_cleared(tmp_path):
 
 # ---- 4. the writer lock dies with its holder ------------------------------------------------------
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("scheme", ["lmdb", "zarr"])
+@pytest.mark.parametrize("scheme", ["lmdb", "zarr", "flat"])
 def test_writer_lock_is_released_when_its_holder_is_killed(tmp_path, scheme):
     _, writer = load_writer(tmp_path)
     url = f"{scheme}://{tmp_path / 'store'}"

@@ -36,7 +36,7 @@ from storage_backends import (
     StoreNotFoundError,
     StorePermissionError,
     open_store,
-    zarr_manifest,
+    row_manifest,
 )
 from tests.storage_backends.crash_records import fields
 
@@ -61,6 +61,8 @@ FLAVOURS = {  # URL query per store flavour
     "lmdb-sync0": ("lmdb", "sync=0"),
     "zarr": ("zarr", "chunk=16&codec=none"),
     "zarr-zstd": ("zarr", "chunk=16&codec=zstd&sync=0"),
+    "flat": ("flat", "chunk=16"),
+    "flat-sync0": ("flat", "chunk=16&sync=0"),
 }
 
 
@@ -236,23 +238,37 @@ print(json.dumps(report))
 '''
 
 
+# (tmpfs size, ballast bytes) per scheme: the store fills the tmpfs after a batch or more, and
+# deleting the ballast frees room for the batch that met the full disk. The flat store allocates
+# rows.bin 1,024 rows (3 MiB of these records) at a time, then doubles it: on 8 MiB with 2.5 MiB of
+# ballast the first allocation fits and the second (6 MiB) only once the ballast is gone.
+TMPFS = {"lmdb": ("3m", 640 * 1024), "zarr": ("3m", 640 * 1024), "flat": ("8m", 5 * 512 * 1024)}
+# RLIMIT_FSIZE per scheme: the Zarr store meets it in its manifest journal (chunk files stay
+# smaller), the LMDB store in data.mdb, the flat store when rows.bin doubles from 3 to 6 MiB.
+RLIMIT = {"lmdb": 2**20, "zarr": 96 * 1024, "flat": 4 * 2**20}
+
+
 @pytest.fixture
 def small_fs(request, tmp_path):
-    """``(directory, RLIMIT_FSIZE or 0, ballast file or "")`` that runs out of space quickly."""
+    """``(directory, RLIMIT_FSIZE or 0, ballast file or "")`` that runs out of space quickly
+    for the test's ``flavour``."""
+    scheme = FLAVOURS[request.node.callspec.params["flavour"]][0]
     if request.param == "rlimit":
         d = tmp_path / "fs"
         d.mkdir()
-        yield d, request.param, ""
+        yield d, RLIMIT[scheme], ""
         return
     d = tmp_path / "fs"
     d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(d)], capture_output=True, text=True)
+    size, ballast_bytes = TMPFS[scheme]
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True,
+                       text=True)
     if r.returncode:
         pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip()}); the rlimit variant covers the case")
     try:
         ballast = d / "ballast"
-        ballast.write_bytes(os.urandom(640 * 1024))
-        yield d, request.param, str(ballast)
+        ballast.write_bytes(os.urandom(ballast_bytes))
+        yield d, 0, str(ballast)
     finally:
         if subprocess.run(["umount", str(d)], capture_output=True).returncode:
             subprocess.run(["umount", "-l", str(d)], capture_output=True)
@@ -260,13 +276,10 @@ def small_fs(request, tmp_path):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("small_fs", ["tmpfs", "rlimit"], indirect=True)
-@pytest.mark.parametrize("flavour", ["lmdb", "lmdb-sync0", "zarr", "zarr-zstd"])
+@pytest.mark.parametrize("flavour", ["lmdb", "lmdb-sync0", "zarr", "zarr-zstd", "flat", "flat-sync0"])
 def test_full_disk_raises_store_full_and_loses_nothing(tmp_path, small_fs, flavour):
-    d, technique, ballast = small_fs
+    d, limit, ballast = small_fs  # on the tmpfs every store meets ENOSPC wherever it comes
     url = make_url(d / "store", flavour)
-    # With the limit the Zarr store meets it in its manifest journal (chunk files stay smaller),
-    # the LMDB store in data.mdb; on the tmpfs both meet ENOSPC wherever it comes.
-    limit = {"lmdb": 2**20, "zarr": 96 * 1024}[flavour.split("-")[0]] if technique == "rlimit" else 0
     r = run_child(FILL_SRC, url, str(limit), ballast, tmp_path=tmp_path)
     assert r.returncode == 0, f"rc {r.returncode}: {r.stderr[-4000:]}"
     report = json.loads(r.stdout.strip().splitlines()[-1])
@@ -285,22 +298,24 @@ def test_full_disk_raises_store_full_and_loses_nothing(tmp_path, small_fs, flavo
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("fail_at", ["snapshot", "new journal"])
-def test_zarr_compaction_meeting_a_full_disk_fails_no_call_and_loses_nothing(tmp_path, monkeypatch, fail_at):
+@pytest.mark.parametrize("flavour", ["zarr", "flat"])  # the stores with a row manifest
+def test_manifest_compaction_meeting_a_full_disk_fails_no_call_and_loses_nothing(tmp_path, monkeypatch, fail_at,
+                                                                                 flavour):
     """A manifest compaction runs after the call's journal entry is durable. If it meets a full
     disk the call has still succeeded (raising would report "nothing was written" for a visible
     batch), and the old snapshot and journal must stay in charge: a half-made generation left on
     disk would win at the next open and hide every entry appended after it."""
-    url = make_url(tmp_path / "store", "zarr")
+    url = make_url(tmp_path / "store", flavour)
     schema = {"y": ((), "int64")}
     ids = np.arange(1000)  # 20 kB per journal entry: past the 4 KiB threshold on every call
     open_store(url, schema).close()
-    monkeypatch.setattr(zarr_manifest, "COMPACT_MIN_BYTES", 4096)
+    monkeypatch.setattr(row_manifest, "COMPACT_MIN_BYTES", 4096)
     enospc = OSError(errno.ENOSPC, "No space left on device")
     if fail_at == "snapshot":
         def write_atomic(path, data):
             raise enospc
 
-        monkeypatch.setattr(zarr_manifest, "_write_atomic", write_atomic)
+        monkeypatch.setattr(row_manifest, "_write_atomic", write_atomic)
     else:
         real_open = os.open
 
@@ -405,7 +420,8 @@ with open_store(url + ("&" if "?" in url else "?") + "mode=ro") as ro:
 assert digest() == files, "reading a read-only store changed files"
 
 if url.startswith("zarr"):
-    # The permission changes while the store is open for writing: the chunk write fails.
+    # The permission changes while the store is open for writing: the chunk write fails. (The
+    # LMDB and flat stores write through files they opened before: nothing to refuse them.)
     chmod_tree(writable=True)
     with open_store(url) as s:
         chmod_tree(writable=False)
@@ -444,7 +460,7 @@ def nobody_dir():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("flavour", ["lmdb", "zarr"])
+@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat"])
 def test_read_only_directory_gives_permission_error_and_ro_mode_reads(tmp_path, nobody_dir, flavour):
     d, scratch = nobody_dir
     store_dir = d / "store"
@@ -474,7 +490,7 @@ def ro_bind_mount(tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("flavour", ["lmdb", "zarr"])
+@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat"])
 def test_read_only_file_system_gives_permission_error_and_ro_mode_reads(ro_bind_mount, flavour):
     src, dst = ro_bind_mount
     ids, want = filled(make_url(src / "store", flavour), 2)
@@ -492,17 +508,21 @@ def test_read_only_file_system_gives_permission_error_and_ro_mode_reads(ro_bind_
 
 # ---- 7. flipped bytes in records; damaged chunks ------------------------------------------------
 def damage_record(store_dir: Path, flavour: str, x_bytes: bytes, where: str) -> None:
-    if flavour.startswith("lmdb"):
-        path, off = find_payload([store_dir / "data.mdb"], x_bytes)
-        # value = record bytes (x first) + CRC-32C trailer
-        flip_byte(path, off + {"x": 1500, "trailer": REC_NBYTES + 2}[where])
-    else:
+    """Flip a byte of the record whose x is ``x_bytes``: in its x, or in its CRC-32C trailer."""
+    scheme = FLAVOURS[flavour][0]
+    if scheme == "zarr":  # x lives in its own chunk files; the checksums in the manifest
+        assert where == "x"
         path, off = find_payload(sorted(p for p in (store_dir / "x" / "c").rglob("*") if p.is_file()), x_bytes)
         flip_byte(path, off + 1500)
+    else:
+        # An LMDB value and a flat row alike: the record's bytes (x first), then its CRC-32C.
+        path, off = find_payload([store_dir / {"lmdb": "data.mdb", "flat": "rows.bin"}[scheme]], x_bytes)
+        flip_byte(path, off + {"x": 1500, "trailer": REC_NBYTES + 2}[where])
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("flavour, where", [("lmdb", "x"), ("lmdb", "trailer"), ("zarr", "x")])
+@pytest.mark.parametrize("flavour, where", [("lmdb", "x"), ("lmdb", "trailer"), ("zarr", "x"),
+                                            ("flat", "x"), ("flat", "trailer")])
 def test_flipped_byte_in_a_record_is_detected_and_quarantined(tmp_path, flavour, where):
     store_dir = tmp_path / "store"
     url = make_url(store_dir, flavour)
@@ -675,7 +695,7 @@ def test_corrupt_zarr_json_raises_store_error_and_releases_the_lock(tmp_path, da
 
 
 # ---- missing store -------------------------------------------------------------------------------
-@pytest.mark.parametrize("flavour", ["lmdb", "zarr"])
+@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat"])
 def test_missing_store(tmp_path, flavour):
     missing = tmp_path / "nope" / "store"
     with pytest.raises(StoreNotFoundError) as info:
@@ -700,7 +720,7 @@ print("CLOSED", flush=True)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("flavour", ["lmdb", "zarr"])
+@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat"])
 def test_second_writer_is_refused_naming_the_holder(tmp_path, flavour):
     url = make_url(tmp_path / "store", flavour)
     ids, want = filled(url, 1)
@@ -715,7 +735,7 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path, flavour):
         if flavour == "lmdb":  # MVCC: readers never wait for the writer
             with open_store(make_url(tmp_path / "store", flavour, "mode=ro")) as ro:
                 assert_records(ro.get_many(ids), want)
-        else:  # the Zarr reader shares the lock: refused while a writer holds it
+        else:  # the Zarr and flat readers share the lock: refused while a writer holds it
             with pytest.raises(StoreLockedError):
                 open_store(make_url(tmp_path / "store", flavour, "mode=ro"))
         holder.stdin.write("\n")
@@ -732,7 +752,7 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path, flavour):
                        {k: np.concatenate([want[k], batch(1)[1][k]]) for k in SCHEMA})
 
 
-@pytest.mark.parametrize("flavour", ["lmdb", "zarr"])
+@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat"])
 def test_second_writer_in_the_same_process_is_refused(tmp_path, flavour):
     url = make_url(tmp_path / "store", flavour)
     ids, want = filled(url, 1)
@@ -777,7 +797,7 @@ def _bad_puts():
 BAD_PUTS = _bad_puts()
 
 
-@pytest.fixture(params=["lmdb", "zarr"])
+@pytest.fixture(params=["lmdb", "zarr", "flat"])
 def small_store(request, tmp_path):
     url = make_url(tmp_path / "store", request.param)
     ids, want = filled(url, 2)
@@ -822,7 +842,7 @@ def test_bad_reads_and_deletes_raise_typed_errors_and_change_nothing(small_store
 
 
 BAD_URLS = [
-    *[f"{scheme}://{{path}}?{query}" for scheme in ("lmdb", "zarr") for query in
+    *[f"{scheme}://{{path}}?{query}" for scheme in ("lmdb", "zarr", "flat") for query in
       ("bogus=1", "synch=1", "sync=1&sync=0", "sync=maybe", "mode=rx")],
     "s3://{path}",  # unknown scheme
     "{path}",  # no scheme
@@ -833,6 +853,10 @@ BAD_URLS = [
     "zarr://{path}?chunk=0",
     "zarr://{path}?level=99",
     "zarr://{path}?readers=-1",
+    "flat://{path}?chunk=0",
+    "flat://{path}?chunk=lots",
+    "flat://{path}?codec=zstd",  # a Zarr option, unknown to the flat store
+    "flat://{path}?map_size=1GiB",  # an LMDB option
 ]
 
 
@@ -845,7 +869,7 @@ def test_bad_url_raises_invalid_url_error_and_creates_nothing(tmp_path, template
     assert not (tmp_path / "new").exists(), "a rejected URL created the store directory"
 
 
-@pytest.mark.parametrize("flavour", ["lmdb", "zarr"])
+@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat"])
 def test_bad_url_on_existing_store_and_schema_mismatch_change_nothing(tmp_path, flavour):
     url = make_url(tmp_path / "store", flavour)
     ids, want = filled(url, 1)

@@ -1,4 +1,4 @@
-"""Real images through both stores, byte for byte: CIFAR-10 when present, Fashion-MNIST too."""
+"""Real images through every store, byte for byte: CIFAR-10 when present, Fashion-MNIST too."""
 
 from pathlib import Path
 
@@ -9,7 +9,8 @@ from storage_backends import open_store
 from trainers.datasets import load_cifar, load_idx_set
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "datasets"
-URLS = ["lmdb://{d}/flash", "zarr://{d}/disk?chunk=32", "zarr://{d}/diskz?chunk=32&codec=zstd"]
+URLS = ["lmdb://{d}/flash", "zarr://{d}/disk?chunk=32", "zarr://{d}/diskz?chunk=32&codec=zstd",
+        "flat://{d}/flatdisk?chunk=32"]
 
 
 def _round_trip(tmp_path, images, labels, url):

@@ -9,7 +9,6 @@ import shutil
 import tempfile
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -93,3 +92,4 @@ def _machine(template: str):
 TestLMDBAgainstDict = _machine("lmdb://{path}?map_size=64KiB")
 TestZarrAgainstDict = _machine("zarr://{path}?chunk=4&sync=0")
 TestZarrZstdAgainstDict = _machine("zarr://{path}?chunk=8&codec=zstd")
+TestFlatAgainstDict = _machine("flat://{path}?chunk=4&sync=0")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import zarr
 
-from storage_backends import ZarrStore, open_store, zarr_manifest
+from storage_backends import ZarrStore, open_store, row_manifest
 from tests.conformance.store_tests import SCHEMA, SampleStoreTests, assert_batch_equal, make_batch
 
 
@@ -64,7 +64,7 @@ def test_replaced_and_deleted_rows_are_reused(tmp_path):
 
 
 def test_manifest_survives_compaction_and_reopen(tmp_path, monkeypatch):
-    monkeypatch.setattr(zarr_manifest, "COMPACT_MIN_BYTES", 4096)
+    monkeypatch.setattr(row_manifest, "COMPACT_MIN_BYTES", 4096)
     url = f"zarr://{tmp_path / 'd'}?chunk=8&sync=0"
     with open_store(url, SCHEMA) as s:
         for seed in range(400):  # enough journal entries to force several compactions

@@ -1,14 +1,19 @@
-"""The Zarr store's manifest: which id lives in which row, with which checksum.
+"""The manifest of a store that keeps records in rows of its own files (Zarr, flat): which id
+lives in which row, with which checksum.
 
-Zarr v3 has no transactions, so the store keeps its own truth beside the arrays: a snapshot plus
-an append-only journal, both checksummed. A row enters the manifest only after its data is in
-place (the journal entry is appended after the chunk write returned), and a live row is never
-overwritten (replacing an id writes a new row, then frees the old one), so a crash never leaves
-an id pointing at a row that was not written. A torn journal tail -- the entry being appended when
-the process died -- is dropped on open: the batch it described was never acknowledged.
+Neither Zarr v3 nor a flat file has transactions, so such a store keeps its own truth beside the
+data: a snapshot plus an append-only journal, both checksummed. A row enters the manifest only
+after its data is in place (the journal entry is appended after the data write returned), and a
+live row is never overwritten (replacing an id writes a new row, then frees the old one), so a
+crash never leaves an id pointing at a row that was not written. A torn journal tail -- the entry
+being appended when the process died -- is dropped on open: the batch it described was never
+acknowledged.
 
 In memory the manifest is three sorted numpy columns (``ids``, ``rows``, ``crcs``) and a row
-occupancy bitmap: lookups are ``searchsorted``, no per-sample Python objects.
+occupancy bitmap: no per-sample Python objects. While the ids are dense (the largest below
+``max(DENSE_MIN, DENSE_SLACK * live ids)``, as a memory's sequential ids are), lookups read two
+arrays indexed by id instead: 256 random ids among 200,000 cost ~60 us through ``searchsorted``
+(a cache miss per bisection step) and ~5 us that way.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ _ENTRY_MAGIC = b"CJ"
 OP_PUT, OP_DELETE, OP_QUARANTINE = 1, 2, 3
 #: The journal is folded into a new snapshot once it exceeds this and the snapshot's own size.
 COMPACT_MIN_BYTES = 1 << 20
+#: Ids below this many, or this many times the live ids, are looked up by id (see above).
+DENSE_MIN, DENSE_SLACK = 1 << 16, 4
 
 
 class Manifest:
-    """Id -> (row, crc) map of a Zarr store, persisted in ``directory``."""
+    """Id -> (row, crc) map of a row store (Zarr, flat), persisted in ``directory``."""
 
     def __init__(self, directory: Path, capacity: int, writable: bool, sync: bool) -> None:
         self.dir = Path(directory)
@@ -43,6 +50,7 @@ class Manifest:
         self.crcs = np.zeros(0, np.uint32)
         self.quarantined = np.zeros(0, np.int64)
         self.row_id = np.full(capacity, -1, dtype=np.int64)  # id stored in each row, -1: free
+        self._dense: tuple[np.ndarray, np.ndarray] | None = None  # (row, crc) by id, -1: absent
         self.generation = 0
         self._journal_fd = -1
         self._journal_bytes = 0
@@ -58,11 +66,25 @@ class Manifest:
 
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(found, rows, crcs)`` for ``ids``; rows/crcs are meaningful where ``found``."""
+        if self._dense is not None and (not ids.size or int(ids.max()) < self._dense[0].size):
+            rows = self._dense[0][ids]
+            return rows >= 0, rows, self._dense[1][ids]
         pos = np.searchsorted(self.ids, ids)
         pos_c = np.minimum(pos, max(self.ids.size - 1, 0))
         found = (pos < self.ids.size) & (self.ids[pos_c] == ids) if self.ids.size else np.zeros(ids.size, bool)
         return found, self.rows[pos_c] if self.ids.size else np.zeros(ids.size, np.int64), \
             self.crcs[pos_c] if self.ids.size else np.zeros(ids.size, np.uint32)
+
+    def _index_dense(self) -> None:
+        """(Re)build the by-id arrays from the columns, or drop them if the ids are too sparse."""
+        top = int(self.ids[-1]) + 1 if self.ids.size else 0
+        if top > max(DENSE_MIN, DENSE_SLACK * self.ids.size):
+            self._dense = None
+            return
+        rows = np.full(max(2 * top, 1024), -1, dtype=np.int64)
+        crcs = np.zeros(rows.size, dtype=np.uint32)
+        rows[self.ids], crcs[self.ids] = self.rows, self.crcs
+        self._dense = rows, crcs
 
     def ids_in_rows(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Live ``(ids, rows, crcs)`` with ``lo <= row < hi``, ordered by row."""
@@ -121,12 +143,21 @@ class Manifest:
         if rows.size and rows.max() >= self.row_id.size:
             self.grow(int(rows.max()) + 1)
         self.row_id[rows] = ids
+        if not ids.size:
+            return
+        if self._dense is not None and int(ids.max()) < self._dense[0].size:
+            self._dense[0][ids], self._dense[1][ids] = rows, crcs
+        else:  # past the arrays' end, or sparse so far: regrow them, or stay (go) sparse
+            self._index_dense()
 
     def _apply_delete(self, ids: np.ndarray) -> None:
         found, rows, _ = self.lookup(ids)
         self.row_id[rows[found]] = -1
         keep = ~np.isin(self.ids, ids)
         self.ids, self.rows, self.crcs = self.ids[keep], self.rows[keep], self.crcs[keep]
+        if self._dense is not None:
+            gone = ids[found]
+            self._dense[0][gone] = -1
 
     # ---- persistence ----------------------------------------------------------------------------
     def _journal_path(self, gen: int) -> Path:
@@ -198,6 +229,7 @@ class Manifest:
             raise CorruptStoreError(f"{self.dir}: no manifest snapshot passes its checksum")
         jpath = self._journal_path(self.generation)
         valid_end = self._replay(jpath) if jpath.exists() else 0
+        self._index_dense()
         if not self.writable:
             return
         if not loaded:

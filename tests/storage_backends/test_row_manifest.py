@@ -1,0 +1,62 @@
+"""The row manifest's lookups agree with a dict whether the ids are dense (looked up by id) or
+sparse (bisected), across switches between the two and a reopen."""
+
+import numpy as np
+
+from storage_backends import row_manifest
+from storage_backends.row_manifest import Manifest
+
+
+def check(man: Manifest, model: dict[int, tuple[int, int]], probe: np.ndarray) -> None:
+    found, rows, crcs = man.lookup(probe)
+    for i, f, r, c in zip(probe.tolist(), found.tolist(), rows.tolist(), crcs.tolist()):
+        assert f == (i in model), i
+        if f:
+            assert (r, c) == model[i], i
+
+
+def test_lookups_match_a_dict_in_dense_and_sparse_modes(tmp_path):
+    rng = np.random.default_rng(0)
+    model: dict[int, tuple[int, int]] = {}
+    man = Manifest(tmp_path / "m", 0, writable=True, sync=False)
+    modes = set()
+    next_row = 0
+    for step in range(120):
+        # mostly sequential ids; now and then far-away ones, which make the set sparse for a while
+        if step % 40 == 39:
+            ids = rng.choice(np.arange(10**9, 10**9 + 10**6), 5, replace=False)
+        else:
+            ids = np.unique(rng.integers(0, 3000 + 100 * step, 50))
+        ids = ids.astype(np.int64)
+        rows = np.arange(next_row, next_row + ids.size, dtype=np.int64)
+        next_row += ids.size
+        crcs = rng.integers(0, 2**32, ids.size, dtype=np.uint32)
+        man.put(ids, rows, crcs)
+        model.update({int(i): (int(r), int(c)) for i, r, c in zip(ids, rows, crcs)})
+        if step % 3 == 0 and model:
+            gone = rng.choice(np.fromiter(model, np.int64), min(20, len(model)), replace=False)
+            man.delete(gone)
+            for i in gone.tolist():
+                del model[i]
+        if step % 40 == 39:  # drop the far-away ids again: dense once more
+            far = np.array([i for i in model if i >= 10**9], dtype=np.int64)
+            man.delete(far)
+            for i in far.tolist():
+                del model[i]
+        modes.add(man._dense is not None)
+        probe = np.concatenate([rng.integers(0, 20000, 300), np.fromiter(model, np.int64)[:50],
+                                [10**9 + 7, 2**40]]).astype(np.int64)
+        check(man, model, probe)
+    assert modes == {True, False}  # both paths were taken
+    man.close()
+    again = Manifest(tmp_path / "m", 0, writable=False, sync=False)
+    check(again, model, np.concatenate([np.fromiter(model, np.int64), np.arange(5000)]))
+
+
+def test_sparse_ids_keep_no_dense_arrays(tmp_path):
+    man = Manifest(tmp_path / "m", 0, writable=True, sync=False)
+    man.put(np.array([5, row_manifest.DENSE_MIN * 10]), np.array([0, 1]), np.array([7, 8], np.uint32))
+    assert man._dense is None
+    found, rows, crcs = man.lookup(np.array([row_manifest.DENSE_MIN * 10, 6]))
+    assert found.tolist() == [True, False] and rows[0] == 1 and crcs[0] == 8
+    man.close()
