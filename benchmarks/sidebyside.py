@@ -455,19 +455,24 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    # Panel 1 carries long labels: give it the room, and say each row's memory in few words.
+    fig, axes = plt.subplots(1, 3, figsize=(19, 6), gridspec_kw={"width_ratios": [1.5, 1, 1]})
     ax = axes[0]
     labels, values = [], []
+    short = (("TorchRL ReplayBuffer, ", "TorchRL "), ("ReservoirSamplingBuffer, DataLoader access", "reservoir"),
+             ("(shared-memory ring)", "(ring)"), ("index_select limit", "limit"))
     for em, r in results["ram"].items():
         rows = list(r["carousel"].items()) + list(r["peers"].get("variants", {}).items())
         for name, v in rows:
-            labels.append(f"EM {em}: {name}")
+            for long, brief in short:
+                name = name.replace(long, brief)
+            labels.append(f"EM {int(em):,}: {name}")
             values.append(v["samples_per_s"])
     ax.barh(labels, values)
     ax.set_xscale("log")
     ax.set_xlabel("samples/s (log)")
     ax.set_title("1. sample(256) from RAM")
-    ax.tick_params(axis="y", labelsize=6)
+    ax.tick_params(axis="y", labelsize=7)
     ax = axes[1]
     names, warm, cold = [], [], []
     for name, v in results["storage"]["stores"].items():

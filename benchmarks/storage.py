@@ -19,9 +19,9 @@ ids 0..N-1, ingested in order). Measured:
 
 Each read is measured warm (after one full pass over the store) and cold. Cold: before each cold
 batch (before each cold repeat for the scans) the store is flushed and the page cache of every
-file under it is dropped with ``os.posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)``; an LMDB store
-is also closed before and reopened after the drop, because fadvise keeps pages that a process
-maps, and LMDB reads through mmap. ``mincore`` then checks how much of each store is still cached.
+file under it is dropped with ``os.posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)``; an LMDB or
+flat store is also closed before and reopened after the drop, because fadvise keeps pages that a
+process maps, and both read through mmap. ``mincore`` then checks how much of each store is still cached.
 ``/proc/sys/vm/drop_caches`` is not used.
 
 A figure is the median over ``--repeat`` repeats, each ``--batches`` (cold: ``--cold-batches``)
@@ -78,7 +78,7 @@ PREAD = "flat file (os.pread)"
 PREAD_RECORDS = "pread per record, random"
 PREAD_RECORDS_AT_END = "pread per record, random (end)"  # did the machine's speed drift?
 DROP_METHOD = ("os.posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) on every file of the store after flush(); "
-               "LMDB stores closed before the drop and reopened after it (fadvise keeps mapped pages); "
+               "LMDB and flat stores closed before the drop and reopened after it (fadvise keeps mapped pages); "
                "residency checked with mincore; /proc/sys/vm/drop_caches not used")
 
 
@@ -337,9 +337,9 @@ class StoreUnderTest:
         self.spec = spec
         self.url = spec.url(root)
         self.store: SampleStore = open_store(self.url, SCHEMA)
-        # LMDB reads through a shared mapping; posix_fadvise(DONTNEED) skips mapped pages
-        # (measured here: 100% of data.mdb still resident), so the store is closed for the drop.
-        self.mapped = spec.scheme == "lmdb"
+        # LMDB and the flat store read through a shared mapping; posix_fadvise(DONTNEED) skips
+        # mapped pages (measured here: 100% of data.mdb still resident), so they are closed for the drop.
+        self.mapped = spec.scheme in ("lmdb", "flat")
         self._files: list[str] | None = None
 
     def files(self) -> list[str]:
