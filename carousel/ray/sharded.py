@@ -103,7 +103,7 @@ class ShardUnavailableError(ConnectionError):
         return type(self), (str(self), self.ids, self.shards)
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: Batch is not (see carousel.batch)
 class ShardedBatch(Batch):
     """A :class:`~carousel.Batch` plus where it came from.
 
