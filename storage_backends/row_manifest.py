@@ -9,11 +9,13 @@ crash never leaves an id pointing at a row that was not written. A torn journal 
 being appended when the process died -- is dropped on open: the batch it described was never
 acknowledged.
 
-In memory the manifest is three sorted numpy columns (``ids``, ``rows``, ``crcs``) and a row
-occupancy bitmap: no per-sample Python objects. While the ids are dense (the largest below
-``max(DENSE_MIN, DENSE_SLACK * live ids)``, as a memory's sequential ids are), lookups read two
-arrays indexed by id instead: 256 random ids among 200,000 cost ~60 us through ``searchsorted``
-(a cache miss per bisection step) and ~5 us that way.
+In memory the manifest is two sorted numpy columns (``ids``, ``rows``) and two arrays by row
+(``row_id``, ``row_crc``): no per-sample Python objects. While the ids are dense (the largest
+below ``max(DENSE_MIN, DENSE_SLACK * live ids)``, as a memory's sequential ids are), lookups read
+an int32 row by id instead of bisecting: 256 random ids among 200,000 cost ~60 us through
+``searchsorted`` (a cache miss per bisection step) and ~5 us that way. Keeping the CRCs by row
+pays for that map: bookkeeping stays within the 64 B a row at peak that the device profiles
+budget (``tests/deploy/test_profiles.py`` measures it).
 """
 
 from __future__ import annotations
@@ -47,10 +49,10 @@ class Manifest:
         self.writable = writable
         self.ids = np.zeros(0, np.int64)
         self.rows = np.zeros(0, np.int64)
-        self.crcs = np.zeros(0, np.uint32)
         self.quarantined = np.zeros(0, np.int64)
         self.row_id = np.full(capacity, -1, dtype=np.int64)  # id stored in each row, -1: free
-        self._dense: tuple[np.ndarray, np.ndarray] | None = None  # (row, crc) by id, -1: absent
+        self.row_crc = np.zeros(capacity, dtype=np.uint32)  # CRC-32C of the record in each live row
+        self._dense: np.ndarray | None = None  # int32 row by id, -1: absent (see the module docstring)
         self.generation = 0
         self._journal_fd = -1
         self._journal_bytes = 0
@@ -66,33 +68,33 @@ class Manifest:
 
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(found, rows, crcs)`` for ``ids``; rows/crcs are meaningful where ``found``."""
-        if self._dense is not None and (not ids.size or int(ids.max()) < self._dense[0].size):
-            rows = self._dense[0][ids]
-            return rows >= 0, rows, self._dense[1][ids]
-        pos = np.searchsorted(self.ids, ids)
-        pos_c = np.minimum(pos, max(self.ids.size - 1, 0))
-        found = (pos < self.ids.size) & (self.ids[pos_c] == ids) if self.ids.size else np.zeros(ids.size, bool)
-        return found, self.rows[pos_c] if self.ids.size else np.zeros(ids.size, np.int64), \
-            self.crcs[pos_c] if self.ids.size else np.zeros(ids.size, np.uint32)
+        if self._dense is not None and (not ids.size or int(ids.max()) < self._dense.size):
+            rows = self._dense[ids].astype(np.int64)
+            found = rows >= 0
+        elif self.ids.size:
+            pos = np.minimum(np.searchsorted(self.ids, ids), self.ids.size - 1)
+            found, rows = self.ids[pos] == ids, self.rows[pos]
+        else:
+            return np.zeros(ids.size, bool), np.zeros(ids.size, np.int64), np.zeros(ids.size, np.uint32)
+        if not self.row_crc.size:  # no rows at all: nothing is found
+            return found, rows, np.zeros(ids.size, np.uint32)
+        return found, rows, self.row_crc[np.where(found, rows, 0)]
 
     def _index_dense(self) -> None:
-        """(Re)build the by-id arrays from the columns, or drop them if the ids are too sparse."""
+        """(Re)build the by-id rows, or drop them if the ids are too sparse (or rows too many)."""
+        self._dense = None  # the old map goes first: the peak holds one map, not two
         top = int(self.ids[-1]) + 1 if self.ids.size else 0
-        if top > max(DENSE_MIN, DENSE_SLACK * self.ids.size):
-            self._dense = None
+        if top > max(DENSE_MIN, DENSE_SLACK * self.ids.size) or self.row_id.size >= 2**31:
             return
-        rows = np.full(max(2 * top, 1024), -1, dtype=np.int64)
-        crcs = np.zeros(rows.size, dtype=np.uint32)
-        rows[self.ids], crcs[self.ids] = self.rows, self.crcs
-        self._dense = rows, crcs
+        dense = np.full(top + top // 8 + 1024, -1, dtype=np.int32)
+        dense[self.ids] = self.rows
+        self._dense = dense
 
     def ids_in_rows(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Live ``(ids, rows, crcs)`` with ``lo <= row < hi``, ordered by row."""
         rid = self.row_id[lo:hi]
         live = np.flatnonzero(rid >= 0)
-        ids = rid[live]
-        _, _, crcs = self.lookup(ids)
-        return ids, live + lo, crcs
+        return rid[live], live + lo, self.row_crc[live + lo]
 
     def allocate(self, n: int) -> np.ndarray | None:
         """The ``n`` lowest free rows, or ``None`` if fewer than ``n`` are free (grow first)."""
@@ -101,7 +103,9 @@ class Manifest:
 
     def grow(self, capacity: int) -> None:
         if capacity > self.row_id.size:
-            self.row_id = np.concatenate([self.row_id, np.full(capacity - self.row_id.size, -1, np.int64)])
+            more = capacity - self.row_id.size
+            self.row_id = np.concatenate([self.row_id, np.full(more, -1, np.int64)])
+            self.row_crc = np.concatenate([self.row_crc, np.zeros(more, np.uint32)])
 
     # ---- updates: journal first (after the data is in place), then memory ---------------------
     def put(self, ids: np.ndarray, rows: np.ndarray, crcs: np.ndarray) -> None:
@@ -133,31 +137,35 @@ class Manifest:
 
     def _apply_put(self, ids: np.ndarray, rows: np.ndarray, crcs: np.ndarray) -> None:
         found, old_rows, _ = self.lookup(ids)
-        self.row_id[old_rows[found]] = -1  # replaced ids give their old rows back
-        keep = ~np.isin(self.ids, ids[found])
-        all_ids = np.concatenate([self.ids[keep], ids])
-        order = np.argsort(all_ids, kind="stable")
-        self.ids = all_ids[order]
-        self.rows = np.concatenate([self.rows[keep], rows])[order]
-        self.crcs = np.concatenate([self.crcs[keep], crcs.astype(np.uint32)])[order]
+        if found.any():  # replaced ids give their old rows back and leave the columns first
+            self.row_id[old_rows[found]] = -1
+            keep = ~np.isin(self.ids, ids[found])
+            self.ids = self.ids[keep]
+            self.rows = self.rows[keep]
+        # Merge the batch into the sorted columns: one insertion each, so a put holds one extra
+        # copy of one column at a time (the bookkeeping peak the device profiles budget).
+        order = np.argsort(ids, kind="stable")
+        at = np.searchsorted(self.ids, ids[order])
+        self.ids = np.insert(self.ids, at, ids[order])
+        self.rows = np.insert(self.rows, at, rows[order])
         if rows.size and rows.max() >= self.row_id.size:
             self.grow(int(rows.max()) + 1)
         self.row_id[rows] = ids
+        self.row_crc[rows] = crcs
         if not ids.size:
             return
-        if self._dense is not None and int(ids.max()) < self._dense[0].size:
-            self._dense[0][ids], self._dense[1][ids] = rows, crcs
-        else:  # past the arrays' end, or sparse so far: regrow them, or stay (go) sparse
+        if self._dense is not None and int(ids.max()) < self._dense.size:
+            self._dense[ids] = rows
+        else:  # past the map's end, or sparse so far: regrow it, or stay (go) sparse
             self._index_dense()
 
     def _apply_delete(self, ids: np.ndarray) -> None:
         found, rows, _ = self.lookup(ids)
         self.row_id[rows[found]] = -1
         keep = ~np.isin(self.ids, ids)
-        self.ids, self.rows, self.crcs = self.ids[keep], self.rows[keep], self.crcs[keep]
+        self.ids, self.rows = self.ids[keep], self.rows[keep]
         if self._dense is not None:
-            gone = ids[found]
-            self._dense[0][gone] = -1
+            self._dense[ids[found]] = -1
 
     # ---- persistence ----------------------------------------------------------------------------
     def _journal_path(self, gen: int) -> Path:
@@ -189,7 +197,7 @@ class Manifest:
         """Write the whole state as snapshot ``generation + 1`` and start its empty journal."""
         gen = self.generation + 1
         body = (_SNAP_HEAD.pack(_SNAP_MAGIC, gen, self.ids.size, self.capacity, self.quarantined.size)
-                + self.ids.tobytes() + self.rows.tobytes() + self.crcs.astype("<u4").tobytes()
+                + self.ids.tobytes() + self.rows.tobytes() + self.row_crc[self.rows].astype("<u4").tobytes()
                 + self.quarantined.tobytes())
         body += struct.pack("<I", google_crc32c.value(body))
         snap, journal = self._snapshot_path(gen), self._journal_path(gen)
@@ -220,9 +228,10 @@ class Manifest:
         for snap in reversed(snaps):  # the newest snapshot that checks out
             state = _read_snapshot(snap)
             if state is not None:
-                self.generation, self.ids, self.rows, self.crcs, self.quarantined, cap = state
+                self.generation, self.ids, self.rows, crcs, self.quarantined, cap = state
                 self.grow(max(cap, capacity))
                 self.row_id[self.rows] = self.ids
+                self.row_crc[self.rows] = crcs
                 loaded = True
                 break
         if snaps and not loaded:
