@@ -11,8 +11,8 @@ Every row of ``rows.bin`` is one record (the fields' bytes in schema order, as i
 followed by its CRC-32C, so a row can be checked on its own. A batch of random ids is one numpy
 gather from the map, checked with one CRC pass (``records.failed_rows``) and against the CRCs the
 manifest holds (which catches a row that is intact but not the record the id names). No call per
-record: 256 random records of 3 KiB read at ~1.3 M samples/s on a warm page cache here, where the
-LMDB tier's per-key gets reach ~0.45 M and TorchRL's memory-mapped storage ~0.8 M. The map is
+record: 256 random records of 3 KiB read at ~1.2 M samples/s on a warm page cache here, where the
+LMDB tier's per-key gets reach ~0.47 M and TorchRL's memory-mapped storage ~0.8 M. The map is
 advised ``MADV_RANDOM``: a cold read faults in only the pages a record spans, not a read-ahead
 window.
 
