@@ -36,21 +36,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Chunk, SampleStore
 from .errors import (
-    CorruptRecordError,
     CorruptStoreError,
     InvalidURLError,
     SchemaError,
     StoreError,
     StoreNotFoundError,
-    format_ids,
     from_os_error,
 )
 from .locking import WriterLock
 from .records import CRC_BYTES, failed_rows, pack_records, record_checksums, unpack_records
 from .row_manifest import Manifest, _fsync_dir, _write_atomic
-from .schema import Schema, validate_ids
+from .row_store import RowStore
+from .schema import Schema
 from .url import StoreURL, parse_bool, parse_int
 
 FORMAT = "carousel-flat/1"
@@ -60,10 +58,11 @@ _MANIFEST_DIR = "manifest"
 _MIN_ROWS = 1024  # the first allocation, so small stores do not grow one batch at a time
 
 
-class FlatStore(SampleStore):
+class FlatStore(RowStore):
     """:class:`SampleStore` on one file of fixed-size rows. Open it with :func:`storage_backends.open_store`."""
 
     scheme = "flat"
+    _damage = f"failed their checksum or lie past the end of {_ROWS}"
     prefers_chunks = False  # a random record costs one gather: readers draw ids, not chunks
 
     def __init__(self, url: StoreURL, schema: Schema | None) -> None:
@@ -190,24 +189,7 @@ class FlatStore(SampleStore):
         if self._sync:
             os.fdatasync(self._fd)
 
-    def _delete(self, ids: np.ndarray) -> None:
-        with self._mutex:
-            found, _, _ = self._manifest.lookup(ids)
-            if not found.all():
-                raise self._missing(ids, found)
-            try:
-                self._manifest.delete(ids)
-            except OSError as exc:
-                raise from_os_error(exc, f"{self.url}: delete failed") from exc
-
     # ---- reads --------------------------------------------------------------------------------
-    def _get(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        with self._mutex:
-            found, rows, crcs = self._manifest.lookup(ids)
-            if not found.all():
-                raise self._missing(ids, found)
-            return self._read_checked(ids, rows, crcs)
-
     def _read_checked(self, ids: np.ndarray, rows: np.ndarray, crcs: np.ndarray) -> dict[str, np.ndarray]:
         """Gather ``rows`` from the map (caller holds ``_mutex``), check them, and unpack."""
         outside = rows >= self._rows_mapped  # beyond a truncated file: damaged, never mapped
@@ -223,61 +205,8 @@ class FlatStore(SampleStore):
             self._fail(np.unique(ids[bad]))
         return unpack_records(self.schema, got[:, :self._rec])
 
-    def _fail(self, bad_ids: np.ndarray) -> None:
-        where = "quarantined" if not self.readonly else "left in place (read-only)"
-        if not self.readonly:
-            try:
-                self._manifest.quarantine(bad_ids)
-            except OSError as exc:
-                where = f"not quarantined ({exc})"
-        raise CorruptRecordError(f"{self.url}: {bad_ids.size} record(s) failed their checksum or lie past the "
-                                 f"end of {self.path / _ROWS}: {format_ids(bad_ids)}; {where}", bad_ids)
-
-    def _contains(self, ids: np.ndarray) -> np.ndarray:
-        with self._mutex:
-            return self._manifest.lookup(ids)[0]
-
-    def _ids(self) -> np.ndarray:
-        with self._mutex:
-            return self._manifest.ids.copy()
-
-    def _len(self) -> int:
-        return int(self._manifest.ids.size)
-
-    def _quarantined(self) -> np.ndarray:
-        with self._mutex:
-            return self._manifest.quarantined.copy()
-
-    # ---- chunk-granular reads: row ranges -----------------------------------------------------
-    @property
-    def chunk_rows(self) -> int:
-        return self._chunk
-
-    def chunk_of(self, ids) -> np.ndarray:
-        self._check_open()
-        ids = validate_ids(ids)
-        with self._mutex:
-            found, rows, _ = self._manifest.lookup(ids)
-        if not found.all():
-            raise self._missing(ids, found)
-        return rows // self._chunk
-
-    def num_chunks(self) -> int:
-        self._check_open()
-        return -(-self._manifest.capacity // self._chunk)
-
-    def get_chunk(self, index: int) -> Chunk:
-        """The live records in rows ``[index * chunk_rows, (index + 1) * chunk_rows)``."""
-        self._check_open()
-        n_chunks = self.num_chunks()
-        if not 0 <= index < n_chunks:
-            raise IndexError(f"{self.url}: chunk {index} out of range [0, {n_chunks})")
-        with self._mutex:
-            ids, rows, crcs = self._manifest.ids_in_rows(index * self._chunk, (index + 1) * self._chunk)
-            self._will_need(rows)
-            return Chunk(ids, self._read_checked(ids, rows, crcs))
-
-    def _will_need(self, rows: np.ndarray) -> None:
+    # ---- chunk-granular reads: RowStore's row ranges ----------------------------------------------
+    def _prefetch_rows(self, rows: np.ndarray) -> None:
         """Ask for a chunk's rows in one read: the map is ``MADV_RANDOM`` (no read-ahead, right for
         random ids), so a cold chunk would otherwise fault its pages in one at a time (measured:
         40,000 samples/s cold, a tenth of one pread per chunk)."""
@@ -286,15 +215,6 @@ class FlatStore(SampleStore):
         start -= start % mmap.PAGESIZE
         if self._mm is not None and end > start:
             self._mm.madvise(mmap.MADV_WILLNEED, start, end - start)
-
-    def iter_chunks(self):
-        self._check_open()
-        with self._mutex:
-            live = np.unique(self._manifest.rows // self._chunk)
-        for i in live:
-            chunk = self.get_chunk(int(i))
-            if chunk.ids.size:  # it may have emptied since
-                yield chunk
 
     # ---- durability and lifecycle -------------------------------------------------------------
     def _flush(self) -> None:

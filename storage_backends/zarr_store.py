@@ -40,21 +40,19 @@ import zarr
 from numcodecs import Zstd
 from zarr.codecs import BytesCodec, ZstdCodec
 
-from .base import Chunk, SampleStore
 from .errors import (
-    CorruptRecordError,
     CorruptStoreError,
     InvalidURLError,
     SchemaError,
     StoreError,
     StoreNotFoundError,
-    format_ids,
     from_os_error,
 )
 from .locking import WriterLock
 from .records import failed_records, pack_records, record_checksums
 from .row_manifest import Manifest
-from .schema import Schema, validate_ids
+from .row_store import RowStore
+from .schema import Schema
 from .url import StoreURL, parse_bool, parse_int
 
 FORMAT = "carousel-zarr/1"
@@ -67,7 +65,7 @@ class _CorruptChunk(Exception):
     """A chunk file that is missing, truncated or undecodable (turned into CorruptRecordError)."""
 
 
-class ZarrStore(SampleStore):
+class ZarrStore(RowStore):
     """:class:`SampleStore` on Zarr v3 (the disk tier). Open it with :func:`storage_backends.open_store`."""
 
     scheme = "zarr"
@@ -244,25 +242,7 @@ class ZarrStore(SampleStore):
             _fsync_path(d, directory=True)
         self._dirty_files.clear()
 
-    def _delete(self, ids: np.ndarray) -> None:
-        with self._mutex:
-            found, _, _ = self._manifest.lookup(ids)
-            if not found.all():
-                raise self._missing(ids, found)
-            try:
-                self._manifest.delete(ids)
-            except OSError as exc:
-                raise from_os_error(exc, f"{self.url}: delete failed") from exc
-
     # ---- reads --------------------------------------------------------------------------------
-    def _get(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        with self._mutex:
-            found, rows, crcs = self._manifest.lookup(ids)
-            if not found.all():
-                raise self._missing(ids, found)
-            out = self._read_checked(ids, rows, crcs)
-        return out
-
     def _read_checked(self, ids: np.ndarray, rows: np.ndarray, crcs: np.ndarray) -> dict[str, np.ndarray]:
         """Read ``rows`` and check them against their manifest CRCs; quarantine and raise on damage."""
         out, broken = self._read_rows(rows)
@@ -383,73 +363,8 @@ class ZarrStore(SampleStore):
         except (OSError, RuntimeError, ValueError):
             return None  # missing, truncated or undecodable: the rows are reported, never guessed
 
-    def _fail(self, bad_ids: np.ndarray) -> None:
-        where = "quarantined" if not self.readonly else "left in place (read-only)"
-        if not self.readonly:
-            try:
-                self._manifest.quarantine(bad_ids)
-            except OSError as exc:
-                where = f"not quarantined ({exc})"
-        raise CorruptRecordError(f"{self.url}: {bad_ids.size} record(s) failed their checksum or could not be "
-                                 f"read: {format_ids(bad_ids)}; {where}", bad_ids)
-
-    def _contains(self, ids: np.ndarray) -> np.ndarray:
-        with self._mutex:
-            return self._manifest.lookup(ids)[0]
-
-    def _ids(self) -> np.ndarray:
-        with self._mutex:
-            return self._manifest.ids.copy()
-
-    def _len(self) -> int:
-        return int(self._manifest.ids.size)
-
-    def _quarantined(self) -> np.ndarray:
-        with self._mutex:
-            return self._manifest.quarantined.copy()
-
-    # ---- chunk-granular reads -----------------------------------------------------------------
-    @property
-    def chunk_rows(self) -> int:
-        return self._chunk
-
+    # ---- chunk-granular reads: RowStore's row ranges, one chunk file per field --------------------
     prefers_chunks = True  # one chunk file read serves chunk_rows records
-
-    def chunk_of(self, ids) -> np.ndarray:
-        self._check_open()
-        ids = validate_ids(ids)
-        with self._mutex:
-            found, rows, _ = self._manifest.lookup(ids)
-        if not found.all():
-            raise self._missing(ids, found)
-        return rows // self._chunk
-
-    def num_chunks(self) -> int:
-        self._check_open()
-        return -(-self._manifest.capacity // self._chunk)
-
-    def get_chunk(self, index: int) -> Chunk:
-        """The live records stored in rows ``[index * chunk_rows, (index + 1) * chunk_rows)``,
-        read with one file read per field (small fields share a larger chunk)."""
-        self._check_open()
-        n_chunks = self.num_chunks()
-        if not 0 <= index < n_chunks:
-            raise IndexError(f"{self.url}: chunk {index} out of range [0, {n_chunks})")
-        with self._mutex:
-            ids, rows, crcs = self._manifest.ids_in_rows(index * self._chunk, (index + 1) * self._chunk)
-            if not ids.size:
-                return Chunk(ids, {k: np.zeros((0, *v.shape), v.dtype) for k, v in self.schema.items()})
-            out = self._read_checked(ids, rows, crcs)
-        return Chunk(ids, out)
-
-    def iter_chunks(self):
-        self._check_open()
-        with self._mutex:
-            live = np.unique(self._manifest.rows // self._chunk)
-        for i in live:
-            chunk = self.get_chunk(int(i))
-            if chunk.ids.size:  # it may have emptied since
-                yield chunk
 
     # ---- durability and lifecycle -------------------------------------------------------------
     def _flush(self) -> None:
