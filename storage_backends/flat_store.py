@@ -40,11 +40,10 @@ from .errors import (
     CorruptStoreError,
     InvalidURLError,
     SchemaError,
-    StoreError,
     StoreNotFoundError,
     from_os_error,
 )
-from .locking import WriterLock
+from .locking import lock_store_dir
 from .records import CRC_BYTES, failed_rows, pack_records, record_checksums, unpack_records
 from .row_manifest import Manifest, _fsync_dir, _write_atomic
 from .row_store import RowStore
@@ -83,14 +82,7 @@ class FlatStore(RowStore):
                                     "the store's layout is unknown, so nothing is read or written")
         if not exists and (schema is None or readonly):
             raise StoreNotFoundError(f"{url.text}: no flat store at {path} (give a schema to create one)")
-        if path.exists() and not path.is_dir():
-            raise StoreError(f"{url.text}: {path} is not a directory")
-        try:
-            if not exists:
-                path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._lock = WriterLock(path, exclusive=not readonly)
-        except OSError as exc:
-            raise from_os_error(exc, f"{url.text}: cannot open {path}") from exc
+        self._lock = lock_store_dir(path, create=not exists, readonly=readonly, what=url.text)
         self._fd = -1
         try:
             if exists:

@@ -12,7 +12,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from .errors import StoreError, StoreLockedError, StorePermissionError
+from .errors import StoreError, StoreLockedError, StorePermissionError, from_os_error
 
 LOCK_NAME = "writer.lock"
 
@@ -61,3 +61,17 @@ class WriterLock:
         if self._fd >= 0:
             os.close(self._fd)  # closing drops the flock
             self._fd = -1
+
+
+def lock_store_dir(path: Path, *, create: bool, readonly: bool, what: str) -> WriterLock:
+    """The lock of a store kept in folder ``path`` (made first when ``create``): exclusive for a
+    writer, shared for a read-only opener. A file in the way or an OS error is a ``StoreError``
+    naming ``what`` (the store's URL)."""
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{what}: {path} is not a directory")
+    try:
+        if create:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return WriterLock(path, exclusive=not readonly)
+    except OSError as exc:
+        raise from_os_error(exc, f"{what}: cannot open {path}") from exc

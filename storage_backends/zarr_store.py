@@ -48,7 +48,7 @@ from .errors import (
     StoreNotFoundError,
     from_os_error,
 )
-from .locking import WriterLock
+from .locking import lock_store_dir
 from .records import failed_records, pack_records, record_checksums
 from .row_manifest import Manifest
 from .row_store import RowStore
@@ -87,14 +87,7 @@ class ZarrStore(RowStore):
         exists = (path / "zarr.json").exists()
         if not exists and (schema is None or readonly):
             raise StoreNotFoundError(f"{url.text}: no Zarr store at {path} (give a schema to create one)")
-        if path.exists() and not path.is_dir():
-            raise StoreError(f"{url.text}: {path} is not a directory")
-        try:
-            if not exists:
-                path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._lock = WriterLock(path, exclusive=not readonly)
-        except OSError as exc:
-            raise from_os_error(exc, f"{url.text}: cannot open {path}") from exc
+        self._lock = lock_store_dir(path, create=not exists, readonly=readonly, what=url.text)
         try:
             if exists:
                 group = zarr.open_group(store=str(path), mode="r" if readonly else "r+", zarr_format=3)
