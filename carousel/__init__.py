@@ -13,7 +13,8 @@ Example (not a doctest: it needs a memory.toml and a running daemon)::
 
 from .batch import Batch
 from .config import CarouselConfig, ConfigError, load_config
-from .memory import CarouselMemory, MemoryInputError
+from .inputs import MemoryInputError
+from .memory import CarouselMemory
 from .write_behind import WriteBehindError
 from .client import MemoryClient, connect
 from .dataset import ReplayDataset, StreamReplayDataset

@@ -37,8 +37,9 @@ from storage_backends import Schema, open_store
 
 from .batch import Batch
 from .catalog import EVICTED, PENDING, RAM_ONLY, Catalog
-from .config import SALIENCY_FIELD, WEIGHT_FIELD, CarouselConfig, ConfigError, load_config
+from .config import WEIGHT_FIELD, CarouselConfig, ConfigError, load_config
 from .em_pool import EMPool, balanced_weights
+from .inputs import MemoryInputError, check_add, check_count, check_weights
 from .kinds import RawCodec, make_codec
 from .metrics import MemoryMetrics
 from .policies import make_admission, make_swap_in, make_swap_out
@@ -52,72 +53,10 @@ _STATE_FILE = "em-state.npz"
 _UNBOUNDED = 2**62  # the sample capacity of a tier bounded by bytes only
 
 
-class MemoryInputError(ValueError):
-    """Bad input to the memory: wrong shapes, dtypes, unknown ids."""
-
-
 def _positions(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
     """Where each of ``needles`` sits in ``haystack`` (distinct values, every needle present)."""
     order = np.argsort(haystack)
     return order[np.searchsorted(haystack, needles, sorter=order)]
-
-
-def _check_weights(w: np.ndarray, n: int) -> None:
-    if w.shape != (n,):
-        raise MemoryInputError(f"weights must be {n} values, got shape {tuple(w.shape)}")
-    if n and not (np.isfinite(w).all() and (w >= 0).all()):
-        raise MemoryInputError("coreset weights must be finite and >= 0")
-
-
-def as_array(v: Any) -> np.ndarray:
-    """A tensor or array-like as a numpy array (a CPU copy of a device tensor)."""
-    return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-
-
-def check_sample_fields(x: Any, y: Any, task: Any, shape: tuple[int, ...], dtype: str) -> dict[str, np.ndarray]:
-    """``x``, ``y`` and ``task`` of one ``add`` checked and normalized (``x`` contiguous, ``y``
-    int64, ``task`` int16 per sample); raises :class:`MemoryInputError` naming what is wrong.
-    Shared by every front that takes samples (the memory itself, the sharded Ray client)."""
-    x = as_array(x)
-    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape):
-        raise MemoryInputError(f"x must have shape (n, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
-    if x.dtype != np.dtype(dtype):
-        raise MemoryInputError(f"x must be {dtype}, got {x.dtype} (store raw samples; convert explicitly)")
-    n = x.shape[0]
-    y = as_array(y)
-    if y.shape != (n,) or y.dtype.kind not in "iu":
-        raise MemoryInputError(f"y must be {n} integer labels, got {y.dtype} {tuple(y.shape)}")
-    if n and y.min() < 0:
-        raise MemoryInputError("labels must be non-negative")
-    t = as_array(task)
-    t = np.full(n, int(t), dtype=np.int64) if t.ndim == 0 and t.dtype.kind in "iu" else t
-    if t.shape != (n,) or t.dtype.kind not in "iu" or (n and (t.min() < 0 or t.max() > np.iinfo(np.int16).max)):
-        raise MemoryInputError(f"task must be an int or {n} ints in [0, 32767], got {t.dtype} {tuple(t.shape)}")
-    return {"x": np.ascontiguousarray(x), "y": y.astype(np.int64), "task": t.astype(np.int16)}
-
-
-def check_extra(name: str, value: Any, n: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    """One extra field of ``n`` samples, checked against its ``(shape, dtype)`` and cast to it (a
-    saliency map may come as floats in [0, 1] and is stored as 0..255)."""
-    e = as_array(value)
-    if name == SALIENCY_FIELD:
-        e = _saliency_u8(e)
-    if tuple(e.shape) != (n, *shape):
-        raise MemoryInputError(f"extra {name!r} must have shape {(n, *shape)}, got {tuple(e.shape)}")
-    if not np.can_cast(e.dtype, dtype, casting="same_kind"):
-        raise MemoryInputError(f"extra {name!r} must be {dtype}, got {e.dtype}")
-    return np.ascontiguousarray(e.astype(dtype, copy=False))
-
-
-def _saliency_u8(s: np.ndarray) -> np.ndarray:
-    """A saliency map as 0..255: float maps must lie in [0, 1]; integer maps pass as they are."""
-    if s.dtype.kind == "f":
-        if s.size and not (np.isfinite(s).all() and s.min() >= 0.0 and s.max() <= 1.0):
-            raise MemoryInputError("a float saliency map must hold values in [0, 1]")
-        return np.rint(s * 255.0).astype(np.uint8)
-    if s.dtype.kind in "iu" and s.size and (s.min() < 0 or s.max() > 255):
-        raise MemoryInputError("an integer saliency map must hold values in 0..255")
-    return s
 
 
 class CarouselMemory:
@@ -281,21 +220,7 @@ class CarouselMemory:
         return torch.from_numpy(ids)
 
     def _validate(self, x: Any, y: Any, task: Any, extras: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        shape, dtype = self.fields["x"]
-        out = check_sample_fields(x, y, task, shape, dtype)
-        n = out["x"].shape[0]
-        if self.config.memory.kind == "coreset" and WEIGHT_FIELD not in extras:
-            extras = {**extras, WEIGHT_FIELD: np.ones(n, np.float32)}  # weight 1 unless given
-        names = [k for k in self.input_fields if k not in ("x", "y", "task")]
-        unknown = sorted(set(extras) - set(names))
-        missing = sorted(set(names) - set(extras))
-        if unknown or missing:
-            raise MemoryInputError(f"extras must be exactly {names}: unknown {unknown}, missing {missing}")
-        for name in names:
-            out[name] = check_extra(name, extras[name], n, *self.input_fields[name])
-        if self.config.memory.kind == "coreset":
-            _check_weights(out[WEIGHT_FIELD], n)
-        return out
+        return check_add(self.input_fields, self.config.memory.kind == "coreset", x, y, task, extras)
 
     # ---- sample -----------------------------------------------------------------------------------
     def sample(self, n: int, *, classes: Any = None, tasks: Any = None, seed: int | None = None,
@@ -307,8 +232,7 @@ class CarouselMemory:
         filtered part of it) holds fewer.
         """
         self._check_open()
-        if n < 0:
-            raise MemoryInputError(f"n must be >= 0, got {n}")
+        n = check_count(n)
         t0 = time.perf_counter()
         pool = self.pool
         with pool.lock:  # choose and gather under one short lock: no half-written slot
@@ -326,8 +250,7 @@ class CarouselMemory:
         with room for ``n`` rows); returns how many rows were filled. The daemon fills its
         shared-memory batch rings with this, so a batch is copied once, straight into the ring."""
         self._check_open()
-        if n < 0:
-            raise MemoryInputError(f"n must be >= 0, got {n}")
+        n = check_count(n)
         t0 = time.perf_counter()
         with self.pool.lock:
             if classes is None and tasks is None and not balanced:
@@ -447,7 +370,7 @@ class CarouselMemory:
         ids = ids.astype(np.int64)
         w = (weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else np.asarray(weights))
         w = w.astype(np.float32)
-        _check_weights(w, ids.size)
+        check_weights(w, ids.size)
         if np.unique(ids).size != ids.size:
             raise MemoryInputError("ids must be distinct")
         if ids.size and (ids.min() < 0 or ids.max() >= self._next_id):

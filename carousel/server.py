@@ -47,7 +47,8 @@ from . import shm as shm_mod
 from . import wire
 from .config import SALIENCY_FIELD, WEIGHT_FIELD, ConfigError
 from .daemon_config import DaemonProfile
-from .memory import CarouselMemory, MemoryInputError
+from .inputs import MemoryInputError
+from .memory import CarouselMemory
 from .write_behind import WriteBehindError
 
 log = logging.getLogger("carousel.daemon")

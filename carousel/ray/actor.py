@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from ..em_pool import torch_dtype
-from ..memory import CarouselMemory, MemoryInputError
+from ..inputs import MemoryInputError
+from ..memory import CarouselMemory
 from .allocation import Composition
 from .layout import claim_folder, shard_config, shard_folder, write_memory_toml
 from .routing import global_ids, local_ids

@@ -64,7 +64,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from ..batch import Batch
 from ..config import WEIGHT_FIELD, ConfigError
-from ..memory import MemoryInputError, as_array, check_extra, check_sample_fields
+from ..inputs import MemoryInputError, as_array, check_extra, check_sample_fields
 from .actor import ShardActor
 from .allocation import allocate
 from .config import ShardingConfig
