@@ -88,7 +88,7 @@ def run(seconds: float, rounds: int, workdir: Path) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", "carousel", "serve", "--config", str(profile)],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
-        client = carousel.connect(str(workdir / "sock" / "carousel.sock"), reconnect_s=60)
+        client = carousel.connect(str(workdir / "sock" / "carousel.sock"), wait_s=60, reconnect_s=60)
         _fill(client)
         client.sample(N)  # subscribe: the ring exists before timing starts
         seeds = iter(range(1 << 62))

@@ -78,7 +78,7 @@ def run(seconds: float, rounds: int, workdir: Path) -> dict:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=512 * 2**20)
     sharded: dict[str, ShardedMemory] = {}
     try:
-        client = carousel.connect(str(workdir / "sock" / "carousel.sock"), reconnect_s=60)
+        client = carousel.connect(str(workdir / "sock" / "carousel.sock"), wait_s=60, reconnect_s=60)
         _fill(client)
         client.sample(N)  # subscribe: the ring exists before timing starts
         for n_shards in (1, 2):

@@ -159,7 +159,7 @@ class Daemon:
         self.proc = subprocess.Popen([sys.executable, "-m", "carousel", "serve", "--config", str(profile)],
                                      stdout=self.log, stderr=subprocess.STDOUT)
         self.socket = str(self.sock_dir / "carousel.sock")
-        self.client = carousel.connect(self.socket, reconnect_s=60)
+        self.client = carousel.connect(self.socket, wait_s=60, reconnect_s=60)  # it is starting
         g = torch.Generator().manual_seed(0)
         for lo in range(0, em, 500):
             n = min(500, em - lo)

@@ -16,10 +16,10 @@ from .config import CarouselConfig, ConfigError, load_config
 from .inputs import MemoryInputError
 from .memory import CarouselMemory
 from .write_behind import WriteBehindError
-from .client import MemoryClient, connect
+from .client import DaemonRestartedError, MemoryClient, connect
 from .dataset import ReplayDataset, StreamReplayDataset
 from .wire import RemoteError
 
 __version__ = "0.1.0"
-__all__ = ["Batch", "CarouselConfig", "CarouselMemory", "ConfigError", "MemoryClient", "MemoryInputError",
+__all__ = ["Batch", "CarouselConfig", "CarouselMemory", "ConfigError", "DaemonRestartedError", "MemoryClient", "MemoryInputError",
            "RemoteError", "ReplayDataset", "StreamReplayDataset", "WriteBehindError", "connect", "load_config", "__version__"]

@@ -15,13 +15,29 @@ last of those tensors is freed, so a batch stays valid for as long as you hold i
 is ready (or for a seeded draw, or over TCP) the request goes over the socket instead.
 Large ``add`` batches travel through an upload segment the same way, the other direction.
 
-The client is thread-safe, reconnects after a daemon restart, and is fork-aware: in a child
-process (a ``DataLoader`` worker) it opens its own connection. ``add`` is not retried after a
-connection dropped mid-request (it might have been applied); every other request is, once.
+Bad input is refused here, before anything is sent, by the same checks the in-process memory
+runs (:mod:`carousel.inputs`); an error the daemon reports travels back by class name, so the same
+input raises the same exception with the same text in both (``MemoryInputError``, ``TimeoutError``,
+a ``StoreError``...; :class:`~carousel.RemoteError` for what only a daemon can say: ``busy``,
+``auth``, ``protocol``...).
+
+The client is thread-safe and fork-aware: in a child process (a ``DataLoader`` worker) it opens
+its own connection. The first connection waits ``wait_s`` (1 s) for a daemon to answer, then fails
+naming the socket; once connected, a dropped connection is re-established for up to
+``reconnect_s``. Which calls retry after a reconnect:
+
+- ``add`` never (it may have been applied: a retry could store the samples twice);
+- ``flush``, ``checkpoint`` and ``retain`` acknowledge earlier adds, and an acknowledgement counts
+  only from the daemon that received them: every daemon start is a new *session* (its id comes in
+  HELLO's reply), and if the session changed while this client had adds not yet acknowledged,
+  they raise :class:`DaemonRestartedError`, saying how many samples may be lost, instead of
+  asking the new daemon (which never saw them). Otherwise they retry once;
+- everything else (``sample``, ``observe``, ``stats``, ...) retries once.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
@@ -33,15 +49,43 @@ from typing import Any
 import numpy as np
 import torch
 
+from storage_backends import errors as store_errors
+
 from . import wire
 from .batch import Batch
 from .daemon_config import default_socket_dir
+from .inputs import MemoryInputError, check_add, check_count, check_observe, check_retain, check_values
 from .shm import Doorbell, RingLayout, RingReader, Segment, ShmError
+from .write_behind import WriteBehindError
 
-__all__ = ["MemoryClient", "connect", "default_socket_path"]
+__all__ = ["DaemonRestartedError", "MemoryClient", "connect", "default_socket_path"]
+
+log = logging.getLogger("carousel.client")
 
 _INLINE_ADD_BYTES = 1 << 16  # smaller adds travel inline: one copy is cheaper than a segment round trip
 _RING_WAIT_S = 0.005         # how long sample() waits for the filler before asking over the socket
+
+
+# Exceptions the daemon's memory raises that the client raises again, by name, as the same class
+# (an allow-list: a name from the wire never picks an arbitrary class).
+_REMOTE_CLASSES: dict[str, type[Exception]] = {
+    cls.__name__: cls for cls in (MemoryInputError, WriteBehindError, TimeoutError, ValueError, TypeError,
+                                  *(v for v in vars(store_errors).values()
+                                    if isinstance(v, type) and issubclass(v, store_errors.StoreError)))}
+
+
+class DaemonRestartedError(ConnectionError):
+    """The daemon restarted (a new session) while this client had added samples that no
+    ``flush``/``checkpoint`` had yet acknowledged: up to ``samples`` of them may be lost (the new
+    daemon recovered what the old one had stored, which may be all, some or none of them)."""
+
+    def __init__(self, samples: int, old_session: str, new_session: str) -> None:
+        super().__init__(
+            f"the carousel daemon restarted (session {old_session[:8]} -> {new_session[:8]}) before it "
+            f"acknowledged {samples} sample(s) this client added since its last flush()/checkpoint(): they may "
+            "be lost. The new daemon cannot vouch for writes it never received, so this is not retried; "
+            "add them again if you need them (calls from now on go to the new daemon).")
+        self.samples, self.old_session, self.new_session = samples, old_session, new_session
 
 
 def default_socket_path() -> str:
@@ -49,20 +93,24 @@ def default_socket_path() -> str:
 
 
 def connect(socket_path: str | None = None, memory: str = "default", *, token: str | None = None,
-            timeout_s: float = 30.0, reconnect_s: float = 30.0, use_shm: bool = True) -> MemoryClient:
+            timeout_s: float = 30.0, wait_s: float = 1.0, reconnect_s: float = 30.0,
+            use_shm: bool = True) -> MemoryClient:
     """Connect to a daemon. ``socket_path`` is a Unix socket path (default
-    ``$XDG_RUNTIME_DIR/carousel/carousel.sock``) or ``tcp://HOST:PORT`` (then ``token`` is required)."""
+    ``$XDG_RUNTIME_DIR/carousel/carousel.sock``) or ``tcp://HOST:PORT`` (then ``token`` is required).
+
+    ``wait_s``: how long the first connection waits for a daemon to answer (raise it right after
+    starting one); ``reconnect_s``: how long a dropped connection is retried once one existed."""
     return MemoryClient(socket_path or default_socket_path(), memory, token=token, timeout_s=timeout_s,
-                        reconnect_s=reconnect_s, use_shm=use_shm)
+                        wait_s=wait_s, reconnect_s=reconnect_s, use_shm=use_shm)
 
 
 class MemoryClient:
     """A connection to one memory of a daemon (see the module docstring)."""
 
     def __init__(self, address: str, memory: str = "default", *, token: str | None = None, timeout_s: float = 30.0,
-                 reconnect_s: float = 30.0, use_shm: bool = True) -> None:
+                 wait_s: float = 1.0, reconnect_s: float = 30.0, use_shm: bool = True) -> None:
         self.address, self.memory, self._token = address, memory, token
-        self.timeout_s, self.reconnect_s = timeout_s, reconnect_s
+        self.timeout_s, self.wait_s, self.reconnect_s = timeout_s, wait_s, reconnect_s
         self._tcp = address.startswith("tcp://")
         self._use_shm = use_shm and not self._tcp
         self._lock = threading.RLock()
@@ -74,23 +122,23 @@ class MemoryClient:
         self._closed = False
         self.schema: dict[str, tuple[tuple[int, ...], str]] = {}
         self.daemon_pid: int | None = None
+        self.em_size = 0
+        self.kind = "plain"
+        self.max_label: int | None = None
+        self.session: str | None = None  # the daemon start our adds go to (HELLO's reply)
+        self._connected_once = False
+        self._unacked = 0  # samples added in this session that no flush/checkpoint has acknowledged yet
+        self._lost: DaemonRestartedError | None = None  # to raise at the next acknowledging call
         with self._lock:
             self._connect()
 
     # ---- the public API ----------------------------------------------------------------------------------
     def add(self, x: Any, y: Any, task: Any, **extras: Any) -> torch.Tensor:
-        """Add stream samples; returns their ids (int64 tensor). See :meth:`CarouselMemory.add`."""
-        x, y = _np(x), _np(y)
-        n = y.shape[0] if y.ndim >= 1 else 0  # a wrong shape is the daemon's to refuse, clearly
-        t = _np(task)
-        tensors = [("x", x), ("y", y.astype(np.int64) if y.dtype.kind in "iu" else y),
-                   ("task", (np.full(n, int(t)) if t.ndim == 0 else t).astype(np.int16)
-                    if t.dtype.kind in "iu" else t)]
-        for name, value in extras.items():
-            want = self.schema.get(name, (None, None))[1]
-            v = _np(value)
-            tensors.append((name, v.astype(want) if want and v.dtype != np.dtype(want)
-                            and np.can_cast(v.dtype, want, "same_kind") else v))
+        """Add stream samples; returns their ids (int64 tensor). See :meth:`CarouselMemory.add`.
+        Checked here as the memory checks them (same errors), then sent once: never retried."""
+        fields = check_add(self.schema, self.kind == "coreset", x, y, task, extras, self.max_label)
+        n = fields["y"].shape[0]
+        tensors = list(fields.items())
         with self._lock:
             self._check()
             nbytes = sum(np.asarray(a).nbytes for _, a in tensors)
@@ -108,9 +156,15 @@ class MemoryClient:
                     self._upload.map[offset:offset + a.nbytes] = memoryview(a).cast("B") if a.nbytes else b""
                     desc.append([name, a.dtype.name, list(a.shape)])
                     offset += a.nbytes
-                _, out = self._request(wire.Op.ADD, {"upload": True, "tensors": desc}, retry=False)
+                meta, payload = {"upload": True, "tensors": desc}, []
             else:
-                _, out = self._request(wire.Op.ADD, {}, tensors, retry=False)
+                meta, payload = {}, tensors
+            try:
+                _, out = self._request(wire.Op.ADD, meta, payload, retry=False)
+            except ConnectionError:
+                self._unacked += n  # it may have reached a daemon that then died
+                raise
+            self._unacked += n
         return torch.from_numpy(out["ids"].copy())
 
     def sample(self, n: int, *, classes: Any = None, tasks: Any = None, seed: int | None = None,
@@ -122,19 +176,21 @@ class MemoryClient:
         as a fresh one). To read the EM *as it is now* -- all of it, after adding exemplars, say --
         pass a ``seed``: that draw is made by the daemon when the request arrives.
         """
-        meta: dict[str, Any] = {"n": int(n)}
+        # The memory's own checks; n may exceed what the EM holds (then the batch is all there is),
+        # so the ring is sized min(n, em_size): the same batches, without a ring larger than the EM.
+        meta: dict[str, Any] = {"n": min(check_count(n), max(self.em_size, 1))}
         if classes is not None:
-            meta["classes"] = [int(c) for c in np.asarray(classes).ravel()]
+            meta["classes"] = check_values(classes, "classes").tolist()
         if tasks is not None:
-            meta["tasks"] = [int(t) for t in np.asarray(tasks).ravel()]
+            meta["tasks"] = check_values(tasks, "tasks").tolist()
         if balanced:
             meta["balanced"] = True
-        if seed is None and self._use_shm and n > 0:
+        if seed is None and self._use_shm and meta["n"] > 0:
             batch = self._from_ring(meta)
             if batch is not None:
                 return batch
         if seed is not None:
-            meta["seed"] = int(seed)
+            meta["seed"] = check_count(seed, "seed")
         with self._lock:
             self._check()
             _, out = self._request(wire.Op.SAMPLE, meta, retry=True)
@@ -142,26 +198,25 @@ class MemoryClient:
 
     def observe(self, ids: Any, logits: Any = None, loss: Any = None) -> None:
         """Per-sample statistics of replayed samples (see :meth:`CarouselMemory.observe`)."""
-        tensors = [("ids", _np(ids).astype(np.int64, copy=False))]
+        ids, logits, loss = check_observe(ids, logits, loss)
+        tensors = [("ids", ids)]
         if logits is not None:
-            tensors.append(("logits", _np(logits).astype(np.float32, copy=False)))
+            tensors.append(("logits", logits))
         if loss is not None:
-            tensors.append(("loss", _np(loss).astype(np.float32, copy=False)))
+            tensors.append(("loss", loss))
         with self._lock:
             self._check()
             self._request(wire.Op.OBSERVE, {}, tensors, retry=True)
 
     def retain(self, ids: Any, weights: Any, *, classes: Any = None) -> dict[str, int]:
         """Make a coreset memory's EM slice of ``classes`` hold exactly ``ids`` with ``weights``
-        (see :meth:`CarouselMemory.retain`); idempotent, so retried after a reconnect."""
-        meta: dict[str, Any] = {}
-        if classes is not None:
-            meta["classes"] = [int(c) for c in np.asarray(classes).ravel()]
-        tensors = [("ids", _np(ids).astype(np.int64, copy=False)),
-                   ("weights", _np(weights).astype(np.float32, copy=False))]
-        with self._lock:
-            self._check()
-            return self._request(wire.Op.RETAIN, meta, tensors, retry=True)[0]
+        (see :meth:`CarouselMemory.retain`). It checkpoints, so it acknowledges earlier adds: retried
+        after a reconnect only as ``flush`` is (see the module docstring)."""
+        if self.kind != "coreset":
+            raise MemoryInputError('retain() needs a memory of kind = "coreset"')
+        ids, w, classes = check_retain(ids, weights, classes)
+        meta: dict[str, Any] = {} if classes is None else {"classes": classes.tolist()}
+        return self._acknowledge(wire.Op.RETAIN, meta, [("ids", ids), ("weights", w)])
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -175,14 +230,37 @@ class MemoryClient:
             return self._request(wire.Op.STATUS, {}, retry=True)[0]
 
     def flush(self, timeout_s: float = 60.0) -> None:
-        with self._lock:
-            self._check()
-            self._request(wire.Op.FLUSH, {"timeout_s": timeout_s}, retry=True)
+        """Wait until every sample this client added is stored and durable on the daemon that
+        received it; :class:`DaemonRestartedError` if that daemon is gone (see the module docstring)."""
+        self._acknowledge(wire.Op.FLUSH, {"timeout_s": timeout_s})
 
     def checkpoint(self) -> None:
+        """``flush`` plus the EM's contents and statistics (see :meth:`CarouselMemory.checkpoint`)."""
+        self._acknowledge(wire.Op.CHECKPOINT, {})
+
+    def _acknowledge(self, op: int, meta: Mapping[str, Any], tensors=()) -> dict[str, Any]:
+        """A request whose success acknowledges this client's earlier adds as durable. It is sent
+        only to the session the adds went to: across a daemon restart it raises instead."""
         with self._lock:
             self._check()
-            self._request(wire.Op.CHECKPOINT, {}, retry=True)
+            self._raise_if_lost()
+            try:
+                reply, _ = self._roundtrip(op, {**meta, "session": self.session}, tensors)
+            except (ConnectionError, socket.timeout, OSError) as exc:
+                if isinstance(exc, ShmError):
+                    raise
+                self._drop()
+                self._connect()  # notes a change of session with adds unacknowledged
+                self._raise_if_lost()
+                # The same daemon (only the connection broke), or nothing of ours is unacknowledged.
+                reply, _ = self._roundtrip(op, {**meta, "session": self.session}, tensors)
+            self._unacked = 0
+            return reply
+
+    def _raise_if_lost(self) -> None:
+        lost, self._lost = self._lost, None
+        if lost is not None:
+            raise lost
 
     def close(self) -> None:
         """Close the connection; the daemon reclaims this client's shared memory. Idempotent."""
@@ -209,12 +287,7 @@ class MemoryClient:
     def _from_ring(self, meta: dict[str, Any]) -> Batch | None:
         key = (meta["n"], tuple(meta.get("classes", ())), tuple(meta.get("tasks", ())), meta.get("balanced", False))
         with self._lock:
-            self._check()
-            if self._rings and self._daemon_gone():
-                # Batches left in a dead daemon's ring may name samples it never flushed: drop
-                # them, reconnect (the restarted daemon recovered what was acknowledged) and resubscribe.
-                self._drop()
-                self._connect()
+            self._check()  # a dead daemon's rings go with its connection: they may name samples it never flushed
             ring = self._rings.get(key)
             if ring is None:
                 try:
@@ -247,6 +320,10 @@ class MemoryClient:
             for ring in self._rings.values():
                 ring._alive = False
             self._rings, self._upload, self._sock, self._doorbell = {}, None, None, None
+        if self._sock is not None and self._daemon_gone():
+            # The daemon closed our connection between calls (it never sends unprompted): it
+            # stopped or died. Reconnect before sending, so even an add can go to the new daemon.
+            self._drop()
         if self._sock is None:
             self._connect()
 
@@ -258,17 +335,27 @@ class MemoryClient:
             return True
 
     def _connect(self) -> None:
-        deadline = time.monotonic() + self.reconnect_s
-        delay = 0.05
+        # Never connected: a daemon that is not there within wait_s is not coming (a wrong path is
+        # the usual cause: say which). Connected before: it is restarting; wait reconnect_s for it.
+        patience = self.reconnect_s if self._connected_once else self.wait_s
+        deadline = time.monotonic() + patience
+        delay = 0.02
         while True:
             try:
                 self._open_socket()
                 break
             except (ConnectionError, FileNotFoundError, socket.timeout, OSError) as exc:
-                if time.monotonic() >= deadline:
-                    raise ConnectionError(f"cannot reach the carousel daemon at {self.address}: {exc}") from None
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if self._connected_once:
+                        raise ConnectionError(f"lost the carousel daemon at {self.address} and it did not come back "
+                                              f"within reconnect_s={self.reconnect_s:g}: {exc}") from None
+                    raise ConnectionError(f"no carousel daemon answers at {self.address} "
+                                          f"({exc.strerror or exc if isinstance(exc, OSError) else exc}); "
+                                          f"{_where_hint()}") from None
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 0.5)
+        self._connected_once = True
 
     def _open_socket(self) -> None:
         if self._tcp:
@@ -297,7 +384,28 @@ class MemoryClient:
             raise
         self.schema = {k: (tuple(v[0]), v[1]) for k, v in meta["schema"].items()}
         self.daemon_pid = meta.get("daemon_pid")
+        self.em_size = int(meta.get("em_size", 0))
+        self.kind = str(meta.get("kind", "plain"))
+        self.max_label = meta.get("max_label")
         self._use_shm = self._use_shm and bool(meta.get("shm"))
+        self._note_session(meta)
+
+    def _note_session(self, hello: Mapping[str, Any]) -> None:
+        """A new daemon session while adds are unacknowledged: they may be lost, unless the daemon
+        says our old session ended with a clean shutdown (which flushed everything)."""
+        new = str(hello.get("session"))
+        old = self.session
+        self.session = new
+        if old is None or new == old or not self._unacked:
+            return
+        if hello.get("previous_session") == old and hello.get("previous_clean"):
+            log.info("the carousel daemon restarted after a clean shutdown: nothing was lost")
+            self._unacked = 0
+            return
+        samples = self._unacked + (self._lost.samples if self._lost is not None else 0)
+        self._lost = DaemonRestartedError(samples, old if self._lost is None else self._lost.old_session, new)
+        self._unacked = 0
+        log.warning("%s", self._lost)
 
     def _drop(self) -> None:
         for ring in self._rings.values():
@@ -344,9 +452,27 @@ class MemoryClient:
         if rop == wire.Op.ERROR:
             if reply.get("error") in ("protocol", "auth") or op == wire.Op.HELLO:
                 self._drop()  # the daemon closes the connection after these
-            raise wire.RemoteError(str(reply.get("error")), str(reply.get("message")))
+            raise _remote_exception(reply)
         specs = wire.tensor_specs(reply, payload_len)
         return reply, wire.split_tensors(specs, memoryview(body)[meta_len:])
+
+
+def _remote_exception(reply: Mapping[str, Any]) -> Exception:
+    """The exception an ERROR frame stands for: the memory's own class where it is one we know
+    (the same class and text as in-process, caused by the :class:`RemoteError`), else the
+    ``RemoteError`` itself."""
+    remote = wire.RemoteError(str(reply.get("error")), str(reply.get("message")))
+    cls = _REMOTE_CLASSES.get(str(reply.get("type")))
+    if cls is None:
+        return remote
+    exc = cls(remote.message)
+    exc.__cause__ = remote
+    return exc
+
+
+def _where_hint() -> str:
+    return ("start one with `carousel serve --config PROFILE`, or point the client at it: "
+            "connect(socket_path=...), or the CAROUSEL_SOCKET environment variable")
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
@@ -359,10 +485,6 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
             raise ConnectionError("the daemon closed the connection")
         got += k
     return buf
-
-
-def _np(value: Any) -> np.ndarray:
-    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
 def _batch(t: Mapping[str, torch.Tensor]) -> Batch:

@@ -22,8 +22,8 @@ import torch
 
 from .config import SALIENCY_FIELD, WEIGHT_FIELD
 
-__all__ = ["MemoryInputError", "as_array", "check_add", "check_count", "check_extra", "check_sample_fields",
-           "check_weights"]
+__all__ = ["MemoryInputError", "as_array", "check_add", "check_count", "check_extra", "check_ids", "check_observe",
+           "check_retain", "check_sample_fields", "check_values", "check_weights"]
 
 FieldSpecs = Mapping[str, tuple[tuple[int, ...], str]]
 
@@ -46,6 +46,54 @@ def check_count(n: Any, what: str = "n") -> int:
     if n < 0:
         raise MemoryInputError(f"{what} must be >= 0, got {n}")
     return int(n)
+
+
+def check_values(values: Any, what: str) -> np.ndarray:
+    """A filter such as ``sample(classes=...)``: integers (one, or any array-like of them) as int64."""
+    a = as_array(values).ravel()
+    if a.size and a.dtype.kind not in "iu":
+        raise MemoryInputError(f"{what} must be integers, got {a.dtype}")
+    return a.astype(np.int64)
+
+
+def check_ids(ids: Any, what: str = "ids") -> np.ndarray:
+    """Sample ids as given to ``observe`` or ``retain``: a 1-D array of integers, as int64."""
+    a = as_array(ids)
+    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        raise MemoryInputError(f"{what} must be a 1-D array of integers, got {a.dtype} {tuple(a.shape)}")
+    return a.astype(np.int64)
+
+
+def check_observe(ids: Any, logits: Any = None, loss: Any = None
+                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``observe``'s arguments, checked: ids (int64), logits ``(n, C)`` float32, loss ``(n,)`` float32."""
+    ids = check_ids(ids)
+    lg = ls = None
+    if logits is not None:
+        lg = as_array(logits)
+        if lg.ndim != 2 or lg.shape[0] != ids.size or lg.dtype.kind not in "fiu":
+            raise MemoryInputError(f"logits must be ({ids.size}, C) numbers, got {lg.dtype} {tuple(lg.shape)}")
+        lg = lg.astype(np.float32, copy=False)
+    if loss is not None:
+        ls = as_array(loss)
+        if ls.size != ids.size or ls.dtype.kind not in "fiu":
+            raise MemoryInputError(f"loss must be {ids.size} numbers, got {ls.dtype} {tuple(ls.shape)}")
+        ls = ls.astype(np.float32, copy=False).reshape(-1)
+    return ids, lg, ls
+
+
+def check_retain(ids: Any, weights: Any, classes: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``retain``'s arguments, checked: distinct ids (int64), their weights (float32, finite, >= 0)
+    and the slice's classes (int64, or None for the ids' own labels)."""
+    ids = check_ids(ids)
+    w = as_array(weights)
+    if w.dtype.kind not in "fiu":
+        raise MemoryInputError(f"weights must be numbers, got {w.dtype}")
+    w = w.astype(np.float32)
+    check_weights(w, ids.size)
+    if np.unique(ids).size != ids.size:
+        raise MemoryInputError("ids must be distinct")
+    return ids, w, None if classes is None else check_values(classes, "classes")
 
 
 def check_weights(w: np.ndarray, n: int) -> None:

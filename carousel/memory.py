@@ -39,7 +39,7 @@ from .batch import Batch
 from .catalog import EVICTED, PENDING, RAM_ONLY, Catalog
 from .config import WEIGHT_FIELD, CarouselConfig, ConfigError, load_config
 from .em_pool import EMPool, balanced_weights
-from .inputs import MemoryInputError, check_add, check_count, check_weights
+from .inputs import MemoryInputError, check_add, check_count, check_observe, check_retain, check_values
 from .kinds import RawCodec, make_codec
 from .metrics import MemoryMetrics
 from .policies import make_admission, make_swap_in, make_swap_out
@@ -235,13 +235,18 @@ class CarouselMemory:
         n = check_count(n)
         t0 = time.perf_counter()
         pool = self.pool
-        with pool.lock:  # choose and gather under one short lock: no half-written slot
-            if classes is None and tasks is None and seed is None and not balanced:
+        if classes is None and tasks is None and seed is None and not balanced:
+            with pool.lock:  # choose and gather under one short lock: no half-written slot
                 batch = pool.gather_locked(pool.draw_locked(n, self._sample_rng), self._extras)
-            else:
-                rng = np.random.default_rng(seed) if seed is not None else self._sample_rng
-                batch = pool.gather_locked(self._pick_locked(n, classes, tasks, balanced, rng), self._extras)
-            self.metrics.sample_latency.observe(time.perf_counter() - t0)  # under the lock: see its class
+                self.metrics.sample_latency.observe(time.perf_counter() - t0)  # under the lock: see its class
+            return batch
+        classes = None if classes is None else check_values(classes, "classes")
+        tasks = None if tasks is None else check_values(tasks, "tasks")
+        seed = None if seed is None else check_count(seed, "seed")
+        rng = np.random.default_rng(seed) if seed is not None else self._sample_rng
+        with pool.lock:
+            batch = pool.gather_locked(self._pick_locked(n, classes, tasks, balanced, rng), self._extras)
+            self.metrics.sample_latency.observe(time.perf_counter() - t0)
         return batch
 
     def sample_into(self, n: int, out: Mapping[str, torch.Tensor], *, classes: Any = None, tasks: Any = None,
@@ -251,6 +256,8 @@ class CarouselMemory:
         shared-memory batch rings with this, so a batch is copied once, straight into the ring."""
         self._check_open()
         n = check_count(n)
+        classes = None if classes is None else check_values(classes, "classes")
+        tasks = None if tasks is None else check_values(tasks, "tasks")
         t0 = time.perf_counter()
         with self.pool.lock:
             if classes is None and tasks is None and not balanced:
@@ -265,9 +272,9 @@ class CarouselMemory:
         """Slots for a filtered, balanced or seeded draw (caller holds ``pool.lock``)."""
         ok = self.pool.slot_ids >= 0
         if classes is not None:
-            ok &= np.isin(self.pool.slot_labels, np.asarray(classes, dtype=np.int64).ravel())
+            ok &= np.isin(self.pool.slot_labels, classes)
         if tasks is not None:
-            ok &= np.isin(self.pool.slot_tasks, np.asarray(tasks, dtype=np.int64).ravel())
+            ok &= np.isin(self.pool.slot_tasks, tasks)
         slots = np.flatnonzero(ok)
         if not slots.size:
             return slots
@@ -279,30 +286,19 @@ class CarouselMemory:
         """Record what training saw of replayed samples and trigger a swap (from ``start_task`` on).
 
         ``logits``: ``(n, C)`` -> correctness (argmax == label) and softmax entropy per sample;
-        ``loss``: ``(n,)`` per-sample losses. Unknown ids raise ``ValueError``.
+        ``loss``: ``(n,)`` per-sample losses. Unknown ids raise :class:`MemoryInputError`.
         """
         self._check_open()
-        ids = (ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)).astype(np.int64)
-        if ids.ndim != 1:
-            raise MemoryInputError(f"ids must be 1-D, got shape {ids.shape}")
+        ids, lg, per_loss = check_observe(ids, logits, loss)
         if ids.size and (ids.min() < 0 or ids.max() >= self._next_id):
             raise MemoryInputError(f"unknown ids (valid: 0..{self._next_id - 1})")
-        correct = entropy = per_loss = None
-        if logits is not None:
+        correct = entropy = None
+        if lg is not None:
             # numpy, not torch: small torch ops go through its intra-op pool (~ms here, see em_pool).
-            lg = (logits.detach().cpu().numpy() if isinstance(logits, torch.Tensor)
-                  else np.asarray(logits)).astype(np.float32)
-            if lg.ndim != 2 or lg.shape[0] != ids.size:
-                raise MemoryInputError(f"logits must be ({ids.size}, C), got {tuple(lg.shape)}")
             z = lg - lg.max(axis=1, keepdims=True)
             logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
             entropy = -(np.exp(logp) * logp).sum(axis=1).astype(np.float32)
             correct = (lg.argmax(axis=1) == self.catalog.label[ids]).astype(np.int8)
-        if loss is not None:
-            per_loss = (loss.detach().float().cpu().numpy() if isinstance(loss, torch.Tensor)
-                        else np.asarray(loss, np.float32)).reshape(-1)
-            if per_loss.size != ids.size:
-                raise MemoryInputError(f"loss must have {ids.size} values, got {per_loss.size}")
         self.catalog.observe(ids, correct, entropy, per_loss)
         if self._engine is not None and self._current_task >= self.config.swap.start_task and self._ratio > 0:
             self._trigger_swap(ids)
@@ -364,22 +360,14 @@ class CarouselMemory:
         self._check_open()
         if self.config.memory.kind != "coreset":
             raise MemoryInputError('retain() needs a memory of kind = "coreset"')
-        ids = (ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids))
-        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
-            raise MemoryInputError(f"ids must be a 1-D array of integers, got {ids.dtype} {tuple(ids.shape)}")
-        ids = ids.astype(np.int64)
-        w = (weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else np.asarray(weights))
-        w = w.astype(np.float32)
-        check_weights(w, ids.size)
-        if np.unique(ids).size != ids.size:
-            raise MemoryInputError("ids must be distinct")
+        ids, w, classes = check_retain(ids, weights, classes)
         if ids.size and (ids.min() < 0 or ids.max() >= self._next_id):
             raise MemoryInputError(f"unknown ids (valid: 0..{self._next_id - 1})")
         with self.catalog.lock:
             labels, homes = self.catalog.label[ids], self.catalog.home[ids].copy()
         if (homes == EVICTED).any():
             raise MemoryInputError(f"evicted ids cannot be retained: {ids[homes == EVICTED][:10].tolist()}")
-        slice_classes = np.unique(labels if classes is None else np.asarray(classes, dtype=np.int64).ravel())
+        slice_classes = np.unique(labels if classes is None else classes)
         if not np.isin(labels, slice_classes).all():
             raise MemoryInputError(f"ids of classes {sorted(set(labels.tolist()) - set(slice_classes.tolist()))} "
                                    f"are outside the slice of classes {slice_classes.tolist()}")

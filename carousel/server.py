@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import pwd
+import secrets
 import signal
 import socket
 import stat
@@ -45,9 +46,9 @@ from storage_backends import StoreError
 from . import __version__, sd_notify
 from . import shm as shm_mod
 from . import wire
-from .config import SALIENCY_FIELD, WEIGHT_FIELD, ConfigError
+from .config import ConfigError
 from .daemon_config import DaemonProfile
-from .inputs import MemoryInputError
+from .inputs import MemoryInputError, check_count
 from .memory import CarouselMemory
 from .write_behind import WriteBehindError
 
@@ -55,6 +56,7 @@ log = logging.getLogger("carousel.daemon")
 
 SOCKET_NAME = "carousel.sock"
 LOCK_NAME = "daemon.lock"
+SESSION_NAME = "daemon.session"  # the last start's session id, and whether it shut down cleanly
 _PEERCRED = struct.Struct("3i")
 _MAX_RINGS_PER_CLIENT = 8
 _MAX_RING_ROWS = 1 << 16
@@ -295,6 +297,9 @@ class Daemon:
 
     def __init__(self, profile: DaemonProfile) -> None:
         self.profile = profile
+        # This start's identity: an acknowledgement of durability (flush, checkpoint) means
+        # something only to a client whose adds went to this same session (docs/protocol.md).
+        self.session = secrets.token_hex(16)
         dc = profile.daemon
         self.socket_dir = dc.resolved_socket_dir()
         self.socket_path = os.path.join(self.socket_dir, SOCKET_NAME)
@@ -310,6 +315,10 @@ class Daemon:
             prepare_socket_dir(self.socket_dir, self._group)  # an unsafe directory refuses before anything is made
             self._locks.append(_FileLock(os.path.join(profile.data_dir(), LOCK_NAME), "data directory"))
             self._locks.append(_FileLock(os.path.join(self.socket_dir, SOCKET_NAME + ".lock"), "socket"))
+            # Under the lock: the previous start's session, then ours (not clean until we stop cleanly).
+            self._session_file = os.path.join(profile.data_dir(), SESSION_NAME)
+            self.previous_session = _read_session(self._session_file)
+            _write_session(self._session_file, self.session, clean=False)
             swept = shm_mod.sweep()
             if swept:
                 log.info("swept shared memory of dead daemons", extra={"segments": len(swept)})
@@ -419,8 +428,13 @@ class Daemon:
         self.filler.stop()
         for name in list(self._segments):
             self._segments.pop(name, None)
-        await loop.run_in_executor(self._executor, self._close_memories)
+        clean = await loop.run_in_executor(self._executor, self._close_memories)
         self._executor.shutdown(wait=True)
+        if clean:  # every memory flushed and checkpointed: our clients' adds are all durable
+            try:
+                _write_session(self._session_file, self.session, clean=True)
+            except OSError as exc:  # clients then assume the worst about their unacknowledged adds
+                log.warning("cannot record the clean shutdown", extra={"error": repr(exc)})
         if self._http is not None:
             self._http.shutdown()
         try:
@@ -445,14 +459,18 @@ class Daemon:
         loop = self._loop
         loop.call_soon_threadsafe(self._stop.set)
 
-    def _close_memories(self) -> None:
+    def _close_memories(self) -> bool:
+        """Close (drain, flush, checkpoint) every memory; True if all closed cleanly."""
+        clean = True
         for name, mem in list(self.memories.items()):
             try:
                 mem.close()
                 log.info("memory closed", extra={"memory": name, "added": mem._next_id})
             except Exception as exc:  # noqa: BLE001 - close the others anyway
+                clean = False
                 log.error("memory close failed", extra={"memory": name, "error": repr(exc)})
         self.memories.clear()
+        return clean
 
     def _release_locks(self) -> None:
         for lock in self._locks:
@@ -511,7 +529,8 @@ class Daemon:
 
     # -- status --------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"pid": os.getpid(), "version": __version__, "socket": self.socket_path,
+        out: dict[str, Any] = {"pid": os.getpid(), "version": __version__, "session": self.session,
+                               "socket": self.socket_path,
                                "clients": len(self._connections), "shm_segments": len(self._segments),
                                "shm_bytes": sum(self._segments.values()), "memories": {}}
         for name, served in self.served.items():
@@ -523,6 +542,33 @@ class Daemon:
                                                                 (0.5, 0.9, 0.99))
             out["memories"][name] = st
         return out
+
+
+def _read_session(path: str) -> dict[str, Any]:
+    """The previous start's ``{"session", "clean"}`` (empty if none, or unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _write_session(path: str, session: str, clean: bool) -> None:
+    """Replace the session file atomically and durably: a crash leaves the old one or the new one."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, json.dumps({"session": session, "clean": clean}).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _set_torch_threads(n: int) -> None:
@@ -695,7 +741,11 @@ class _Connection:
             kind = next((k for t, k in _ERROR_KINDS if isinstance(exc, t)), "internal")
             if kind == "internal":
                 log.error("request failed", exc_info=True, extra={"op": name, "peer": self.peer})
-            frame, result = wire.encode(wire.Op.ERROR, {"error": kind, "message": str(exc) or repr(exc)}), kind
+            # The class travels by name: the client raises the same class with the same text as
+            # the in-process memory would (MemoryInputError, TimeoutError, a StoreError...).
+            frame = wire.encode(wire.Op.ERROR, {"error": kind, "type": type(exc).__name__,
+                                                "message": str(exc) or repr(exc)})
+            result = kind
         self.d.metrics.requests.labels(op=name, result=result).inc()
         self.d.metrics.latency.labels(op=name).observe(time.perf_counter() - t0)
         try:
@@ -732,7 +782,11 @@ class _Connection:
             self.served = self.d.served[name]
             self.authed = True
             mem = self.served.memory
-            return {"memory": name, "schema": self.served.schema(), "em_size": mem.config.memory.em_size,
+            mc = mem.config.memory
+            prev = self.d.previous_session
+            return {"memory": name, "schema": self.served.schema(), "em_size": mc.em_size, "kind": mc.kind,
+                    "max_label": getattr(mc, "max_label", None), "session": self.d.session,
+                    "previous_session": prev.get("session"), "previous_clean": prev.get("clean") is True,
                     "daemon_pid": os.getpid(), "version": __version__, "shm": self.kind == "unix"}, []
         if op == wire.Op.PING:
             return {}, []
@@ -740,23 +794,26 @@ class _Connection:
             return wire.json_safe(await self._run(self.d.status)), []
         served = self._memory()
         mem = served.memory
+        if op in (wire.Op.FLUSH, wire.Op.CHECKPOINT, wire.Op.RETAIN):
+            self._check_session(meta)
         if op == wire.Op.SAMPLE:
             n, filters = _sample_args(meta, mem)
             seed = meta.get("seed")
-            if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-                raise _RequestError("input", f"seed must be a non-negative int, got {seed!r}")
+            seed = None if seed is None else check_count(seed, "seed")
             batch = await self._run(mem.sample, n, seed=seed, **filters)
             tensors = [("id", batch.ids.numpy()), ("x", batch.x.numpy()), ("y", batch.y.numpy()),
                        ("task", batch.task.numpy())] + [(k, v.numpy()) for k, v in batch.extras.items()]
             return {}, tensors
         if op == wire.Op.ADD:
             arrays = self._tensors(specs, raw, meta.get("upload", False))
-            fields = _check_fields(arrays, served.memory.input_fields)
-            extras = {k: v for k, v in fields.items() if k not in ("x", "y", "task")}
+            missing = [k for k in ("x", "y", "task") if k not in arrays]
+            if missing:
+                raise MemoryInputError(f"add needs the tensors x, y and task; missing {missing}")
+            extras = {k: v for k, v in arrays.items() if k not in ("x", "y", "task")}
 
             def add():
-                with served.write_lock:
-                    ids = mem.add(fields["x"], fields["y"], fields["task"], **extras)
+                with served.write_lock:  # the memory checks every field, as in-process
+                    ids = mem.add(arrays["x"], arrays["y"], arrays["task"], **extras)
                     served.epoch = (served.epoch + 1) & 0xFFFFFFFF
                     self.d.filler.added(served)
                 return ids
@@ -764,11 +821,8 @@ class _Connection:
             return {}, [("ids", ids.numpy())]
         if op == wire.Op.OBSERVE:
             arrays = wire.split_tensors(specs, raw)
-            if "ids" not in arrays:
-                raise _RequestError("input", "observe needs an 'ids' tensor")
-            unknown = set(arrays) - {"ids", "logits", "loss"}
-            if unknown:
-                raise _RequestError("input", f"observe takes ids, logits, loss; got {sorted(unknown)}")
+            if "ids" not in arrays or set(arrays) - {"ids", "logits", "loss"}:
+                raise MemoryInputError(f"observe takes the tensors ids, logits?, loss?; got {sorted(arrays)}")
 
             def observe():
                 with served.write_lock:
@@ -778,11 +832,8 @@ class _Connection:
         if op == wire.Op.RETAIN:
             arrays = wire.split_tensors(specs, raw)
             if set(arrays) != {"ids", "weights"}:
-                raise _RequestError("input", f"retain takes tensors ids and weights; got {sorted(arrays)}")
-            classes = meta.get("classes")
-            if classes is not None and (not isinstance(classes, list) or not all(
-                    isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes)):
-                raise _RequestError("input", f"classes must be a list of non-negative ints, got {classes!r}")
+                raise MemoryInputError(f"retain takes the tensors ids and weights; got {sorted(arrays)}")
+            classes = _int_list(meta, "classes")
 
             def retain():
                 with served.write_lock:
@@ -855,6 +906,14 @@ class _Connection:
             return {"segment": self.upload.name, "size": self.upload.size}, []
         raise wire.ProtocolError(f"op {wire.Op(op).name} is not a request")
 
+    def _check_session(self, meta: Mapping[str, Any]) -> None:
+        """A request that acknowledges earlier writes (flush, checkpoint, retain) names the session
+        its client's adds went to; another session (a restarted daemon) never saw them."""
+        want = meta.get("session")
+        if want is not None and want != self.d.session:
+            raise _RequestError("session", f"this daemon is session {self.d.session}, not {str(want)[:32]}: it "
+                                           "restarted since your adds, so it cannot acknowledge them")
+
     def _tensors(self, specs, raw, upload: Any) -> dict[str, np.ndarray]:
         if upload is True:
             if self.upload is None:
@@ -896,17 +955,15 @@ class _Connection:
 
 
 def _sample_args(meta: Mapping[str, Any], mem: CarouselMemory) -> tuple[int, dict]:
-    n = meta.get("n")
-    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= max(mem.config.memory.em_size, 1):
-        raise _RequestError("input", f"n must be an int in [0, em_size={mem.config.memory.em_size}], "
-                                     f"got {str(n)[:32]}")
+    """``n`` and the filters of a SAMPLE or SUBSCRIBE. As in-process, ``n`` may exceed what the EM
+    holds (the batch is then all there is); it is clamped to ``em_size``, so a ring is never
+    larger than the EM."""
+    n = check_count(meta.get("n"))
+    n = min(n, mem.config.memory.em_size)
     filters: dict[str, Any] = {}
     for key in ("classes", "tasks"):
-        value = meta.get(key)
+        value = _int_list(meta, key)
         if value is not None:
-            if not isinstance(value, list) or len(value) > 1 << 16 or \
-                    not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                raise _RequestError("input", f"{key} must be a list of ints")
             filters[key] = value
     balanced = meta.get("balanced", False)
     if not isinstance(balanced, bool):
@@ -916,22 +973,12 @@ def _sample_args(meta: Mapping[str, Any], mem: CarouselMemory) -> tuple[int, dic
     return n, filters
 
 
-def _check_fields(arrays: Mapping[str, np.ndarray], fields: Mapping[str, tuple[tuple[int, ...], str]]
-                  ) -> dict[str, np.ndarray]:
-    """The ADD tensors must be exactly the memory's fields, with its row shapes and dtypes (a
-    coreset memory's ``weight`` may be left out: 1.0 each)."""
-    if WEIGHT_FIELD in fields and WEIGHT_FIELD not in arrays and fields[WEIGHT_FIELD] == ((), "float32"):
-        fields = {k: v for k, v in fields.items() if k != WEIGHT_FIELD}
-    if set(arrays) != set(fields):
-        raise _RequestError("input", f"add needs exactly the tensors {sorted(fields)}, got {sorted(arrays)}")
-    if arrays["y"].ndim != 1:
-        raise _RequestError("input", f"tensor 'y' must be 1-D (one label per sample), got shape {arrays['y'].shape}")
-    n = arrays["y"].shape[0]
-    for name, (shape, dtype) in fields.items():
-        a = arrays[name]
-        # A saliency map may also come as floats in [0, 1]: the memory quantizes (and checks) it.
-        dtype_ok = a.dtype == np.dtype(dtype) or (name == SALIENCY_FIELD and a.dtype.kind == "f")
-        if not dtype_ok or a.shape != (n, *shape):
-            raise _RequestError("input", f"tensor {name!r} must be {dtype} of shape (n, {', '.join(map(str, shape))})"
-                                         f" with n = len(y); got {a.dtype} {tuple(a.shape)}")
-    return dict(arrays)
+def _int_list(meta: Mapping[str, Any], key: str) -> list[int] | None:
+    """A metadata list of ints (``classes``, ``tasks``), or None when absent."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > 1 << 16 or \
+            not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise MemoryInputError(f"{key} must be integers, got {type(value).__name__}")
+    return value

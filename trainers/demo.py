@@ -140,7 +140,7 @@ capacity = {len(fields['y'])}
         proc = subprocess.Popen([sys.executable, "-m", "carousel", "serve", "--config", str(profile)],
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
-        mem = carousel.connect(str(workdir / "sock" / "carousel.sock"), reconnect_s=60)
+        mem = carousel.connect(str(workdir / "sock" / "carousel.sock"), wait_s=60, reconnect_s=60)  # it is starting
         n = len(fields["y"])
         order = np.argsort(fields["task"], kind="stable")  # class-incremental: task by task
         ids = np.empty(n, dtype=np.int64)

@@ -222,7 +222,7 @@ def test_retain_through_the_daemon_and_weights_survive_its_restart(tmp_path):
         assert out["kept"] + out["entered"] == 4
         b = client.sample(30, classes=[2], seed=1)
         assert dict(zip(b.ids.tolist(), b.extras["weight"].tolist())) == dict(zip(keep.tolist(), [0.5, 1.0, 1.5, 2.0]))
-        with pytest.raises(carousel.RemoteError, match="outside the slice"):
+        with pytest.raises(carousel.MemoryInputError, match="outside the slice"):
             client.retain(ids[:2], [1.0, 1.0], classes=[2])
         client.close()
     finally:

@@ -374,7 +374,7 @@ def test_saliency_memory_through_the_daemon_and_its_restart(tmp_path):
         client.add(x[:60], y[:60], 0, saliency=sal[:60])  # float maps, quantized by the memory
         client.add(x[60:], y[60:], 0, saliency=np.rint(sal[60:] * 255).astype(np.uint8))
         client.flush()
-        with pytest.raises(carousel.RemoteError, match="saliency"):
+        with pytest.raises(carousel.MemoryInputError, match="saliency"):
             client.add(x[:2], y[:2], 0)
         for _ in range(20):
             b = client.sample(8)

@@ -47,12 +47,14 @@ def _toml_value(v: Any) -> str:
     raise TypeError(v)
 
 
-def write_profile(path: Path, daemon: dict, memory: dict, swap: dict | None = None, tiers: list[dict] | None = None
-                  ) -> Path:
+def write_profile(path: Path, daemon: dict, memory: dict, swap: dict | None = None, tiers: list[dict] | None = None,
+                  write_behind: dict | None = None) -> Path:
     lines = ["[daemon]"] + [f"{k} = {_toml_value(v)}" for k, v in daemon.items()]
     lines += ["[memory]"] + [f"{k} = {_toml_value(v)}" for k, v in memory.items()]
     if swap:
         lines += ["[swap]"] + [f"{k} = {_toml_value(v)}" for k, v in swap.items()]
+    if write_behind:
+        lines += ["[write_behind]"] + [f"{k} = {_toml_value(v)}" for k, v in write_behind.items()]
     for t in tiers or []:
         lines += ["[[tiers]]"] + [f"{k} = {_toml_value(v)}" for k, v in t.items()]
     path.write_text("\n".join(lines) + "\n")
@@ -135,6 +137,7 @@ class DaemonProc:
 
 def start_daemon(tmp_path: Path, *, daemon: dict | None = None, memory: dict | None = None,
                  swap: dict | None = None, tiers: list[dict] | None = "lmdb", name: str = "d",
+                 write_behind: dict | None = None,
                  metrics: bool = True, env: dict | None = None, wait: bool = True,
                  timeout: float = 60.0) -> DaemonProc:
     """Write a profile under ``tmp_path/name`` and start ``carousel serve`` on it.
@@ -151,7 +154,7 @@ def start_daemon(tmp_path: Path, *, daemon: dict | None = None, memory: dict | N
     d.update(daemon or {})
     if tiers == "lmdb":
         tiers = [{"kind": "lmdb", "path": str(base / "data" / "flash"), "capacity": 10000}]
-    profile = write_profile(base / "profile.toml", d, memory or dict(CIFAR), swap, tiers or [])
+    profile = write_profile(base / "profile.toml", d, memory or dict(CIFAR), swap, tiers or [], write_behind)
     log_path = base / "daemon.log"
     # A restart on the same name appends to the same log: only what this daemon writes counts.
     offset = log_path.stat().st_size if log_path.exists() else 0

@@ -425,6 +425,8 @@ def test_held_batch_outlives_its_connection(make_daemon, client_of, mode):
 
 # ---- errors --------------------------------------------------------------------------------------------
 def test_bad_input_is_an_input_error_and_the_connection_survives(make_daemon, client_of):
+    """Bad input raises the memory's own MemoryInputError, refused before it is sent (the daemon
+    sees only the good add); the connection stays up. Which error and text: test_input_parity.py."""
     d = make_daemon()
     c = client_of(d)
     x, y, t, lg = data(40)
@@ -440,8 +442,6 @@ def test_bad_input_is_an_input_error_and_the_connection_survives(make_daemon, cl
         "unknown extra": lambda: c.add(x[:4], y[:4], 0, logits=lg[:4], weight=torch.ones(4)),
         "missing extra": lambda: c.add(x[:4], y[:4], 0),
         "extra wrong shape": lambda: c.add(x[:4], y[:4], 0, logits=torch.zeros(4, 9)),
-        "n too large": lambda: c.sample(65),
-        "n too large, seeded": lambda: c.sample(65, seed=1),
         "negative n": lambda: c.sample(-1),
         "negative seed": lambda: c.sample(4, seed=-1),
         "observe unknown id": lambda: c.observe(torch.tensor([10_000])),
@@ -449,16 +449,18 @@ def test_bad_input_is_an_input_error_and_the_connection_survives(make_daemon, cl
         "observe loss length": lambda: c.observe(ids[:4], loss=torch.zeros(3)),
     }
     for what, call in cases.items():
-        with pytest.raises(carousel.RemoteError) as info:
+        with pytest.raises(carousel.MemoryInputError):
             call()
-        assert info.value.kind == "input", f"{what}: kind {info.value.kind!r}: {info.value}"
         b = c.sample(8)  # the connection still works
         assert len(b) == 8, what
+    assert len(c.sample(65)) == 40 and len(c.sample(65, seed=1)) == 40  # more than there is: all there is
     st = c.stats()
     assert st["added"] == 40, "a rejected add changed the memory"
     assert metric(d, "carousel_requests_total", op="hello", result="ok") == 1, "the client had to reconnect"
     assert metric(d, "carousel_clients") == 1
-    assert metric(d, "carousel_requests_total", op="add", result="input") == 8
+    assert metric(d, "carousel_requests_total", op="add", result="ok") == 1
+    assert metric(d, "carousel_requests_total", op="add", result="input") == 0, "bad input left the client"
+    assert metric(d, "carousel_requests_total", op="observe", result="input") == 1  # unknown ids: the daemon's
 
 
 # ---- restart ---------------------------------------------------------------------------------------------
