@@ -17,8 +17,12 @@ The names below are imported on first use (PEP 562), so ``import carousel`` and 
 >>> import carousel
 >>> carousel.ConfigError.__module__
 'carousel.config'
->>> sorted(set(carousel.__all__) - set(dir(carousel)))
+>>> [name for name in carousel.__all__ if getattr(carousel, name, None) is None]  # each one resolves
 []
+>>> carousel.CarouselMemry
+Traceback (most recent call last):
+...
+AttributeError: module 'carousel' has no attribute 'CarouselMemry'
 """
 
 from __future__ import annotations

@@ -349,11 +349,13 @@ def _token(path: str) -> str | None:
 
 def _check_paths(profile: DaemonProfile, report: Report) -> None:
     probed: dict[str, str | None] = {}
+    failed = set()
     for key, path, what in _paths(profile):
         reason = _writable(path, probed)
         if reason is not None:
+            failed.add(key)
             report.problems.append(ConfigError(profile.source, key, f"the {what}: {reason}"))
-    reason = _socket_dir(profile)
+    reason = None if "daemon.socket_dir" in failed else _socket_dir(profile)
     if reason is not None:
         report.problems.append(ConfigError(profile.source, "daemon.socket_dir", reason))
     dc = profile.daemon
