@@ -202,9 +202,11 @@ def _memory_ram(profile: DaemonProfile, name: str, cfg: CarouselConfig, report: 
               **{n: (tuple(s), d) for n, (s, d) in mc.extras.items()}}
     record = _record(fields)
     if record > MAX_RECORD_BYTES:
-        report.problems.append(ConfigError(profile.source, key("memory.sample_shape"),
-                                           f"one sample takes {record:,} bytes with its label, task and extras; "
-                                           f"a store holds records of at most {MAX_RECORD_BYTES:,}"))
+        biggest = max(fields, key=lambda n: _record({n: fields[n]}))
+        report.problems.append(ConfigError(
+            profile.source, key("memory.sample_shape" if biggest == "x" else f"memory.extras.{biggest}.shape"),
+            f"one sample takes {record:,} bytes with its label, task and extras; a store holds records of at most "
+            f"{MAX_RECORD_BYTES:,}"))
         return
     _names(profile, name, cfg, fields, report)
     codec_inputs: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -262,6 +264,8 @@ def _check_ram(profile: DaemonProfile, report: Report) -> None:
     if need <= machine.total:
         return
     parts = [p for ps in report.ram.values() for p in ps]
+    if not parts:  # a machine smaller than the process itself: nothing in the profile to lower
+        return
     top = max(parts, key=lambda p: p.nbytes)
     report.problems.append(ConfigError(
         profile.source, top.key,

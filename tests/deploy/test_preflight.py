@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from carousel.preflight import human_bytes
+from carousel.daemon_config import DaemonProfile
+from carousel.preflight import MachineRam, check_profile, human_bytes, machine_ram
 
 from .profiles import CAROUSEL, dump_toml, multi_profile, set_key, single_profile
 
@@ -64,6 +65,8 @@ CASES = [
     Case("em-huge-multi", "multi", "memories.mnist.memory.em_size", 10**12, "memories.mnist.memory.em_size", RAM),
     Case("record-huge", "single", "memory.sample_shape", [3, 10000, 10000], "memory.sample_shape",
          "a store holds records of at most 268,435,456", serve=True),
+    Case("extra-huge", "single", "memory.extras", {"logits": {"shape": [1 << 27], "dtype": "float32"}},
+         "memory.extras.logits.shape", "a store holds records of at most 268,435,456"),
     Case("admission-unknown", "single", "memory.admission", "fifo", "memory.admission", "fifo"),
     Case("tier-under-file", "single", "tiers.0.path", "{root}/a-file/flash", "tiers[0].path", NOT_A_FOLDER, "file"),
     Case("tier-under-file-multi", "multi", "memories.cifar.tiers.1.path", "{root}/a-file/disk",
@@ -272,3 +275,25 @@ def test_a_socket_folder_of_another_user(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == (f"carousel: cannot start: {profile}: daemon.socket_dir: {sock} is owned by uid "
                                    f"65534, not 0; the daemon refuses it"), done.stderr
+
+
+# ---- the estimate against a machine, in-process -----------------------------------------------------------
+def test_this_machines_ram_is_read():
+    m = machine_ram()
+    assert m.physical > 1 << 28 and 0 < m.total <= m.physical
+    assert m.available is None or 0 < m.available <= m.physical
+
+
+def test_a_cgroup_limit_below_the_physical_ram_is_the_bound(tmp_path):
+    """Fits the machine's 64 GiB, not the container's 512 MiB: the largest part's key is named."""
+    data = set_key(single_profile(tmp_path), "memory.em_size", 200_000)  # 200 k x (202 + 24) B = 43 MiB
+    data = set_key(data, "swap.prefetch_depth", 2_000_000)                 # 2 M x 202 B = 385 MiB: the largest
+    profile = DaemonProfile.from_dict(data, source="p.toml")
+    small = MachineRam(physical=64 << 30, cgroup_limit=512 << 20, available=None)
+    report = check_profile(profile, small, paths=False)
+    assert [(e.file, e.key) for e in report.problems] == [("p.toml", "swap.prefetch_depth")]
+    assert "more than the 512.0 MiB this machine has; prefetch takes 385.3 MiB of it (2,000,000 x 202 B)" \
+        in report.problems[0].reason
+    assert "the cgroup's memory limit" in small.describe()
+    roomy = MachineRam(physical=64 << 30, cgroup_limit=None, available=None)
+    assert check_profile(profile, roomy, paths=False).problems == []
