@@ -117,7 +117,8 @@ def _serve(path: str, log_level: str | None) -> int:
     # machine's RAM must not reach torch's allocator, an unwritable tier folder not a mkdir.
     problems = check_profile(profile).problems
     if problems:
-        more = f" (and {len(problems) - 1} more: `carousel check-config {path}` lists them)" if len(problems) > 1 else ""
+        more = "" if len(problems) == 1 else \
+            f" (and {len(problems) - 1} more: `carousel check-config {path}` lists them)"
         print(f"carousel: cannot start: {problems[0]}{more}", file=sys.stderr)
         return 2
 

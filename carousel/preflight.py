@@ -246,8 +246,8 @@ def _names(profile: DaemonProfile, name: str, cfg: CarouselConfig, fields, repor
     from .policies import make_admission, make_swap_in, make_swap_out
 
     mc, sc = cfg.memory, cfg.swap
-    for k, make, value in (("memory.admission", make_admission, mc.admission), ("swap.policy", make_swap_out, sc.policy),
-                           ("swap.swap_in", make_swap_in, sc.swap_in)):
+    for k, make, value in (("memory.admission", make_admission, mc.admission),
+                           ("swap.policy", make_swap_out, sc.policy), ("swap.swap_in", make_swap_in, sc.swap_in)):
         try:
             make(value)
         except ValueError as exc:

@@ -30,7 +30,8 @@ from .augment import prepare
 from .memories import MemorySpec, open_memory
 from .methods import Context, PhaseTimer, get_method
 from .models import MLP, reduced_resnet18, resnet18
-from .options import ARCHS, MODES, RunConfig, add_run_arguments, config_from_args, run_parser  # noqa: F401 - re-exported
+# RunConfig and the flags live in options.py (torch-free); importable from here as before.
+from .options import ARCHS, MODES, RunConfig, add_run_arguments, config_from_args, run_parser  # noqa: F401
 from .streams import Stream, generated_stream, make_stream
 
 

@@ -379,8 +379,8 @@ def test_profile_serves(path, tmp_path, short_dir):
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as resp:
             assert b"carousel_" in resp.read()
         if path == USER:  # the README's way to reach it: the profile itself
-            status = subprocess.run([*CAROUSEL, "status", "--config", str(profile_path), "--json", "--interval", "0.05"],
-                                    capture_output=True, text=True, timeout=60)
+            status = subprocess.run([*CAROUSEL, "status", "--config", str(profile_path), "--json",
+                                     "--interval", "0.05"], capture_output=True, text=True, timeout=60)
             assert status.returncode == 0, status.stderr
             assert json.loads(status.stdout)["pid"] == proc.pid
 
