@@ -100,17 +100,17 @@ def _tree(root: Path) -> dict[str, int]:
 def results():
     """Every run, in a fresh short folder of its own (a socket path must fit 108 bytes)."""
     roots, jobs = [], {}
-    for case, command in RUNS:
-        root = Path(tempfile.mkdtemp(prefix="cz-"))
-        roots.append(root)
-        profile = case.write(root)
-        args = ["check-config", str(profile)] if command == "check-config" else ["serve", "--config", str(profile)]
-        jobs[(case.name, command)] = (profile, _tree(root), args)
 
     def run(args):
         return subprocess.run([*CAROUSEL, *args], capture_output=True, text=True, timeout=90)
 
     try:
+        for case, command in RUNS:
+            root = Path(tempfile.mkdtemp(prefix="cz-"))
+            roots.append(root)
+            profile = case.write(root)
+            args = ["check-config", str(profile)] if command == "check-config" else ["serve", "--config", str(profile)]
+            jobs[(case.name, command)] = (profile, _tree(root), args)
         with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
             futures = {k: pool.submit(run, args) for k, (_, _, args) in jobs.items()}
             yield {k: (jobs[k][0], jobs[k][1], f.result(), _tree(jobs[k][0].parent)) for k, f in futures.items()}
