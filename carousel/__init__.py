@@ -9,17 +9,65 @@ Example (not a doctest: it needs a memory.toml and a running daemon)::
     from carousel import CarouselMemory
     mem = CarouselMemory.from_toml("memory.toml")  # in-process
     mem = carousel.connect()  # or served by `carousel serve`
+
+The names below are imported on first use (PEP 562), so ``import carousel`` and the command line
+(``carousel --help``, ``check-config``, a ``status`` that finds no daemon) do not load torch
+(~2 s here); ``from carousel import CarouselMemory`` works as before.
+
+>>> import carousel
+>>> carousel.ConfigError.__module__
+'carousel.config'
+>>> [name for name in carousel.__all__ if getattr(carousel, name, None) is None]  # each one resolves
+[]
+>>> carousel.CarouselMemry
+Traceback (most recent call last):
+...
+AttributeError: module 'carousel' has no attribute 'CarouselMemry'
 """
 
-from .batch import Batch
-from .config import CarouselConfig, ConfigError, load_config
-from .inputs import MemoryInputError
-from .memory import CarouselMemory
-from .write_behind import WriteBehindError
-from .client import DaemonRestartedError, MemoryClient, connect
-from .dataset import ReplayDataset, StreamReplayDataset
-from .wire import RemoteError
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Batch", "CarouselConfig", "CarouselMemory", "ConfigError", "DaemonRestartedError", "MemoryClient", "MemoryInputError",
-           "RemoteError", "ReplayDataset", "StreamReplayDataset", "WriteBehindError", "connect", "load_config", "__version__"]
+
+# public name -> the submodule that defines it
+_LAZY = {
+    "Batch": "batch",
+    "CarouselConfig": "config", "ConfigError": "config", "load_config": "config",
+    "MemoryInputError": "inputs",
+    "CarouselMemory": "memory",
+    "WriteBehindError": "write_behind",
+    "DaemonRestartedError": "client", "MemoryClient": "client", "connect": "client",
+    "ReplayDataset": "dataset", "StreamReplayDataset": "dataset",
+    "RemoteError": "wire",
+}
+
+__all__ = ["Batch", "CarouselConfig", "CarouselMemory", "ConfigError", "DaemonRestartedError", "MemoryClient",
+           "MemoryInputError",
+           "RemoteError", "ReplayDataset", "StreamReplayDataset", "WriteBehindError", "connect", "load_config",
+           "__version__"]
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ below does the imports
+    from .batch import Batch
+    from .client import DaemonRestartedError, MemoryClient, connect
+    from .config import CarouselConfig, ConfigError, load_config
+    from .dataset import ReplayDataset, StreamReplayDataset
+    from .inputs import MemoryInputError
+    from .memory import CarouselMemory
+    from .wire import RemoteError
+    from .write_behind import WriteBehindError
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -1,28 +1,35 @@
 """The ``carousel`` command line.
 
 ``carousel serve --config PROFILE.toml``   run the daemon (see :mod:`carousel.server`)
-``carousel check-config PROFILE.toml``     validate a profile (daemon or memory) and exit
-``carousel status [--socket PATH]``        occupancy, swap rates, prefetch hit rate, latency of a daemon
+``carousel check-config PROFILE.toml``     validate a profile (daemon or memory), check that it fits this
+                                           machine (RAM, writable paths) and print what it holds; exit
+``carousel status [--socket PATH | --config PROFILE]``
+                                           occupancy, swap rates, prefetch hit rate, latency of a daemon
 ``carousel store info URL``    schema, record count, bytes on disk, chunking of a store
 ``carousel store verify URL``  read every record, check every checksum (corrupt ones are
                                quarantined when the store is writable); exit 1 if any failed
-Exit codes: 0 ok, 1 corrupt records found / daemon unreachable, 2 bad usage, an invalid profile or a
-store that cannot be opened.
+Exit codes: 0 ok, 1 corrupt records found / daemon unreachable / the daemon cannot start, 2 bad usage,
+an invalid profile (or one that cannot run here) or a store that cannot be opened.
+
+Each command imports only what it needs: ``carousel --help``, ``check-config`` and a ``status``
+that finds no daemon answer without loading torch. ``serve`` never ends in a traceback: a start
+that fails is one line ``carousel: cannot start: ...`` on stderr (the traceback goes to the
+log at ``--log-level debug``).
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 
-from storage_backends import CorruptRecordError, StoreError, open_store
-
 from . import __version__
-from .config import ConfigError
 
 
 def _info(url: str) -> int:
+    from storage_backends import open_store
+
     with open_store(url) as store:
         print(f"url:        {store.url}")
         print(f"backend:    {type(store).__name__}")
@@ -37,6 +44,8 @@ def _info(url: str) -> int:
 
 
 def _verify(url: str) -> int:
+    from storage_backends import CorruptRecordError, open_store
+
     bad = 0
     checked = 0
     with open_store(url) as store:
@@ -60,59 +69,136 @@ def _capacity(tier) -> str:
     return f"{tier.capacity_samples:,} samples"
 
 
-def _check_config(path: str) -> int:
+def _check_config(path: str, machine: bool) -> int:
+    from .config import ConfigError
     from .daemon_config import load_profile
+    from .preflight import check_profile
 
     try:
         profile = load_profile(path)
     except ConfigError as exc:
         print(f"carousel: invalid profile: {exc}", file=sys.stderr)
         return 2
+    report = check_profile(profile) if machine else None
     for name, cfg in profile.memories.items():
         tiers = ", ".join(f"{t.kind} {t.path} ({_capacity(t)})" for t in cfg.tiers) or "RAM only"
         print(f"memory {name}: kind {cfg.memory.kind}; em_size {cfg.memory.em_size} x {list(cfg.memory.sample_shape)} "
               f"{cfg.memory.dtype}; swap {cfg.swap.policy} ratio {cfg.swap.ratio}; tiers: {tiers}")
+        if report is not None:
+            print("\n".join(report.lines(name)))
+    if report is not None:
+        print(report.summary())
+        if report.problems:
+            for problem in report.problems:
+                print(f"carousel: invalid profile: {problem}", file=sys.stderr)
+            return 2
+        print(f"socket {profile.socket_path()}; the tier, state, data and socket folders can be created and written")
     print(f"{path}: ok")
     return 0
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception as one line: torch's allocator and others write several."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def _serve(path: str, log_level: str | None) -> int:
+    from .config import ConfigError
     from .daemon_config import load_profile
-    from .server import EARLY_STOP, Daemon, DaemonError, setup_logging
+    from .preflight import check_profile
 
     try:
         profile = load_profile(path)
     except ConfigError as exc:
         print(f"carousel: invalid profile: {exc}", file=sys.stderr)
         return 2
+    # What check-config checks, before anything is made or allocated: an EM larger than this
+    # machine's RAM must not reach torch's allocator, an unwritable tier folder not a mkdir.
+    problems = check_profile(profile).problems
+    if problems:
+        more = "" if len(problems) == 1 else \
+            f" (and {len(problems) - 1} more: `carousel check-config {path}` lists them)"
+        print(f"carousel: cannot start: {problems[0]}{more}", file=sys.stderr)
+        return 2
+
+    import logging
+
+    from .server import EARLY_STOP, Daemon, setup_logging
+
     setup_logging(log_level or profile.daemon.log_level)
+    log = logging.getLogger("carousel.daemon")
     # Opening the memories (recovery) can take a while: a SIGTERM meanwhile is kept and honoured
     # as soon as the daemon is up -- it then shuts down cleanly instead of dying mid-recovery.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: EARLY_STOP.set())
     try:
         daemon = Daemon(profile)
-    except (DaemonError, ConfigError, StoreError, OSError) as exc:
-        print(f"carousel: cannot start: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - a start that fails is one line, whatever failed
+        log.debug("start failed", exc_info=True)
+        print(f"carousel: cannot start: {_first_line(exc)}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     try:
         return daemon.run()
-    except DaemonError as exc:
-        print(f"carousel: cannot start: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - a port in use, a socket that cannot be bound, ...
+        if daemon.ready.is_set():  # not a start failure: a fault while serving, kept in the log whole
+            log.error("the daemon stopped on an error", exc_info=True)
+            print(f"carousel: stopped on an error: {_first_line(exc)}", file=sys.stderr)
+        else:
+            log.debug("start failed", exc_info=True)
+            print(f"carousel: cannot start: {_first_line(exc)}", file=sys.stderr)
         return 1
 
 
-def _status(socket_path: str | None, memory: str, interval: float, as_json: bool) -> int:
+def _probe(address: str, timeout_s: float = 1.0) -> str | None:
+    """Why nothing accepts a connection at ``address`` (a socket path or ``tcp://HOST:PORT``), or None.
+    Cheap and torch-free, so ``status`` without a daemon answers at once."""
+    try:
+        if address.startswith("tcp://"):
+            host, _, port = address[len("tcp://"):].rpartition(":")
+            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout_s)
+            try:
+                sock.connect(address)
+            except BaseException:
+                sock.close()
+                raise
+    except (OSError, ValueError) as exc:
+        return (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
+    sock.close()
+    return None
+
+
+def _status(socket_path: str | None, config: str | None, memory: str, interval: float, as_json: bool) -> int:
     import json
     import math
     import time
 
-    from .client import connect
+    from .config import ConfigError
+    from .daemon_config import resolve_socket_path, socket_hint
 
     try:
-        client = connect(socket_path, memory, reconnect_s=0)
-    except (ConnectionError, OSError) as exc:
-        print(f"carousel: {exc}", file=sys.stderr)
+        address = resolve_socket_path(socket_path, config)
+    except ConfigError as exc:
+        print(f"carousel: invalid profile: {exc}", file=sys.stderr)
+        return 2
+    # One try, a short timeout, no retries: a daemon that never answered will not start answering
+    # because we wait (connect() retries only a connection that once existed).
+    refused = _probe(address)
+    if refused is not None:
+        print(f"carousel: cannot reach a carousel daemon at {address} ({refused}): {socket_hint(address)}",
+              file=sys.stderr)
+        return 1
+
+    from .client import connect
+    from .wire import RemoteError
+
+    try:
+        client = connect(address, memory, reconnect_s=0, timeout_s=10.0)
+    except (ConnectionError, OSError, RemoteError) as exc:
+        print(f"carousel: {address}: {exc}", file=sys.stderr)
         return 1
     with client:
         first = client.status()
@@ -152,10 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the daemon")
     serve.add_argument("--config", required=True, help="daemon or memory profile (TOML)")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    check = sub.add_parser("check-config", help="validate a profile and exit (2 on error)")
+    check = sub.add_parser("check-config", help="validate a profile, check it fits this machine, and exit (2 on error)")
     check.add_argument("config")
+    check.add_argument("--no-machine-checks", dest="machine", action="store_false",
+                       help="validate the profile only: skip the RAM and path checks against this machine "
+                       "(a profile written for another device)")
     status = sub.add_parser("status", help="show a running daemon's memories")
-    status.add_argument("--socket", help="the daemon's socket (default $XDG_RUNTIME_DIR/carousel/carousel.sock)")
+    where = status.add_mutually_exclusive_group()
+    where.add_argument("--socket", help="the daemon's socket, or tcp://HOST:PORT (default: $CAROUSEL_SOCKET, else "
+                       "$XDG_RUNTIME_DIR/carousel/carousel.sock)")
+    where.add_argument("--config", help="the profile the daemon was started with: its daemon.socket_dir")
     status.add_argument("--memory", default="default")
     status.add_argument("--interval", type=float, default=1.0, help="seconds between the two readings for rates")
     status.add_argument("--json", action="store_true")
@@ -163,9 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args.config, args.log_level)
     if args.command == "check-config":
-        return _check_config(args.config)
+        return _check_config(args.config, args.machine)
     if args.command == "status":
-        return _status(args.socket, args.memory, args.interval, args.json)
+        return _status(args.socket, args.config, args.memory, args.interval, args.json)
+    from storage_backends import StoreError
+
     try:
         return {"info": _info, "verify": _verify}[args.action](args.url)
     except StoreError as exc:

@@ -53,12 +53,12 @@ from storage_backends import errors as store_errors
 
 from . import wire
 from .batch import Batch
-from .daemon_config import default_socket_dir
+from .daemon_config import resolve_socket_path, socket_hint
 from .inputs import MemoryInputError, check_add, check_count, check_observe, check_retain, check_values
 from .shm import Doorbell, RingLayout, RingReader, Segment, ShmError
 from .write_behind import WriteBehindError
 
-__all__ = ["DaemonRestartedError", "MemoryClient", "connect", "default_socket_path"]
+__all__ = ["DaemonRestartedError", "MemoryClient", "connect"]
 
 log = logging.getLogger("carousel.client")
 
@@ -88,19 +88,20 @@ class DaemonRestartedError(ConnectionError):
         self.samples, self.old_session, self.new_session = samples, old_session, new_session
 
 
-def default_socket_path() -> str:
-    return os.path.join(default_socket_dir(), "carousel.sock")
+def connect(socket_path: str | os.PathLike[str] | None = None, memory: str = "default", *,
+            config: str | os.PathLike[str] | None = None, token: str | None = None, timeout_s: float = 30.0,
+            wait_s: float = 1.0, reconnect_s: float = 30.0, use_shm: bool = True) -> MemoryClient:
+    """Connect to one memory of a daemon.
 
+    Where: ``socket_path`` (a Unix socket path, or ``tcp://HOST:PORT``, which needs ``token``), else
+    the socket of the profile ``config`` (the file ``carousel serve --config`` ran), else
+    ``$CAROUSEL_SOCKET``, else ``$XDG_RUNTIME_DIR/carousel/carousel.sock``
+    (:func:`~carousel.daemon_config.resolve_socket_path`).
 
-def connect(socket_path: str | None = None, memory: str = "default", *, token: str | None = None,
-            timeout_s: float = 30.0, wait_s: float = 1.0, reconnect_s: float = 30.0,
-            use_shm: bool = True) -> MemoryClient:
-    """Connect to a daemon. ``socket_path`` is a Unix socket path (default
-    ``$XDG_RUNTIME_DIR/carousel/carousel.sock``) or ``tcp://HOST:PORT`` (then ``token`` is required).
-
-    ``wait_s``: how long the first connection waits for a daemon to answer (raise it right after
-    starting one); ``reconnect_s``: how long a dropped connection is retried once one existed."""
-    return MemoryClient(socket_path or default_socket_path(), memory, token=token, timeout_s=timeout_s,
+    ``wait_s``: how long the first connection waits for a daemon to answer before it fails, naming
+    the path (raise it right after starting a daemon); ``reconnect_s``: how long a dropped
+    connection is retried once one existed."""
+    return MemoryClient(resolve_socket_path(socket_path, config), memory, token=token, timeout_s=timeout_s,
                         wait_s=wait_s, reconnect_s=reconnect_s, use_shm=use_shm)
 
 
@@ -350,9 +351,8 @@ class MemoryClient:
                     if self._connected_once:
                         raise ConnectionError(f"lost the carousel daemon at {self.address} and it did not come back "
                                               f"within reconnect_s={self.reconnect_s:g}: {exc}") from None
-                    raise ConnectionError(f"no carousel daemon answers at {self.address} "
-                                          f"({exc.strerror or exc if isinstance(exc, OSError) else exc}); "
-                                          f"{_where_hint()}") from None
+                    raise ConnectionError(f"no carousel daemon answered within wait_s={self.wait_s:g} s: "
+                                          f"{socket_hint(self.address)}") from None
                 time.sleep(min(delay, left))
                 delay = min(delay * 2, 0.5)
         self._connected_once = True
@@ -468,11 +468,6 @@ def _remote_exception(reply: Mapping[str, Any]) -> Exception:
     exc = cls(remote.message)
     exc.__cause__ = remote
     return exc
-
-
-def _where_hint() -> str:
-    return ("start one with `carousel serve --config PROFILE`, or point the client at it: "
-            "connect(socket_path=...), or the CAROUSEL_SOCKET environment variable")
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:

@@ -18,6 +18,10 @@ sections of a memory file (``[memories.cifar.memory]``, ``[[memories.cifar.tiers
 Errors are :class:`~carousel.config.ConfigError` with keys such as ``daemon.max_clients`` or
 ``memories.cifar.swap.ratio``.
 
+Clients find the daemon with :func:`resolve_socket_path` (``carousel status``, ``carousel.connect``):
+an explicit path, else a profile's socket, else ``$CAROUSEL_SOCKET``, else the default; when no
+daemon answers there, :func:`socket_hint` says what was found and how to point elsewhere.
+
 >>> p = DaemonProfile.from_dict({"daemon": {"metrics": ""},
 ...                              "memory": {"em_size": 8, "sample_shape": [2]}}, source=None)
 >>> list(p.memories), p.daemon.metrics_address
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -42,7 +47,11 @@ from storage_backends.url import parse_size
 from .config import (CarouselConfig, ConfigError, _check_keys, _fail, _float, _int, _prefixed, _resolve, _show,
                      read_toml)
 
-__all__ = ["DaemonConfig", "DaemonProfile", "default_socket_dir", "load_profile"]
+__all__ = ["SOCKET_ENV", "SOCKET_NAME", "DaemonConfig", "DaemonProfile", "default_socket_dir", "load_profile",
+           "resolve_socket_path", "socket_hint"]
+
+SOCKET_NAME = "carousel.sock"      # the daemon's socket, inside daemon.socket_dir
+SOCKET_ENV = "CAROUSEL_SOCKET"     # a client's socket (a path or tcp://HOST:PORT) when none is given
 
 _MEMORY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # appears in socket ops, logs and metric labels
 _MEMORY_SECTIONS = ("memory", "swap", "write_behind", "tiers")
@@ -141,6 +150,7 @@ class DaemonProfile:
     daemon: DaemonConfig
     memories: Mapping[str, CarouselConfig]
     source: str | None = field(default=None, compare=False)
+    nested: bool = field(default=False, compare=False)  # memories under [memories.NAME], not one [memory]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> DaemonProfile:
@@ -150,6 +160,15 @@ class DaemonProfile:
             return _build(data, source)
         except ConfigError as exc:
             raise ConfigError(source, exc.key, exc.reason) from None
+
+    def socket_path(self) -> str:
+        """The Unix socket the daemon of this profile listens on: ``daemon.socket_dir`` + ``carousel.sock``."""
+        return os.path.join(self.daemon.resolved_socket_dir(), SOCKET_NAME)
+
+    def memory_key(self, name: str, key: str) -> str:
+        """A memory's ``key`` as the TOML spells it: ``tiers[0].path`` in the single-memory layout,
+        ``memories.NAME.tiers[0].path`` under ``[memories.NAME]``."""
+        return f"memories.{name}.{key}" if self.nested else key
 
     def data_dir(self) -> str:
         """Where the daemon's lock file lives: ``daemon.data_dir``, else beside the first memory's data."""
@@ -195,7 +214,7 @@ def _build(data: Mapping[str, Any], source: str | None) -> DaemonProfile:
             memories[name] = _memory(body, f"memories.{name}", source)
     else:
         memories["default"] = _memory(data, "", source)
-    return DaemonProfile(daemon, memories, source)
+    return DaemonProfile(daemon, memories, source, nested="memories" in data)
 
 
 def _memory(body: Any, prefix: str, source: str | None) -> CarouselConfig:
@@ -212,3 +231,62 @@ def load_profile(path: str | os.PathLike[str]) -> DaemonProfile:
     """Read a daemon profile; every problem is a :class:`ConfigError` naming file, key and reason."""
     file = os.fspath(path)
     return DaemonProfile.from_dict(read_toml(file), source=file)
+
+
+def resolve_socket_path(socket_path: str | os.PathLike[str] | None = None,
+                        config: str | os.PathLike[str] | None = None) -> str:
+    """Where a client looks for the daemon; the first of these that is given wins:
+
+    1. ``socket_path``, as given: a Unix socket path, or ``tcp://HOST:PORT``;
+    2. ``config``, a daemon profile (the file ``carousel serve --config`` ran): its
+       ``daemon.socket_dir`` + ``/carousel.sock`` (the default folder when the profile sets none);
+    3. the ``CAROUSEL_SOCKET`` environment variable, when set and not empty (a path or ``tcp://...``);
+    4. the default: ``$XDG_RUNTIME_DIR/carousel/carousel.sock``, or ``/tmp/carousel-$UID/carousel.sock``
+       without ``XDG_RUNTIME_DIR``.
+
+    Raises :class:`~carousel.config.ConfigError` (file, key, reason) for a profile that does not load.
+
+    >>> resolve_socket_path("/run/carousel/carousel.sock", config="ignored.toml")
+    '/run/carousel/carousel.sock'
+    >>> import os, tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> profile = os.path.join(folder, "p.toml")
+    >>> _ = open(profile, "w").write('[daemon]\\nsocket_dir = "run"\\n[memory]\\nem_size = 8\\nsample_shape = [2]\\n')
+    >>> resolve_socket_path(config=profile) == os.path.join(folder, "run", "carousel.sock")
+    True
+    """
+    if socket_path is not None and os.fspath(socket_path):
+        return os.fspath(socket_path)
+    if config is not None:
+        return load_profile(config).socket_path()
+    env = os.environ.get(SOCKET_ENV, "")
+    if env.strip():
+        return env
+    return os.path.join(default_socket_dir(), SOCKET_NAME)
+
+
+def socket_hint(path: str) -> str:
+    """What to tell someone whose client found no daemon at ``path``: what is there, and how to
+    start a daemon or point the client elsewhere (the ways :func:`resolve_socket_path` knows).
+
+    >>> print(socket_hint("/nonexistent/carousel.sock"))  # doctest: +NORMALIZE_WHITESPACE
+    no socket at /nonexistent/carousel.sock: no daemon was started there. Start a daemon with
+    `carousel serve --config PROFILE`, or point to a running one: --socket PATH or connect(PATH),
+    --config PROFILE or connect(config=PROFILE) (the socket in its daemon.socket_dir), or the
+    CAROUSEL_SOCKET variable (a socket path or tcp://HOST:PORT)
+    """
+    if path.startswith("tcp://"):
+        there = f"nothing accepts connections at {path}"
+    else:
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            there = f"no socket at {path}: no daemon was started there"
+        except OSError as exc:  # EACCES: a folder of another user (a daemon run as another uid?)
+            there = f"cannot look at {path}: {exc.strerror}"
+        else:
+            there = (f"{path} is a socket that no daemon accepts on (the daemon stopped or died)" if stat.S_ISSOCK(mode)
+                     else f"{path} is not a socket")
+    return (f"{there}. Start a daemon with `carousel serve --config PROFILE`, or point to a running one: "
+            "--socket PATH or connect(PATH), --config PROFILE or connect(config=PROFILE) (the socket in its "
+            f"daemon.socket_dir), or the {SOCKET_ENV} variable (a socket path or tcp://HOST:PORT)")

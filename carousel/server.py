@@ -329,7 +329,11 @@ class Daemon:
             self.metrics = DaemonMetrics(self.memories)
             log.info("opening memories", extra={"memories": list(profile.memories)})
             for name, cfg in profile.memories.items():
-                mem = _off_main_thread(CarouselMemory, cfg)
+                try:
+                    mem = _off_main_thread(CarouselMemory, cfg)
+                except (MemoryError, RuntimeError) as exc:  # torch's allocator: "DefaultCPUAllocator: ..."
+                    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+                    raise DaemonError(f"memory {name!r} cannot open: {first}") from exc
                 self.memories[name] = mem
                 self.served[name] = Served(name, mem)
                 log.info("memory open", extra={"memory": name, "em_size": cfg.memory.em_size,

@@ -36,9 +36,9 @@ from carousel.config import CarouselConfig, read_toml
 from carousel.toml_write import dump_toml
 from storage_backends import open_store
 
+from .options import MODES  # noqa: F401 - the modes are a run setting, named where the flags are
 from .streams import Stream
 
-MODES = ("ram", "carousel", "storage")
 Extras = Mapping[str, tuple[tuple[int, ...], str]]
 
 

@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,47 +27,13 @@ import torch
 
 from . import metrics, plot
 from .augment import prepare
-from .memories import MODES, MemorySpec, open_memory
+from .memories import MemorySpec, open_memory
 from .methods import Context, PhaseTimer, get_method
 from .models import MLP, reduced_resnet18, resnet18
-from .streams import BENCHMARKS, Stream, generated_stream, make_stream
+# RunConfig and the flags live in options.py (torch-free); importable from here as before.
+from .options import ARCHS, MODES, RunConfig, add_run_arguments, config_from_args, run_parser  # noqa: F401
+from .streams import Stream, generated_stream, make_stream
 
-ARCHS = ("auto", "mlp", "reduced-resnet18", "resnet18")
-
-
-@dataclass
-class RunConfig:
-    """One run's settings (the CLI flags); saved into the result JSON."""
-
-    benchmark: str = "split-fashion-mnist"
-    method: str = "er"
-    memory: str = "ram"
-    memory_kind: str = "plain"
-    tier_capacity: str | None = None        # carousel mode's default tier: "50000" samples or "2MiB"
-    theta: float | None = None              # saliency memories: keep pixels with saliency >= theta
-    em_size: int = 200
-    profile: str | None = None
-    swap_workers: int | None = None
-    swap_ratio: float | None = None
-    daemon: bool = False
-    connect: str | None = None
-    tasks: int | None = None
-    arch: str = "auto"
-    epochs: int = 1
-    batch_size: int = 32
-    replay_size: int = 32
-    lr: float | None = None
-    hparams: dict[str, float] = field(default_factory=dict)
-    seed: int = 0
-    data_root: str | None = None
-    download: bool = False
-    limit_per_class: int | None = None
-    eval_limit: int | None = None          # test samples per task (None: all)
-    device: str = "cpu"
-    threads: int | None = None
-    out: str | None = None
-    progress: bool = True
-    label: str | None = None               # the run's name in tables and figures (default: the memory mode)
 
 
 def build_model(arch: str, stream: Stream) -> torch.nn.Module:
@@ -246,78 +212,13 @@ def _progress(total: int, desc: str, enabled: bool):
                 mininterval=0.5)
 
 
-# ---- CLI ---------------------------------------------------------------------------------------------
-def add_run_arguments(p: argparse.ArgumentParser, *, memory: bool = True) -> None:
-    """The flags ``run`` and ``compare`` share."""
-    p.add_argument("--benchmark", default="split-fashion-mnist", choices=[*BENCHMARKS, "generated"])
-    p.add_argument("--tasks", type=int, help="split-cifar100: 10 (10x10, default) or 20 (20x5)")
-    p.add_argument("--method", default="er", help="er, derpp, icarl, gdumb, gcr")
-    if memory:
-        p.add_argument("--memory", default="ram", choices=MODES, help="ram: the classic buffer; carousel: EM + storage "
-                       "tiers with swapping; storage: replay read from a store of all past samples (ST-L)")
-        p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--memory-kind", default="plain", choices=("plain", "coreset", "saliency"),
-                   help="coreset: every sample carries a weight and GCR re-selects with retain(ids, weights); "
-                   "saliency (carousel mode): samples are stored as their Grad-CAM-salient pixels and completed "
-                   "on the way back into RAM")
-    p.add_argument("--tier-capacity", help="carousel mode, default tier: its capacity, in samples (50000) or "
-                   "bytes (\"2MiB\"); default: room for the whole stream")
-    p.add_argument("--theta", type=float, help="--memory-kind saliency: keep pixels with saliency >= theta "
-                   "(default 0.6)")
-    p.add_argument("--em-size", type=int, default=200, help="samples the RAM episodic memory holds (the RAM budget)")
-    p.add_argument("--profile", help="carousel mode: a carousel profile TOML ([swap], [[tiers]]; [memory] is "
-                   "fitted to the benchmark); default: one LMDB tier holding every sample, ratio 0.5, carm")
-    p.add_argument("--swap-workers", type=int, help="carousel mode: swap threads; 0 = synchronous swapping (ablation)")
-    p.add_argument("--swap-ratio", type=float, help="carousel mode: override [swap].ratio")
-    p.add_argument("--daemon", action="store_true", help="carousel mode: run the memory in a `carousel serve` "
-                   "subprocess and train through carousel.connect")
-    p.add_argument("--connect", help="carousel mode: the socket of a running daemon (its memory must be empty)")
-    p.add_argument("--arch", default="auto", choices=ARCHS,
-                   help="auto: MLP for split-mnist, reduced ResNet-18 (nf 20) otherwise")
-    p.add_argument("--epochs", type=int, default=1, help="epochs per task")
-    p.add_argument("--published", action="store_true",
-                   help="the published schedule: 50 epochs per task and the full ResNet-18 (nf 64); use a GPU")
-    p.add_argument("--batch-size", type=int, default=32, help="stream samples per step")
-    p.add_argument("--replay-size", type=int, default=32, help="replay samples per draw")
-    p.add_argument("--lr", type=float, help="default: the method's best setting for the benchmark")
-    p.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE",
-                   help="a method hyper-parameter, e.g. alpha=0.1 (repeatable)")
-    p.add_argument("--data-root", help="data sets folder (default: ../shared/datasets, data, /usr/share/datasets)")
-    p.add_argument("--download", action="store_true", help="download missing data sets from their canonical sources")
-    p.add_argument("--limit-per-class", type=int, help="train samples per class (quick runs)")
-    p.add_argument("--eval-limit", type=int, help="test samples per task (default: all)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
-    hparams = {}
-    for item in args.hparam:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--hparam {item!r}: expected NAME=VALUE")
-        hparams[name] = float(value)
-    cfg = RunConfig(benchmark=args.benchmark, method=args.method, memory=getattr(args, "memory", "ram"),
-                    memory_kind=args.memory_kind, tier_capacity=args.tier_capacity, theta=args.theta,
-                    em_size=args.em_size, profile=args.profile, swap_workers=args.swap_workers,
-                    swap_ratio=args.swap_ratio, daemon=args.daemon, connect=args.connect, tasks=args.tasks,
-                    arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, replay_size=args.replay_size,
-                    lr=args.lr, hparams=hparams, seed=getattr(args, "seed", 0), data_root=args.data_root,
-                    download=args.download, limit_per_class=args.limit_per_class, eval_limit=args.eval_limit,
-                    device=args.device, threads=args.threads, progress=not args.no_progress)
-    if args.published:
-        cfg.epochs, cfg.arch = 50, "resnet18"
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m trainers run", description=__doc__.split("\n\n")[0])
-    add_run_arguments(p)
-    p.add_argument("--out", default=None, help="folder for result.json and accuracy.png (default: runs/NAME)")
-    args = p.parse_args(argv)
+    """``python -m trainers run [flags]``: parse, run, write the results."""
+    return run_from_args(run_parser().parse_args(argv))
+
+
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """One run from parsed ``run`` flags (``python -m trainers run`` parses them before torch loads)."""
     cfg = config_from_args(args)
     cfg.out = args.out or str(Path("runs") / f"{cfg.benchmark}-{cfg.method}-{cfg.memory}-s{cfg.seed}")
     try:

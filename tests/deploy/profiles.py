@@ -58,6 +58,39 @@ def budget(path: Path) -> dict[str, int]:
     return out
 
 
+# ---- test profiles -----------------------------------------------------------------------------------
+def single_profile(root: Path) -> dict:
+    """A valid profile in the single-memory layout, every path under ``root``."""
+    return {
+        "daemon": {"data_dir": f"{root}/data", "socket_dir": f"{root}/sock", "metrics": "", "ring_slots": 2},
+        "memory": {"em_size": 16, "sample_shape": [3, 8, 8], "state_dir": f"{root}/state"},
+        "swap": {"ratio": 0.5, "workers": 1},
+        "tiers": [{"kind": "lmdb", "path": f"{root}/flash", "capacity": 1000, "sync": False}],
+    }
+
+
+def multi_profile(root: Path) -> dict:
+    """A valid profile with memories ``cifar`` and ``mnist`` under ``[memories.NAME]``, every path under ``root``."""
+    def memory(name: str) -> dict:
+        return {"memory": {"em_size": 16, "sample_shape": [3, 8, 8], "state_dir": f"{root}/{name}/state"},
+                "swap": {"ratio": 0.5, "workers": 1},
+                "tiers": [{"kind": "lmdb", "path": f"{root}/{name}/flash", "capacity": 1000},
+                          {"kind": "zarr", "path": f"{root}/{name}/disk", "capacity": "1MiB", "codec": "zstd"}]}
+    return {"daemon": {"data_dir": f"{root}/data", "socket_dir": f"{root}/sock", "metrics": "",
+                       "max_frame_bytes": "8MiB"},
+            "memories": {"cifar": memory("cifar"), "mnist": memory("mnist")}}
+
+
+def set_key(data: dict, dotted: str, value) -> dict:
+    """Set ``dotted`` (``tiers.0.path``: list items by index; missing tables are made) in ``data``; returns ``data``."""
+    *path, last = dotted.split(".")
+    table = data
+    for part in path:
+        table = table[int(part)] if isinstance(table, list) else table.setdefault(part, {})
+    table[last] = value
+    return data
+
+
 # ---- processes ---------------------------------------------------------------------------------------
 def carousel_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
     return subprocess.run([*CAROUSEL, *args], capture_output=True, text=True, timeout=timeout)

@@ -4,8 +4,9 @@ Every case is one mistake in an otherwise valid profile, in the single-memory la
 beside ``[memory]``, ``[swap]``, ``[[tiers]]``) or the multi-memory one (``[memories.NAME.memory]``
 ...): invalid TOML, an unknown key (answered with a did-you-mean), an out-of-range value, in the
 ``[daemon]`` table and in a memory section. Each profile is given to ``carousel check-config``, and
-four of them also to ``carousel serve --config``, as real processes (side by side: each one imports
-torch, ~1 s of CPU), and neither may create the data, state, tier or socket folders it names.
+four of them also to ``carousel serve --config``, as real processes run side by side, and neither may
+create the data, state, tier or socket folders it names. (Profiles that load but cannot run on
+this machine -- too large for its RAM, folders that cannot be made -- are test_preflight.py's.)
 """
 
 from __future__ import annotations
@@ -22,38 +23,9 @@ import pytest
 from carousel.config import ConfigError, load_config
 from carousel.daemon_config import load_profile
 
-from .profiles import CAROUSEL, dump_toml
+from .profiles import CAROUSEL, dump_toml, multi_profile, set_key, single_profile
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _single(root: Path) -> dict:
-    return {
-        "daemon": {"data_dir": f"{root}/data", "socket_dir": f"{root}/sock", "metrics": "", "ring_slots": 2},
-        "memory": {"em_size": 16, "sample_shape": [3, 8, 8], "state_dir": f"{root}/state"},
-        "swap": {"ratio": 0.5, "workers": 1},
-        "tiers": [{"kind": "lmdb", "path": f"{root}/flash", "capacity": 1000, "sync": False}],
-    }
-
-
-def _multi(root: Path) -> dict:
-    def memory(name: str) -> dict:
-        return {"memory": {"em_size": 16, "sample_shape": [3, 8, 8], "state_dir": f"{root}/{name}/state"},
-                "swap": {"ratio": 0.5, "workers": 1},
-                "tiers": [{"kind": "lmdb", "path": f"{root}/{name}/flash", "capacity": 1000},
-                          {"kind": "zarr", "path": f"{root}/{name}/disk", "capacity": "1MiB", "codec": "zstd"}]}
-    return {"daemon": {"data_dir": f"{root}/data", "socket_dir": f"{root}/sock", "metrics": "",
-                       "max_frame_bytes": "8MiB"},
-            "memories": {"cifar": memory("cifar"), "mnist": memory("mnist")}}
-
-
-def _set(data: dict, dotted: str, value) -> dict:
-    *path, last = dotted.split(".")
-    table = data
-    for part in path:
-        table = table[int(part)] if isinstance(table, list) else table[part]
-    table[last] = value
-    return data
 
 
 @dataclass(frozen=True)
@@ -67,14 +39,14 @@ class Case:
     serve: bool = False         # also through `carousel serve` (one case of each kind: each run costs ~1 s)
 
     def write(self, root: Path) -> Path:
-        data = (_single if self.layout == "single" else _multi)(root)
+        data = (single_profile if self.layout == "single" else multi_profile)(root)
         if self.edit.startswith("text:"):
             old, new = self.edit[5:].split("=>")
             text = dump_toml(data)
             assert old in text, old
             text = text.replace(old, new, 1)
         else:
-            text = dump_toml(_set(data, self.edit, self.value))
+            text = dump_toml(set_key(data, self.edit, self.value))
         path = root / "profile.toml"
         path.write_text(text)
         return path
@@ -123,7 +95,7 @@ def results(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, subprocess.Co
         return {k: (jobs[k][0], f.result()) for k, f in futures.items()}
 
 
-@pytest.mark.parametrize("layout", [_single, _multi], ids=["single", "multi"])
+@pytest.mark.parametrize("layout", [single_profile, multi_profile], ids=["single", "multi"])
 def test_the_base_profiles_are_valid(layout, tmp_path):
     """So each case below fails on its one mistake and nothing else. (In-process: the deploy
     profiles already go through `carousel check-config` as processes, in test_profiles.py.)"""
@@ -131,7 +103,7 @@ def test_the_base_profiles_are_valid(layout, tmp_path):
     profile.write_text(dump_toml(layout(tmp_path)))
     assert tomllib.loads(profile.read_text()) == layout(tmp_path)
     loaded = load_profile(profile)
-    assert sorted(loaded.memories) == (["default"] if layout is _single else ["cifar", "mnist"])
+    assert sorted(loaded.memories) == (["default"] if layout is single_profile else ["cifar", "mnist"])
 
 
 @pytest.mark.parametrize(("case", "command"), RUNS, ids=[f"{c.name}-{cmd}" for c, cmd in RUNS])

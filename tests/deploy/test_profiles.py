@@ -1,15 +1,18 @@
-"""The device profiles in deploy/configs: valid, within their device's budget, and really served.
+"""The profiles in deploy/configs: valid, within their device's budget, and really served.
 
-Each profile states its device's budget in ``# budget.NAME = VALUE`` comment lines (RAM, cores,
-flash, disk, /dev/shm, the expected load). These tests hold the settings to that budget, using
-bookkeeping costs and on-disk record sizes measured here rather than taken on trust; then they
-serve every profile for real: its /var/lib/carousel and /run/carousel paths moved into a temp
-dir, ``carousel serve --config`` started, samples added and sampled through ``carousel.connect``,
-SIGTERM, exit 0, and the samples found on disk where the profile put them.
+Three device profiles for a systemd service (/var/lib/carousel, /run/carousel) and ``user.toml``,
+which runs as an ordinary user with every path relative to its own folder. Each states its
+device's budget in ``# budget.NAME = VALUE`` comment lines (RAM, cores, flash, disk, /dev/shm, the
+expected load). These tests hold the settings to that budget, using bookkeeping costs and on-disk
+record sizes measured here rather than taken on trust; then they serve every profile for real:
+a device profile's /var/lib/carousel and /run/carousel paths moved into a temp dir (the user
+profile just copied there), ``carousel serve --config`` started, samples added and sampled
+through ``carousel.connect``, SIGTERM, exit 0, and the samples found on disk where the profile put them.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import subprocess
@@ -36,7 +39,9 @@ from .profiles import CAROUSEL, budget, dump_toml, kill, move_paths, start_serve
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "deploy" / "configs"
 PROFILES = sorted(CONFIGS.glob("*.toml"))
-EXPECTED = {"edge-board", "phone", "workstation"}
+EXPECTED = {"edge-board", "phone", "workstation", "user"}
+USER = CONFIGS / "user.toml"  # an ordinary user, in the profile's folder; the others are systemd services
+SYSTEM = [p for p in PROFILES if p != USER]
 STATE_ROOT, RUNTIME_ROOT = "/var/lib/carousel", "/run/carousel"  # systemd StateDirectory / RuntimeDirectory
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 SPEED = {"lmdb": 0, "zarr": 1}  # flash before disk: tiers are listed fastest first
@@ -51,7 +56,7 @@ STATE_BYTES = 29      # per sample ever added, in the EM checkpoint: label, task
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_the_three_device_profiles_are_there():
+def test_the_profiles_are_there():
     assert {p.stem for p in PROFILES} == EXPECTED
     assert (CONFIGS / "README.md").is_file()
 
@@ -70,32 +75,60 @@ def _load(path: Path):
 
 
 # ---- valid ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def checked() -> dict[str, subprocess.CompletedProcess]:
-    """``carousel check-config`` on every profile, as real processes run side by side (each imports torch)."""
-    procs = {p.stem: subprocess.Popen([*CAROUSEL, "check-config", str(p)], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True) for p in PROFILES}
-    out = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=60)
-        out[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+def placed(path: Path, folder: Path) -> Path:
+    """A copy of the profile in ``folder``, runnable by an ordinary user on this machine: a device
+    profile's /var/lib/carousel and /run/carousel paths moved below ``folder`` (check-config checks
+    that they can be created), the user profile as it is (its relative paths land in ``folder``)."""
+    data = tomllib.loads(path.read_text())
+    if path != USER:
+        data = move_paths(data, {STATE_ROOT: str(folder / "var-lib-carousel"), RUNTIME_ROOT: str(folder / "run")})
+        moved = [s for s in strings(data) if s.startswith("/")]
+        assert moved and all(s.startswith(str(folder)) for s in moved), f"a path the test does not move: {moved}"
+        text = dump_toml(data)
+    else:
+        text = path.read_text()
+    out = folder / path.name
+    out.write_text(text)
     return out
+
+
+@pytest.fixture(scope="module")
+def checked() -> dict[str, tuple[Path, subprocess.CompletedProcess, list[str]]]:
+    """``carousel check-config`` on every profile placed in a short temp folder of its own, as
+    real processes run side by side: the copy, what the run printed, and what the folder held after."""
+    roots = {p.stem: Path(tempfile.mkdtemp(prefix="cz-")) for p in PROFILES}
+    try:
+        copies = {p.stem: placed(p, roots[p.stem]) for p in PROFILES}
+        procs = {name: subprocess.Popen([*CAROUSEL, "check-config", str(copy)], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True) for name, copy in copies.items()}
+        out = {}
+        for name, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=60)
+            out[name] = (copies[name], subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
+                         sorted(q.name for q in roots[name].iterdir()))
+        yield out
+    finally:
+        for root in roots.values():
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
 def test_check_config_accepts_the_profile(path, checked):
-    done = checked[path.stem]
+    copy, done, left = checked[path.stem]
     assert done.returncode == 0, done.stderr
-    assert done.stdout.rstrip().endswith(f"{path}: ok")
-    _, cfg, _ = _load(path)
+    assert done.stdout.rstrip().endswith(f"{copy}: ok")
+    assert left == [path.name], "check-config created something"
+    profile, cfg, _ = _load(copy)
     assert f"kind {cfg.memory.kind};" in done.stdout
+    assert f"socket {profile.socket_path()};" in done.stdout
+    assert "RAM: ~" in done.stdout and f"(memory.em_size: {cfg.memory.em_size:,} x " in done.stdout
     for tier in cfg.tiers:
         capacity = (f"{tier.capacity_bytes:,} bytes" if tier.capacity_bytes is not None
                     else f"{tier.capacity_samples:,} samples")
         assert f"{tier.kind} {tier.path} ({capacity})" in done.stdout
 
 
-@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", SYSTEM, ids=lambda p: p.stem)
 def test_profile_is_laid_out_for_a_systemd_service(path):
     profile, cfg, _ = _load(path)
     dc = profile.daemon
@@ -110,6 +143,25 @@ def test_profile_is_laid_out_for_a_systemd_service(path):
     kinds = [SPEED[t.kind] for t in cfg.tiers]
     assert kinds == sorted(kinds), f"tiers not fastest first: {[t.kind for t in cfg.tiers]}"
     assert set(budget(path)) == BUDGET_KEYS, f"{path.name}: budget lines {sorted(budget(path))}"
+
+
+def test_user_profile_stays_in_its_folder(tmp_path):
+    """No root, no systemd: every path relative, so all of it lands in carousel-data beside the profile."""
+    data = tomllib.loads(USER.read_text())
+    paths = [data["daemon"]["data_dir"], data["daemon"]["socket_dir"], data["memory"]["state_dir"],
+             *(t["path"] for t in data["tiers"])]
+    assert all(not p.startswith(("/", "~")) for p in paths), paths
+    assert not [s for s in strings(data) if s.startswith("/")], "an absolute path in the user profile"
+    profile, cfg, _ = _load(placed(USER, tmp_path))
+    home = tmp_path / "carousel-data"
+    for p in [profile.daemon.data_dir, profile.daemon.socket_dir, cfg.memory.state_dir, *(t.path for t in cfg.tiers)]:
+        assert Path(p) == home or home in Path(p).parents, p
+    assert profile.socket_path() == str(home / "run" / "carousel.sock")
+    dc = profile.daemon
+    assert dc.metrics_address is not None and dc.metrics_address[0] in LOOPBACK
+    assert dc.tcp_address is None
+    assert cfg.tiers and cfg.memory.sample_shape == (3, 32, 32)
+    assert set(budget(USER)) == BUDGET_KEYS
 
 
 # ---- within budget -----------------------------------------------------------------------------------
@@ -291,11 +343,15 @@ def short_dir():
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
 def test_profile_serves(path, tmp_path, short_dir):
     original = tomllib.loads(path.read_text())
-    state, runtime = tmp_path / "var-lib-carousel", short_dir / "run-carousel"
-    data = move_paths(original, {STATE_ROOT: str(state), RUNTIME_ROOT: str(runtime)})
-    moved = [s for s in strings(data) if s.startswith("/")]
-    assert moved and all(s.startswith((str(tmp_path), str(short_dir))) for s in moved), \
-        f"a path the test does not move: {moved}"
+    if path == USER:  # relative paths: a copy in tmp_path keeps everything in tmp_path/carousel-data
+        state, runtime = tmp_path / "carousel-data", tmp_path / "carousel-data" / "run"
+        data = original
+    else:
+        state, runtime = tmp_path / "var-lib-carousel", short_dir / "run-carousel"
+        data = move_paths(original, {STATE_ROOT: str(state), RUNTIME_ROOT: str(runtime)})
+        moved = [s for s in strings(data) if s.startswith("/")]
+        assert moved and all(s.startswith((str(tmp_path), str(short_dir))) for s in moved), \
+            f"a path the test does not move: {moved}"
     host = data["daemon"]["metrics"].rpartition(":")[0]
     port = free_port()
     data["daemon"]["metrics"] = f"{host}:{port}"  # the profile's loopback host, a port free here
@@ -322,6 +378,11 @@ def test_profile_serves(path, tmp_path, short_dir):
             f"daemon started at {start_rss / 2**20:.0f} MiB RSS, budget.base_rss is {b['base_rss'] / 2**20:.0f} MiB"
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as resp:
             assert b"carousel_" in resp.read()
+        if path == USER:  # the README's way to reach it: the profile itself
+            status = subprocess.run([*CAROUSEL, "status", "--config", str(profile_path), "--json",
+                                     "--interval", "0.05"], capture_output=True, text=True, timeout=60)
+            assert status.returncode == 0, status.stderr
+            assert json.loads(status.stdout)["pid"] == proc.pid
 
         n, classes = 400, 10
         x_of = (np.arange(n) * 7 % 256).astype(np.uint8)  # sample i's pixels are all x_of[i]

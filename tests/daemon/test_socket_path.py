@@ -1,0 +1,82 @@
+"""Where a client looks for the daemon (resolve_socket_path) and what it says when none answers (socket_hint)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from carousel.config import ConfigError
+from carousel.daemon_config import SOCKET_ENV, resolve_socket_path, socket_hint
+
+from tests.daemon.harness import write_profile
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    monkeypatch.delenv(SOCKET_ENV, raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    return monkeypatch
+
+
+def _profile(tmp_path, **daemon):
+    return write_profile(tmp_path / "p.toml", daemon, {"em_size": 8, "sample_shape": [2]})
+
+
+def test_precedence(env, tmp_path):
+    profile = _profile(tmp_path, socket_dir=str(tmp_path / "run"))
+    default = f"{tmp_path}/xdg/carousel/carousel.sock"
+    assert resolve_socket_path() == default
+    env.setenv(SOCKET_ENV, "/env/carousel.sock")
+    assert resolve_socket_path() == "/env/carousel.sock"
+    assert resolve_socket_path(config=profile) == f"{tmp_path}/run/carousel.sock"
+    assert resolve_socket_path("/given.sock", config=profile) == "/given.sock"
+    env.setenv(SOCKET_ENV, "  ")
+    assert resolve_socket_path() == default, "a blank CAROUSEL_SOCKET is unset"
+    env.delenv("XDG_RUNTIME_DIR")
+    assert resolve_socket_path() == f"/tmp/carousel-{os.getuid()}/carousel.sock"
+
+
+def test_tcp_passes_through(env):
+    assert resolve_socket_path("tcp://127.0.0.1:7070") == "tcp://127.0.0.1:7070"
+    env.setenv(SOCKET_ENV, "tcp://[::1]:7070")
+    assert resolve_socket_path() == "tcp://[::1]:7070"
+
+
+def test_a_profile_without_socket_dir_means_the_default(env, tmp_path):
+    assert resolve_socket_path(config=_profile(tmp_path)) == f"{tmp_path}/xdg/carousel/carousel.sock"
+
+
+def test_a_relative_socket_dir_is_the_profiles_folder(env, tmp_path):
+    (tmp_path / "sub").mkdir()
+    profile = write_profile(tmp_path / "sub" / "p.toml", {"socket_dir": "run"}, {"em_size": 8, "sample_shape": [2]})
+    assert resolve_socket_path(config=os.path.relpath(profile)) == f"{tmp_path}/sub/run/carousel.sock"
+
+
+def test_an_invalid_profile_names_file_and_key(env, tmp_path):
+    profile = _profile(tmp_path, socket_dri="/x")
+    with pytest.raises(ConfigError) as info:
+        resolve_socket_path(config=profile)
+    assert info.value.file == str(profile) and info.value.key == "daemon.socket_dri"
+    with pytest.raises(ConfigError, match="cannot read"):
+        resolve_socket_path(config=tmp_path / "missing.toml")
+
+
+def test_the_hint_says_what_is_there(tmp_path):
+    ways = ("--socket PATH", "connect(PATH)", "--config PROFILE", "connect(config=PROFILE)", SOCKET_ENV,
+            "carousel serve --config PROFILE")
+    missing = str(tmp_path / "none.sock")
+    dead = str(tmp_path / "dead.sock")
+    afile = tmp_path / "file"
+    afile.write_text("")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(dead)
+        hints = {"missing": socket_hint(missing), "dead": socket_hint(dead), "file": socket_hint(str(afile)),
+                 "tcp": socket_hint("tcp://127.0.0.1:1")}
+    assert hints["missing"].startswith(f"no socket at {missing}: no daemon was started there.")
+    assert hints["dead"].startswith(f"{dead} is a socket that no daemon accepts on")
+    assert hints["file"].startswith(f"{afile} is not a socket.")
+    assert hints["tcp"].startswith("nothing accepts connections at tcp://127.0.0.1:1.")
+    for hint in hints.values():
+        assert all(way in hint for way in ways), hint
