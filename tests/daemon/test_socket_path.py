@@ -80,3 +80,36 @@ def test_the_hint_says_what_is_there(tmp_path):
     assert hints["tcp"].startswith("nothing accepts connections at tcp://127.0.0.1:1.")
     for hint in hints.values():
         assert all(way in hint for way in ways), hint
+
+
+def test_connect_without_a_daemon_fails_within_a_second_naming_the_path(env, tmp_path):
+    import time
+
+    import carousel
+
+    sock = str(tmp_path / "nowhere" / "carousel.sock")
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError) as err:
+        carousel.connect(sock)
+    took = time.monotonic() - t0
+    assert took < 2.0, f"connect() took {took:.1f} s to give up on a socket that never existed"
+    assert sock in str(err.value) and "CAROUSEL_SOCKET" in str(err.value) and "config=" in str(err.value)
+    env.setenv(SOCKET_ENV, sock)
+    with pytest.raises(ConnectionError, match="nowhere"):
+        carousel.connect()  # the variable is where it looked
+
+
+def test_connect_finds_the_daemon_by_profile_and_variable(env, tmp_path):
+    """``connect(config=PROFILE)`` and ``CAROUSEL_SOCKET`` reach the daemon the profile started."""
+    import carousel
+    from tests.daemon.harness import start_daemon
+
+    d = start_daemon(tmp_path, tiers=None, metrics=False)
+    try:
+        with carousel.connect(config=d.profile) as c:
+            assert c.daemon_pid == d.pid and c.address == d.socket
+        env.setenv(SOCKET_ENV, d.socket)
+        with carousel.connect() as c:
+            assert c.daemon_pid == d.pid
+    finally:
+        d.close()
