@@ -30,6 +30,10 @@ daemon answers there, :func:`socket_hint` says what was found and how to point e
 Traceback (most recent call last):
 ...
 carousel.config.ConfigError: daemon.max_clients: must be in [1, 4096], got 0
+>>> DaemonProfile.from_dict({"daemon": {"hello_timeout_s": 0}, "memory": {"em_size": 8, "sample_shape": [2]}})
+Traceback (most recent call last):
+...
+carousel.config.ConfigError: daemon.hello_timeout_s: must be in [0.01, 300], got 0
 """
 
 from __future__ import annotations
@@ -94,9 +98,11 @@ class DaemonConfig:
     token_file: str | None = None        # a file holding the TCP token (mode 0600)
     allow_group: str | None = None       # a group whose members may also connect over the Unix socket
     max_frame_bytes: int = 64 << 20      # any frame announcing more is refused before it is read
-    max_clients: int = 64
+    max_clients: int = 64                # connections that completed HELLO; the next HELLO is told "busy"
+    max_pending: int = 1024              # connections still before HELLO; the oldest is closed to make room
     max_inflight: int = 8                # requests running at once, all clients together; more wait
     read_timeout_s: float = 10.0         # a frame begun and not finished within this is dropped
+    hello_timeout_s: float = 5.0         # a connection without a HELLO (and token, on TCP) by then is closed
     ring_slots: int = 4                  # ready batches per standing sample request
     min_free_shm_bytes: int = 16 << 20   # refuse to start with less free /dev/shm than this
     torch_threads: int = 1               # intra-op threads of the daemon's copies; see below
@@ -116,9 +122,13 @@ class DaemonConfig:
             _fail("token_file", "TCP needs a token: set token_file to a file only you can read")
         _int(self.max_frame_bytes, "max_frame_bytes", 4096, 1 << 34)
         _int(self.max_clients, "max_clients", 1, 4096)
+        _int(self.max_pending, "max_pending", 1, 65536)
         _int(self.max_inflight, "max_inflight", 1, 1024)
         if not 0.01 <= _float(self.read_timeout_s, "read_timeout_s") <= 3600:
             _fail("read_timeout_s", f"must be in [0.01, 3600], got {self.read_timeout_s}")
+        # Short: only a client that has not said who it is waits this long, holding a descriptor.
+        if not 0.01 <= _float(self.hello_timeout_s, "hello_timeout_s") <= 300:
+            _fail("hello_timeout_s", f"must be in [0.01, 300], got {self.hello_timeout_s}")
         _int(self.ring_slots, "ring_slots", 2, 64)
         _int(self.min_free_shm_bytes, "min_free_shm_bytes", 0)
         # 1 by default: beside a trainer that keeps every core busy, a parallel copy waits at its

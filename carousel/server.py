@@ -16,6 +16,7 @@ socket) stops a second daemon on the same data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import grp
 import hmac
@@ -24,6 +25,7 @@ import logging
 import math
 import os
 import pwd
+import resource
 import secrets
 import signal
 import socket
@@ -61,6 +63,16 @@ _PEERCRED = struct.Struct("3i")
 _MAX_RINGS_PER_CLIENT = 8
 _MAX_RING_ROWS = 1 << 16
 _REQUEST_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.25, 1.0, 5.0)
+# Before HELLO a connection may only say HELLO, PING or STATUS, none of which carries tensors:
+# a peer that has not said who it is (no token yet, on TCP) never makes the daemon buffer more.
+_PENDING_FRAME_BYTES = 1 << 16
+# File descriptors: a client holds its socket plus one per mapped segment (mmap keeps a dup of
+# the descriptor): up to 8 rings and an upload segment. The reserve covers the stores (LMDB,
+# Zarr and flat files), the metrics server, logs and the listening sockets.
+_FDS_PER_CLIENT = 2 + _MAX_RINGS_PER_CLIENT
+_FD_RESERVE = 256
+_FD_WANTED = 1 << 16  # the soft RLIMIT_NOFILE the daemon raises itself to (bounded by the hard limit)
+_LISTEN_BACKLOG = 1024  # a burst of connections waits in the kernel's queue, not in connect()'s retry
 
 
 EARLY_STOP = threading.Event()  # set by a SIGTERM/SIGINT that came while the daemon was starting
@@ -174,9 +186,14 @@ class DaemonMetrics:
         ProcessCollector(registry=r)
         Info("carousel_build", "carousel version and runtime.", registry=r).info(
             {"version": __version__, "python": ".".join(map(str, sys.version_info[:3]))})
-        self.clients = Gauge("carousel_clients", "Connected clients.", registry=r)
+        self.clients = Gauge("carousel_clients", "Connected clients that completed HELLO.", registry=r)
+        self.pending = Gauge("carousel_pending_connections",
+                             "Connections that have not completed HELLO yet (closed after hello_timeout_s).",
+                             registry=r)
         self.requests = Counter("carousel_requests_total", "Requests by op and result.", ["op", "result"],
                                 registry=r)
+        # reason: uid, token, busy, stopping, hello_timeout (no HELLO in time), pending_full (the
+        # oldest connection before HELLO, closed to make room for a new one)
         self.refused = Counter("carousel_connections_refused_total", "Connections refused.", ["reason"],
                                registry=r)
         self.protocol_errors = Counter("carousel_protocol_errors_total", "Frames that broke the protocol.",
@@ -309,6 +326,15 @@ class Daemon:
         self.served: dict[str, Served] = {}
         self.memories: dict[str, CarouselMemory] = {}
         self._http = None
+        self._nofile = _raise_fd_limit()
+        # Connections before HELLO are capped within the descriptors left once every client has
+        # its share, so a flood of them can neither starve clients nor run the daemon out of fds.
+        self._max_pending = max(1, min(dc.max_pending, self._nofile - _FD_RESERVE - dc.max_clients * _FDS_PER_CLIENT))
+        log.info("file descriptors", extra={"nofile": self._nofile, "max_clients": dc.max_clients,
+                                            "max_pending": self._max_pending})
+        if self._max_pending < dc.max_pending:
+            log.warning("fewer connections before HELLO than daemon.max_pending: RLIMIT_NOFILE is too low",
+                        extra={"nofile": self._nofile, "max_pending": self._max_pending})
         try:
             if dc.tcp_address is not None:
                 self._token = _read_token(dc.token_file)
@@ -348,7 +374,10 @@ class Daemon:
         self._executor = ThreadPoolExecutor(max_workers=max(4, min(16, dc.max_inflight)),
                                             thread_name_prefix="carousel-op", initializer=_set_torch_threads,
                                             initargs=(dc.torch_threads,))
-        self._connections: set[_Connection] = set()
+        self._connections: set[_Connection] = set()  # every open connection
+        self._pending: dict[_Connection, None] = {}   # those before HELLO, oldest first
+        self._clients: set[_Connection] = set()       # those after HELLO: what max_clients limits
+        self._log_evicted, self._log_hello_timeout = _Throttled(5.0), _Throttled(5.0)
         self._ring_ids = iter(range(1, 1 << 62))
         self._segments: dict[str, int] = {}  # name -> bytes, every segment the daemon owns
         self._track_segment(self.filler.doorbell.segment)
@@ -392,7 +421,7 @@ class Daemon:
         old = os.umask(0o177)  # the socket is born 0600: no window in which others may connect
         try:
             unix = await asyncio.start_unix_server(lambda r, w: self._accept(r, w, "unix"), path=self.socket_path,
-                                                   limit=1 << 16)
+                                                   limit=1 << 16, backlog=_LISTEN_BACKLOG)
         except OSError as exc:
             raise DaemonError(f"cannot listen on {self.socket_path}: {exc.strerror or exc}") from None
         finally:
@@ -404,7 +433,8 @@ class Daemon:
         if dc.tcp_address is not None:
             host, port = dc.tcp_address
             try:
-                servers.append(await asyncio.start_server(lambda r, w: self._accept(r, w, "tcp"), host, port))
+                servers.append(await asyncio.start_server(lambda r, w: self._accept(r, w, "tcp"), host, port,
+                                                          backlog=_LISTEN_BACKLOG))
             except OSError as exc:
                 raise DaemonError(f"daemon.tcp {host}:{port}: cannot listen: {exc.strerror or exc}") from None
             log.info("tcp listening", extra={"address": f"{host}:{port}"})
@@ -483,33 +513,61 @@ class Daemon:
 
     # -- connections ------------------------------------------------------------------------------------
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, kind: str) -> None:
-        sock = writer.get_extra_info("socket")
-        peer = "tcp"
-        if kind == "unix":
-            pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-            peer = f"pid {pid} uid {uid}"
-            if not self._peer_allowed(uid, gid):
-                # Refused before a single byte of theirs is read.
-                self.metrics.refused.labels(reason="uid").inc()
-                log.warning("connection refused: foreign uid", extra={"peer_pid": pid, "peer_uid": uid})
-                await _send_error(writer, "auth", f"uid {uid} may not use this daemon")
-                writer.close()
-                return
-        if self._stop.is_set() or len(self._connections) >= self.profile.daemon.max_clients:
-            self.metrics.refused.labels(reason="busy" if not self._stop.is_set() else "stopping").inc()
-            await _send_error(writer, "busy", f"too many clients (max_clients={self.profile.daemon.max_clients})"
-                              if not self._stop.is_set() else "the daemon is stopping")
-            writer.close()
-            return
-        conn = _Connection(self, reader, writer, kind, peer)
-        self._connections.add(conn)
-        self.metrics.clients.set(len(self._connections))
+        conn = None
         try:
+            peer = "tcp"
+            if kind == "unix":
+                sock = writer.get_extra_info("socket")
+                pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                 _PEERCRED.size))
+                peer = f"pid {pid} uid {uid}"
+                if not self._peer_allowed(uid, gid):
+                    # Refused before a single byte of theirs is read.
+                    self.metrics.refused.labels(reason="uid").inc()
+                    log.warning("connection refused: foreign uid", extra={"peer_pid": pid, "peer_uid": uid})
+                    await _send_error(writer, "auth", f"uid {uid} may not use this daemon")
+                    return
+            if self._stop.is_set():
+                self.metrics.refused.labels(reason="stopping").inc()
+                await _send_error(writer, "busy", "the daemon is stopping")
+                return
+            # Not yet a client: max_clients is checked when HELLO completes (_Connection._admit), so
+            # connections that never say HELLO cannot take the slots of those that do.
+            conn = _Connection(self, reader, writer, kind, peer)
+            self._connections.add(conn)
+            self._pending[conn] = None
+            if len(self._pending) > self._max_pending:
+                self._evict(next(iter(self._pending)))
+            self._count_connections()
             await conn.serve()
+        except Exception as exc:  # noqa: BLE001 - never "Unhandled exception in client_connected_cb"
+            log.error("connection failed", exc_info=True, extra={"kind": kind, "error": repr(exc)[:200]})
         finally:
-            self._connections.discard(conn)
-            self.metrics.clients.set(len(self._connections))
-            conn.release()
+            if conn is not None:
+                self._connections.discard(conn)
+                self._pending.pop(conn, None)
+                self._clients.discard(conn)
+                self._count_connections()
+                try:
+                    conn.release()
+                except Exception as exc:  # noqa: BLE001 - one client's cleanup must not stop the others'
+                    log.error("releasing a connection failed", extra={"peer": conn.peer, "error": repr(exc)})
+            _close(writer)
+
+    def _evict(self, conn: _Connection) -> None:
+        """Close the oldest connection before HELLO to make room for a new one."""
+        self._pending.pop(conn, None)
+        self.metrics.refused.labels(reason="pending_full").inc()
+        self._log_evicted.warning("connection closed before HELLO to make room for a new one",
+                                  extra={"peer": conn.peer, "max_pending": self._max_pending})
+        conn.closing = True
+        _send_error_nowait(conn.writer, "busy", f"{self._max_pending} connections wait for HELLO (daemon.max_pending);"
+                                                " send HELLO as soon as you connect")
+        _close(conn.writer)
+
+    def _count_connections(self) -> None:
+        self.metrics.clients.set(len(self._clients))
+        self.metrics.pending.set(len(self._pending))
 
     def _peer_allowed(self, uid: int, gid: int) -> bool:
         if uid == os.getuid():
@@ -535,7 +593,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"pid": os.getpid(), "version": __version__, "session": self.session,
                                "socket": self.socket_path,
-                               "clients": len(self._connections), "shm_segments": len(self._segments),
+                               "clients": len(self._clients), "shm_segments": len(self._segments),
                                "shm_bytes": sum(self._segments.values()), "memories": {}}
         for name, served in self.served.items():
             mem = served.memory
@@ -642,11 +700,62 @@ def _read_token(path: str | None) -> bytes:
 
 
 async def _send_error(writer: asyncio.StreamWriter, kind: str, message: str) -> None:
+    if writer.is_closing():
+        return
     try:
         writer.writelines(wire.encode(wire.Op.ERROR, {"error": kind, "message": message}))
         await asyncio.wait_for(writer.drain(), 1.0)
     except (ConnectionError, asyncio.TimeoutError, OSError):
         pass
+
+
+def _send_error_nowait(writer: asyncio.StreamWriter, kind: str, message: str) -> None:
+    """An ERROR frame handed to the transport without waiting for the peer to take it."""
+    if not writer.is_closing():
+        try:
+            writer.writelines(wire.encode(wire.Op.ERROR, {"error": kind, "message": message}))
+        except (ConnectionError, OSError):
+            pass
+
+
+def _close(writer: asyncio.StreamWriter) -> None:
+    """Close a connection, and abort it a second later if it still holds unsent bytes: a transport
+    waits for its buffer to drain before it closes, so a peer that never reads would otherwise
+    keep it (and its file descriptor) forever. Aborting a closed transport does nothing."""
+    if not writer.is_closing():
+        writer.close()
+    asyncio.get_running_loop().call_later(1.0, writer.transport.abort)
+
+
+def _raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE towards the hard limit (at most ``_FD_WANTED``); returns the
+    soft limit in force. Every connection, even one that never says HELLO, holds a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = _FD_WANTED if hard == resource.RLIM_INFINITY else min(hard, _FD_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise RLIMIT_NOFILE", extra={"soft": soft, "hard": hard, "error": str(exc)})
+    return _FD_WANTED if soft == resource.RLIM_INFINITY else soft
+
+
+class _Throttled:
+    """A warning for events that come in floods (a thousand idle connections timing out at once):
+    at most one line per ``every_s``, saying how many were left out since the last; the metrics
+    count every one."""
+
+    def __init__(self, every_s: float) -> None:
+        self._every, self._last, self._left_out = every_s, -math.inf, 0
+
+    def warning(self, msg: str, extra: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - self._last < self._every:
+            self._left_out += 1
+            return
+        log.warning(msg, extra={**extra, "not_logged_since_last": self._left_out})
+        self._last, self._left_out = now, 0
 
 
 _ERROR_KINDS: tuple[tuple[type[BaseException], str], ...] = (
@@ -668,6 +777,10 @@ class _Connection:
         self.d, self.reader, self.writer, self.kind, self.peer = daemon, reader, writer, kind, peer
         self.served: Served | None = None
         self.authed = kind == "unix"
+        # Before HELLO: not a client yet (no max_clients slot), frames of at most _PENDING_FRAME_BYTES,
+        # and closed at this deadline (the token, on TCP, travels in HELLO).
+        self.pending = True
+        self.hello_deadline = asyncio.get_running_loop().time() + daemon.profile.daemon.hello_timeout_s
         self.rings: list[int] = []
         self.ring_keys: dict[tuple, int] = {}
         self.upload: shm_mod.Segment | None = None
@@ -675,19 +788,37 @@ class _Connection:
         self.closing = False
 
     async def serve(self) -> None:
+        """Read and answer frames until the client leaves or breaks the protocol. Whatever goes
+        wrong ends in an ERROR frame (or a documented close), a counter and one log line."""
+        try:
+            await self._serve()
+        except Exception as exc:  # noqa: BLE001 - a bug here must cost this connection only, visibly once
+            self.d.metrics.protocol_errors.inc()
+            log.error("connection failed; closing", exc_info=True, extra={"peer": self.peer, "error": repr(exc)[:200]})
+            await _send_error(self.writer, "internal", f"the daemon failed on this connection ({type(exc).__name__})"
+                                                       "; reconnect")
+
+    async def _serve(self) -> None:
         dc = self.d.profile.daemon
         while not self.closing:
+            hello_due = asyncio.timeout_at(self.hello_deadline) if self.pending else contextlib.nullcontext()
             try:
-                frame = await self._read_frame(dc.max_frame_bytes, dc.read_timeout_s)
+                async with hello_due:
+                    frame = await self._read_frame(dc.max_frame_bytes, dc.read_timeout_s)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return  # the client went away
-            except asyncio.TimeoutError:
+            except TimeoutError:
+                if self.pending and hello_due.expired():
+                    self.d.metrics.refused.labels(reason="hello_timeout").inc()
+                    self.d._log_hello_timeout.warning("connection closed: no HELLO within daemon.hello_timeout_s",
+                                                      extra={"peer": self.peer, "hello_timeout_s": dc.hello_timeout_s})
+                    await _send_error(self.writer, "timeout", f"no HELLO within hello_timeout_s={dc.hello_timeout_s}")
+                    return
                 log.warning("half-sent frame timed out; closing", extra={"peer": self.peer})
                 self.d.metrics.protocol_errors.inc()
                 return
             except wire.ProtocolError as exc:
-                self.d.metrics.protocol_errors.inc()
-                log.warning("protocol error; closing", extra={"peer": self.peer, "error": str(exc)})
+                self._protocol_error(exc)
                 await _send_error(self.writer, "protocol", str(exc))
                 return
             if frame is None:
@@ -700,8 +831,14 @@ class _Connection:
             finally:
                 self.busy = False
 
+    def _protocol_error(self, exc: wire.ProtocolError, op: str | None = None) -> None:
+        """Count and log (one line) a frame that broke the protocol; the connection then closes."""
+        self.d.metrics.protocol_errors.inc()
+        log.warning("protocol error; closing", extra={"peer": self.peer, "op": op, "error": str(exc)[:300]})
+
     async def _read_frame(self, max_bytes: int, timeout: float):
-        first = await self.reader.read(1)  # an idle client may wait as long as it likes between frames
+        # A client may wait as long as it likes between frames (before HELLO, serve() bounds the wait).
+        first = await self.reader.read(1)
         if not first:
             return None
         loop = asyncio.get_running_loop()
@@ -709,6 +846,9 @@ class _Connection:
         rest = await asyncio.wait_for(self.reader.readexactly(wire.HEADER.size - 1), timeout)
         head = first + rest
         op, meta_len, payload_len, crc = wire.parse_header(head, max_bytes)  # before any body is read
+        if self.pending and meta_len + payload_len > _PENDING_FRAME_BYTES:
+            raise wire.ProtocolError(f"a frame before HELLO carries at most {_PENDING_FRAME_BYTES} bytes, this one "
+                                     f"{meta_len + payload_len}; send HELLO first")
         body = await asyncio.wait_for(self.reader.readexactly(meta_len + payload_len),
                                       max(deadline - loop.time(), 0.0)) if meta_len + payload_len else b""
         meta_raw, payload = body[:meta_len], memoryview(body)[meta_len:]
@@ -732,10 +872,12 @@ class _Connection:
         try:
             async with self.d._inflight:
                 reply_meta, tensors = await self._dispatch(op, meta, payload)
+            if op == wire.Op.HELLO and self.pending:
+                self._admit()  # no await since the check: two HELLOs cannot both take the last slot
             frame = wire.encode(wire.Op.OK, reply_meta, tensors)
             result = "ok"
         except wire.ProtocolError as exc:
-            self.d.metrics.protocol_errors.inc()
+            self._protocol_error(exc, name)
             await _send_error(self.writer, "protocol", str(exc))
             self.d.metrics.requests.labels(op=name, result="protocol").inc()
             return False
@@ -757,11 +899,27 @@ class _Connection:
             await self.writer.drain()
         except (ConnectionError, OSError):
             return False
-        return True
+        # A HELLO refused for want of a client slot closes the connection (docs/protocol.md).
+        return not (op == wire.Op.HELLO and self.pending and result == "busy")
+
+    def _admit(self) -> None:
+        """HELLO completed: the connection becomes a client, if ``max_clients`` leaves room."""
+        d = self.d
+        limit = d.profile.daemon.max_clients
+        if self.closing:  # closed meanwhile to make room for a newer connection (Daemon._evict)
+            raise _RequestError("busy", "this connection was closed before its HELLO was served; reconnect")
+        if len(d._clients) >= limit:
+            d.metrics.refused.labels(reason="busy").inc()
+            raise _RequestError("busy", f"too many clients (max_clients={limit})")
+        self.pending = False
+        d._pending.pop(self, None)
+        d._clients.add(self)
+        d._count_connections()
 
     def _token_ok(self, token: Any) -> bool:
+        # surrogatepass: JSON may carry a lone surrogate ("\ud800"), which strict UTF-8 cannot encode.
         return isinstance(token, str) and self.d._token is not None and \
-            hmac.compare_digest(token.encode(), self.d._token)
+            hmac.compare_digest(token.encode("utf-8", "surrogatepass"), self.d._token)
 
     def _memory(self) -> Served:
         if self.served is None:
@@ -780,7 +938,7 @@ class _Connection:
             raise wire.ProtocolError(f"{wire.Op(op).name} is a reply, not a request")
         if op == wire.Op.HELLO:
             name = meta.get("memory", "default")
-            if name not in self.d.served:
+            if not isinstance(name, str) or name not in self.d.served:  # (a list is not even hashable)
                 raise _RequestError("unknown_memory", f"no memory named {str(name)[:64]!r}; "
                                                       f"this daemon serves {sorted(self.d.served)}")
             self.served = self.d.served[name]
@@ -809,15 +967,11 @@ class _Connection:
                        ("task", batch.task.numpy())] + [(k, v.numpy()) for k, v in batch.extras.items()]
             return {}, tensors
         if op == wire.Op.ADD:
-            arrays = self._tensors(specs, raw, meta.get("upload", False))
-            missing = [k for k in ("x", "y", "task") if k not in arrays]
-            if missing:
-                raise MemoryInputError(f"add needs the tensors x, y and task; missing {missing}")
-            extras = {k: v for k, v in arrays.items() if k not in ("x", "y", "task")}
+            x, y, task, extras = _add_arguments(self._tensors(specs, raw, meta.get("upload", False)))
 
             def add():
                 with served.write_lock:  # the memory checks every field, as in-process
-                    ids = mem.add(arrays["x"], arrays["y"], arrays["task"], **extras)
+                    ids = mem.add(x, y, task, **extras)
                     served.epoch = (served.epoch + 1) & 0xFFFFFFFF
                     self.d.filler.added(served)
                 return ids
@@ -954,8 +1108,7 @@ class _Connection:
             self.d._track_segment(None, drop=self.upload)
             self.upload.close()
             self.upload = None
-        if not self.writer.is_closing():
-            self.writer.close()
+        _close(self.writer)
 
 
 def _sample_args(meta: Mapping[str, Any], mem: CarouselMemory) -> tuple[int, dict]:
@@ -975,6 +1128,14 @@ def _sample_args(meta: Mapping[str, Any], mem: CarouselMemory) -> tuple[int, dic
     if balanced:
         filters["balanced"] = True
     return n, filters
+
+
+def _add_arguments(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """An ADD's tensors as ``add(x, y, task, **extras)``'s arguments; the memory checks them."""
+    missing = [k for k in ("x", "y", "task") if k not in arrays]
+    if missing:
+        raise MemoryInputError(f"add needs the tensors x, y and task; missing {missing}")
+    return arrays["x"], arrays["y"], arrays["task"], {k: v for k, v in arrays.items() if k not in ("x", "y", "task")}
 
 
 def _int_list(meta: Mapping[str, Any], key: str) -> list[int] | None:

@@ -36,6 +36,12 @@ VERSION = 1
 HEADER = struct.Struct("<4sBBHIQI")
 MAX_META_BYTES = 1 << 20
 MAX_DIMS = 8
+MAX_NAME_CHARS = 64       # a tensor's name (a memory's field names are at most 64 characters too)
+MAX_ELEMENTS = 1 << 40    # a tensor's element count, zero-length dimensions left out
+# Metadata is small and flat: these bound what parsing or printing a legal-but-extreme value may
+# cost (a 5,000-digit integer, deep nesting), so no allocation or CPU is sized by the value.
+MAX_META_DEPTH = 32
+INT_RANGE = (-(1 << 63), (1 << 63) - 1)  # every metadata integer fits an int64
 # What may travel as tensor bytes: plain numbers only (no object, string or void dtypes).
 WIRE_DTYPES = frozenset({"uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
                          "float16", "float32", "float64", "bool"})
@@ -137,14 +143,72 @@ def parse_header(head: bytes, max_frame_bytes: int) -> tuple[int, int, int, int]
     return op, meta_len, payload_len, crc
 
 
-def decode_meta(raw: bytes) -> dict[str, Any]:
+def _parse_int(text: str) -> int:
+    # Called by the JSON scanner with the digits as written: refused before int() sees them
+    # (CPython refuses over 4,300 digits with a bare ValueError, and converting is quadratic).
+    if len(text) > 20:
+        raise ProtocolError(f"integer of {len(text)} characters in the metadata (every integer must fit an int64)")
+    value = int(text)
+    if not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        raise ProtocolError(f"integer {value} in the metadata does not fit an int64")
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProtocolError(f"number {text[:32]}{'...' if len(text) > 32 else ''} in the metadata is not a "
+                            "finite float64")
+    return value
+
+
+def _parse_constant(text: str) -> float:
+    raise ProtocolError(f"{text} is not JSON (the metadata is strict JSON: no NaN or Infinity)")
+
+
+_DECODER = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+
+
+def decode_meta(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """The metadata of a frame: a strict-JSON object in UTF-8, nested at most ``MAX_META_DEPTH``
+    deep, each integer an int64 and each number finite. Raises :class:`ProtocolError` and nothing else.
+
+    >>> decode_meta(b'{"n": 8, "classes": [1, 2]}')
+    {'n': 8, 'classes': [1, 2]}
+    >>> decode_meta(b'{"n": ' + b'9' * 5000 + b'}')
+    Traceback (most recent call last):
+    ...
+    carousel.wire.ProtocolError: integer of 5000 characters in the metadata (every integer must fit an int64)
+    >>> decode_meta(b'{"a": ' + b'[' * 100 + b']' * 100 + b'}')
+    Traceback (most recent call last):
+    ...
+    carousel.wire.ProtocolError: metadata nested deeper than 32 levels
+    """
+    if not raw:
+        return {}
     try:
-        meta = json.loads(raw) if raw else {}
+        meta = _DECODER.decode(bytes(raw).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"metadata is not JSON: {exc}") from None
+        raise ProtocolError(f"metadata is not UTF-8 JSON: {exc}") from None
+    except RecursionError:  # nesting beyond the interpreter's limit; _check_depth catches the rest
+        raise ProtocolError(f"metadata nested deeper than {MAX_META_DEPTH} levels") from None
     if not isinstance(meta, dict):
         raise ProtocolError(f"metadata must be a JSON object, got {type(meta).__name__}")
+    _check_depth(meta)
     return meta
+
+
+def _check_depth(meta: dict) -> None:
+    # A loop, not recursion. The JSON scanner itself accepts nesting up to the interpreter's
+    # recursion limit; printing or comparing such a value later would raise RecursionError there.
+    todo: list[tuple[Any, int]] = [(meta, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if depth > MAX_META_DEPTH:
+            raise ProtocolError(f"metadata nested deeper than {MAX_META_DEPTH} levels")
+        for child in value.values() if isinstance(value, dict) else value:
+            if isinstance(child, (dict, list)):
+                todo.append((child, depth + 1))
 
 
 def tensor_specs(meta: Mapping[str, Any], total: int | None) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:
@@ -160,6 +224,8 @@ def tensor_specs(meta: Mapping[str, Any], total: int | None) -> list[tuple[str, 
                 and isinstance(entry[1], str) and isinstance(entry[2], list)):
             raise ProtocolError(f"tensor entry must be [name, dtype, shape], got {str(entry)[:80]}")
         name, dtype, shape = entry
+        if len(name) > MAX_NAME_CHARS:
+            raise ProtocolError(f"tensor name {name[:64]!r}... is longer than {MAX_NAME_CHARS} characters")
         if dtype not in WIRE_DTYPES:
             raise ProtocolError(f"tensor {name[:64]!r}: dtype {dtype[:32]!r} not allowed "
                                 f"(allowed: {', '.join(sorted(WIRE_DTYPES))})")
@@ -167,10 +233,10 @@ def tensor_specs(meta: Mapping[str, Any], total: int | None) -> list[tuple[str, 
                                             for d in shape):
             raise ProtocolError(f"tensor {name[:64]!r}: shape {str(shape)[:80]} is not a list of at most "
                                 f"{MAX_DIMS} non-negative ints")
+        if math.prod(d for d in shape if d) > MAX_ELEMENTS:  # numpy refuses such a shape even when empty
+            raise ProtocolError(f"tensor {name!r}: shape {shape} has more than {MAX_ELEMENTS} elements")
         dt = np.dtype(dtype)
-        nbytes = dt.itemsize
-        for d in shape:
-            nbytes *= d
+        nbytes = dt.itemsize * math.prod(shape)
         size += nbytes
         if size > 1 << 40:
             raise ProtocolError("tensor sizes overflow")

@@ -96,6 +96,13 @@ def hello(sock: socket.socket, memory: str = "default") -> dict:
     return meta
 
 
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    # poll, not select: a test holding a thousand sockets has descriptors beyond select's 1,024.
+    p = select.poll()
+    p.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+    return bool(p.poll(max(timeout, 0.0) * 1000))
+
+
 def closed_within(sock: socket.socket, timeout: float) -> bool:
     """True when the peer closes (EOF or reset) within ``timeout`` seconds; data read meanwhile is dropped."""
     deadline = time.monotonic() + timeout
@@ -103,8 +110,7 @@ def closed_within(sock: socket.socket, timeout: float) -> bool:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        r, _, _ = select.select([sock], [], [], left)
-        if r:
+        if _readable(sock, left):
             try:
                 if not sock.recv(1 << 16):
                     return True
@@ -114,13 +120,70 @@ def closed_within(sock: socket.socket, timeout: float) -> bool:
 
 def still_open(sock: socket.socket) -> bool:
     """No EOF pending on ``sock`` (nothing readable, or data but not a close)."""
-    r, _, _ = select.select([sock], [], [], 0)
-    if not r:
+    if not _readable(sock, 0):
         return True
     try:
         return bool(sock.recv(1 << 16, socket.MSG_PEEK))
     except (ConnectionResetError, BrokenPipeError):
         return False
+
+
+def read_until_closed(socks: list[socket.socket], timeout: float) -> dict[int, tuple[float, bytes]]:
+    """Wait for the peer to close each of ``socks``: ``{index: (monotonic time of the close, every
+    byte received before it)}`` for those closed within ``timeout`` seconds."""
+    p = select.poll()
+    by_fd = {s.fileno(): i for i, s in enumerate(socks)}
+    got: dict[int, bytearray] = {i: bytearray() for i in range(len(socks))}
+    for s in socks:
+        p.register(s, select.POLLIN | select.POLLHUP | select.POLLERR)
+    out: dict[int, tuple[float, bytes]] = {}
+    deadline = time.monotonic() + timeout
+    while len(out) < len(socks):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        for fd, _ in p.poll(left * 1000):
+            i = by_fd[fd]
+            try:
+                chunk = socks[i].recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                chunk = b""
+            if chunk:
+                got[i] += chunk
+            else:
+                out[i] = (time.monotonic(), bytes(got[i]))
+                p.unregister(fd)
+    return out
+
+
+def frames_in(data: bytes) -> list[tuple[int, dict]]:
+    """The whole frames ``(op, meta)`` in a byte string received from the daemon."""
+    out = []
+    while len(data) >= HEADER.size:
+        magic, version, op, flags, ml, pl, crc = HEADER.unpack(data[:HEADER.size])
+        assert magic == MAGIC, data[:HEADER.size]
+        end = HEADER.size + ml + pl
+        if len(data) < end:
+            break
+        out.append((op, json.loads(data[HEADER.size:HEADER.size + ml]) if ml else {}))
+        data = data[end:]
+    return out
+
+
+def metric_values(d: DaemonProc) -> dict[tuple[str, frozenset], float]:
+    """Every sample on the daemon's /metrics, keyed by ``(name, frozenset(labels.items()))``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(d.metrics_text()) for s in fam.samples}
+
+
+def metric_sum(values: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, lab), v in values.items() if n == name and want <= lab)
 
 
 
