@@ -196,6 +196,8 @@ def test_checkpoint_and_reopen_restore_the_em(tmp_path):
 
 
 def test_write_behind_failure_reaches_add_and_loses_nothing(tmp_path):
+    """RELIABILITY items 5 and 8 at the memory: a tier that fails every write (full, read-only) -> a typed
+    error in add, stats() reports it until it clears, the RAM tier keeps serving, nothing is lost."""
     cfg = config(tmp_path)
     cfg["write_behind"] = {"queue_samples": 64, "batch": 32, "block_timeout_s": 0.5}
     with CarouselMemory.from_dict(cfg) as mem:
@@ -208,6 +210,7 @@ def test_write_behind_failure_reaches_add_and_loses_nothing(tmp_path):
                 mem.add(*stream(32, 0, [0, 1], seed=step))
                 returned += 1
         assert mem.stats()["added"] == 32 * returned  # the rejected add left no trace
+        assert "StoreFullError" in mem.stats()["errors"]["write_behind"]  # health says degraded, and why
         b = mem.sample(16)  # the RAM tier keeps serving
         assert len(b) == 16
         faulty.fail_puts = 0  # space comes back: every queued sample lands
