@@ -220,7 +220,8 @@ class CarouselMemory:
         return torch.from_numpy(ids)
 
     def _validate(self, x: Any, y: Any, task: Any, extras: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return check_add(self.input_fields, self.config.memory.kind == "coreset", x, y, task, extras)
+        mc = self.config.memory
+        return check_add(self.input_fields, mc.kind == "coreset", x, y, task, extras, mc.max_label)
 
     # ---- sample -----------------------------------------------------------------------------------
     def sample(self, n: int, *, classes: Any = None, tasks: Any = None, seed: int | None = None,
@@ -323,9 +324,10 @@ class CarouselMemory:
                 return
             order = np.searchsorted(slots, victims)
             victim_ids, victim_labels = ids[order], labels[order]
-            em_counts = np.bincount(self.pool.slot_labels[self.pool.slot_labels >= 0])
+            # Both counts by the catalog's dense class index: sized by the number of classes, not
+            # by the largest label (a label of 2**40 once made every step allocate 8 TiB here).
             classes = self._swap_in.choose(victim_labels, self.catalog.available_by_class(),
-                                           {int(c): int(k) for c, k in enumerate(em_counts) if k}, self._rng)
+                                           self.catalog.class_counts(self.pool.slot_ids), self._rng)
         go = classes >= 0
         if not go.any():
             return
