@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 
 import numpy as np
@@ -187,3 +188,22 @@ def test_a_memory_already_holding_a_label_of_2_40_opens_and_works(tmp_path, how)
         tracemalloc.stop()
     assert peak < PEAK_BYTES, f"peak {peak / 2**20:.0f} MiB"
 
+
+def test_prefetch_depth_holds_with_more_classes_than_it(tmp_path):
+    """An open-world stream: 300 classes, a prefetch depth of 16. The prefetcher keeps at most 16
+    candidates decoded in all (it once kept one per class: 300), drawn from many classes."""
+    cfg = config(tmp_path)
+    cfg["swap"]["prefetch_depth"] = 16
+    classes = np.random.default_rng(3).choice(2**31, 300, replace=False)
+    with CarouselMemory.from_dict(cfg) as mem:
+        mem.add(*samples(np.repeat(classes, 3)), task=1)
+        mem.flush()
+        held, seen = [], set()
+        for _ in range(40):  # the prefetcher wakes every 50 ms
+            time.sleep(0.02)
+            held.append(mem.stats()["prefetched"])
+            with mem._engine._ready_lock:
+                seen |= {c for c, q in mem._engine._ready.items() if q}
+            replay(mem, 1)
+        assert 0 < max(held) <= 16, held
+        assert len(seen) > 16, "the same few classes every round"
