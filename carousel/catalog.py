@@ -1,8 +1,9 @@
 """The catalog: where every sample is, and what the trainer observed about it.
 
-Ids are dense (the memory hands them out 0, 1, 2, ...), so every column is a numpy array indexed
-by id -- no per-sample Python objects. ``home`` says which storage tier holds the sample (or that
-it is still queued for write-behind, or evicted); ``slot`` says which EM slot holds a copy. In
+Ids are dense (the memory hands them out 0, 1, 2, ...; a crash skips at most a block of them, see
+:mod:`carousel.ids`), so every column is a numpy array indexed by id -- no per-sample Python
+objects. ``home`` says which storage tier holds the sample (or that it is still queued for
+write-behind, evicted, or that no sample has the id); ``slot`` says which EM slot holds a copy. In
 CarM every stream sample goes to storage and the EM caches some of them, so a sample has exactly
 one home (a tier, the write-behind queue, or "evicted") and at most one slot.
 
@@ -33,6 +34,7 @@ import numpy as np
 PENDING = -1  # queued for write-behind, not yet on any tier
 EVICTED = -2  # dropped for good (last tier full, or not admitted in a RAM-only memory)
 RAM_ONLY = -3  # held by an EM slot only (RAM-only memory: no storage tiers)
+UNUSED = -4  # no sample has this id: never registered (skipped after a crash, or lost in it unstored)
 
 
 class Catalog:
@@ -52,7 +54,7 @@ class Catalog:
 
     def _alloc(self, capacity: int) -> None:
         old = getattr(self, "label", None)
-        cols = {"label": (np.int64, -1), "task": (np.int64, -1), "home": (np.int8, EVICTED),
+        cols = {"label": (np.int64, -1), "task": (np.int64, -1), "home": (np.int8, UNUSED),
                 "slot": (np.int32, -1), "correct": (np.int8, -1), "entropy": (np.float32, np.nan),
                 "loss": (np.float32, np.nan), "replays": (np.int32, 0), "prefetched": (np.bool_, False),
                 "weight": (np.float32, 1.0), "nbytes": (np.uint32, 0), "cls": (np.int32, -1)}
@@ -61,6 +63,12 @@ class Catalog:
             if old is not None:
                 new[:self.n] = getattr(self, name)[:self.n]
             setattr(self, name, new)
+
+    def ensure_capacity(self, capacity: int) -> None:
+        """Columns for ids below ``capacity`` (unregistered ones read as ``UNUSED``, label -1)."""
+        with self.lock:
+            if capacity > self.label.size:
+                self._alloc(capacity)
 
     def register(self, ids: np.ndarray, labels: np.ndarray, tasks: np.ndarray, home: int | np.ndarray) -> None:
         """Add new ids (any order, possibly sparse after recovery) with their labels and home."""
