@@ -1,13 +1,28 @@
 """The catalog: where every sample is, and what the trainer observed about it.
 
-Ids are dense (the memory hands them out 0, 1, 2, ...), so every column is a numpy array indexed
-by id -- no per-sample Python objects. ``home`` says which storage tier holds the sample (or that
-it is still queued for write-behind, or evicted); ``slot`` says which EM slot holds a copy. In
+Ids are dense (the memory hands them out 0, 1, 2, ...; a crash skips at most a block of them, see
+:mod:`carousel.ids`), so every column is a numpy array indexed by id -- no per-sample Python
+objects. ``home`` says which storage tier holds the sample (or that it is still queued for
+write-behind, evicted, or that no sample has the id); ``slot`` says which EM slot holds a copy. In
 CarM every stream sample goes to storage and the EM caches some of them, so a sample has exactly
 one home (a tier, the write-behind queue, or "evicted") and at most one slot.
 
+Labels need not be dense (an open-world stream may use any label up to ``memory.max_label``), so
+nothing is sized by a label's value: each distinct label gets a dense *class index* (0, 1, 2, ...
+in order of first sight) when its first sample is registered, and per-class counts are
+``np.bincount`` over those indices -- as cheap as over dense labels, and as large as the number of
+distinct classes, whatever the labels' values.
+
 The statistics columns (correctness, softmax entropy, loss, times replayed) are what swap-out
 policies read. One lock guards all columns; it is never held during I/O.
+
+>>> import numpy as np
+>>> cat = Catalog()
+>>> cat.register(np.arange(4), np.array([7, 2**40, 7, 3]), np.zeros(4, np.int64), home=0)
+>>> cat.available_by_class()
+{3: 1, 7: 2, 1099511627776: 1}
+>>> cat.class_counts(np.array([0, 1, 2, -1]))   # the classes of ids 0, 1, 2 (-1: an empty slot)
+{7: 2, 1099511627776: 1}
 """
 
 from __future__ import annotations
@@ -19,12 +34,14 @@ import numpy as np
 PENDING = -1  # queued for write-behind, not yet on any tier
 EVICTED = -2  # dropped for good (last tier full, or not admitted in a RAM-only memory)
 RAM_ONLY = -3  # held by an EM slot only (RAM-only memory: no storage tiers)
+UNUSED = -4  # no sample has this id: never registered (skipped after a crash, or lost in it unstored)
 
 
 class Catalog:
     """Columns per id: ``label``, ``task``, ``home``, ``slot``, ``correct``, ``entropy``, ``loss``,
     ``replays``, ``prefetched``, ``weight`` (a coreset memory's per-sample weight; 1 otherwise),
-    ``nbytes`` (bytes of the stored record, what a tier's byte budget counts; 0 until stored)."""
+    ``nbytes`` (bytes of the stored record, what a tier's byte budget counts; 0 until stored),
+    ``cls`` (the label's dense class index; ``class_labels[cls]`` is the label)."""
 
     def __init__(self, capacity: int = 1024) -> None:
         self.lock = threading.RLock()
@@ -32,18 +49,26 @@ class Catalog:
         self._alloc(capacity)
         self._by_class: dict[int, list[np.ndarray]] = {}  # candidate lists for swap-in draws
         self._class_ids: dict[int, np.ndarray] = {}
+        self._class_index: dict[int, int] = {}  # label -> dense class index
+        self.class_labels = np.zeros(0, np.int64)  # dense class index -> label
 
     def _alloc(self, capacity: int) -> None:
         old = getattr(self, "label", None)
-        cols = {"label": (np.int64, -1), "task": (np.int64, -1), "home": (np.int8, EVICTED),
+        cols = {"label": (np.int64, -1), "task": (np.int64, -1), "home": (np.int8, UNUSED),
                 "slot": (np.int32, -1), "correct": (np.int8, -1), "entropy": (np.float32, np.nan),
                 "loss": (np.float32, np.nan), "replays": (np.int32, 0), "prefetched": (np.bool_, False),
-                "weight": (np.float32, 1.0), "nbytes": (np.uint32, 0)}
+                "weight": (np.float32, 1.0), "nbytes": (np.uint32, 0), "cls": (np.int32, -1)}
         for name, (dtype, fill) in cols.items():
             new = np.full(capacity, fill, dtype=dtype)
             if old is not None:
                 new[:self.n] = getattr(self, name)[:self.n]
             setattr(self, name, new)
+
+    def ensure_capacity(self, capacity: int) -> None:
+        """Columns for ids below ``capacity`` (unregistered ones read as ``UNUSED``, label -1)."""
+        with self.lock:
+            if capacity > self.label.size:
+                self._alloc(capacity)
 
     def register(self, ids: np.ndarray, labels: np.ndarray, tasks: np.ndarray, home: int | np.ndarray) -> None:
         """Add new ids (any order, possibly sparse after recovery) with their labels and home."""
@@ -55,9 +80,40 @@ class Catalog:
             self.label[ids] = labels
             self.task[ids] = tasks
             self.home[ids] = home
-            for c in np.unique(labels):
-                self._by_class.setdefault(int(c), []).append(ids[labels == c])
-                self._class_ids.pop(int(c), None)
+            if not ids.size:
+                return
+            # Grouped by one stable sort (faster than a mask per class): each class's ids, in order.
+            order = np.argsort(labels, kind="stable")
+            sorted_labels, sorted_ids = labels[order], ids[order]
+            bounds = [0, *(np.flatnonzero(sorted_labels[1:] != sorted_labels[:-1]) + 1).tolist(), ids.size]
+            classes = sorted_labels[bounds[:-1]].tolist()
+            index = np.array([self._class_of(c) for c in classes], dtype=np.int32)
+            self.cls[sorted_ids] = np.repeat(index, np.diff(bounds))
+            for c, lo, hi in zip(classes, bounds[:-1], bounds[1:]):
+                self._by_class.setdefault(c, []).append(sorted_ids[lo:hi])
+                self._class_ids.pop(c, None)
+
+    def _class_of(self, label: int) -> int:
+        """The dense class index of ``label``, a new one for a label not seen before."""
+        k = self._class_index.get(label)
+        if k is None:
+            k = self._class_index[label] = len(self._class_index)
+            if k >= self.class_labels.size:
+                grown = np.zeros(max(16, 2 * self.class_labels.size), np.int64)
+                grown[:k] = self.class_labels[:k]
+                self.class_labels = grown
+            self.class_labels[k] = label
+        return k
+
+    def _count(self, cls: np.ndarray) -> dict[int, int]:
+        """Label -> count of the dense class indices ``cls`` (classes with a count of 0 left out)."""
+        counts = np.bincount(cls)  # as long as the number of distinct classes, not the largest label
+        return {c: k for c, k in zip(self.class_labels[:counts.size].tolist(), counts.tolist()) if k}
+
+    def class_counts(self, ids: np.ndarray) -> dict[int, int]:
+        """Label -> how many of ``ids`` have it (negative ids, empty EM slots, are skipped)."""
+        with self.lock:
+            return self._count(self.cls.take(ids[ids >= 0]))
 
     def class_ids(self, cls: int) -> np.ndarray:
         """Every id ever registered with label ``cls`` (evicted ones included; filter by ``home``)."""
@@ -81,12 +137,7 @@ class Catalog:
         """Class -> number of stored samples not in the EM (what a swap-in can draw from)."""
         with self.lock:
             live = slice(0, self.n)
-            mask = (self.home[live] >= 0) & (self.slot[live] < 0)
-            labels = self.label[live][mask]
-            if not labels.size:
-                return {}
-            counts = np.bincount(labels)
-            return {int(c): int(counts[c]) for c in np.flatnonzero(counts)}
+            return self._count(self.cls[live][(self.home[live] >= 0) & (self.slot[live] < 0)])
 
     def tier_ids(self, tier: int) -> np.ndarray:
         with self.lock:

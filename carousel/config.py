@@ -62,6 +62,10 @@ SALIENCY_FIELD = "saliency"  # a saliency memory's add() input: (H, W) map in [0
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")  # what storage_backends.Schema accepts
 _MAX_WORKERS = 64
 _MAX_CHUNK = 1 << 20  # the zarr store's own bound on chunk rows
+DEFAULT_MAX_LABEL = 2**32 - 1  # any 32-bit class id (open-world streams hash classes into 2**31 and more)
+# The largest max_label a config may set: carousel.ray packs (label, 16-bit task) pairs into one
+# int64 key (label << 16 | task), so a label must stay below 2**47.
+MAX_LABEL_LIMIT = 2**47 - 1
 
 
 class ConfigError(ValueError):
@@ -199,6 +203,9 @@ class MemoryConfig:
     dtype: str = "uint8"                  # dtype of ``x``, one of storage_backends.ALLOWED_DTYPES
     seed: int = 0                         # seeds admission and swap sampling, >= 0
     admission: str = "reservoir"          # admission policy, by registered name (checked when built)
+    # Labels need not be dense: every per-class count costs the number of distinct classes, never
+    # the largest label; the bound only stops a stray value (a hash, a pointer) at the door.
+    max_label: int = DEFAULT_MAX_LABEL    # largest label add() accepts (labels in [0, max_label]); <= 2**47 - 1
     # Extra per-sample fields beside x/y/task/id: name -> (shape, dtype), e.g. stored logits for DER.
     # TOML: [memory.extras.logits] shape = [10]  dtype = "float32"
     extras: Mapping[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # none (see above)
@@ -218,6 +225,7 @@ class MemoryConfig:
         _choice(self.dtype, "dtype", ALLOWED_DTYPES)
         _int(self.seed, "seed", lo=0)  # numpy's SeedSequence rejects negative seeds
         _str(self.admission, "admission")
+        _int(self.max_label, "max_label", lo=0, hi=MAX_LABEL_LIMIT)
         if not isinstance(self.extras, Mapping):
             _fail("extras", f"expected a table of name -> {{shape, dtype}}, got {_show(self.extras)}")
         extras = {}
@@ -247,7 +255,7 @@ class MemoryConfig:
             set_(self, "state_dir", _path(self.state_dir, "state_dir"))
 
     def __hash__(self) -> int:  # extras is a mapping; hash its items instead
-        return hash((self.em_size, self.sample_shape, self.dtype, self.seed, self.admission,
+        return hash((self.em_size, self.sample_shape, self.dtype, self.seed, self.admission, self.max_label,
                      tuple(sorted(self.extras.items())), self.state_dir, self.kind, self.saliency))
 
 
@@ -425,6 +433,7 @@ class CarouselConfig:
         memory: dict[str, Any] = {
             "em_size": self.memory.em_size, "sample_shape": list(self.memory.sample_shape),
             "dtype": self.memory.dtype, "seed": self.memory.seed, "admission": self.memory.admission,
+            "max_label": self.memory.max_label,
             "extras": {name: {"shape": list(shape), "dtype": dtype}
                        for name, (shape, dtype) in self.memory.extras.items()
                        if not (self.memory.kind == "coreset" and name == WEIGHT_FIELD)},  # implied by kind

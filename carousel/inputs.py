@@ -10,6 +10,10 @@ itself, the sharded Ray client) runs these same checks, so the same bad input ra
 Traceback (most recent call last):
 ...
 carousel.inputs.MemoryInputError: x must be uint8, got float32 (store raw samples; convert explicitly)
+>>> check_sample_fields(np.zeros((2, 3), np.uint8), [7, 2**40], 0, (3,), "uint8", max_label=2**32 - 1)
+Traceback (most recent call last):
+...
+carousel.inputs.MemoryInputError: label 1099511627776 exceeds memory.max_label = 4294967295
 """
 
 from __future__ import annotations
@@ -108,7 +112,8 @@ def check_sample_fields(x: Any, y: Any, task: Any, shape: tuple[int, ...], dtype
                         max_label: int | None = None) -> dict[str, np.ndarray]:
     """``x``, ``y`` and ``task`` of one ``add`` checked and normalized (``x`` contiguous, ``y``
     int64, ``task`` int16 per sample); raises :class:`MemoryInputError` naming what is wrong.
-    Labels must lie in ``[0, max_label]`` when ``max_label`` is given."""
+    Labels must lie in ``[0, max_label]`` when ``max_label`` is given (a memory's
+    ``config.memory.max_label``)."""
     x = as_array(x)
     if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape):
         raise MemoryInputError(f"x must have shape (n, {', '.join(map(str, shape))}), got {tuple(x.shape)}")

@@ -36,9 +36,10 @@ from prometheus_client import CollectorRegistry
 from storage_backends import Schema, open_store
 
 from .batch import Batch
-from .catalog import EVICTED, PENDING, RAM_ONLY, Catalog
+from .catalog import EVICTED, PENDING, RAM_ONLY, UNUSED, Catalog
 from .config import WEIGHT_FIELD, CarouselConfig, ConfigError, load_config
 from .em_pool import EMPool, balanced_weights
+from .ids import IdAllocator
 from .inputs import MemoryInputError, check_add, check_count, check_observe, check_retain, check_values
 from .kinds import RawCodec, make_codec
 from .metrics import MemoryMetrics
@@ -94,7 +95,7 @@ class CarouselMemory:
         self.pool = EMPool(mc.em_size, self.fields)
         self.catalog = Catalog()
         self._seen = 0
-        self._next_id = 0
+        self._ids = IdAllocator(None, 0)  # replaced by recovery: from the tiers and the reserved bound
         self._current_task = -1
         self._ratio = sc.ratio
         self._closed = False
@@ -184,10 +185,13 @@ class CarouselMemory:
             # first tier keeps failing it raises -- before anything has changed.
             self._writer.reserve(n)
         try:
+            # Ids durably reserved before any is handed out (see carousel.ids): an fsync once per
+            # block of ids, done here -- outside the catalog's lock -- or ahead, in the background.
+            self._ids.reserve(n)
             labels = fields["y"]
             with self.catalog.lock:
-                ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-                self._next_id += n
+                first = self._ids.take(n)
+                ids = np.arange(first, first + n, dtype=np.int64)
                 self.catalog.register(ids, labels, fields["task"].astype(np.int64),
                                       PENDING if self.tiers else RAM_ONLY)
                 if WEIGHT_FIELD in fields and self.config.memory.kind == "coreset":
@@ -220,7 +224,13 @@ class CarouselMemory:
         return torch.from_numpy(ids)
 
     def _validate(self, x: Any, y: Any, task: Any, extras: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return check_add(self.input_fields, self.config.memory.kind == "coreset", x, y, task, extras)
+        mc = self.config.memory
+        return check_add(self.input_fields, mc.kind == "coreset", x, y, task, extras, mc.max_label)
+
+    @property
+    def _next_id(self) -> int:
+        """The next sample id: every id below it was handed out (or skipped by a crash)."""
+        return self._ids.next_id
 
     # ---- sample -----------------------------------------------------------------------------------
     def sample(self, n: int, *, classes: Any = None, tasks: Any = None, seed: int | None = None,
@@ -319,9 +329,10 @@ class CarouselMemory:
                 return
             order = np.searchsorted(slots, victims)
             victim_ids, victim_labels = ids[order], labels[order]
-            em_counts = np.bincount(self.pool.slot_labels[self.pool.slot_labels >= 0])
+            # Both counts by the catalog's dense class index: sized by the number of classes, not
+            # by the largest label (a label of 2**40 once made every step allocate 8 TiB here).
             classes = self._swap_in.choose(victim_labels, self.catalog.available_by_class(),
-                                           {int(c): int(k) for c, k in enumerate(em_counts) if k}, self._rng)
+                                           self.catalog.class_counts(self.pool.slot_ids), self._rng)
         go = classes >= 0
         if not go.any():
             return
@@ -365,6 +376,8 @@ class CarouselMemory:
             raise MemoryInputError(f"unknown ids (valid: 0..{self._next_id - 1})")
         with self.catalog.lock:
             labels, homes = self.catalog.label[ids], self.catalog.home[ids].copy()
+        if (homes == UNUSED).any():  # ids a crash skipped (or lost before they were stored)
+            raise MemoryInputError(f"unknown ids: no sample has ids {ids[homes == UNUSED][:10].tolist()}")
         if (homes == EVICTED).any():
             raise MemoryInputError(f"evicted ids cannot be retained: {ids[homes == EVICTED][:10].tolist()}")
         slice_classes = np.unique(labels if classes is None else classes)
@@ -427,7 +440,8 @@ class CarouselMemory:
 
     def stats(self) -> dict[str, Any]:
         """Counts for people and tests: ``added``, ``evicted``, ``swapped_in``, ``swapped_out``,
-        ``tiers: {name: {"samples", "bytes"}}`` and more."""
+        ``tiers: {name: {"samples", "bytes"}}`` and more. ``added`` is the next sample id: the
+        samples ever added, plus, after a crash, the reserved ids it skipped (ids are never reused)."""
         m = self.metrics
         tiers: dict[str, dict[str, int]] = {"ram": {"samples": self.pool.filled(),
                                                     "bytes": sum(t.numel() * t.element_size()
@@ -494,6 +508,9 @@ class CarouselMemory:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self._state_dir / _STATE_FILE)
+        # The checkpoint knows every id handed out: give back the reserved rest, so a crash
+        # before the next add (or a clean close) skips no ids.
+        self._ids.settle()
 
     def close(self) -> None:
         """Drain write-behind, checkpoint, stop the engine, close the tiers; idempotent."""
@@ -507,7 +524,8 @@ class CarouselMemory:
             self._release()
 
     def _release(self) -> None:
-        """Stop the engine and the writer, close the tiers."""
+        """Stop the engine, the writer and a background id reservation, close the tiers."""
+        self._ids.close()
         if self._engine is not None:
             self._engine.close()
         if self._writer is not None:
@@ -554,9 +572,9 @@ class CarouselMemory:
         """Rebuild the catalog from the tiers (they are the truth) after a restart or a crash.
 
         Labels and task ids of ids the last checkpoint knew come from it (a sample's label never
-        changes and ids are never reused below the checkpoint, which flushed everything before
-        it was written); only samples stored after it are read. An id found in two tiers (a crash
-        mid-demotion) is kept in the first.
+        changes and ids are never reused, see carousel.ids); only samples stored after it are
+        read. An id found in two tiers (a crash mid-demotion) is kept in the first. New ids start
+        above every stored id, every id the checkpoint knew and the reserved bound.
         """
         ckpt_labels = state.get("label", np.zeros(0, np.int64))
         ckpt_tasks = state.get("task", np.zeros(0, np.int64))
@@ -592,8 +610,15 @@ class CarouselMemory:
                 self.catalog.nbytes[ids] = self.codec.nbytes({"y": ids})
             seen += ids.size
             read += unknown.size
-        # Never reuse an id the checkpoint knew, even one evicted since: its label there is final.
-        self._next_id = max(top + 1, ckpt_labels.size)
+        # Never reuse an id the checkpoint knew, even one evicted since (its label there is final),
+        # nor one an add() handed out that a crash lost before write-behind stored it.
+        self._ids = IdAllocator.open(self._state_dir if self.tiers else None, max(top + 1, ckpt_labels.size))
+        # Columns for every id below the next one, so a skipped or lost id reads as UNUSED (label
+        # -1) in observe() and retain() instead of running off the arrays; samples the checkpoint
+        # knew that are on no tier now were evicted.
+        self.catalog.ensure_capacity(self._next_id)
+        gone = np.flatnonzero(ckpt_labels >= 0)
+        self.catalog.home[gone[self.catalog.home[gone] == UNUSED]] = EVICTED
         self._seen = max(seen, int(state["seen"][0])) if "seen" in state else seen
         self.recovered = {"samples": seen, "labels_read": read}
 

@@ -947,7 +947,7 @@ class _Connection:
             mc = mem.config.memory
             prev = self.d.previous_session
             return {"memory": name, "schema": self.served.schema(), "em_size": mc.em_size, "kind": mc.kind,
-                    "max_label": getattr(mc, "max_label", None), "session": self.d.session,
+                    "max_label": mc.max_label, "session": self.d.session,
                     "previous_session": prev.get("session"), "previous_clean": prev.get("clean") is True,
                     "daemon_pid": os.getpid(), "version": __version__, "shm": self.kind == "unix"}, []
         if op == wire.Op.PING:

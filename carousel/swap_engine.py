@@ -175,14 +175,28 @@ class SwapEngine:
 
     def _refill_plan(self) -> list[tuple[int, int]]:
         """``(class, how many)`` to read so every class with stored candidates has its share of
-        ``prefetch_depth`` decoded and ready."""
+        ``prefetch_depth`` decoded and ready -- never more than ``prefetch_depth`` in all, also
+        when there are more classes than that (an open-world stream): then the classes that get
+        a candidate this round are drawn at random."""
         available = self._catalog.available_by_class()
         if not available:
             return []
         per_class = max(1, self._depth // len(available))
         with self._ready_lock:
             have = {c: len(self._ready.get(c, ())) for c in available}
-        return [(c, min(per_class - have[c], available[c])) for c in available if have[c] < per_class]
+            budget = self._depth - sum(len(q) for q in self._ready.values())
+        classes = list(available)
+        if len(classes) > self._depth:
+            classes = [classes[i] for i in self._rng.permutation(len(classes))]
+        plan = []
+        for c in classes:
+            if budget <= 0:
+                break
+            k = min(per_class - have[c], available[c], budget)
+            if k > 0:
+                plan.append((c, k))
+                budget -= k
+        return plan
 
     # ---- shared by both modes ------------------------------------------------------------------
     def _read_candidates(self, cls: int, n: int) -> list[tuple[int, dict[str, np.ndarray]]]:

@@ -97,8 +97,10 @@ def enforce_capacity(tiers: list[Tier], catalog: Catalog, metrics: MemoryMetrics
             labels = catalog.label[ids]
             in_em = catalog.slot[ids] >= 0
             sizes = catalog.nbytes[ids].astype(np.int64)
+            # Counted by dense class index: as many bins as classes, whatever the labels' values.
+            largest_class = int(np.bincount(catalog.cls[ids]).max()) if tier.class_quota > 0 and ids.size else 0
         over = max(ids.size - tier.capacity, _over_budget(sizes, tier.capacity_bytes))
-        quota_hit = tier.class_quota > 0 and ids.size and np.bincount(labels).max() > tier.class_quota
+        quota_hit = largest_class > tier.class_quota > 0
         if over <= 0 and not quota_hit:
             continue
         last = tier.index == len(tiers) - 1

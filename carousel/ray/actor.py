@@ -82,7 +82,7 @@ class ShardActor:
         return {"shard": self.shard, "n_shards": self.n_shards, "routing": self.routing, "root": self.root,
                 "sharding": self.sharding, "pid": os.getpid(), "node_id": self.node_id, "node_ip": self.node_ip,
                 "metrics": self.metrics_address, "restarted": self.restarted,
-                "recovered": dict(self.memory.recovered), "kind": mc.kind,
+                "recovered": dict(self.memory.recovered), "kind": mc.kind, "max_label": mc.max_label,
                 "fields": {k: (list(s), d) for k, (s, d) in self.memory.fields.items()},
                 "input_fields": {k: (list(s), d) for k, (s, d) in self.memory.input_fields.items()},
                 "composition": self._composition().to_arrays()}

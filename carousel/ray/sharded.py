@@ -156,6 +156,7 @@ class ShardedMemory:
         self.kind: str = first["kind"]
         self.fields = {k: (tuple(s), d) for k, (s, d) in first["fields"].items()}
         self.input_fields = {k: (tuple(s), d) for k, (s, d) in first["input_fields"].items()}
+        self.max_label: int | None = first.get("max_label")
         self._health = ShardHealth(handles, identities, sharding.probe_interval_s)
         here = ray.get_runtime_context().get_node_id()
         local = ([s.index for s in self._health.shards if s.node_id == here] if local_shards is None
@@ -325,7 +326,7 @@ class ShardedMemory:
                    ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """The shards' own checks, made here first, so that no shard takes a batch another rejects."""
         shape, dtype = self.input_fields["x"]
-        core = check_sample_fields(x, y, task, shape, dtype)
+        core = check_sample_fields(x, y, task, shape, dtype, self.max_label)
         n = core["x"].shape[0]
         key_arr = None
         if keys is not None:

@@ -108,10 +108,10 @@ def test_16_daemon_killed_segments_swept_client_reconnects(daemons):
         assert len(b.ids) == 16
         assert set(b.ids.tolist()) <= set(range(400))
     st = c.stats()
-    assert st["added"] == 400, st
+    assert st["added"] >= 400, st  # the next id: a SIGKILL skips the rest of the reserved id block
     assert c.daemon_pid == d2.pid
     ids = c.add(x[:10], np.arange(10), 1)
-    assert ids.tolist() == list(range(400, 410))
+    assert ids.tolist() == list(range(st["added"], st["added"] + 10))  # new ids, none reused
     b = c.sample(64, seed=5)
     assert len(b.ids) == 64
     for k, i in enumerate(b.ids.tolist()):
