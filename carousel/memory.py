@@ -508,6 +508,11 @@ class CarouselMemory:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self._state_dir / _STATE_FILE)
+        fd = os.open(self._state_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself survives a power loss
+        finally:
+            os.close(fd)
         # The checkpoint knows every id handed out: give back the reserved rest, so a crash
         # before the next add (or a clean close) skips no ids.
         self._ids.settle()
