@@ -70,6 +70,7 @@ _RING_WAIT_S = 0.005         # how long sample() waits for the filler before ask
 # (an allow-list: a name from the wire never picks an arbitrary class).
 _REMOTE_CLASSES: dict[str, type[Exception]] = {
     cls.__name__: cls for cls in (MemoryInputError, WriteBehindError, TimeoutError, ValueError, TypeError,
+                                  OSError, PermissionError, FileNotFoundError,
                                   *(v for v in vars(store_errors).values()
                                     if isinstance(v, type) and issubclass(v, store_errors.StoreError)))}
 
@@ -351,6 +352,10 @@ class MemoryClient:
                     if self._connected_once:
                         raise ConnectionError(f"lost the carousel daemon at {self.address} and it did not come back "
                                               f"within reconnect_s={self.reconnect_s:g}: {exc}") from None
+                    if isinstance(exc, TimeoutError):  # (socket.timeout) it accepted, then said nothing
+                        raise ConnectionError(f"the carousel daemon at {self.address} took the connection but did "
+                                              f"not answer HELLO within timeout_s={self.timeout_s:g} s: it is "
+                                              "stopped, wedged or overloaded (see its log)") from None
                     raise ConnectionError(f"no carousel daemon answered within wait_s={self.wait_s:g} s: "
                                           f"{socket_hint(self.address)}") from None
                 time.sleep(min(delay, left))

@@ -113,3 +113,20 @@ def test_connect_finds_the_daemon_by_profile_and_variable(env, tmp_path):
             assert c.daemon_pid == d.pid
     finally:
         d.close()
+
+
+def test_connect_to_a_frozen_daemon_says_it_did_not_answer(env, tmp_path):
+    """A daemon that takes the connection but never answers (SIGSTOP: wedged) is not called absent."""
+    import signal
+
+    import carousel
+    from tests.daemon.harness import start_daemon
+
+    d = start_daemon(tmp_path, tiers=None, metrics=False)
+    os.kill(d.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(ConnectionError, match="did not answer HELLO within timeout_s=0.5 s"):
+            carousel.connect(d.socket, timeout_s=0.5)
+    finally:
+        os.kill(d.pid, signal.SIGCONT)
+        d.close()
