@@ -64,6 +64,7 @@ log = logging.getLogger("carousel.client")
 
 _INLINE_ADD_BYTES = 1 << 16  # smaller adds travel inline: one copy is cheaper than a segment round trip
 _RING_WAIT_S = 0.005         # how long sample() waits for the filler before asking over the socket
+_DAEMON_FLUSH_S = 60.0       # how long a checkpoint (or retain) may wait for write-behind in the daemon
 
 
 # Exceptions the daemon's memory raises that the client raises again, by name, as the same class
@@ -234,20 +235,23 @@ class MemoryClient:
     def flush(self, timeout_s: float = 60.0) -> None:
         """Wait until every sample this client added is stored and durable on the daemon that
         received it; :class:`DaemonRestartedError` if that daemon is gone (see the module docstring)."""
-        self._acknowledge(wire.Op.FLUSH, {"timeout_s": timeout_s})
+        self._acknowledge(wire.Op.FLUSH, {"timeout_s": timeout_s}, waits_s=timeout_s)
 
     def checkpoint(self) -> None:
         """``flush`` plus the EM's contents and statistics (see :meth:`CarouselMemory.checkpoint`)."""
         self._acknowledge(wire.Op.CHECKPOINT, {})
 
-    def _acknowledge(self, op: int, meta: Mapping[str, Any], tensors=()) -> dict[str, Any]:
+    def _acknowledge(self, op: int, meta: Mapping[str, Any], tensors=(), waits_s: float = _DAEMON_FLUSH_S
+                     ) -> dict[str, Any]:
         """A request whose success acknowledges this client's earlier adds as durable. It is sent
-        only to the session the adds went to: across a daemon restart it raises instead."""
+        only to the session the adds went to: across a daemon restart it raises instead. The
+        daemon may legitimately work on it for ``waits_s`` (a flush under back-pressure): the reply
+        is awaited that much longer than ``timeout_s``, rather than cut off and sent again."""
         with self._lock:
             self._check()
             self._raise_if_lost()
             try:
-                reply, _ = self._roundtrip(op, {**meta, "session": self.session}, tensors)
+                reply, _ = self._roundtrip(op, {**meta, "session": self.session}, tensors, extra_s=waits_s)
             except (ConnectionError, socket.timeout, OSError) as exc:
                 if isinstance(exc, ShmError):
                     raise
@@ -255,7 +259,7 @@ class MemoryClient:
                 self._connect()  # notes a change of session with adds unacknowledged
                 self._raise_if_lost()
                 # The same daemon (only the connection broke), or nothing of ours is unacknowledged.
-                reply, _ = self._roundtrip(op, {**meta, "session": self.session}, tensors)
+                reply, _ = self._roundtrip(op, {**meta, "session": self.session}, tensors, extra_s=waits_s)
             self._unacked = 0
             return reply
 
@@ -443,12 +447,19 @@ class MemoryClient:
                 raise ConnectionError("reconnected to the daemon; retry the call") from exc
             return self._roundtrip(op, meta, tensors)
 
-    def _roundtrip(self, op: int, meta: Mapping[str, Any], tensors):
+    def _roundtrip(self, op: int, meta: Mapping[str, Any], tensors, extra_s: float = 0.0):
         sock = self._sock
         if sock is None:
             raise ConnectionError("not connected")
         sock.sendall(b"".join(wire.encode(op, meta, tensors)))
-        head = _recv_exact(sock, wire.HEADER.size)
+        if extra_s:
+            sock.settimeout(self.timeout_s + extra_s)
+            try:
+                head = _recv_exact(sock, wire.HEADER.size)
+            finally:
+                sock.settimeout(self.timeout_s)
+        else:
+            head = _recv_exact(sock, wire.HEADER.size)
         rop, meta_len, payload_len, crc = wire.parse_header(head, 1 << 40)
         body = _recv_exact(sock, meta_len + payload_len)
         if wire.crc_of(head, body[:meta_len], memoryview(body)[meta_len:]) != crc:

@@ -149,3 +149,22 @@ def test_the_daemon_refuses_to_acknowledge_for_another_session(tmp_path):
         sock.close()
     finally:
         d.close()
+
+
+def test_a_slow_flush_is_awaited_not_cut_off_and_sent_again(tmp_path):
+    """A flush may take the daemon up to its ``timeout_s``; the client waits that long beyond its own
+    socket timeout instead of dropping the connection and asking again."""
+    d = start_daemon(tmp_path, memory=MEMORY, metrics=False)
+    client = carousel.connect(d.socket, timeout_s=0.5)
+    try:
+        x, y = _samples(np.arange(50))
+        client.add(x, y, task=0)
+        first_socket = client._sock
+        os.kill(d.pid, signal.SIGSTOP)  # the daemon busy for 1.5 s: longer than timeout_s
+        threading.Timer(1.5, os.kill, (d.pid, signal.SIGCONT)).start()
+        client.flush(timeout_s=10)
+        assert client._sock is first_socket, "the client reconnected and sent the flush again"
+        assert client.stats()["tiers"]["0-lmdb"]["samples"] == 50
+    finally:
+        client.close()
+        d.close()
