@@ -37,6 +37,7 @@ _LAZY = {
     "Batch": "batch",
     "CarouselConfig": "config", "ConfigError": "config", "load_config": "config",
     "MemoryInputError": "inputs",
+    "IntegrityError": "integrity",
     "CarouselMemory": "memory",
     "WriteBehindError": "write_behind",
     "DaemonRestartedError": "client", "MemoryClient": "client", "connect": "client",
@@ -44,8 +45,8 @@ _LAZY = {
     "RemoteError": "wire",
 }
 
-__all__ = ["Batch", "CarouselConfig", "CarouselMemory", "ConfigError", "DaemonRestartedError", "MemoryClient",
-           "MemoryInputError",
+__all__ = ["Batch", "CarouselConfig", "CarouselMemory", "ConfigError", "DaemonRestartedError", "IntegrityError",
+           "MemoryClient", "MemoryInputError",
            "RemoteError", "ReplayDataset", "StreamReplayDataset", "WriteBehindError", "connect", "load_config",
            "__version__"]
 
@@ -55,6 +56,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ be
     from .config import CarouselConfig, ConfigError, load_config
     from .dataset import ReplayDataset, StreamReplayDataset
     from .inputs import MemoryInputError
+    from .integrity import IntegrityError
     from .memory import CarouselMemory
     from .wire import RemoteError
     from .write_behind import WriteBehindError

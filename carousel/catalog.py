@@ -41,11 +41,17 @@ class Catalog:
     """Columns per id: ``label``, ``task``, ``home``, ``slot``, ``correct``, ``entropy``, ``loss``,
     ``replays``, ``prefetched``, ``weight`` (a coreset memory's per-sample weight; 1 otherwise),
     ``nbytes`` (bytes of the stored record, what a tier's byte budget counts; 0 until stored),
-    ``cls`` (the label's dense class index; ``class_labels[cls]`` is the label)."""
+    ``cls`` (the label's dense class index; ``class_labels[cls]`` is the label).
 
-    def __init__(self, capacity: int = 1024) -> None:
+    With ``crc_columns`` > 0 (the integrity mode, :mod:`carousel.integrity`) also ``crc``: a
+    ``(capacity, crc_columns)`` uint32 matrix, the reference CRC-32C of each checked field of each
+    id, written once (``add()``, recovery) before the id can enter the EM and never changed;
+    without it ``crc`` is None and costs nothing."""
+
+    def __init__(self, capacity: int = 1024, crc_columns: int = 0) -> None:
         self.lock = threading.RLock()
         self.n = 0
+        self._crc_columns = crc_columns
         self._alloc(capacity)
         self._by_class: dict[int, list[np.ndarray]] = {}  # candidate lists for swap-in draws
         self._class_ids: dict[int, np.ndarray] = {}
@@ -63,6 +69,12 @@ class Catalog:
             if old is not None:
                 new[:self.n] = getattr(self, name)[:self.n]
             setattr(self, name, new)
+        crc = None
+        if self._crc_columns:
+            crc = np.zeros((capacity, self._crc_columns), np.uint32)
+            if old is not None:
+                crc[:self.n] = self.crc[:self.n]
+        self.crc: np.ndarray | None = crc
 
     def ensure_capacity(self, capacity: int) -> None:
         """Columns for ids below ``capacity`` (unregistered ones read as ``UNUSED``, label -1)."""

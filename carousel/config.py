@@ -216,6 +216,11 @@ class MemoryConfig:
     # pixels (add() takes a "saliency" map per sample) and completed when read back (SAMC).
     kind: str = "plain"
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)  # [memory.saliency], kind = "saliency"
+    # The integrity mode (carousel.integrity): every batch sample() returns -- in-process, through the
+    # daemon's rings and its socket -- is checked against a CRC-32C per field kept at add(); a wrong
+    # pair raises IntegrityError. Off by default: it costs a CRC pass over each batch (docs/design.md).
+    # CAROUSEL_VERIFY=1 in the environment turns it on for every memory a process opens.
+    verify: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -253,10 +258,11 @@ class MemoryConfig:
         set_(self, "extras", MappingProxyType(extras))
         if self.state_dir is not None:
             set_(self, "state_dir", _path(self.state_dir, "state_dir"))
+        _bool(self.verify, "verify")
 
     def __hash__(self) -> int:  # extras is a mapping; hash its items instead
         return hash((self.em_size, self.sample_shape, self.dtype, self.seed, self.admission, self.max_label,
-                     tuple(sorted(self.extras.items())), self.state_dir, self.kind, self.saliency))
+                     tuple(sorted(self.extras.items())), self.state_dir, self.kind, self.saliency, self.verify))
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +444,7 @@ class CarouselConfig:
                        for name, (shape, dtype) in self.memory.extras.items()
                        if not (self.memory.kind == "coreset" and name == WEIGHT_FIELD)},  # implied by kind
             "kind": self.memory.kind,
+            "verify": self.memory.verify,
         }
         if self.memory.kind == "saliency":
             memory["saliency"] = {f.name: getattr(self.memory.saliency, f.name) for f in fields(SaliencyConfig)}

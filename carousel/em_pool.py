@@ -116,22 +116,27 @@ class EMPool:
         ``slots``, then set ``set_field = (name, slots, values)``. A coreset update: a concurrent
         ``sample()`` sees the slice before or after, never half of it."""
         with self.lock:
-            if clear.size:
-                self.slot_ids[clear] = EMPTY
-                self.slot_labels[clear] = EMPTY
-                self.slot_tasks[clear] = EMPTY
-            if clear.size or (slots.size and (self.slot_ids[slots] == EMPTY).any()):
-                self._order = self._order[:0]  # the next draw deals from the slots filled now
-                self._filled = None
-            if slots.size:
-                for name, arr in self.arrays.items():
-                    arr[slots] = fields[name]
-                self.slot_ids[slots] = ids
-                self.slot_labels[slots] = fields["y"]
-                self.slot_tasks[slots] = fields["task"]
-            if set_field is not None:
-                name, where, values = set_field
-                self.arrays[name][where] = values
+            self.replace_locked(clear, slots, ids, fields, set_field)
+
+    def replace_locked(self, clear: np.ndarray, slots: np.ndarray, ids: np.ndarray, fields: Mapping[str, np.ndarray],
+                       set_field: tuple[str, np.ndarray, np.ndarray] | None = None) -> None:
+        """:meth:`replace` for a caller that already holds ``lock`` (to change more in the same step)."""
+        if clear.size:
+            self.slot_ids[clear] = EMPTY
+            self.slot_labels[clear] = EMPTY
+            self.slot_tasks[clear] = EMPTY
+        if clear.size or (slots.size and (self.slot_ids[slots] == EMPTY).any()):
+            self._order = self._order[:0]  # the next draw deals from the slots filled now
+            self._filled = None
+        if slots.size:
+            for name, arr in self.arrays.items():
+                arr[slots] = fields[name]
+            self.slot_ids[slots] = ids
+            self.slot_labels[slots] = fields["y"]
+            self.slot_tasks[slots] = fields["task"]
+        if set_field is not None:
+            name, where, values = set_field
+            self.arrays[name][where] = values
 
     def gather(self, slots: np.ndarray, extras: tuple[str, ...]) -> Batch:
         """The samples in ``slots`` as a :class:`Batch` (fresh tensors, safe to keep)."""

@@ -40,6 +40,7 @@ from .catalog import EVICTED, PENDING, RAM_ONLY, UNUSED, Catalog
 from .config import WEIGHT_FIELD, CarouselConfig, ConfigError, load_config
 from .em_pool import EMPool, balanced_weights
 from .ids import IdAllocator
+from .integrity import SLOT, IntegrityError, Verifier, verify_requested
 from .inputs import MemoryInputError, check_add, check_count, check_observe, check_retain, check_values
 from .kinds import RawCodec, make_codec
 from .metrics import MemoryMetrics
@@ -93,7 +94,12 @@ class CarouselMemory:
         # What add() takes: the EM's fields plus what the codec alone consumes (a saliency map).
         self.input_fields = {**self.fields, **self.codec.inputs}
         self.pool = EMPool(mc.em_size, self.fields)
-        self.catalog = Catalog()
+        # The integrity mode (carousel.integrity): a reference CRC-32C per checked field of every
+        # id, in the catalog, and every batch sample() returns checked against them. Off: nothing
+        # allocated, nothing checked.
+        self.verifier = Verifier.for_memory(self.fields, mc.kind) if verify_requested(mc.verify) else None
+        self.catalog = Catalog(crc_columns=len(self.verifier.checked) if self.verifier is not None else 0)
+        self._checked_ok = self.metrics.integrity_checks.labels(result="ok")
         self._seen = 0
         self._ids = IdAllocator(None, 0)  # replaced by recovery: from the tiers and the reserved bound
         self._current_task = -1
@@ -180,6 +186,9 @@ class CarouselMemory:
         n = fields["y"].shape[0]
         if n == 0:
             return torch.zeros(0, dtype=torch.int64)
+        # The integrity mode's references, from exactly what add() was given (after its checks),
+        # computed outside every lock.
+        crcs = self.verifier.crcs(fields) if self.verifier is not None else None
         if self._writer is not None:
             # Room in the write-behind queue first: under back-pressure this blocks, and if the
             # first tier keeps failing it raises -- before anything has changed.
@@ -194,6 +203,8 @@ class CarouselMemory:
                 ids = np.arange(first, first + n, dtype=np.int64)
                 self.catalog.register(ids, labels, fields["task"].astype(np.int64),
                                       PENDING if self.tiers else RAM_ONLY)
+                if crcs is not None:  # before the ids can enter the EM (below) or be swapped in
+                    self.catalog.crc[ids] = crcs
                 if WEIGHT_FIELD in fields and self.config.memory.kind == "coreset":
                     self.catalog.weight[ids] = fields[WEIGHT_FIELD]
                 slots = self._admission.admit(labels, self.pool.labels_snapshot(), self._seen, self._rng)
@@ -245,38 +256,99 @@ class CarouselMemory:
         n = check_count(n)
         t0 = time.perf_counter()
         pool = self.pool
-        if classes is None and tasks is None and seed is None and not balanced:
+        if classes is None and tasks is None and seed is None and not balanced and self.verifier is None:
             with pool.lock:  # choose and gather under one short lock: no half-written slot
                 batch = pool.gather_locked(pool.draw_locked(n, self._sample_rng), self._extras)
                 self.metrics.sample_latency.observe(time.perf_counter() - t0)  # under the lock: see its class
             return batch
+        batch, refs = self._draw(n, classes, tasks, seed, balanced, t0)
+        if refs is not None:  # the integrity mode: checked after the lock, before anyone trains on it
+            self._verify({"id": batch.ids, "x": batch.x, "y": batch.y, "task": batch.task, **batch.extras}, refs)
+        return batch
+
+    def sample_with_references(self, n: int, *, classes: Any = None, tasks: Any = None, seed: int | None = None,
+                               balanced: bool = False) -> tuple[Batch, dict[str, np.ndarray] | None]:
+        """:meth:`sample` *without* its check, plus the references the check compares the batch
+        with (:meth:`carousel.integrity.Verifier.references`; None unless the memory runs in the
+        integrity mode). The daemon replies with both, so that its client checks the batch after
+        the transport."""
+        self._check_open()
+        return self._draw(check_count(n), classes, tasks, seed, balanced, time.perf_counter())
+
+    def _draw(self, n: int, classes: Any, tasks: Any, seed: int | None, balanced: bool,
+              t0: float) -> tuple[Batch, dict[str, np.ndarray] | None]:
+        """Check the filters, then draw and gather a batch (and, verifying, its references) under one lock."""
         classes = None if classes is None else check_values(classes, "classes")
         tasks = None if tasks is None else check_values(tasks, "tasks")
         seed = None if seed is None else check_count(seed, "seed")
         rng = np.random.default_rng(seed) if seed is not None else self._sample_rng
+        pool = self.pool
         with pool.lock:
-            batch = pool.gather_locked(self._pick_locked(n, classes, tasks, balanced, rng), self._extras)
+            if classes is None and tasks is None and seed is None and not balanced:
+                slots = pool.draw_locked(n, rng)
+            else:
+                slots = self._pick_locked(n, classes, tasks, balanced, rng)
+            batch = pool.gather_locked(slots, self._extras)
+            refs = None if self.verifier is None else self._references_locked(slots)
             self.metrics.sample_latency.observe(time.perf_counter() - t0)
-        return batch
+        return batch, refs
+
+    def _references_locked(self, slots: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        """The integrity references of the samples in EM ``slots`` (caller holds ``pool.lock``).
+
+        Read without the catalog's lock: an id's CRCs are written once, before it can enter a
+        slot, and a coreset weight changes only under the EM lock too (``retain``); a catalog
+        column grown meanwhile holds the same values for every id in the EM.
+        """
+        slots = slots.numpy() if isinstance(slots, torch.Tensor) else np.asarray(slots, np.int64)
+        ids = self.pool.slot_ids[slots]
+        cat = self.catalog
+        return self.verifier.references(ids, slots, cat.crc[ids], cat.label[ids],
+                                        cat.weight[ids] if self.verifier.weight else None)
+
+    def _verify(self, batch: Mapping[str, Any], refs: Mapping[str, np.ndarray]) -> None:
+        """Check a batch against its references; count the rows (``carousel_integrity_checked_samples_total``)."""
+        try:
+            rows = self.verifier.check(batch, refs)
+        except IntegrityError as exc:
+            self.metrics.integrity_checks.labels(result="mismatch").inc(len(exc.mismatches))
+            raise
+        self._checked_ok.inc(rows)
 
     def sample_into(self, n: int, out: Mapping[str, torch.Tensor], *, classes: Any = None, tasks: Any = None,
                     balanced: bool = False) -> int:
         """:meth:`sample` written into preallocated tensors (``out["id"]`` and one per field, each
         with room for ``n`` rows); returns how many rows were filled. The daemon fills its
-        shared-memory batch rings with this, so a batch is copied once, straight into the ring."""
+        shared-memory batch rings with this, so a batch is copied once, straight into the ring.
+
+        In the integrity mode, an ``out`` with the reference columns
+        (:attr:`carousel.integrity.Verifier.columns`, as the daemon's rings have) gets them filled
+        and the reader checks the rows (the daemon's client, after the transport); without them
+        the rows are checked here, as :meth:`sample` checks.
+        """
         self._check_open()
         n = check_count(n)
         classes = None if classes is None else check_values(classes, "classes")
         tasks = None if tasks is None else check_values(tasks, "tasks")
         t0 = time.perf_counter()
+        refs = None
         with self.pool.lock:
             if classes is None and tasks is None and not balanced:
                 slots = self.pool.draw_locked(n, self._sample_rng)
             else:
                 slots = self._pick_locked(n, classes, tasks, balanced, self._sample_rng)
             self.pool.gather_into_locked(slots, out)
+            if self.verifier is not None:
+                refs = self._references_locked(slots)
             self.metrics.sample_latency.observe(time.perf_counter() - t0)
-        return len(slots)
+        k = len(slots)
+        if refs is not None:
+            if SLOT in out:
+                for name, value in refs.items():
+                    out[name][:k].numpy()[...] = value
+            else:
+                self._verify({name: out[name][:k] for name in ("id", *self.fields)}, refs)
+        return k
 
     def _pick_locked(self, n: int, classes: Any, tasks: Any, balanced: bool, rng: np.random.Generator) -> np.ndarray:
         """Slots for a filtered, balanced or seeded draw (caller holds ``pool.lock``)."""
@@ -412,9 +484,12 @@ class CarouselMemory:
                     self.catalog.home[left] = EVICTED
                     self.metrics.evictions.labels(reason="coreset").inc(left.size)
                 self.catalog.slot[now_entering] = target
-                self.catalog.weight[ids] = w
-                self.pool.replace(clear, target, now_entering, fields,
-                                  (WEIGHT_FIELD, self.catalog.slot[ids], w))
+                with self.pool.lock:
+                    # The catalog's weights and the EM's change in one step: sample() (which holds
+                    # only the EM lock) never sees them disagree -- the integrity mode compares them.
+                    self.catalog.weight[ids] = w
+                    self.pool.replace_locked(clear, target, now_entering, fields,
+                                             (WEIGHT_FIELD, self.catalog.slot[ids], w))
             break
         else:
             raise RuntimeError("retain() kept racing the swap engine; try again")
@@ -502,6 +577,9 @@ class CarouselMemory:
                      "correct": self.catalog.correct[:n], "entropy": self.catalog.entropy[:n],
                      "loss": self.catalog.loss[:n], "replays": self.catalog.replays[:n],
                      "weight": self.catalog.weight[:n], "nbytes": self.catalog.nbytes[:n]}
+            if self.verifier is not None:  # the add-time references survive a restart
+                state["crc"] = self.catalog.crc[:n]
+                state["crc_fields"] = np.array(self.verifier.checked)
         tmp = self._state_dir / (_STATE_FILE + ".tmp")
         with open(tmp, "wb") as fh:
             np.savez(fh, **state)
@@ -580,8 +658,13 @@ class CarouselMemory:
         changes and ids are never reused, see carousel.ids); only samples stored after it are
         read. An id found in two tiers (a crash mid-demotion) is kept in the first. New ids start
         above every stored id, every id the checkpoint knew and the reserved bound.
+
+        In the integrity mode the reference CRCs of ids the checkpoint knew come from it (they were
+        computed at ``add()``, so they tell a wrong record on storage); the others' come from their
+        records as read here, which proves less: such a record is its own reference.
         """
         ckpt_labels = state.get("label", np.zeros(0, np.int64))
+        ckpt_crc = self._checkpoint_crcs(state)
         ckpt_tasks = state.get("task", np.zeros(0, np.int64))
         ckpt_nbytes = state.get("nbytes", np.zeros(0, np.uint32))
         raw = isinstance(self.codec, RawCodec)
@@ -605,12 +688,16 @@ class CarouselMemory:
             self.catalog.register(ids[have], ckpt_labels[ids[have]], ckpt_tasks[ids[have]], tier.index)
             if not raw:
                 self.catalog.nbytes[ids[have]] = ckpt_nbytes[ids[have]]
+            if self.verifier is not None:
+                self._recover_references(tier, ids[have], ckpt_crc)
             unknown = ids[~have]
             for lo in range(0, unknown.size, 4096):
                 part = unknown[lo:lo + 4096]
                 fields = tier.store.get_many(part)
                 self.catalog.register(part, fields["y"].astype(np.int64), fields["task"].astype(np.int64), tier.index)
                 self.catalog.nbytes[part] = self.codec.nbytes(fields)
+                if self.verifier is not None:
+                    self.catalog.crc[part] = self.verifier.crcs(fields)
             if raw:
                 self.catalog.nbytes[ids] = self.codec.nbytes({"y": ids})
             seen += ids.size
@@ -626,6 +713,28 @@ class CarouselMemory:
         self.catalog.home[gone[self.catalog.home[gone] == UNUSED]] = EVICTED
         self._seen = max(seen, int(state["seen"][0])) if "seen" in state else seen
         self.recovered = {"samples": seen, "labels_read": read}
+
+    def _checkpoint_crcs(self, state: Mapping[str, np.ndarray]) -> np.ndarray | None:
+        """The checkpoint's reference CRCs (rows by id), if it has them for this memory's checked fields."""
+        if self.verifier is None or "crc" not in state or "crc_fields" not in state:
+            return None
+        crc, names = state["crc"], tuple(str(v) for v in state["crc_fields"].tolist())
+        if names != self.verifier.checked or crc.ndim != 2 or crc.shape[1] != len(names) or crc.dtype != np.uint32:
+            log.warning("the checkpoint's integrity references are for the fields %s, not %s: taking them from "
+                        "the stored records", list(names), list(self.verifier.checked))
+            return None
+        return crc
+
+    def _recover_references(self, tier: Tier, ids: np.ndarray, ckpt_crc: np.ndarray | None) -> None:
+        """Reference CRCs of stored ``ids`` the checkpoint knew: its own (from ``add()``), or, where
+        it has none (written without the integrity mode), computed from the records."""
+        if ckpt_crc is not None:
+            ok = ids < ckpt_crc.shape[0]
+            self.catalog.crc[ids[ok]] = ckpt_crc[ids[ok]]
+            ids = ids[~ok]
+        for lo in range(0, ids.size, 4096):
+            part = ids[lo:lo + 4096]
+            self.catalog.crc[part] = self.verifier.crcs(tier.store.get_many(part))
 
     def _refill_em(self, state: dict[str, np.ndarray]) -> None:
         """Fill the EM from storage: the checkpointed slots when there are some, else a

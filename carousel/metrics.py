@@ -57,6 +57,10 @@ class MemoryMetrics:
         self.errors = Counter("carousel_errors_total", "Errors by operation and kind.", ["op", "kind"], registry=r)
         self.storage_reads = Counter("carousel_storage_read_samples_total", "Samples read from storage tiers.",
                                      ["tier"], registry=r)
+        self.integrity_checks = Counter("carousel_integrity_checked_samples_total",
+                                        "Samples of sample()'s batches checked against their add-time references "
+                                        "(the integrity mode): ok, or mismatch (IntegrityError).", ["result"],
+                                        registry=r)
 
 
 class LatencyHistogram:
