@@ -55,6 +55,7 @@ from . import wire
 from .batch import Batch
 from .daemon_config import resolve_socket_path, socket_hint
 from .inputs import MemoryInputError, check_add, check_count, check_observe, check_retain, check_values
+from .integrity import Verifier
 from .shm import Doorbell, RingLayout, RingReader, Segment, ShmError
 from .write_behind import WriteBehindError
 
@@ -128,6 +129,11 @@ class MemoryClient:
         self.em_size = 0
         self.kind = "plain"
         self.max_label: int | None = None
+        # The daemon's integrity mode (HELLO's "verify"): every batch is checked here, after the
+        # transport; ``verified`` counts the rows checked.
+        self.verifier: Verifier | None = None
+        self.verified = 0
+        self._verified_lock = threading.Lock()
         self.session: str | None = None  # the daemon start our adds go to (HELLO's reply)
         self._connected_once = False
         self._unacked = 0  # samples added in this session that no flush/checkpoint has acknowledged yet
@@ -197,7 +203,7 @@ class MemoryClient:
         with self._lock:
             self._check()
             _, out = self._request(wire.Op.SAMPLE, meta, retry=True)
-        return _batch({k: torch.from_numpy(v) for k, v in out.items()})
+        return self._checked({k: torch.from_numpy(v) for k, v in out.items()})
 
     def observe(self, ids: Any, logits: Any = None, loss: Any = None) -> None:
         """Per-sample statistics of replayed samples (see :meth:`CarouselMemory.observe`)."""
@@ -310,11 +316,21 @@ class MemoryClient:
         while True:
             out = ring.take()
             if out is not None:
-                return _batch(out)
+                return self._checked(out)
             left = deadline - time.perf_counter()
             if left <= 0:
                 return None
             ring.wait(left)  # asleep until the filler publishes: spinning would take its core
+
+    def _checked(self, tensors: dict[str, torch.Tensor]) -> Batch:
+        """A batch from a ring or a SAMPLE reply; in the integrity mode its rows are checked against
+        the references it carries first (:class:`~carousel.integrity.IntegrityError` on a difference)."""
+        refs = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("@")]}
+        if self.verifier is not None:
+            rows = self.verifier.check(tensors, refs)
+            with self._verified_lock:  # not the connection's lock: a flush may hold that for a minute
+                self.verified += rows
+        return _batch(tensors)
 
     # ---- the connection -------------------------------------------------------------------------------------
     def _check(self) -> None:
@@ -396,6 +412,8 @@ class MemoryClient:
         self.em_size = int(meta.get("em_size", 0))
         self.kind = str(meta.get("kind", "plain"))
         self.max_label = meta.get("max_label")
+        verify = meta.get("verify")
+        self.verifier = Verifier.from_json(verify) if isinstance(verify, dict) else None
         self._use_shm = self._use_shm and bool(meta.get("shm"))
         self._note_session(meta)
 

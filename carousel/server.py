@@ -948,6 +948,8 @@ class _Connection:
             prev = self.d.previous_session
             return {"memory": name, "schema": self.served.schema(), "em_size": mc.em_size, "kind": mc.kind,
                     "max_label": mc.max_label, "session": self.d.session,
+                    # The integrity mode: batches carry their references and the client checks them.
+                    "verify": None if mem.verifier is None else mem.verifier.to_json(),
                     "previous_session": prev.get("session"), "previous_clean": prev.get("clean") is True,
                     "daemon_pid": os.getpid(), "version": __version__, "shm": self.kind == "unix"}, []
         if op == wire.Op.PING:
@@ -962,10 +964,12 @@ class _Connection:
             n, filters = _sample_args(meta, mem)
             seed = meta.get("seed")
             seed = None if seed is None else check_count(seed, "seed")
-            batch = await self._run(mem.sample, n, seed=seed, **filters)
+            # Unchecked here: in the integrity mode the references travel with the batch and the
+            # client checks it, after the transport.
+            batch, refs = await self._run(mem.sample_with_references, n, seed=seed, **filters)
             tensors = [("id", batch.ids.numpy()), ("x", batch.x.numpy()), ("y", batch.y.numpy()),
                        ("task", batch.task.numpy())] + [(k, v.numpy()) for k, v in batch.extras.items()]
-            return {}, tensors
+            return {}, tensors + list((refs or {}).items())
         if op == wire.Op.ADD:
             x, y, task, extras = _add_arguments(self._tensors(specs, raw, meta.get("upload", False)))
 
@@ -1029,7 +1033,10 @@ class _Connection:
                                                 "per client")
                 if not 1 <= n <= _MAX_RING_ROWS:
                     raise _RequestError("input", f"n must be in [1, {_MAX_RING_ROWS}] for a ring, got {n}")
-                layout = shm_mod.RingLayout.plan(n, self.d.profile.daemon.ring_slots, mem.fields)
+                # In the integrity mode every slot also has the reference columns, which the
+                # filler's sample_into fills and the client checks.
+                columns = {} if mem.verifier is None else mem.verifier.columns
+                layout = shm_mod.RingLayout.plan(n, self.d.profile.daemon.ring_slots, {**mem.fields, **columns})
                 if layout.size > max(self.d.profile.daemon.max_frame_bytes * 4, 1 << 26):
                     raise _RequestError("input", f"a ring of {layout.size} bytes is too large; sample fewer rows")
                 ring = shm_mod.BatchRing(layout, key)
