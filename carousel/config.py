@@ -217,10 +217,9 @@ class MemoryConfig:
     kind: str = "plain"
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)  # [memory.saliency], kind = "saliency"
     # The integrity mode (carousel.integrity): every batch sample() returns -- in-process, through the
-    # daemon's rings and its socket -- is checked against a CRC-32C per field kept at add(); a wrong
-    # pair raises IntegrityError. Off by default: it costs a CRC pass over each batch (docs/design.md).
-    # CAROUSEL_VERIFY=1 in the environment turns it on for every memory a process opens.
-    verify: bool = False
+    # daemon's rings and its socket -- is checked against a CRC-32C per field kept since add(); a wrong
+    # pair raises IntegrityError. It costs a CRC pass over each batch (docs/design.md).
+    verify: bool = False                  # off; CAROUSEL_VERIFY=1 turns it on for every memory a process opens
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__

@@ -48,6 +48,7 @@ from storage_backends.schema import MAX_RECORD_BYTES
 
 from .config import CarouselConfig, ConfigError
 from .daemon_config import DaemonProfile
+from .integrity import verify_requested
 
 __all__ = ["CATALOG_BYTES", "MANIFEST_BYTES", "PROCESS_BYTES", "RING_ROWS", "MachineRam", "RamPart", "Report",
            "check_profile", "human_bytes", "machine_ram"]
@@ -234,10 +235,17 @@ def _memory_ram(profile: DaemonProfile, name: str, cfg: CarouselConfig, report: 
     if cfg.tiers:
         samples = sum(t.capacity_for(record) for t in cfg.tiers)
         rows = sum(t.capacity_for(record) for t in cfg.tiers if t.kind in ("zarr", "flat"))
-        how = f"{samples:,} samples x {CATALOG_BYTES} B" + (f" + {rows:,} rows x {MANIFEST_BYTES} B" if rows else "")
+        try:
+            verify = verify_requested(mc.verify)
+        except ConfigError as exc:  # a CAROUSEL_VERIFY the memory would refuse
+            report.problems.append(exc)
+            verify = True
+        # The integrity mode's reference CRCs: 4 bytes per field of every id, twice while they double.
+        per_id = CATALOG_BYTES + (2 * 4 * len(fields) if verify else 0)
+        how = f"{samples:,} samples x {per_id} B" + (f" + {rows:,} rows x {MANIFEST_BYTES} B" if rows else "")
         keys = " + ".join(key(f"tiers[{i}].capacity") for i in range(len(cfg.tiers)))
         report.bookkeeping[name] = RamPart("catalog" + (" and manifests" if rows else ""), keys,
-                                           samples * CATALOG_BYTES + rows * MANIFEST_BYTES, how)
+                                           samples * per_id + rows * MANIFEST_BYTES, how)
 
 
 def _names(profile: DaemonProfile, name: str, cfg: CarouselConfig, fields, report: Report) -> None:
