@@ -110,17 +110,12 @@ class EMPool:
             self.slot_tasks[dst] = src["task"][ok]
         return ok
 
-    def replace(self, clear: np.ndarray, slots: np.ndarray, ids: np.ndarray, fields: Mapping[str, np.ndarray],
-                set_field: tuple[str, np.ndarray, np.ndarray] | None = None) -> None:
-        """In one step under ``lock``: empty the slots ``clear``, write ``ids`` with ``fields`` into
-        ``slots``, then set ``set_field = (name, slots, values)``. A coreset update: a concurrent
-        ``sample()`` sees the slice before or after, never half of it."""
-        with self.lock:
-            self.replace_locked(clear, slots, ids, fields, set_field)
-
     def replace_locked(self, clear: np.ndarray, slots: np.ndarray, ids: np.ndarray, fields: Mapping[str, np.ndarray],
                        set_field: tuple[str, np.ndarray, np.ndarray] | None = None) -> None:
-        """:meth:`replace` for a caller that already holds ``lock`` (to change more in the same step)."""
+        """In one step, by a caller that holds ``lock``: empty the slots ``clear``, write ``ids`` with
+        ``fields`` into ``slots``, then set ``set_field = (name, slots, values)``. A coreset update:
+        a concurrent ``sample()`` sees the slice before or after, never half of it; the caller
+        changes what must change with it (the catalog's weights) under the same lock."""
         if clear.size:
             self.slot_ids[clear] = EMPTY
             self.slot_labels[clear] = EMPTY
