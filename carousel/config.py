@@ -274,7 +274,7 @@ class SwapConfig:
     # Swaps, capacity moves and swap-in candidates decided at step boundaries (end_step()) from
     # seeded draws and applied one step later, whatever the threads' timing: a seed gives the same
     # run twice. Storage I/O still runs in the background, overlapped with the next step.
-    deterministic: bool = False
+    deterministic: bool = False           # true: swaps at step boundaries, repeatable (carousel.step_swaps)
 
     def __post_init__(self) -> None:
         ratio = _float(self.ratio, "ratio")

@@ -512,10 +512,14 @@ class CarouselMemory:
             return int(self.catalog.nbytes[self.catalog.tier_ids(tier.index)].sum())
 
     def flush(self, timeout_s: float | None = 60.0) -> None:
-        """Wait for write-behind to store every added sample, then make the tiers durable."""
+        """Wait for write-behind to store every added sample, then make the tiers durable. (A
+        deterministic memory also brings its tiers within capacity here: between boundaries they
+        may hold a step or two of samples more.)"""
         self._check_open()
         if self._writer is not None and not self._writer.drain(timeout_s):
             raise TimeoutError(f"write-behind did not drain within {timeout_s} s: {self._writer.last_error!r}")
+        if self._steps is not None and not self._steps.enforce_capacity(timeout_s):
+            raise TimeoutError(f"capacity moves did not finish within {timeout_s} s: {self._writer.last_error!r}")
         for t in self.tiers:
             t.store.flush()
 

@@ -120,6 +120,18 @@ class StepSwaps:
             self.boundaries += 1
             self._metrics.step_boundary.inc(time.perf_counter() - t0)
 
+    def enforce_capacity(self, timeout_s: float | None) -> bool:
+        """Capacity over everything stored now (``flush``: the writer has drained), carried out
+        before returning; False if the writer did not finish within ``timeout_s``."""
+        with self._lock:
+            cat = self._catalog
+            with cat.lock:
+                n = cat.n
+                protected = (cat.slot[:n] >= 0) | cat.prefetched[:n]
+            self._writer.submit_calls(plan_capacity(self._tiers, cat, self._metrics, self._capacity_rng,
+                                                    below=self._next_id(), protected=protected))
+            return self._writer.drain(timeout_s)
+
     def settle(self) -> None:
         """Apply every swap asked for so far and wait for the writer (before ``retain`` reads
         storage, or a checkpoint): the same state however fast the background was."""

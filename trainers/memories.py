@@ -74,6 +74,9 @@ class OpenMemory:
         """Close the memory (and stop its daemon); returns its last stats."""
         stats = {}
         try:
+            flush = getattr(self.memory, "flush", None)
+            if flush is not None:
+                flush()  # what the run stored, all of it where it belongs, before counting it
             stats = dict(self.memory.stats())
             self.memory.close()
         finally:
