@@ -8,8 +8,10 @@
 (b) A training loop of a reduced ResNet-18 (nf 20) on CIFAR-sized input, ER (32 stream + 32
     replay, one cross-entropy, SGD), EM 500, in its second task: RAM-only, against carousel with
     an LMDB tier of ``--stored`` samples (default 50,000) swapping at ratio 0.5 asynchronously
-    (``workers = 1``) and synchronously (``workers = 0``, CarM's ablation). Reported: median step
-    time of each and the ratios to RAM-only (CarM's claim: async 1.01-1.07x; target <= 1.03).
+    (``workers = 1``), synchronously (``workers = 0``, CarM's ablation) and deterministically
+    (``deterministic = true``: swaps land at step boundaries, a step after they were asked for).
+    Reported: median step time of each and the ratios to RAM-only (CarM's claim: async
+    1.01-1.07x; target <= 1.03).
     The variants run interleaved, in rounds, so drift in machine load hits all alike.
     ``--read-delay-ms`` adds latency to every storage read: on a machine whose page cache holds the
     whole tier, that is what a real flash or disk read costs and what synchronous swapping waits on.
@@ -38,9 +40,10 @@ SHAPE = (3, 32, 32)
 CLASSES = 10
 
 
-def _config(em: int, tier_path: Path | None, workers: int, ratio: float = 0.5, capacity: int = 10**6) -> dict:
+def _config(em: int, tier_path: Path | None, workers: int, ratio: float = 0.5, capacity: int = 10**6,
+            deterministic: bool = False) -> dict:
     cfg = {"memory": {"em_size": em, "sample_shape": list(SHAPE), "seed": 0},
-           "swap": {"ratio": ratio, "workers": workers, "prefetch_depth": 512},
+           "swap": {"ratio": ratio, "workers": workers, "prefetch_depth": 512, "deterministic": deterministic},
            "write_behind": {"queue_samples": 8192, "batch": 256}}
     if tier_path is not None:
         cfg["tiers"] = [{"kind": "lmdb", "path": str(tier_path), "capacity": capacity, "sync": False}]
@@ -164,8 +167,26 @@ class _Run:
         loss.backward()
         self.opt.step()
         self.mem.observe(replay.ids, logits=logits[32:].detach())
+        self.mem.end_step()  # a deterministic memory's boundary; nothing for the others
         if record:
             self.times.append(time.perf_counter() - t0)
+
+
+def _interleaved(runs: list[_Run], steps: int, rounds: int) -> int:
+    """Warm up, then take turns in rounds; close; the first run's swaps."""
+    for run in runs:
+        for _ in range(3):
+            run.step(record=False)
+    for _ in range(rounds):
+        for run in runs:
+            for _ in range(steps):
+                run.step(record=True)
+    swaps = runs[0].mem.stats()["swapped_in"]
+    bound = runs[0].mem.registry.get_sample_value("carousel_step_boundary_seconds_total") or 0.0
+    runs[0].boundary_s = bound / max(1, runs[0].step_no)
+    for run in runs:
+        run.mem.close()
+    return swaps
 
 
 def bench_training(stored: int, steps: int, rounds: int, workdir: Path, read_delay_s: float = 0.0) -> dict:
@@ -187,26 +208,25 @@ def bench_training(stored: int, steps: int, rounds: int, workdir: Path, read_del
     hit = runs[1].mem.stats()["prefetch_hit_rate"]
     for run in runs:
         run.mem.close()
-    # The synchronous variant opens the same tier after the async one closed (one writer per store).
+    # The synchronous and deterministic variants open the same tier after the async one closed
+    # (one writer per store), each with its own RAM-only reference beside it.
     sync = _Run("carousel sync", _config(500, tier, 0), read_delay_s)
     base = _Run("RAM-only (2)", _config(500, None, 1))
-    for run in (sync, base):
-        for _ in range(3):
-            run.step(record=False)
-    for _ in range(rounds):
-        for run in (sync, base):
-            for _ in range(steps):
-                run.step(record=True)
-    swaps_sync = sync.mem.stats()["swapped_in"]
-    for run in (sync, base):
-        run.mem.close()
-    med = {r.name: statistics.median(r.times) for r in runs + [sync, base]}
+    swaps_sync = _interleaved([sync, base], steps, rounds)
+    det = _Run("carousel deterministic", _config(500, tier, 1, deterministic=True), read_delay_s)
+    base3 = _Run("RAM-only (3)", _config(500, None, 1))
+    swaps_det = _interleaved([det, base3], steps, rounds)
+    boundary_s = det.boundary_s
+    med = {r.name: statistics.median(r.times) for r in runs + [sync, base, det, base3]}
     return {
         "stored": stored, "read_delay_ms": read_delay_s * 1e3, "prefill_s": prefill_s, "steps_per_variant": steps * rounds,
         "step_s": med,
         "async_ratio": med["carousel async"] / med["RAM-only"],
         "sync_ratio": med["carousel sync"] / med["RAM-only (2)"],
-        "swapped_in_async": swaps_async, "swapped_in_sync": swaps_sync, "prefetch_hit_rate_async": hit,
+        "deterministic_ratio": med["carousel deterministic"] / med["RAM-only (3)"],
+        "deterministic_boundary_ms_per_step": boundary_s * 1e3,
+        "swapped_in_async": swaps_async, "swapped_in_sync": swaps_sync, "swapped_in_deterministic": swaps_det,
+        "prefetch_hit_rate_async": hit,
     }
 
 
@@ -243,7 +263,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"| storage read latency added | {t['read_delay_ms']:g} ms per read call |",
         f"| async step-time ratio, LMDB tier of {t['stored']:,} at ratio 0.5 (target <= 1.03) | {t['async_ratio']:.3f} |",
         f"| sync step-time ratio (workers = 0) | {t['sync_ratio']:.3f} |",
-        f"| swaps during the timed steps: async / sync | {t['swapped_in_async']} / {t['swapped_in_sync']} |",
+        f"| deterministic step-time ratio (swaps at step boundaries) | {t['deterministic_ratio']:.3f} |",
+        f"| deterministic: trainer time in end_step() | {t['deterministic_boundary_ms_per_step']:.3f} ms per step |",
+        f"| swaps during the timed steps: async / sync / deterministic | {t['swapped_in_async']} / "
+        f"{t['swapped_in_sync']} / {t['swapped_in_deterministic']} |",
         f"| prefetch hit rate (async) | {t['prefetch_hit_rate_async']:.2f} |",
     ]
     return report.write(out, results, lines)

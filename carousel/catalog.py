@@ -139,17 +139,24 @@ class Catalog:
                 self._class_ids[cls] = ids
             return ids
 
-    def swap_in_pool(self, cls: int) -> np.ndarray:
-        """Stored ids of class ``cls`` that are not in the EM and not already being prefetched."""
+    def swap_in_pool(self, cls: int, below: int | None = None) -> np.ndarray:
+        """Stored ids of class ``cls`` that are not in the EM and not already being prefetched
+        (and, with ``below``, smaller than it: a deterministic memory's stored-by-now set)."""
         with self.lock:
             ids = self.class_ids(cls)
+            if below is not None:
+                ids = ids[ids < below]
             return ids[(self.home[ids] >= 0) & (self.slot[ids] < 0) & ~self.prefetched[ids]]
 
-    def available_by_class(self) -> dict[int, int]:
-        """Class -> number of stored samples not in the EM (what a swap-in can draw from)."""
+    def available_by_class(self, below: int | None = None) -> dict[int, int]:
+        """Class -> number of stored samples not in the EM (what a swap-in can draw from). With
+        ``below`` (a deterministic memory): only ids below it, and none already chosen as a candidate."""
         with self.lock:
-            live = slice(0, self.n)
-            return self._count(self.cls[live][(self.home[live] >= 0) & (self.slot[live] < 0)])
+            live = slice(0, self.n if below is None else min(self.n, below))
+            ok = (self.home[live] >= 0) & (self.slot[live] < 0)
+            if below is not None:
+                ok &= ~self.prefetched[live]
+            return self._count(self.cls[live][ok])
 
     def tier_ids(self, tier: int) -> np.ndarray:
         with self.lock:

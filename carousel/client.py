@@ -134,6 +134,8 @@ class MemoryClient:
         self.verifier: Verifier | None = None
         self.verified = 0
         self._verified_lock = threading.Lock()
+        self.deterministic = False  # the memory swaps at step boundaries: no rings, end_step() counts
+        self._ticks = 0  # end_step() calls not yet sent: they travel with the next request
         self.session: str | None = None  # the daemon start our adds go to (HELLO's reply)
         self._connected_once = False
         self._unacked = 0  # samples added in this session that no flush/checkpoint has acknowledged yet
@@ -194,7 +196,7 @@ class MemoryClient:
             meta["tasks"] = check_values(tasks, "tasks").tolist()
         if balanced:
             meta["balanced"] = True
-        if seed is None and self._use_shm and meta["n"] > 0:
+        if seed is None and self._use_shm and meta["n"] > 0 and not self.deterministic:
             batch = self._from_ring(meta)
             if batch is not None:
                 return batch
@@ -237,6 +239,13 @@ class MemoryClient:
         with self._lock:
             self._check()
             return self._request(wire.Op.STATUS, {}, retry=True)[0]
+
+    def end_step(self) -> None:
+        """Mark the end of a training step (see :meth:`CarouselMemory.end_step`). Free: for a
+        deterministic memory it is counted and sent with the next request; otherwise nothing."""
+        if self.deterministic:
+            with self._lock:
+                self._ticks += 1
 
     def flush(self, timeout_s: float = 60.0) -> None:
         """Wait until every sample this client added is stored and durable on the daemon that
@@ -414,6 +423,7 @@ class MemoryClient:
         self.max_label = meta.get("max_label")
         verify = meta.get("verify")
         self.verifier = Verifier.from_json(verify) if isinstance(verify, dict) else None
+        self.deterministic = bool(meta.get("deterministic"))
         self._use_shm = self._use_shm and bool(meta.get("shm"))
         self._note_session(meta)
 
@@ -469,7 +479,11 @@ class MemoryClient:
         sock = self._sock
         if sock is None:
             raise ConnectionError("not connected")
+        ticks = self._ticks if op not in (wire.Op.HELLO, wire.Op.PING, wire.Op.STATUS) else 0
+        if ticks:
+            meta = {**meta, "ticks": ticks}
         sock.sendall(b"".join(wire.encode(op, meta, tensors)))
+        self._ticks -= ticks  # the daemon applies them before the request, whatever its answer
         if extra_s:
             sock.settimeout(self.timeout_s + extra_s)
             try:

@@ -28,8 +28,8 @@ True
 >>> CarouselConfig.from_dict({"memory": {"em_size": 500, "sample_shape": [8]}, "swap": {"ration": 0.3}})
 Traceback (most recent call last):
 ...
-carousel.config.ConfigError: swap.ration: unknown key; did you mean 'ratio'? known: adaptive, max_lag_steps, \
-policy, prefetch_depth, ratio, start_task, swap_in, workers
+carousel.config.ConfigError: swap.ration: unknown key; did you mean 'ratio'? known: adaptive, deterministic, \
+max_lag_steps, policy, prefetch_depth, ratio, start_task, swap_in, workers
 """
 
 from __future__ import annotations
@@ -276,6 +276,10 @@ class SwapConfig:
     start_task: int = 1                   # swaps begin when the trainer's task index reaches this (CarM: 2nd task)
     adaptive: bool = False                # lower the effective ratio when storage cannot keep up
     max_lag_steps: int = 4                # training steps a swap may trail before it counts as lagging, >= 1
+    # Swaps, capacity moves and swap-in candidates decided at step boundaries (end_step()) from
+    # seeded draws and applied one step later, whatever the threads' timing: a seed gives the same
+    # run twice. Storage I/O still runs in the background, overlapped with the next step.
+    deterministic: bool = False           # true: swaps at step boundaries, repeatable (carousel.step_swaps)
 
     def __post_init__(self) -> None:
         ratio = _float(self.ratio, "ratio")
@@ -289,6 +293,10 @@ class SwapConfig:
         _int(self.start_task, "start_task", lo=0)
         _bool(self.adaptive, "adaptive")
         _int(self.max_lag_steps, "max_lag_steps", lo=1)
+        _bool(self.deterministic, "deterministic")
+        if self.deterministic and self.adaptive:
+            _fail("deterministic", "adaptive mode lowers the ratio when storage lags, which depends on timing: "
+                                   "a deterministic memory cannot be adaptive (set adaptive = false)")
 
 
 @dataclass(frozen=True, slots=True)

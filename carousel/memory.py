@@ -45,6 +45,7 @@ from .inputs import MemoryInputError, check_add, check_count, check_observe, che
 from .kinds import RawCodec, make_codec
 from .metrics import MemoryMetrics
 from .policies import make_admission, make_swap_in, make_swap_out
+from .step_swaps import StepSwaps
 from .swap_engine import SwapEngine
 from .tiers import Tier
 from .write_behind import WriteBehind
@@ -112,6 +113,7 @@ class CarouselMemory:
             Path(config.tiers[0].path).with_name(Path(config.tiers[0].path).name + "-state") if config.tiers else None)
         self._writer: WriteBehind | None = None
         self._engine: SwapEngine | None = None
+        self._steps: StepSwaps | None = None  # deterministic mode (carousel.step_swaps)
         try:
             for i, tc in enumerate(config.tiers):
                 store = open_store(tc.url(), self.codec.stored)
@@ -124,10 +126,16 @@ class CarouselMemory:
             if self.tiers:
                 self._writer = WriteBehind(self.tiers, self.catalog, self.metrics, config.write_behind.queue_samples,
                                            config.write_behind.batch, config.write_behind.block_timeout_s,
-                                           np.random.default_rng([mc.seed, 3]), self.codec)
+                                           np.random.default_rng([mc.seed, 3]), self.codec,
+                                           enforce=not sc.deterministic)
+                # A deterministic memory chooses its candidates itself: no prefetcher reads ahead.
                 self._engine = SwapEngine(self.pool, self.catalog, self.tiers, self.metrics, sc.workers,
-                                          sc.prefetch_depth, mc.seed, self.codec)
+                                          0 if sc.deterministic else sc.prefetch_depth, mc.seed, self.codec)
             self._refill_em(state)
+            if self.tiers and sc.deterministic:
+                self._steps = StepSwaps(self.pool, self.catalog, self.tiers, self.metrics, self._engine, self._writer,
+                                        self._swap_in, self._rng, np.random.default_rng([mc.seed, 4]),
+                                        lambda: self._ids.next_id)
         except BaseException:  # a memory that failed to open leaves no thread or open store behind
             self._release()
             raise
@@ -232,7 +240,19 @@ class CarouselMemory:
         self.metrics.added.inc(n)
         self.metrics.admissions.labels(result="admitted").inc(int(take.sum()))
         self.metrics.admissions.labels(result="rejected").inc(int((~take).sum()))
+        if self._steps is not None and not self._steps.explicit:
+            self._steps.end_step()  # no end_step() calls: each add() ends a step
         return torch.from_numpy(ids)
+
+    def end_step(self) -> None:
+        """Mark the end of a training step. A deterministic memory (``[swap] deterministic = true``)
+        applies the swaps asked for a step ago and plans storage moves here (see
+        :mod:`carousel.step_swaps`); once called, ``add()`` no longer marks steps by itself. For
+        any other memory this does nothing, so a training loop may always call it."""
+        self._check_open()
+        if self._steps is not None:
+            self._steps.explicit = True
+            self._steps.end_step()
 
     def _validate(self, x: Any, y: Any, task: Any, extras: Mapping[str, Any]) -> dict[str, np.ndarray]:
         mc = self.config.memory
@@ -387,20 +407,12 @@ class CarouselMemory:
 
     def _trigger_swap(self, ids: np.ndarray) -> None:
         with self.catalog.lock:
-            slots = self.catalog.slot[ids]
-            live = slots >= 0
-            slots, ids = slots[live], ids[live]
-            slots, first = np.unique(slots, return_index=True)
-            ids = ids[first]
-            if not slots.size:
-                return
-            labels = self.catalog.label[ids]
-            victims = self._swap_out.select(slots, labels, self.catalog.correct[ids], self.catalog.entropy[ids],
-                                            self.catalog.loss[ids], self._ratio, self._rng)
+            victims, victim_ids, victim_labels = self._victims(ids)
             if not victims.size:
                 return
-            order = np.searchsorted(slots, victims)
-            victim_ids, victim_labels = ids[order], labels[order]
+            if self._steps is not None:  # chosen now, copied in at the next boundary but one
+                self._steps.request(victims, victim_ids, victim_labels)
+                return
             # Both counts by the catalog's dense class index: sized by the number of classes, not
             # by the largest label (a label of 2**40 once made every step allocate 8 TiB here).
             classes = self._swap_in.choose(victim_labels, self.catalog.available_by_class(),
@@ -413,6 +425,25 @@ class CarouselMemory:
         else:
             self._engine.request(victims[go], victim_ids[go], classes[go])
             self._adapt(int(go.sum()))
+
+    def _victims(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Among the replayed ``ids`` in EM slots (a slot counted once, and, in deterministic mode,
+        none with a swap already on its way), the swap-out policy's victims: their slots, ids and
+        labels. Caller holds the catalog lock."""
+        slots = self.catalog.slot[ids]
+        live = slots >= 0
+        if self._steps is not None:
+            live[live] = ~self._steps.busy_slots[slots[live]]
+        slots, first = np.unique(slots[live], return_index=True)
+        ids = ids[live][first]
+        none = np.zeros(0, np.int64)
+        if not slots.size:
+            return none, none, none
+        labels = self.catalog.label[ids]
+        victims = self._swap_out.select(slots, labels, self.catalog.correct[ids], self.catalog.entropy[ids],
+                                        self.catalog.loss[ids], self._ratio, self._rng)
+        order = np.searchsorted(slots, victims)
+        return victims, ids[order], labels[order]
 
     def _adapt(self, k: int) -> None:
         """Adaptive mode: halve the ratio while the engine lags, recover it when it keeps up."""
@@ -456,6 +487,8 @@ class CarouselMemory:
         if not np.isin(labels, slice_classes).all():
             raise MemoryInputError(f"ids of classes {sorted(set(labels.tolist()) - set(slice_classes.tolist()))} "
                                    f"are outside the slice of classes {slice_classes.tolist()}")
+        if self._steps is not None:
+            self._steps.settle()  # planned moves carried out: storage is where the catalog says
         if (homes == PENDING).any():
             self.flush()  # samples about to enter must be readable from storage
         for _ in range(8):  # a swap may move an id in or out of the EM between the read and the update
@@ -554,10 +587,14 @@ class CarouselMemory:
             return int(self.catalog.nbytes[self.catalog.tier_ids(tier.index)].sum())
 
     def flush(self, timeout_s: float | None = 60.0) -> None:
-        """Wait for write-behind to store every added sample, then make the tiers durable."""
+        """Wait for write-behind to store every added sample, then make the tiers durable. (A
+        deterministic memory also brings its tiers within capacity here: between boundaries they
+        may hold a step or two of samples more.)"""
         self._check_open()
         if self._writer is not None and not self._writer.drain(timeout_s):
             raise TimeoutError(f"write-behind did not drain within {timeout_s} s: {self._writer.last_error!r}")
+        if self._steps is not None and not self._steps.enforce_capacity(timeout_s):
+            raise TimeoutError(f"capacity moves did not finish within {timeout_s} s: {self._writer.last_error!r}")
         for t in self.tiers:
             t.store.flush()
 

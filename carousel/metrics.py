@@ -43,6 +43,9 @@ class MemoryMetrics:
         self.swap_skipped = Counter("carousel_swap_skipped_total", "Swap requests not carried out.",
                                     ["reason"], registry=r)
         self.swap_lag = Gauge("carousel_swap_lag_requests", "Swap requests waiting for the engine.", registry=r)
+        self.step_boundary = Counter("carousel_step_boundary_seconds_total", "Time the trainer's thread spent in "
+                                     "step boundaries of a deterministic memory (waiting for storage, applying swaps, "
+                                     "planning capacity).", registry=r)
         self.swap_ratio = Gauge("carousel_swap_effective_ratio", "Swap ratio in force (adaptive mode lowers it).",
                                 registry=r)
         self.prefetch_depth = Gauge("carousel_prefetch_depth", "Decoded swap-in candidates ready.", registry=r)

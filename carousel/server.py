@@ -950,6 +950,7 @@ class _Connection:
                     "max_label": mc.max_label, "session": self.d.session,
                     # The integrity mode: batches carry their references and the client checks them.
                     "verify": None if mem.verifier is None else mem.verifier.to_json(),
+                    "deterministic": mem.config.swap.deterministic,
                     "previous_session": prev.get("session"), "previous_clean": prev.get("clean") is True,
                     "daemon_pid": os.getpid(), "version": __version__, "shm": self.kind == "unix"}, []
         if op == wire.Op.PING:
@@ -958,6 +959,8 @@ class _Connection:
             return wire.json_safe(await self._run(self.d.status)), []
         served = self._memory()
         mem = served.memory
+        if meta.get("ticks") is not None:
+            await self._end_steps(served, meta["ticks"])
         if op in (wire.Op.FLUSH, wire.Op.CHECKPOINT, wire.Op.RETAIN):
             self._check_session(meta)
         if op == wire.Op.SAMPLE:
@@ -1022,6 +1025,9 @@ class _Connection:
         if op == wire.Op.SUBSCRIBE:
             if self.kind != "unix":
                 raise _RequestError("input", "shared-memory rings need the Unix socket (same host)")
+            if mem.config.swap.deterministic:
+                # A ring is filled ahead, at the filler's pace: what it holds would depend on timing.
+                raise _RequestError("input", "a deterministic memory draws each batch when asked (SAMPLE): no rings")
             n, filters = _sample_args(meta, mem)
             key = (n, json.dumps(filters, sort_keys=True, default=list))
             if key in self.ring_keys:
@@ -1070,6 +1076,18 @@ class _Connection:
                     old.close()
             return {"segment": self.upload.name, "size": self.upload.size}, []
         raise wire.ProtocolError(f"op {wire.Op(op).name} is not a request")
+
+    async def _end_steps(self, served: Served, ticks: Any) -> None:
+        """Step ends the client counted since its last request (``end_step()`` costs the client no
+        round trip: it travels with the next request), applied before that request."""
+        if not isinstance(ticks, int) or isinstance(ticks, bool) or not 1 <= ticks <= 1 << 20:
+            raise MemoryInputError(f"ticks must be an int in [1, {1 << 20}], got {str(ticks)[:32]}")
+
+        def end_steps() -> None:
+            with served.write_lock:
+                for _ in range(ticks):
+                    served.memory.end_step()
+        await self._run(end_steps)
 
     def _check_session(self, meta: Mapping[str, Any]) -> None:
         """A request that acknowledges earlier writes (flush, checkpoint, retain) names the session

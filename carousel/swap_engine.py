@@ -18,6 +18,10 @@ memory lowers its swap ratio instead when the lag grows.
 
 ``workers = 0`` is the synchronous ablation: :meth:`swap_now` does the same work on the caller's
 thread, storage reads included, as CarM's "sync" baseline.
+
+A deterministic memory (:mod:`carousel.step_swaps`) uses the engine for reads alone:
+:meth:`read_exact` reads the candidates the memory chose, no more and no others, and the memory
+copies them into the EM itself at a step boundary (no prefetcher runs then).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -84,6 +88,51 @@ class SwapEngine:
     def swap_now(self, slots: np.ndarray, victims: np.ndarray, classes: np.ndarray) -> None:
         """Carry the swaps out on this thread, storage reads included (the synchronous ablation)."""
         self._swap(slots, victims, classes, lambda cls, n: self._read_candidates(cls, n))
+
+    def read_exact(self, ids: np.ndarray) -> Future:
+        """Read and decode exactly ``ids`` (candidates a deterministic memory reserved), on the I/O
+        pool (at once on this thread with ``workers = 0``). The future's result has, per id in
+        order, its decoded fields, or None where a fault kept it from being read."""
+        if self.workers == 0:
+            done: Future = Future()
+            done.set_result(self._read_exact(ids))
+            return done
+        return self._exec.submit(self._read_exact, ids)
+
+    def _read_exact(self, ids: np.ndarray) -> list[dict[str, np.ndarray] | None]:
+        # A deterministic memory homes a demoted sample in its new tier when it decides the move,
+        # and the writer carries the move out later: write to the lower tier, then delete from
+        # this one. So a sample is in its catalog home or in a tier above it, and looking from the
+        # top tier down finds it even while it moves (missing above means already written below).
+        with self._catalog.lock:
+            homes = self._catalog.home[ids].copy()
+        found: dict[int, dict[str, np.ndarray]] = {}
+        for tier in self._tiers:
+            want = ids[homes >= tier.index]
+            want = want[~np.isin(want, np.fromiter(found, np.int64, len(found)))]
+            if want.size:
+                found.update(self._read_present(tier, want))
+        return [found.get(int(i)) for i in ids]
+
+    def _read_present(self, tier: Tier, ids: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
+        """Those of ``ids`` that ``tier`` holds, decoded (faults counted and left out)."""
+        try:
+            data = tier.store.get_many(ids)
+        except MissingIdsError as exc:
+            present = ids[~np.isin(ids, exc.ids)]
+            return self._read_present(tier, present) if present.size else {}
+        except CorruptRecordError as exc:
+            with self._catalog.lock:
+                self._catalog.home[exc.ids] = EVICTED
+            self._metrics.evictions.labels(reason="corrupt").inc(exc.ids.size)
+            self._record_error("read", exc)
+            good = ids[~np.isin(ids, exc.ids)]
+            return self._read_present(tier, good) if good.size else {}
+        except StoreError as exc:
+            self._record_error("read", exc)
+            return {}
+        self._metrics.storage_reads.labels(tier=tier.name).inc(ids.size)
+        return dict(self._rows(ids, data))
 
     def prefetched(self) -> int:
         with self._ready_lock:

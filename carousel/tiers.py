@@ -3,6 +3,7 @@ and the migration that keeps every tier within its capacity (demote down, evict 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,51 +95,95 @@ def enforce_capacity(tiers: list[Tier], catalog: Catalog, metrics: MemoryMetrics
     for tier in tiers:
         with catalog.lock:
             ids = catalog.tier_ids(tier.index)
-            labels = catalog.label[ids]
-            in_em = catalog.slot[ids] >= 0
-            sizes = catalog.nbytes[ids].astype(np.int64)
-            # Counted by dense class index: as many bins as classes, whatever the labels' values.
-            largest_class = int(np.bincount(catalog.cls[ids]).max()) if tier.class_quota > 0 and ids.size else 0
-        over = max(ids.size - tier.capacity, _over_budget(sizes, tier.capacity_bytes))
-        quota_hit = largest_class > tier.class_quota > 0
-        if over <= 0 and not quota_hit:
+            leaving = _leaving(tier, len(tiers), ids, catalog, catalog.slot[ids] >= 0, rng)
+        if not leaving.size:
             continue
-        last = tier.index == len(tiers) - 1
-        # Samples an EM slot holds never leave the last tier: their only copy would be in RAM,
-        # gone at the next swap. So the last tier may run over by at most the EM's size until
-        # they are swapped out.
-        victims = choose_overflow(ids, labels, max(over, 0), tier.eviction, rng, tier.class_quota,
-                                  protected=in_em if last else None)
-        for _ in range(8):  # a byte budget: the average was an estimate; take more until it fits
-            stay = ~np.isin(ids, victims)
-            more = _over_budget(sizes[stay], tier.capacity_bytes)
-            if not more:
-                break
-            extra = choose_overflow(ids[stay], labels[stay], more, tier.eviction, rng,
-                                    protected=in_em[stay] if last else None)
-            if not extra.size:
-                break
-            victims = np.concatenate([victims, extra])
-        if not victims.size:
-            continue
-        if last:
-            tier.store.delete_many(victims)
+        if tier.index == len(tiers) - 1:
+            tier.store.delete_many(leaving)
             with catalog.lock:
-                catalog.home[victims] = EVICTED
-            metrics.evictions.labels(reason="capacity").inc(victims.size)
+                catalog.home[leaving] = EVICTED
+            metrics.evictions.labels(reason="capacity").inc(leaving.size)
         else:
-            nxt = tiers[tier.index + 1]
-            data = tier.store.get_many(victims)
-            if nxt.store.prefers_chunks:
-                victims, data = class_grouped(victims, data, data["y"], rng)
-            nxt.store.put_many(victims, data)
-            with catalog.lock:
-                catalog.home[victims] = nxt.index
-            tier.store.delete_many(victims)
-            metrics.migrated.labels(tier=tier.name).inc(victims.size)
-            with catalog.lock:
-                moved = int(catalog.nbytes[victims].sum())
-            metrics.migrated_bytes.labels(tier=tier.name).inc(moved)
+            _demote(tiers, tier, leaving, catalog, metrics, rng, rehome=True)
+
+
+def plan_capacity(tiers: list[Tier], catalog: Catalog, metrics: MemoryMetrics, rng: np.random.Generator,
+                  below: int, protected: np.ndarray) -> list[Callable[[], None]]:
+    """:func:`enforce_capacity` for a deterministic memory, in two halves: the decisions, made now
+    on the catalog alone, and the storage work, returned as calls for the write-behind thread.
+
+    Only ids below ``below`` count (those the writer has stored by now: the set does not depend
+    on how far it got since), and ``protected`` ids (in the EM, or chosen as swap-in candidates)
+    never move. The catalog is updated at once -- evicted ids are gone, demoted ids are homed in
+    their new tier -- so every later decision sees the plan, whatever the writer's progress; a
+    reader of a demoted id that finds it not yet moved looks in the other tiers (the swap engine's
+    deterministic read does).
+    """
+    calls: list[Callable[[], None]] = []
+    for tier in tiers:
+        with catalog.lock:
+            ids = catalog.tier_ids(tier.index)
+            ids = ids[ids < below]
+            leaving = _leaving(tier, len(tiers), ids, catalog, protected[ids], rng)
+            if not leaving.size:
+                continue
+            last = tier.index == len(tiers) - 1
+            catalog.home[leaving] = EVICTED if last else tier.index + 1
+        if last:
+            metrics.evictions.labels(reason="capacity").inc(leaving.size)
+            calls.append(lambda tier=tier, leaving=leaving: tier.store.delete_many(leaving))
+        else:
+            calls.append(lambda tier=tier, leaving=leaving: _demote(tiers, tier, leaving, catalog, metrics, rng,
+                                                                   rehome=False))
+    return calls
+
+
+def _leaving(tier: Tier, n_tiers: int, ids: np.ndarray, catalog: Catalog, keep: np.ndarray,
+             rng: np.random.Generator) -> np.ndarray:
+    """Which of ``ids`` (the tier's samples) leave it: its overflow by count and bytes, and every
+    class over its quota. Caller holds the catalog lock. On the last tier the ``keep`` samples
+    (those an EM slot holds) never leave: their only copy would be in RAM, gone at the next swap,
+    so the last tier may run over by at most the EM's size until they are swapped out."""
+    labels = catalog.label[ids]
+    sizes = catalog.nbytes[ids].astype(np.int64)
+    # Counted by dense class index: as many bins as classes, whatever the labels' values.
+    largest_class = int(np.bincount(catalog.cls[ids]).max()) if tier.class_quota > 0 and ids.size else 0
+    over = max(ids.size - tier.capacity, _over_budget(sizes, tier.capacity_bytes))
+    if over <= 0 and not largest_class > tier.class_quota > 0:
+        return np.zeros(0, np.int64)
+    protected = keep if tier.index == n_tiers - 1 else None
+    victims = choose_overflow(ids, labels, max(over, 0), tier.eviction, rng, tier.class_quota, protected=protected)
+    for _ in range(8):  # a byte budget: the average was an estimate; take more until it fits
+        stay = ~np.isin(ids, victims)
+        more = _over_budget(sizes[stay], tier.capacity_bytes)
+        if not more:
+            break
+        extra = choose_overflow(ids[stay], labels[stay], more, tier.eviction, rng,
+                                protected=None if protected is None else protected[stay])
+        if not extra.size:
+            break
+        victims = np.concatenate([victims, extra])
+    return victims
+
+
+def _demote(tiers: list[Tier], tier: Tier, ids: np.ndarray, catalog: Catalog, metrics: MemoryMetrics,
+            rng: np.random.Generator, rehome: bool) -> None:
+    """Move ``ids`` from ``tier`` to the next one: written there first, then deleted here (a crash
+    in between leaves them in both, and recovery keeps one). ``rehome``: set their catalog home
+    between the two steps (a planned move was re-homed when it was decided)."""
+    nxt = tiers[tier.index + 1]
+    data = tier.store.get_many(ids)
+    if nxt.store.prefers_chunks:
+        ids, data = class_grouped(ids, data, data["y"], rng)
+    nxt.store.put_many(ids, data)
+    if rehome:
+        with catalog.lock:
+            catalog.home[ids] = nxt.index
+    tier.store.delete_many(ids)
+    metrics.migrated.labels(tier=tier.name).inc(ids.size)
+    with catalog.lock:
+        moved = int(catalog.nbytes[ids].sum())
+    metrics.migrated_bytes.labels(tier=tier.name).inc(moved)
 
 
 def _over_budget(sizes: np.ndarray, budget: int | None) -> int:

@@ -7,6 +7,12 @@ failing (disk full, I/O errors), the writer keeps the batch and retries with bac
 fills, and ``reserve`` raises :class:`WriteBehindError` carrying the store's error once it has
 waited ``block_timeout_s``, before ``add()`` changed anything: a fault reaches the caller
 instead of being swallowed, and the rejected batch leaves no trace.
+
+After each batch the writer keeps the tiers within capacity (:func:`~carousel.tiers.enforce_capacity`).
+A deterministic memory decides capacity itself, at step boundaries, and hands the storage work
+here as calls (:meth:`WriteBehind.submit_calls`), run in order with the writes; it then waits for
+the writer by submission count (:meth:`WriteBehind.mark`, :meth:`WriteBehind.wait_for_mark`),
+never by time.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ class WriteBehind:
 
     def __init__(self, tiers: list[Tier], catalog: Catalog, metrics: MemoryMetrics, queue_samples: int,
                  batch: int, block_timeout_s: float, rng: np.random.Generator, codec: Codec,
-                 on_error: Callable[[BaseException], None] | None = None) -> None:
+                 on_error: Callable[[BaseException], None] | None = None, enforce: bool = True) -> None:
         self._tiers = tiers
         self._codec = codec
         self._catalog = catalog
@@ -45,7 +51,11 @@ class WriteBehind:
         self._batch = batch
         self._timeout = block_timeout_s
         self._rng = rng
-        self._queue: deque[tuple[np.ndarray, dict[str, np.ndarray]]] = deque()
+        self._enforce = enforce  # False: the memory plans capacity itself (deterministic mode)
+        # Items in submission order: (ids, fields) to write, or (None, call) to run.
+        self._queue: deque[tuple[np.ndarray | None, dict[str, np.ndarray] | Callable[[], None]]] = deque()
+        self._submitted = 0  # items submitted, and items done: a mark is a submission count
+        self._done = 0
         self._queued = 0
         self._reserved = 0  # room promised to add() calls that have not submitted yet
         self._busy = 0  # samples taken by the writer and not yet stored
@@ -91,17 +101,46 @@ class WriteBehind:
         with self._cond:
             self._reserved -= ids.size
             self._queue.append((ids, fields))
+            self._submitted += 1
             self._queued += ids.size
             self._metrics.write_queue.set(self.queued)
             self._cond.notify_all()
+
+    def submit_calls(self, calls: list[Callable[[], None]]) -> None:
+        """Storage work to run on the writer thread (each store keeps one writing thread), after
+        everything submitted before; a call that raises is retried like a failed write."""
+        if not calls:
+            return
+        with self._cond:
+            for call in calls:
+                self._queue.append((None, call))
+            self._submitted += len(calls)
+            self._cond.notify_all()
+
+    def mark(self) -> int:
+        """A point in the submission order: :meth:`wait_for_mark` returns once all before it is done."""
+        with self._cond:
+            return self._submitted
+
+    def wait_for_mark(self, mark: int) -> None:
+        """Wait until every item submitted before ``mark`` is stored or run. Raises
+        :class:`WriteBehindError` after ``block_timeout_s`` of no progress while the first tier fails."""
+        with self._cond:
+            while self._done < mark:
+                before = self._done
+                self._cond.wait_for(lambda: self._done >= mark or self._done != before, timeout=self._timeout)
+                if self._done == before and self._done < mark:
+                    raise WriteBehindError(
+                        f"write-behind made no progress for {self._timeout:.0f} s; the first tier is "
+                        f"{'failing: ' + repr(self.last_error) if self.last_error else 'too slow'}")
 
     def _held(self) -> int:
         return self._queued + self._reserved
 
     def drain(self, timeout_s: float | None = None) -> bool:
-        """Wait until every queued sample is stored; False on timeout."""
+        """Wait until every queued sample is stored (and every submitted call has run); False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._queued and not self._busy, timeout=timeout_s)
+            return self._cond.wait_for(lambda: self._done >= self._submitted, timeout=timeout_s)
 
     def close(self, timeout_s: float = 60.0) -> None:
         self.drain(timeout_s)
@@ -110,21 +149,25 @@ class WriteBehind:
             self._cond.notify_all()
         self._thread.join(timeout_s)
 
-    def _take(self) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+    def _take(self) -> tuple[int, np.ndarray | None, dict[str, np.ndarray] | Callable[[], None]] | None:
+        """The next work: ``(items, ids, fields)`` -- consecutive writes joined up to ``batch``
+        samples -- or ``(1, None, call)``."""
         with self._cond:
             self._cond.wait_for(lambda: self._stop or self._queue)
             if not self._queue:
                 return None
+            if self._queue[0][0] is None:
+                return 1, None, self._queue.popleft()[1]
             parts = []
             n = 0
-            while self._queue and n < self._batch:
+            while self._queue and self._queue[0][0] is not None and n < self._batch:
                 parts.append(self._queue.popleft())
                 n += parts[-1][0].size
             self._queued -= n
             self._busy = n
         ids = np.concatenate([p[0] for p in parts])
         fields = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
-        return ids, fields
+        return len(parts), ids, fields
 
     def _run(self) -> None:
         backoff = 0.05
@@ -132,11 +175,13 @@ class WriteBehind:
             item = self._take()
             if item is None:
                 return
-            ids, fields = item
+            items, ids, fields = item
             records = None
             while True:
                 try:
-                    if records is None:  # encoded here, off add()'s path (a saliency code costs ~10 us)
+                    if ids is None:
+                        fields()  # a planned capacity move or eviction (deterministic mode)
+                    elif records is None:  # encoded here, off add()'s path (a saliency code costs ~10 us)
                         t0 = time.perf_counter()
                         records = self._codec.encode(fields)
                         sizes = self._codec.nbytes(records)
@@ -144,11 +189,13 @@ class WriteBehind:
                         if self._tiers[0].store.prefers_chunks:
                             ids, records = class_grouped(ids, {**records, "": sizes}, records["y"], self._rng)
                             sizes = records.pop("")
-                    self._tiers[0].store.put_many(ids, records)
-                    with self._catalog.lock:
-                        self._catalog.nbytes[ids] = sizes
-                        self._catalog.home[ids] = 0
-                    enforce_capacity(self._tiers, self._catalog, self._metrics, self._rng)
+                    if ids is not None:
+                        self._tiers[0].store.put_many(ids, records)
+                        with self._catalog.lock:
+                            self._catalog.nbytes[ids] = sizes
+                            self._catalog.home[ids] = 0
+                        if self._enforce:
+                            enforce_capacity(self._tiers, self._catalog, self._metrics, self._rng)
                     self.last_error = None
                     backoff = 0.05
                     break
@@ -168,5 +215,6 @@ class WriteBehind:
                     backoff = min(backoff * 2, 2.0)
             with self._cond:
                 self._busy = 0
+                self._done += items
                 self._metrics.write_queue.set(self.queued)
                 self._cond.notify_all()

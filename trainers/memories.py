@@ -53,6 +53,7 @@ class MemorySpec:
     profile: str | None = None             # carousel mode: a profile TOML for swap settings and tiers
     swap_workers: int | None = None        # carousel mode: override [swap].workers (0 = synchronous)
     swap_ratio: float | None = None        # carousel mode: override [swap].ratio
+    deterministic: bool = True             # carousel mode: [swap].deterministic (a seed gives the same run)
     daemon: bool = False                   # carousel mode: run the memory in a `carousel serve` subprocess
     connect: str | None = None             # carousel mode: socket of a daemon already running
     seed: int = 0
@@ -73,6 +74,9 @@ class OpenMemory:
         """Close the memory (and stop its daemon); returns its last stats."""
         stats = {}
         try:
+            flush = getattr(self.memory, "flush", None)
+            if flush is not None:
+                flush()  # what the run stored, all of it where it belongs, before counting it
             stats = dict(self.memory.stats())
             self.memory.close()
         finally:
@@ -120,6 +124,7 @@ def memory_dict(spec: MemorySpec, stream: Stream, workdir: Path) -> dict[str, An
         swap["workers"] = spec.swap_workers
     if spec.swap_ratio is not None:
         swap["ratio"] = spec.swap_ratio
+    swap["deterministic"] = spec.deterministic
     memory["state_dir"] = str(workdir / "state")
     out = {"memory": memory, **{k: v for k, v in data.items() if k not in ("memory",)}, "swap": swap}
     CarouselConfig.from_dict(out)  # every problem surfaces here, as a ConfigError naming the key
@@ -234,6 +239,9 @@ class StorageReplay:
 
     def observe(self, ids: Any, logits: Any = None, loss: Any = None) -> None:
         """Nothing to do: every past sample is already replayable."""
+
+    def end_step(self) -> None:
+        """Nothing to do: no swaps."""
 
     def stats(self) -> dict[str, Any]:
         return {"added": self._n, "stored": len(self.store), "bytes": self.store.nbytes}

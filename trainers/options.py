@@ -36,6 +36,7 @@ class RunConfig:
     profile: str | None = None
     swap_workers: int | None = None
     swap_ratio: float | None = None
+    swap_mode: str = "deterministic"        # carousel mode: swaps at step boundaries (repeatable) or "async"
     daemon: bool = False
     connect: str | None = None
     tasks: int | None = None
@@ -79,6 +80,10 @@ def add_run_arguments(p: argparse.ArgumentParser, *, memory: bool = True) -> Non
                    "fitted to the benchmark); default: one LMDB tier holding every sample, ratio 0.5, carm")
     p.add_argument("--swap-workers", type=int, help="carousel mode: swap threads; 0 = synchronous swapping (ablation)")
     p.add_argument("--swap-ratio", type=float, help="carousel mode: override [swap].ratio")
+    p.add_argument("--swap-mode", default="deterministic", choices=("deterministic", "async"),
+                   help="carousel mode: deterministic (default: swaps land at step boundaries, one step after "
+                   "they are asked for, so a seed gives the same run) or async (swaps land whenever storage "
+                   "delivers, as CarM runs them: not repeatable)")
     p.add_argument("--daemon", action="store_true", help="carousel mode: run the memory in a `carousel serve` "
                    "subprocess and train through carousel.connect")
     p.add_argument("--connect", help="carousel mode: the socket of a running daemon (its memory must be empty)")
@@ -111,7 +116,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
     cfg = RunConfig(benchmark=args.benchmark, method=args.method, memory=getattr(args, "memory", "ram"),
                     memory_kind=args.memory_kind, tier_capacity=args.tier_capacity, theta=args.theta,
                     em_size=args.em_size, profile=args.profile, swap_workers=args.swap_workers,
-                    swap_ratio=args.swap_ratio, daemon=args.daemon, connect=args.connect, tasks=args.tasks,
+                    swap_ratio=args.swap_ratio, swap_mode=args.swap_mode, daemon=args.daemon, connect=args.connect, tasks=args.tasks,
                     arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, replay_size=args.replay_size,
                     lr=args.lr, hparams=hparams, seed=getattr(args, "seed", 0), data_root=args.data_root,
                     download=args.download, limit_per_class=args.limit_per_class, eval_limit=args.eval_limit,

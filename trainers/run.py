@@ -100,7 +100,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"carousel-{cfg.method}-{cfg.memory}-"))
     spec = MemorySpec(cfg.memory, cfg.em_size, admission=method_cls.admission,
                       extras=method_cls.extras(stream.num_classes), profile=cfg.profile,
-                      swap_workers=cfg.swap_workers, swap_ratio=cfg.swap_ratio, daemon=cfg.daemon,
+                      swap_workers=cfg.swap_workers, swap_ratio=cfg.swap_ratio,
+                      deterministic=cfg.swap_mode == "deterministic", daemon=cfg.daemon,
                       connect=cfg.connect, seed=cfg.seed, kind=cfg.memory_kind,
                       tier_capacity=cfg.tier_capacity, theta=cfg.theta)
     timer = PhaseTimer()

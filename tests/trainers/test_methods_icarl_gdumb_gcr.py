@@ -279,6 +279,9 @@ class StaleRing:
     def observe(self, *args, **kwargs):
         return self.memory.observe(*args, **kwargs)
 
+    def end_step(self):
+        return self.memory.end_step()
+
     def stats(self):
         return self.memory.stats()
 

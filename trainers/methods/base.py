@@ -33,6 +33,7 @@ class ReplayMemory(Protocol):
     def sample(self, n: int, **kwargs: Any) -> Batch: ...
     def observe(self, ids: Any, logits: Any = None, loss: Any = None) -> None: ...
     def stats(self) -> dict[str, Any]: ...
+    def end_step(self) -> None: ...
 
 
 class PhaseTimer:
@@ -151,6 +152,7 @@ class Method(ABC):
         for batch, logits in replayed:
             if batch is not None:
                 self.observe(batch, logits)
+        self.memory.end_step()  # a deterministic memory lands the swaps asked for a step ago here
         return float(loss.detach())
 
     def add(self, x: torch.Tensor, y: torch.Tensor, task: int, **extras: torch.Tensor) -> torch.Tensor:

@@ -104,6 +104,7 @@ class GDumb(Method):
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), _CLIP)
                 self.opt.step()
                 self.observe(mb, logits)
+                self.memory.end_step()
                 step += 1
 
     @torch.no_grad()
