@@ -19,10 +19,11 @@ SHAPE = (3, 8, 8)
 CLASSES = 6
 
 
-def config(tmp_path, name: str, workers: int = 1, deterministic: bool = True, kind: str = "flat"):
+def config(tmp_path, name: str, workers: int = 1, deterministic: bool = True, kind: str = "flat",
+           verify: bool = False):
     # A small flash tier overflowing into a bounded disk tier: demotions and evictions every few
     # steps, decided at step boundaries in deterministic mode.
-    return {"memory": {"em_size": 48, "sample_shape": list(SHAPE), "seed": 7},
+    return {"memory": {"em_size": 48, "sample_shape": list(SHAPE), "seed": 7, "verify": verify},
             "swap": {"ratio": 1.0, "workers": workers, "start_task": 0, "deterministic": deterministic},
             "write_behind": {"queue_samples": 1024, "batch": 16},
             "tiers": [{"kind": "lmdb", "path": str(tmp_path / name / "flash"), "capacity": 120},
@@ -122,10 +123,14 @@ def test_same_calls_same_run_whatever_the_timing(tmp_path, kind, variants):
 
 
 def test_without_end_step_each_add_is_a_step(tmp_path):
-    with CarouselMemory.from_dict(config(tmp_path, "a")) as a, CarouselMemory.from_dict(config(tmp_path, "b")) as b:
+    """Also: the integrity mode checks every batch of the second memory (its swaps land at
+    boundaries) and finds nothing amiss, and checking changes nothing that is replayed."""
+    with CarouselMemory.from_dict(config(tmp_path, "a")) as a, \
+            CarouselMemory.from_dict(config(tmp_path, "b", verify=True)) as b:
         Slow(b, seed=1)
         assert run(a, explicit=False) == run(b, explicit=False)
         assert a.stats()["swapped_in"] > 50
+        assert b.registry.get_sample_value("carousel_integrity_checked_samples_total", {"result": "ok"}) > 500
 
 
 def test_conservation_and_a_step_of_lag(tmp_path):
