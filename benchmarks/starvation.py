@@ -248,11 +248,31 @@ def trace_summary(records: Sequence[Mapping[str, Any]], classes_per_task: int) -
     - ``max_dip``: the largest fall of one task's accuracy between two traced evaluations (points, step, task);
     - ``em_min_old_class``: the fewest EM samples of any class of an earlier task (count, step, label),
       from train records (the EM fills a new class's share during its task);
+    - ``worst_class``: the lowest accuracy of a class at a task's end (after ``end_task``), with where
+      most of its samples went instead (value, step, label, predicted label);
+    - ``new_into_old``: of the errors on the task just trained, at each task's end, the share (percent)
+      predicted as a class of an earlier task (rather than as the other class of the same task);
     - ``swaps_per_step``: swapped-in samples per step over the run; ``max_lag``, ``max_pending``;
     - ``step_s``: the median seconds per train step.
     """
-    out: dict[str, Any] = {"min_old": None, "max_dip": None, "em_min_old_class": None, "swaps_per_step": None,
-                           "max_lag": None, "max_pending": None, "step_s": None}
+    out: dict[str, Any] = {"min_old": None, "max_dip": None, "em_min_old_class": None, "worst_class": None,
+                           "new_into_old": None, "swaps_per_step": None, "max_lag": None, "max_pending": None,
+                           "step_s": None}
+    into_old = errors = 0
+    for r in records:
+        if r.get("phase") != "end_task" or "class_acc" not in r:
+            continue
+        for label, v in r["class_acc"].items():
+            if out["worst_class"] is None or v < out["worst_class"][0]:
+                went = r.get("confusion", {}).get(label, {})
+                out["worst_class"] = (v, r["step"], int(label), int(max(went, key=went.get)) if went else None)
+        first_new = r["task"] * classes_per_task
+        for label in range(first_new, first_new + classes_per_task):
+            for pred, k in r.get("confusion", {}).get(str(label), {}).items():
+                errors += k
+                into_old += k if int(pred) < first_new else 0
+    if errors:
+        out["new_into_old"] = round(100.0 * into_old / errors, 1)
     evals = [r for r in records if "acc" in r]
     for r in evals:
         for j, v in enumerate(r["acc"][:r["task"]]):
@@ -324,15 +344,16 @@ def table_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The per-run markdown table."""
     lines = ["| run | condition | load start / mean | final class-IL | just trained, per task | collapse | "
              "trace: lowest old task (step, task) | trace: largest dip (step, task) | "
-             "EM: fewest of an old class (step, label) | swaps/step | max lag / pending | s/step | "
+             "EM: fewest of an old class (step, label) | worst class at a task end (step, label -> mostly) | "
+             "just-trained errors into old classes | swaps/step | max lag / pending | s/step | "
              "integrity errors | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r.get("trace") or {}
         jt = "/".join(f"{v:.1f}" for v in r["just_trained"]) if r.get("just_trained") else "-"
         collapse = "-" if r.get("collapse") is None else ("**yes**: " + "; ".join(r["collapse"]) if r["collapse"]
                                                           else "no")
-        mo, dip, em = t.get("min_old"), t.get("max_dip"), t.get("em_min_old_class")
+        mo, dip, em, worst = t.get("min_old"), t.get("max_dip"), t.get("em_min_old_class"), t.get("worst_class")
         status = r.get("status") or "-"
         if status != "ok" and r.get("error"):
             status += f": {r['error'][:120]}"
@@ -341,7 +362,9 @@ def table_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             f"{_f(r.get('load_mean'), '{:.2f}')} | {_f(r.get('final'), '{:.2f}')} | {jt} | {collapse} | "
             f"{f'{mo[0]:.1f} ({mo[1]}, T{mo[2]})' if mo else '-'} | "
             f"{f'{dip[0]:.1f} ({dip[1]}, T{dip[2]})' if dip else '-'} | "
-            f"{f'{em[0]} ({em[1]}, {em[2]})' if em else '-'} | {_f(t.get('swaps_per_step'))} | "
+            f"{f'{em[0]} ({em[1]}, {em[2]})' if em else '-'} | "
+            f"{f'{worst[0]:.1f} ({worst[1]}, {worst[2]} -> {worst[3]})' if worst else '-'} | "
+            f"{_f(t.get('new_into_old'), '{:.0f} %')} | {_f(t.get('swaps_per_step'))} | "
             f"{_f(t.get('max_lag'), '{:.0f}')} / {_f(t.get('max_pending'), '{:.0f}')} | {_f(t.get('step_s'), '{:.2f}')} | "
             f"{r.get('integrity_errors', 0)} | {status} |")
     return lines

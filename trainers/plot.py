@@ -56,10 +56,10 @@ def _histograms(records: Sequence[Mapping[str, Any]], key: str, classes: list[st
 
 
 def trace_figure(records: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
-    """Four panels over the train steps of one run (records from :mod:`trainers.trace`): the EM's
+    """Five panels over the train steps of one run (records from :mod:`trainers.trace`): the EM's
     class histogram (stacked), the replayed classes' shares (stacked), swaps per step with the swap
-    lag and pending writes, and each task's accuracy on its trace subset with the loss. Dotted
-    vertical lines mark task ends."""
+    lag and pending writes, each task's accuracy on its trace subset with the loss, and each class's
+    accuracy (the EM's colours). Dotted vertical lines mark task ends."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -68,8 +68,8 @@ def trace_figure(records: Sequence[Mapping[str, Any]], path: Path, title: str) -
     classes = sorted({c for r in records for key in ("em", "replayed") for c in r.get(key, {})}, key=int)
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     colors = [cmap(int(c) % cmap.N) for c in classes]
-    fig, axes = plt.subplots(4, 1, figsize=(9, 11), sharex=True)
-    ax_em, ax_rep, ax_swap, ax_acc = axes
+    fig, axes = plt.subplots(5, 1, figsize=(9, 13.5), sharex=True)
+    ax_em, ax_rep, ax_swap, ax_acc, ax_cls = axes
     if classes and any("em" in r for r in records):
         ax_em.stackplot(steps, _histograms(records, "em", classes), labels=classes, colors=colors, step="post")
         ax_em.legend(title="class", fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -106,13 +106,19 @@ def trace_figure(records: Sequence[Mapping[str, Any]], path: Path, title: str) -
             ax_acc.plot(*zip(*pts), marker=".", ms=3, lw=1, label=f"task {j + 1}")
         ax_acc.set_ylim(0, 100)
         ax_acc.legend(fontsize=7, ncol=2, loc="lower left")
-    ax_acc.set_ylabel("class-IL acc on trace subset (%)")
+    ax_acc.set_ylabel("class-IL acc per task,\ntrace subset (%)")
     losses = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     if losses:
         twin = ax_acc.twinx()
         twin.plot(*zip(*losses), color="black", lw=0.6, alpha=0.5)
         twin.set_ylabel("loss (black)")
-    ax_acc.set_xlabel("train step")
+    for c, color in zip(classes, colors):
+        pts = [(r["step"], r["class_acc"][c]) for r in evals if c in r.get("class_acc", {})]
+        if pts:
+            ax_cls.plot(*zip(*pts), marker=".", ms=3, lw=1, color=color)
+    ax_cls.set_ylim(0, 100)
+    ax_cls.set_ylabel("class-IL acc per class (%)")
+    ax_cls.set_xlabel("train step")
     for r in records:
         if r.get("phase") == "end_task":
             for ax in axes:

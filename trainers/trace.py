@@ -8,7 +8,8 @@ next to ``result.json``::
     {"step": 120, "task": 1, "phase": "train", "t_s": 41.2, "step_s": 0.21, "loss": 0.83,
      "replayed": {"0": 96, "1": 101, ...}, "em": {"0": 130, "1": 122, ...},
      "added": 3840, "swapped_in": 1904, "swapped_out": 1904, "swap_lag": 3, "pending_writes": 0,
-     "prefetched": 12, "acc": [71.5, 93.0]}
+     "prefetched": 12, "acc": [71.5, 93.0], "class_acc": {"0": 60.0, "1": 83.0, "2": 91.0, "3": 95.0},
+     "confusion": {"0": {"1": 31, "2": 9}, "1": {"0": 17}}}
 
 - ``step``: train steps done so far (over every task); ``phase``: ``train`` or ``end_task``.
 - ``loss``, ``step_s``: mean loss and seconds per step over the steps since the last record.
@@ -18,7 +19,9 @@ next to ``result.json``::
   ``stats()`` gives them (absent from a memory that has none, e.g. ``--memory storage``).
 - ``acc`` (every ``M`` steps and at each ``end_task`` record): class-IL accuracy (percent) of each
   task seen so far, the current one included, on a fixed subset of its test set
-  (``--trace-eval-size`` samples, evenly spaced, the same at every record).
+  (``--trace-eval-size`` samples, evenly spaced, the same at every record); ``class_acc``: the same
+  per class; ``confusion``: where the misclassified samples went (true label -> predicted label ->
+  count, errors only): a task at 50 % whose second class all went to an old class shows there.
 
 The trace only observes: it draws no random numbers and changes no state, so a RAM-only run gives
 the same result with it as without (a test checks this). One exception: iCaRL's ``predict``
@@ -119,7 +122,7 @@ class Tracer:
             rec["em"] = {str(k): int(v) for k, v in stats["em_classes"].items()}
         rec.update({k: stats[k] for k in _COUNTERS if k in stats})
         if evaluate:
-            rec["acc"] = self.accuracy(method, task)
+            rec["acc"], rec["class_acc"], rec["confusion"] = self.evaluate(method, task)
         self.records.append(rec)
         if self._fh is not None:
             self._fh.write(json.dumps(rec, separators=(",", ":")) + "\n")
@@ -129,20 +132,28 @@ class Tracer:
         self.seconds += self._t_last - now
 
     @torch.no_grad()
-    def accuracy(self, method: Any, upto: int) -> list[float]:
-        """Class-IL accuracy (percent) of tasks ``0..upto`` on their fixed subsets."""
+    def evaluate(self, method: Any, upto: int) -> tuple[list[float], dict[str, float], dict[str, dict[str, int]]]:
+        """Class-IL accuracy (percent) of tasks ``0..upto`` on their fixed subsets, the same per class,
+        and the errors as ``{true: {predicted: count}}`` (labels as strings)."""
         seen = (upto + 1) * self.stream.classes_per_task
         was_training = method.model.training
-        out = []
+        acc: list[float] = []
+        per_class: dict[str, float] = {}
+        confusion: dict[str, dict[str, int]] = {}
         try:
             for xs, ys in self.subsets[:upto + 1]:
                 x = prepare(torch.from_numpy(xs).to(self.device), self.stream, train=False)
-                logits = method.predict(x).float()
-                right = int((logits[:, :seen].argmax(1).cpu() == torch.from_numpy(ys)).sum())
-                out.append(round(100.0 * right / len(ys), 2))
+                pred = method.predict(x).float()[:, :seen].argmax(1).cpu().numpy()
+                acc.append(round(100.0 * float(np.mean(pred == ys)), 2))
+                for c in np.unique(ys):
+                    mine = pred[ys == c]
+                    per_class[str(c)] = round(100.0 * float(np.mean(mine == c)), 2)
+                    wrong, counts = np.unique(mine[mine != c], return_counts=True)
+                    if wrong.size:
+                        confusion[str(c)] = {str(w): int(k) for w, k in zip(wrong, counts)}
         finally:
             method.model.train(was_training)
-        return out
+        return acc, per_class, confusion
 
 
 def read_trace(path: str | Path) -> list[dict[str, Any]]:

@@ -99,12 +99,15 @@ def test_trace_summary_finds_the_dip_and_the_starved_class():
         {"step": 15, "task": 1, "phase": "train", "em": {"1": 2, "2": 3}, "acc": [35.0, 80.0],
          "swapped_in": 30, "swap_lag": 1, "pending_writes": 0, "step_s": 0.3},
         {"step": 15, "task": 1, "phase": "end_task", "em": {"0": 2, "1": 1, "2": 2}, "acc": [60.0, 80.0],
+         "class_acc": {"0": 60.0, "1": 80.0}, "confusion": {"0": {"1": 8}, "1": {"0": 3, "2": 1}},
          "swapped_in": 30, "swap_lag": 0, "pending_writes": 0},
     ]
     s = trace_summary(records, classes_per_task=1)
     assert s["min_old"] == (35.0, 15, 1)          # task 1, while task 2 trained
     assert s["max_dip"] == (55.0, 15, 1)          # 90 -> 35 between steps 10 and 15
     assert s["em_min_old_class"] == (0, 15, 0)    # class 0 had left the EM at step 15
+    assert s["worst_class"] == (60.0, 15, 0, 1)   # at a task's end, class 0 mostly taken for class 1
+    assert s["new_into_old"] == 75.0              # task 2 (class 1): 3 of its 4 errors went to class 0
     assert s["swaps_per_step"] == 2.0 and s["max_lag"] == 3 and s["max_pending"] == 4
     assert s["step_s"] == 0.3
 

@@ -41,8 +41,14 @@ def test_trace_records_the_em_the_replays_the_swaps_and_the_accuracy(tmp_path):
         assert sum(r["replayed"].values()) <= 16 * 3
         if r["step"] % 6 == 0 or r["phase"] == "end_task":
             assert len(r["acc"]) == r["task"] + 1 and all(0 <= a <= 100 for a in r["acc"])
+            assert set(r["class_acc"]) == seen
+            # A task's accuracy is its classes' (equal-sized subsets: generated data is balanced).
+            for t, a in enumerate(r["acc"]):
+                assert a == pytest.approx((r["class_acc"][str(2 * t)] + r["class_acc"][str(2 * t + 1)]) / 2, abs=0.01)
+            for true, went in r["confusion"].items():  # errors only, to seen classes
+                assert true not in went and set(went) <= seen and r["class_acc"][true] < 100
         else:
-            assert "acc" not in r
+            assert "acc" not in r and "confusion" not in r
     assert sum(sum(r["replayed"].values()) for r in records) == 16 * (result["steps"] - 1)  # none at step 1
     # Cumulative counters only grow; carousel swaps once the second task's replays begin.
     for key in ("added", "swapped_in", "swapped_out"):
