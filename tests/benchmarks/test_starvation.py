@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.hogs import Hogs, alive
-from benchmarks.starvation import (Thresholds, collapse_reasons, parse_cells, plan, trace_summary, write_table)
+from benchmarks.starvation import (Thresholds, collapse_reasons, large_drops, parse_cells, plan, trace_summary,
+                                   write_table)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,11 +84,12 @@ RAM = [[97.0, None, None, None, None], [95.0, 91.0, None, None, None], [90.0, 85
        [85.0, 80.0, 75.0, 90.0, None], [80.0, 75.0, 70.0, 72.0, 89.0]]
 
 
-def test_collapse_reasons_follow_the_thresholds():
-    assert collapse_reasons(ISSUE_DERPP) == ["T3 -56.0 in T4", "T5 just trained: 50.2", "T1 -46.0 in T5",
-                                             "T4 -31.1 in T5"]
-    assert collapse_reasons(RAM) == []
-    assert collapse_reasons(ISSUE_DERPP, Thresholds(just_trained_below=40, drop_above=50)) == ["T3 -56.0 in T4"]
+def test_collapses_and_drops_follow_the_thresholds():
+    assert collapse_reasons(ISSUE_DERPP) == ["T5 just trained: 50.2"]
+    assert large_drops(ISSUE_DERPP) == ["T3 -56.0 in T4", "T1 -46.0 in T5", "T4 -31.1 in T5"]
+    assert collapse_reasons(RAM) == [] and large_drops(RAM) == []
+    strict = Thresholds(just_trained_below=40, drop_above=50)
+    assert collapse_reasons(ISSUE_DERPP, strict) == [] and large_drops(ISSUE_DERPP, strict) == ["T3 -56.0 in T4"]
 
 
 def test_trace_summary_finds_the_dip_and_the_starved_class():
@@ -143,14 +145,14 @@ def test_table_from_synthetic_runs(tmp_path):
     bad = rows["derpp-carousel-s12-loaded-r0"]
     assert bad["final"] == pytest.approx(62.04)
     assert bad["just_trained"] == [97.0, 87.0, 91.8, 82.2, 50.2]
-    assert "T5 just trained: 50.2" in bad["collapse"]
+    assert bad["collapse"] == ["T5 just trained: 50.2"] and "T3 -56.0 in T4" in bad["drops"]
     assert bad["trace"]["min_old"] == (40.0, 10, 1) and bad["trace"]["max_dip"] == (50.0, 10, 1)
     assert bad["trace"]["em_min_old_class"] == (0, 5, 1)
-    assert rows["derpp-ram-s12-quiet-r0"]["collapse"] == []
+    assert rows["derpp-ram-s12-quiet-r0"]["collapse"] == [] and rows["derpp-ram-s12-quiet-r0"]["drops"] == []
     failed = rows["er-daemon-s0-loaded-r0"]
     assert failed["final"] is None and failed["integrity_errors"] == 3
     table = (tmp_path / "table.md").read_text()
-    assert "**yes**: T3 -56.0 in T4" in table
+    assert "| **yes**: T5 just trained: 50.2 | T3 -56.0 in T4; T1 -46.0 in T5; T4 -31.1 in T5 |" in table
     assert "| er-daemon s0 r0 | loaded |" in table and "failed: carousel.memory.IntegrityError: slot 3" in table
     saved = json.loads((tmp_path / "starvation.json").read_text())
     # Both carousel runs against the one RAM-only run of seed 12 (the reference is deterministic).
