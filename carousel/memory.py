@@ -548,7 +548,8 @@ class CarouselMemory:
 
     def stats(self) -> dict[str, Any]:
         """Counts for people and tests: ``added``, ``evicted``, ``swapped_in``, ``swapped_out``,
-        ``tiers: {name: {"samples", "bytes"}}`` and more. ``added`` is the next sample id: the
+        ``tiers: {name: {"samples", "bytes"}}``, ``em_classes: {str(label): samples in the EM}`` (string
+        keys: the same in-process and through the daemon's JSON) and more. ``added`` is the next sample id: the
         samples ever added, plus, after a crash, the reserved ids it skipped (ids are never reused)."""
         m = self.metrics
         tiers: dict[str, dict[str, int]] = {"ram": {"samples": self.pool.filled(),
@@ -563,6 +564,8 @@ class CarouselMemory:
         def value(name: str, **labels: str) -> float:
             return m.registry.get_sample_value(name, labels) or 0.0
 
+        labels = self.pool.labels_snapshot()  # one short lock; np.unique over em_size labels: ~10 us
+        held, counts = np.unique(labels[labels >= 0], return_counts=True)
         hits = value("carousel_prefetch_requests_total", result="hit")
         misses = value("carousel_prefetch_requests_total", result="miss")
         return {
@@ -576,6 +579,7 @@ class CarouselMemory:
             "prefetched": self._engine.prefetched() if self._engine else 0,
             "prefetch_hit_rate": hits / (hits + misses) if hits + misses else math.nan,
             "current_task": self._current_task,
+            "em_classes": {str(c): int(k) for c, k in zip(held.tolist(), counts.tolist())},
             "tiers": tiers,
             "errors": {"write_behind": repr(self._writer.last_error) if self._writer and self._writer.last_error
                        else None,

@@ -56,6 +56,9 @@ class RunConfig:
     out: str | None = None
     progress: bool = True
     label: str | None = None               # the run's name in tables and figures (default: the memory mode)
+    trace_every: int = 0                   # a trace record every N steps (trace.jsonl, trace.png); 0: off
+    trace_eval_every: int = 0              # trace: class-IL on a fixed test subset every M steps; 0: off
+    trace_eval_size: int = 200             # trace: test samples per task in that subset
 
 
 def add_run_arguments(p: argparse.ArgumentParser, *, memory: bool = True) -> None:
@@ -104,6 +107,14 @@ def add_run_arguments(p: argparse.ArgumentParser, *, memory: bool = True) -> Non
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--trace-every", type=int, default=0, metavar="N",
+                   help="every N steps, record the loss, the replayed classes, the EM's class histogram and the "
+                   "swap counters to trace.jsonl (plotted to trace.png); default 0: off")
+    p.add_argument("--trace-eval-every", type=int, default=0, metavar="M",
+                   help="trace: every M steps (and after every task) also the class-IL accuracy of each seen "
+                   "task on a fixed subset of its test set; default 0: off")
+    p.add_argument("--trace-eval-size", type=int, default=200, metavar="K",
+                   help="trace: test samples per task in that subset (default 200)")
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
@@ -120,7 +131,9 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
                     arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, replay_size=args.replay_size,
                     lr=args.lr, hparams=hparams, seed=getattr(args, "seed", 0), data_root=args.data_root,
                     download=args.download, limit_per_class=args.limit_per_class, eval_limit=args.eval_limit,
-                    device=args.device, threads=args.threads, progress=not args.no_progress)
+                    device=args.device, threads=args.threads, progress=not args.no_progress,
+                    trace_every=args.trace_every, trace_eval_every=args.trace_eval_every,
+                    trace_eval_size=args.trace_eval_size)
     if args.published:
         cfg.epochs, cfg.arch = 50, "resnet18"
     for k, v in overrides.items():

@@ -1,9 +1,11 @@
-"""Figures: average accuracy over the tasks seen after each task, one line per run or memory mode."""
+"""Figures: average accuracy over the tasks seen after each task, one line per run or memory mode
+(:func:`accuracy_figure`); one run's trace over its steps (:func:`trace_figure`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,5 +46,88 @@ def accuracy_figure(curves: Mapping[str, Sequence[Sequence[Sequence[float]]]], p
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _histograms(records: Sequence[Mapping[str, Any]], key: str, classes: list[str]) -> np.ndarray:
+    """``(classes, records)`` counts of ``record[key]`` (missing: 0)."""
+    return np.array([[float(r.get(key, {}).get(c, 0)) for r in records] for c in classes])
+
+
+def trace_figure(records: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
+    """Five panels over the train steps of one run (records from :mod:`trainers.trace`): the EM's
+    class histogram (stacked), the replayed classes' shares (stacked), swaps per step with the swap
+    lag and pending writes, each task's accuracy on its trace subset with the loss, and each class's
+    accuracy (the EM's colours). Dotted vertical lines mark task ends."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([r["step"] for r in records], dtype=np.float64)
+    classes = sorted({c for r in records for key in ("em", "replayed") for c in r.get(key, {})}, key=int)
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    colors = [cmap(int(c) % cmap.N) for c in classes]
+    fig, axes = plt.subplots(5, 1, figsize=(9, 13.5), sharex=True)
+    ax_em, ax_rep, ax_swap, ax_acc, ax_cls = axes
+    if classes and any("em" in r for r in records):
+        ax_em.stackplot(steps, _histograms(records, "em", classes), labels=classes, colors=colors, step="post")
+        ax_em.legend(title="class", fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax_em.set_ylabel("EM samples per class")
+    # Shares over the records that saw replays (an end_task record at a step already recorded has none).
+    drawn = [r for r in records if sum(r.get("replayed", {}).values())]
+    if classes and drawn:
+        rep = _histograms(drawn, "replayed", classes)
+        ax_rep.stackplot([r["step"] for r in drawn], rep / rep.sum(axis=0), colors=colors, step="pre")
+    ax_rep.set_ylabel("replayed since last record:\nshare per class")
+    ax_rep.set_ylim(0, 1)
+    if len(records) > 1 and "swapped_in" in records[0]:
+        d_steps = np.diff(steps)
+        moved = d_steps > 0  # rates between records steps apart (not a record and its end_task twin)
+        for key, style in (("swapped_in", "-"), ("swapped_out", "--")):
+            per = np.diff([r.get(key, 0) for r in records])[moved] / d_steps[moved]
+            ax_swap.step(steps[1:][moved], per, where="pre", ls=style, label=f"{key.replace('_', ' ')} per step")
+        ax_swap.set_ylabel("swaps per step")
+        twin = ax_swap.twinx()
+        for key, color in (("swap_lag", "tab:red"), ("pending_writes", "tab:gray")):
+            if key in records[0]:
+                twin.plot(steps, [r.get(key, 0) for r in records], color=color, lw=0.8, label=key.replace("_", " "))
+        twin.set_ylabel("queued")
+        handles = ax_swap.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        ax_swap.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left")
+    else:
+        ax_swap.text(0.5, 0.5, "no swap counters (no storage tiers)", ha="center", va="center",
+                     transform=ax_swap.transAxes)
+    evals = [r for r in records if "acc" in r]
+    if evals:
+        n_tasks = max(len(r["acc"]) for r in evals)
+        for j in range(n_tasks):
+            pts = [(r["step"], r["acc"][j]) for r in evals if len(r["acc"]) > j]
+            ax_acc.plot(*zip(*pts), marker=".", ms=3, lw=1, label=f"task {j + 1}")
+        ax_acc.set_ylim(0, 100)
+        ax_acc.legend(fontsize=7, ncol=2, loc="lower left")
+    ax_acc.set_ylabel("class-IL acc per task,\ntrace subset (%)")
+    losses = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    if losses:
+        twin = ax_acc.twinx()
+        twin.plot(*zip(*losses), color="black", lw=0.6, alpha=0.5)
+        twin.set_ylabel("loss (black)")
+    for c, color in zip(classes, colors):
+        pts = [(r["step"], r["class_acc"][c]) for r in evals if c in r.get("class_acc", {})]
+        if pts:
+            ax_cls.plot(*zip(*pts), marker=".", ms=3, lw=1, color=color)
+    ax_cls.set_ylim(0, 100)
+    ax_cls.set_ylabel("class-IL acc per class (%)")
+    ax_cls.set_xlabel("train step")
+    for r in records:
+        if r.get("phase") == "end_task":
+            for ax in axes:
+                ax.axvline(r["step"], color="black", ls=":", lw=0.8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

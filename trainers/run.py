@@ -5,7 +5,9 @@
 Trains task after task (one head over every class seen), evaluates every task seen after each
 one (class-IL: argmax over the classes seen so far; task-IL: argmax within the task's classes),
 and writes ``result.json`` (accuracy matrices, final average accuracy, forgetting, BWT, wall time
-split into train / replay-sample / eval) and ``accuracy.png`` to ``--out``.
+split into train / replay-sample / eval) and ``accuracy.png`` to ``--out``; with ``--trace-every N``
+also ``trace.jsonl`` and ``trace.png`` (:mod:`trainers.trace`: per-step replayed classes, the EM's
+class histogram, swap counters and, with ``--trace-eval-every M``, per-task accuracy).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .models import MLP, reduced_resnet18, resnet18
 # RunConfig and the flags live in options.py (torch-free); importable from here as before.
 from .options import ARCHS, MODES, RunConfig, add_run_arguments, config_from_args, run_parser  # noqa: F401
 from .streams import Stream, generated_stream, make_stream
+from .trace import TRACE_FILE, Tracer
 
 
 
@@ -97,6 +100,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     model = build_model(cfg.arch, stream).to(device)
     method_cls = get_method(cfg.method)
     out = Path(cfg.out) if cfg.out else None
+    tracer: Tracer | None = None
+    if cfg.trace_every or cfg.trace_eval_every:
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+        tracer = Tracer(stream, cfg.trace_every, cfg.trace_eval_every, cfg.trace_eval_size,
+                        out / TRACE_FILE if out is not None else None, device)
     workdir = Path(tempfile.mkdtemp(prefix=f"carousel-{cfg.method}-{cfg.memory}-"))
     spec = MemorySpec(cfg.memory, cfg.em_size, admission=method_cls.admission,
                       extras=method_cls.extras(stream.num_classes), profile=cfg.profile,
@@ -105,7 +114,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                       connect=cfg.connect, seed=cfg.seed, kind=cfg.memory_kind,
                       tier_capacity=cfg.tier_capacity, theta=cfg.theta)
     timer = PhaseTimer()
-    opened = open_memory(spec, stream, workdir)
+    try:
+        opened = open_memory(spec, stream, workdir)
+    except BaseException:
+        if tracer is not None:
+            tracer.close()
+        raise
     label = cfg.label or cfg.memory
     acc_c = np.full((len(stream.tasks),) * 2, np.nan)
     acc_t = np.full_like(acc_c, np.nan)
@@ -115,6 +129,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                       cfg.seed, timer, torch.Generator(device=device).manual_seed(cfg.seed), cfg.memory_kind,
                       tiered=cfg.memory == "carousel")
         method = method_cls(ctx, em_size=cfg.em_size, **cfg.hparams)
+        if tracer is not None:
+            tracer.attach(method)
         print(f"{cfg.method} on {stream.name} ({len(stream.tasks)} tasks, {stream.source}); memory {opened.describe}",
               flush=True)
         order_rng = np.random.default_rng([cfg.seed, 11])
@@ -131,12 +147,16 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                         x = torch.from_numpy(task.train_x[idx])
                         y = torch.from_numpy(task.train_y[idx])
                         losses.append(method.train_step(x, y, task.index))
+                        if tracer is not None:
+                            tracer.after_step(method, opened.memory, task.index, losses[-1])
                         bar.update(1)
                         if bar.n % 50 == 0:
                             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
             bar.close()
             with timer.timed("end_task"):
                 method.end_task(task)
+            if tracer is not None:
+                tracer.after_task(method, opened.memory, task.index)
             with timer.timed("eval"):
                 cil, til = evaluate(method, stream, task.index, device, cfg.eval_limit)
             acc_c[task.index, :task.index + 1] = cil
@@ -144,8 +164,21 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             print(f"[{label}] after task {task.index + 1}: class-IL {np.mean(cil):.2f}%  task-IL {np.mean(til):.2f}%  "
                   f"per task {[round(v, 1) for v in cil]}", flush=True)
     finally:
-        memory_stats = opened.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            memory_stats = opened.close()
+        finally:
+            if out is not None and (workdir / "daemon.log").is_file():  # --daemon: kept for post-mortems
+                out.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(workdir / "daemon.log", out / "daemon.log")
+            shutil.rmtree(workdir, ignore_errors=True)
+            if tracer is not None:
+                tracer.close()
+                if out is not None and tracer.records:  # also for a run that failed: what led up to it
+                    try:
+                        plot.trace_figure(tracer.records, out / "trace.png",
+                                          f"{cfg.method} ({label}) on {stream.name}, seed {cfg.seed}")
+                    except Exception as exc:  # noqa: BLE001 - a figure must not hide the run's own error
+                        print(f"[{label}] trace figure failed: {exc!r}", file=sys.stderr)
     summary = metrics.summary(acc_c)
     seconds = dict(timer.seconds)
     result = {
@@ -154,15 +187,21 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "acc_matrix": metrics.to_json_matrix(acc_c),
         "task_il_matrix": metrics.to_json_matrix(acc_t),
         "wall_time_s": {"total": time.perf_counter() - t_start,
-                        "train": seconds.get("train", 0.0) + seconds.get("end_task", 0.0),
+                        # A trace's records inside the train loop are not training.
+                        "train": seconds.get("train", 0.0) + seconds.get("end_task", 0.0)
+                        - (tracer.step_seconds if tracer is not None else 0.0),
                         "replay_sample": seconds.get("replay_sample", 0.0),
                         "replay_observe": seconds.get("replay_observe", 0.0),
                         "memory_add": seconds.get("memory_add", 0.0),
                         "saliency": seconds.get("saliency", 0.0),
-                        "eval": seconds.get("eval", 0.0)},
+                        "eval": seconds.get("eval", 0.0),
+                        "trace": tracer.seconds if tracer is not None else 0.0},
         "steps": len(losses),
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "memory": {"mode": cfg.memory, "describe": opened.describe, "stats": _plain(memory_stats)},
+        "trace": ({"file": TRACE_FILE, "records": len(tracer.records), "every": cfg.trace_every,
+                   "eval_every": cfg.trace_eval_every, "eval_size": cfg.trace_eval_size}
+                  if tracer is not None else None),
         "stream": {"name": stream.name, "tasks": len(stream.tasks), "num_classes": stream.num_classes,
                    "class_order": list(stream.class_order), "source": stream.source},
         "config": asdict(cfg),
@@ -225,6 +264,8 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     try:
         result = run(cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        raise SystemExit(f"trainers run: {exc}") from None
-    print(f"wrote {cfg.out}/result.json and {cfg.out}/accuracy.png")
+        # The class name too: a RuntimeError subclass (an integrity check's error) is told apart.
+        raise SystemExit(f"trainers run: {type(exc).__name__}: {exc}") from None
+    traced = f", {cfg.out}/trace.jsonl and {cfg.out}/trace.png" if result["trace"] else ""
+    print(f"wrote {cfg.out}/result.json, {cfg.out}/accuracy.png{traced}")
     return result

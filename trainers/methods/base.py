@@ -84,6 +84,9 @@ class Method(ABC):
     name: ClassVar[str]
     admission: ClassVar[str] = "reservoir"   # the memory's admission policy this method expects
     default_lr: ClassVar[dict[str, float]] = {}  # per benchmark name; "*" for the rest
+    # Labels of the replay batches drawn since a trace (trainers.trace.Tracer) last read them;
+    # None, the default, records nothing.
+    replayed: list[torch.Tensor] | None = None
 
     def __init__(self, ctx: Context, **hparams: Any) -> None:
         self.ctx = ctx
@@ -133,9 +136,12 @@ class Method(ABC):
         return prepare(x.to(self.device, non_blocking=True), self.stream, train=train, generator=self.ctx.generator)
 
     def replay(self, n: int | None = None, **kwargs: Any) -> Batch | None:
-        """A replay batch from the memory (None while it is empty), timed as ``replay_sample``."""
+        """A replay batch from the memory (None while it is empty), timed as ``replay_sample``;
+        its labels go to :attr:`replayed` when a trace listens."""
         with self.ctx.timer.timed("replay_sample"):
             batch = self.memory.sample(self.ctx.replay_size if n is None else n, **kwargs)
+        if self.replayed is not None and len(batch):
+            self.replayed.append(batch.y)
         return batch if len(batch) else None
 
     def observe(self, batch: Batch, logits: torch.Tensor) -> None:
