@@ -6,13 +6,15 @@ Every ``N`` train steps (and after every task's ``end_task``) one JSON line goes
 next to ``result.json``::
 
     {"step": 120, "task": 1, "phase": "train", "t_s": 41.2, "step_s": 0.21, "loss": 0.83,
-     "replayed": {"0": 96, "1": 101, ...}, "em": {"0": 130, "1": 122, ...},
+     "replay_loss": 0.41, "replayed": {"0": 96, "1": 101, ...}, "em": {"0": 130, "1": 122, ...},
      "added": 3840, "swapped_in": 1904, "swapped_out": 1904, "swap_lag": 3, "pending_writes": 0,
      "prefetched": 12, "acc": [71.5, 93.0], "class_acc": {"0": 60.0, "1": 83.0, "2": 91.0, "3": 95.0},
      "confusion": {"0": {"1": 31, "2": 9}, "1": {"0": 17}}}
 
 - ``step``: train steps done so far (over every task); ``phase``: ``train`` or ``end_task``.
 - ``loss``, ``step_s``: mean loss and seconds per step over the steps since the last record.
+- ``replay_loss``: mean cross-entropy of the replayed batches under the model that trained on them
+  (before its update): near 0 once a fixed buffer is memorized.
 - ``replayed``: labels of every replayed sample since the last record (class -> count).
 - ``em``: the EM's class histogram now (``stats()["em_classes"]``).
 - ``added`` ... ``prefetched``: the memory's cumulative counters and queue lengths, as its
@@ -85,6 +87,7 @@ class Tracer:
     def attach(self, method: Any) -> None:
         """Make ``method`` report its replay draws here (``Method.replay`` appends to the list)."""
         method.replayed = []
+        method.replay_ce = []
 
     def after_step(self, method: Any, memory: Any, task: int, loss: float) -> None:
         """Count the step; write a record when it is due."""
@@ -113,9 +116,12 @@ class Tracer:
         for y in labels:
             replayed.update(y.tolist())
         method.replayed = []
+        ce = method.replay_ce or []
+        method.replay_ce = [] if method.replay_ce is not None else None
         rec: dict[str, Any] = {"step": self._step, "task": task, "phase": phase, "t_s": round(now - self._t0, 3),
                                "step_s": round((now - self._t_last) / len(self._losses), 4) if self._losses else None,
                                "loss": float(np.mean(self._losses)) if self._losses else None,
+                               "replay_loss": float(np.mean(ce)) if ce else None,
                                "replayed": {str(k): v for k, v in sorted(replayed.items())}}
         stats = memory.stats()
         if "em_classes" in stats:

@@ -37,6 +37,9 @@ def test_trace_records_the_em_the_replays_the_swaps_and_the_accuracy(tmp_path):
         assert set(r["em"]) <= seen and set(r["replayed"]) <= seen
         assert sum(r["em"].values()) == min(40, 16 * r["step"])
         assert r["loss"] > 0 and r["step_s"] > 0
+        # The replayed batches' cross-entropy: none before the first replay, a positive mean after.
+        assert (r["replay_loss"] is None) == (not r["replayed"])
+        assert r["replay_loss"] is None or r["replay_loss"] > 0
         # ER draws one batch of min(16, EM) per step: every replayed sample since the last record is counted.
         assert sum(r["replayed"].values()) <= 16 * 3
         if r["step"] % 6 == 0 or r["phase"] == "end_task":

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from carousel.batch import Batch
@@ -87,6 +88,10 @@ class Method(ABC):
     # Labels of the replay batches drawn since a trace (trainers.trace.Tracer) last read them;
     # None, the default, records nothing.
     replayed: list[torch.Tensor] | None = None
+    # Cross-entropy of each replayed batch under the model that trained on it (before its update),
+    # kept for the trace the same way: how much the replay still has to teach (a fixed RAM buffer is
+    # soon memorized; a rotating carousel EM keeps bringing samples the model has not fitted).
+    replay_ce: list[float] | None = None
 
     def __init__(self, ctx: Context, **hparams: Any) -> None:
         self.ctx = ctx
@@ -158,6 +163,10 @@ class Method(ABC):
         for batch, logits in replayed:
             if batch is not None:
                 self.observe(batch, logits)
+                if self.replay_ce is not None and logits is not None:
+                    with torch.no_grad():
+                        self.replay_ce.append(float(F.cross_entropy(self.masked(logits.detach()),
+                                                                    batch.y.to(logits.device))))
         self.memory.end_step()  # a deterministic memory lands the swaps asked for a step ago here
         return float(loss.detach())
 
