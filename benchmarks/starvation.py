@@ -53,6 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .hogs import Hogs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -274,11 +276,34 @@ def trace_summary(records: Sequence[Mapping[str, Any]], classes_per_task: int) -
     - ``new_into_old``: of the errors on the task just trained, at each task's end, the share (percent)
       predicted as a class of an earlier task (rather than as the other class of the same task);
     - ``swaps_per_step``: swapped-in samples per step over the run; ``max_lag``, ``max_pending``;
-    - ``step_s``: the median seconds per train step.
+    - ``step_s``: the median seconds per train step;
+    - ``late_current``: per task (by index; None for a task with no end record), the mean and the standard deviation of its own accuracy over the
+      traced evaluations in the second half of its training: what the model learned of the task,
+      less the luck of the one step that ends it (the newest task's class-IL accuracy swings by tens
+      of points between steps, in RAM-only runs too);
+    - ``replay_loss``: per task, the mean cross-entropy of the replayed batches while it trained.
     """
     out: dict[str, Any] = {"min_old": None, "max_dip": None, "em_min_old_class": None, "worst_class": None,
                            "new_into_old": None, "swaps_per_step": None, "max_lag": None, "max_pending": None,
-                           "step_s": None}
+                           "step_s": None, "late_current": None, "replay_loss": None}
+    ends = {r["task"]: r["step"] for r in records if r.get("phase") == "end_task"}
+    late: list[tuple[float, float] | None] = []
+    losses: list[float | None] = []
+    for k in range(max(ends) + 1 if ends else 0):
+        if k not in ends:  # a task the trace saw no end of (a run killed mid-task): nothing to say
+            late.append(None)
+            losses.append(None)
+            continue
+        start = ends.get(k - 1, 0)
+        mine = [r for r in records if r.get("phase") == "train" and r["task"] == k]
+        vals = [r["acc"][k] for r in mine if "acc" in r and r["step"] > start + (ends[k] - start) / 2]
+        late.append((float(np.mean(vals)), float(np.std(vals))) if vals else None)
+        ce = [r["replay_loss"] for r in mine if r.get("replay_loss") is not None]
+        losses.append(float(np.mean(ce)) if ce else None)
+    if any(v is not None for v in late):
+        out["late_current"] = late
+    if any(v is not None for v in losses):
+        out["replay_loss"] = losses
     into_old = errors = 0
     for r in records:
         if r.get("phase") != "end_task" or "class_acc" not in r:
@@ -430,13 +455,51 @@ def repeat_groups(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def cell_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every cell over its runs (seeds, conditions, repeats): runs, collapses, mean final accuracy,
+    the mean accuracy of each task right after it (end of task, and over the second half of its
+    training from the trace), how much that swings between traced steps, the mean replay
+    cross-entropy and the share of the just-trained task's errors that went to old classes."""
+    by: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("final") is not None:
+            by[r["cell"]].append(r)
+
+    def mean(vals: Iterable[float | None]) -> float | None:
+        got = [v for v in vals if v is not None]
+        return float(np.mean(got)) if got else None
+
+    out = []
+    for cell, rs in by.items():
+        lates = [v for r in rs for v in ((r.get("trace") or {}).get("late_current") or []) if v is not None]
+        out.append({"cell": cell, "runs": len(rs), "collapsed": sum(1 for r in rs if r.get("collapse")),
+                    "final": mean(r["final"] for r in rs),
+                    "final_sd": float(np.std([r["final"] for r in rs])),
+                    "just_trained": mean(v for r in rs for v in r["just_trained"]),
+                    "late_current": mean(m for m, _ in lates), "late_swing": mean(sd for _, sd in lates),
+                    "replay_loss": mean(v for r in rs for v in ((r.get("trace") or {}).get("replay_loss") or [])),
+                    "new_into_old": mean((r.get("trace") or {}).get("new_into_old") for r in rs),
+                    "integrity_errors": sum(r.get("integrity_errors", 0) for r in rs)})
+    return out
+
+
 def write_table(out: Path, th: Thresholds = Thresholds()) -> list[dict[str, Any]]:
     """``table.md`` and ``starvation.json`` from every run under ``out``; returns the rows."""
     rows = load_rows(out, th)
-    pairs, groups = pair_rows(rows), repeat_groups(rows)
+    pairs, groups, cells = pair_rows(rows), repeat_groups(rows), cell_summary(rows)
     text = [f"Starvation runs under {out} (collapse: a task below {th.just_trained_below:g} % class-IL right after "
             f"training it; one-task drops: a task falling more than {th.drop_above:g} points while the next trains)",
-            "", *table_lines(rows)]
+            "", "By cell (means over its runs; 'late' = the task's own accuracy over the second half of its "
+            "training, from the trace, and its swing: the standard deviation between traced steps):", "",
+            "| cell | runs | collapsed | final (sd) | just trained, at the task's end | just trained, late "
+            "(swing) | replay CE | new-task errors into old classes | integrity errors |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        text.append(f"| {c['cell']} | {c['runs']} | {c['collapsed']} | {_f(c['final'], '{:.2f}')} "
+                    f"({c['final_sd']:.2f}) | {_f(c['just_trained'])} | {_f(c['late_current'])} "
+                    f"({_f(c['late_swing'])}) | {_f(c['replay_loss'], '{:.3f}')} | "
+                    f"{_f(c['new_into_old'], '{:.0f} %')} | {c['integrity_errors']} |")
+    text += ["", "Every run:", "", *table_lines(rows)]
     if pairs:
         text += ["", "Accuracy of each task right after learning it (class-IL), carousel against RAM-only, same seed:",
                  "", "| run | RAM-only reference | carousel | RAM-only | mean: carousel / RAM | final: carousel / RAM |",
@@ -453,8 +516,8 @@ def write_table(out: Path, th: Thresholds = Thresholds()) -> list[dict[str, Any]
             text.append(f"| {g['cell']} | {g['seed']} | {finals} | {g['spread']:.2f} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text("\n".join(text) + "\n")
-    (out / "starvation.json").write_text(json.dumps({"thresholds": vars(th), "runs": rows, "pairs": pairs,
-                                                     "repeats": groups}, indent=1, default=str))
+    (out / "starvation.json").write_text(json.dumps({"thresholds": vars(th), "cells": cells, "runs": rows,
+                                                     "pairs": pairs, "repeats": groups}, indent=1, default=str))
     return rows
 
 

@@ -112,6 +112,24 @@ def test_trace_summary_finds_the_dip_and_the_starved_class():
     assert s["new_into_old"] == 75.0              # task 2 (class 1): 3 of its 4 errors went to class 0
     assert s["swaps_per_step"] == 2.0 and s["max_lag"] == 3 and s["max_pending"] == 4
     assert s["step_s"] == 0.3
+    # Task 1 has no end record (nothing to say); task 2 ended at step 15 and, with no end of task 1
+    # before it, its second half is steps 8-15: its own accuracy 40 and 80 there.
+    assert s["late_current"] == [None, pytest.approx((60.0, 20.0))]
+    assert s["replay_loss"] is None  # no record carried one
+
+
+def test_trace_summary_late_accuracy_is_the_task_own_over_its_second_half():
+    records = [{"step": 2, "task": 0, "phase": "train", "acc": [10.0], "replay_loss": None},
+               {"step": 4, "task": 0, "phase": "train", "acc": [70.0], "replay_loss": 0.5},
+               {"step": 4, "task": 0, "phase": "end_task", "acc": [72.0]},
+               {"step": 6, "task": 1, "phase": "train", "acc": [50.0, 0.0], "replay_loss": 1.0},
+               {"step": 7, "task": 1, "phase": "train", "acc": [40.0, 90.0], "replay_loss": 2.0},
+               {"step": 8, "task": 1, "phase": "train", "acc": [30.0, 50.0], "replay_loss": 3.0},
+               {"step": 8, "task": 1, "phase": "end_task", "acc": [30.0, 50.0]}]
+    s = trace_summary(records, classes_per_task=2)
+    # Task 1: steps 3-4 (its second half: step 4 only); task 2: steps 7-8 (after 4 + 2).
+    assert s["late_current"] == [(70.0, 0.0), pytest.approx((70.0, 20.0))]
+    assert s["replay_loss"] == [0.5, 2.0]
 
 
 def _fake_run(out: Path, name: str, meta: dict, acc=None, trace=None, log: str = "") -> None:
@@ -161,6 +179,12 @@ def test_table_from_synthetic_runs(tmp_path):
     assert pairs["derpp-carousel-s12-loaded-r0"]["reference"] == "derpp-ram-s12-quiet-r0"
     assert pairs["derpp-carousel-s12-loaded-r0"]["carousel_mean"] == pytest.approx(81.64)
     assert pairs["derpp-carousel-s12-loaded-r0"]["ram_mean"] == pytest.approx(91.8)
+    cells = {c["cell"]: c for c in saved["cells"]}
+    assert cells["derpp-carousel"]["runs"] == 2 and cells["derpp-carousel"]["collapsed"] == 1
+    assert cells["derpp-carousel"]["final"] == pytest.approx((62.04 + 77.2) / 2)
+    assert cells["derpp-carousel"]["late_current"] is None  # the trace ended no task
+    assert "er-daemon" not in cells                          # a failed run has no accuracy to average
+    assert "| derpp-ram | 1 | 0 | 77.20 (0.00) |" in table
     (group,) = saved["repeats"]
     assert group["cell"] == "derpp-carousel" and group["spread"] == pytest.approx(77.2 - 62.04)
 
