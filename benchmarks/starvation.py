@@ -100,6 +100,11 @@ CELLS: dict[str, Cell] = {
     **{f"{m}-carousel-ratio{r}": Cell((*_FASHION, "--method", m, "--memory", "carousel", "--swap-ratio", r),
                                      (10, 11, 12), f"{m}-ram", f"{m}, carousel, swap ratio {r}")
        for m in ("er", "derpp") for r in ("0.1", "0.25")},
+    # A learning rate falling along a half cosine over each task (``--lr-schedule cosine``), in both modes.
+    **{f"{m}-{mode}-cosine": Cell((*_FASHION, "--method", m, "--memory", mode, "--lr-schedule", "cosine"),
+                                  (10, 11, 12), f"{m}-ram-cosine" if mode == "carousel" else None,
+                                  f"{m}, {mode}, cosine learning rate within each task")
+       for m in ("er", "derpp") for mode in ("carousel", "ram")},
     "er-daemon": Cell((*_DEMO, "--memory", "carousel", "--daemon"), (0,), "er-demo-ram",
                       "the demo's ER through a carousel daemon (issue: dipped on an overloaded machine)"),
     "er-demo-ram": Cell((*_DEMO, "--memory", "ram"), (0,)),

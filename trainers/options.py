@@ -20,6 +20,7 @@ __all__ = ["ARCHS", "MODES", "RunConfig", "add_run_arguments", "config_from_args
 
 ARCHS = ("auto", "mlp", "reduced-resnet18", "resnet18")
 MODES = ("ram", "carousel", "storage")  # the memory modes (trainers.memories.open_memory builds them)
+LR_SCHEDULES = ("constant", "cosine")    # trainers.run.lr_at
 
 
 @dataclass
@@ -45,6 +46,7 @@ class RunConfig:
     batch_size: int = 32
     replay_size: int = 32
     lr: float | None = None
+    lr_schedule: str = "constant"          # or "cosine": from lr to ~0 over each task's steps
     hparams: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     data_root: str | None = None
@@ -98,6 +100,10 @@ def add_run_arguments(p: argparse.ArgumentParser, *, memory: bool = True) -> Non
     p.add_argument("--batch-size", type=int, default=32, help="stream samples per step")
     p.add_argument("--replay-size", type=int, default=32, help="replay samples per draw")
     p.add_argument("--lr", type=float, help="default: the method's best setting for the benchmark")
+    p.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,
+                   help="constant (default) or cosine: within each task the learning rate falls from --lr towards "
+                        "0 along a half cosine over the task's steps, so a task ends on a settled model rather than "
+                        "mid-swing (see docs/collapses.md)")
     p.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE",
                    help="a method hyper-parameter, e.g. alpha=0.1 (repeatable)")
     p.add_argument("--data-root", help="data sets folder (default: ../shared/datasets, data, /usr/share/datasets)")
@@ -129,7 +135,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
                     em_size=args.em_size, profile=args.profile, swap_workers=args.swap_workers,
                     swap_ratio=args.swap_ratio, swap_mode=args.swap_mode, daemon=args.daemon, connect=args.connect, tasks=args.tasks,
                     arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, replay_size=args.replay_size,
-                    lr=args.lr, hparams=hparams, seed=getattr(args, "seed", 0), data_root=args.data_root,
+                    lr=args.lr, lr_schedule=args.lr_schedule, hparams=hparams, seed=getattr(args, "seed", 0), data_root=args.data_root,
                     download=args.download, limit_per_class=args.limit_per_class, eval_limit=args.eval_limit,
                     device=args.device, threads=args.threads, progress=not args.no_progress,
                     trace_every=args.trace_every, trace_eval_every=args.trace_eval_every,

@@ -79,6 +79,32 @@ def test_a_seed_gives_the_same_run_twice_in_deterministic_mode(daemon):
     assert stats[0] == stats[1] and stats[0]["swapped_in"] > 0
 
 
+def test_cosine_schedule_lowers_the_learning_rate_within_each_task(monkeypatch):
+    """--lr-schedule cosine: each task starts at --lr and its last step runs near 0; the default keeps --lr."""
+    from trainers.methods.er import ER
+
+    seen: list[float] = []
+    real = ER.train_step
+
+    def spy(self, x, y, task):
+        seen.append(self.opt.param_groups[0]["lr"])
+        return real(self, x, y, task)
+
+    monkeypatch.setattr(ER, "train_step", spy)
+    cosine = run(small(tasks=2, lr=0.1, lr_schedule="cosine"))
+    steps = cosine["steps"] // 2
+    assert len(seen) == 2 * steps and steps > 4
+    for task in range(2):
+        lrs = seen[task * steps:(task + 1) * steps]
+        assert lrs[0] == pytest.approx(0.1) and all(a > b for a, b in zip(lrs, lrs[1:]))
+        assert 0 < lrs[-1] < 0.01
+    seen.clear()
+    constant = run(small(tasks=2, lr=0.1))
+    assert seen == [0.1] * (2 * steps)
+    assert cosine["config"]["lr_schedule"] == "cosine" and constant["config"]["lr_schedule"] == "constant"
+    assert cosine["final_loss"] != constant["final_loss"]
+
+
 def test_storage_mode_replays_from_every_past_sample(tmp_path):
     stream = generated_stream(tasks=2, train_per_class=30, test_per_class=5)
     opened = open_memory(MemorySpec("storage", em_size=10), stream, tmp_path)
