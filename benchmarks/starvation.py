@@ -107,6 +107,8 @@ CELLS: dict[str, Cell] = {
        for m in ("er", "derpp") for mode in ("carousel", "ram")},
     "er-daemon": Cell((*_DEMO, "--memory", "carousel", "--daemon"), (0,), "er-demo-ram",
                       "the demo's ER through a carousel daemon (issue: dipped on an overloaded machine)"),
+    "er-daemon-async": Cell((*_DEMO, "--memory", "carousel", "--daemon", "--swap-mode", "async"), (0,),
+                            "er-demo-ram", "the demo's ER through a daemon, background swapping and rings as in the issue"),
     "er-demo-ram": Cell((*_DEMO, "--memory", "ram"), (0,)),
     "gcr-carousel": Cell((*_GCR, "--memory", "carousel"), (1,), "gcr-ram",
                          "GCR, coreset memory, carousel (README: seed 1 collapsed in the last task)"),
