@@ -105,6 +105,10 @@ CELLS: dict[str, Cell] = {
                                   (10, 11, 12), f"{m}-ram-cosine" if mode == "carousel" else None,
                                   f"{m}, {mode}, cosine learning rate within each task")
        for m in ("er", "derpp") for mode in ("carousel", "ram")},
+    **{f"{m}-carousel-async-cosine": Cell((*_FASHION, "--method", m, "--memory", "carousel", "--swap-mode", "async",
+                                           "--lr-schedule", "cosine"), (10, 11, 12), f"{m}-ram-cosine",
+                                          f"{m}, carousel, background swapping, cosine learning rate within each task")
+       for m in ("er", "derpp")},
     "er-daemon": Cell((*_DEMO, "--memory", "carousel", "--daemon"), (0,), "er-demo-ram",
                       "the demo's ER through a carousel daemon (issue: dipped on an overloaded machine)"),
     "er-daemon-async": Cell((*_DEMO, "--memory", "carousel", "--daemon", "--swap-mode", "async"), (0,),
