@@ -46,7 +46,7 @@ class RunConfig:
     batch_size: int = 32
     replay_size: int = 32
     lr: float | None = None
-    lr_schedule: str = "constant"          # or "cosine": from lr to ~0 over each task's steps
+    lr_schedule: str = "cosine"            # from lr to ~0 over each task's steps, or "constant" (before issue 20)
     hparams: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     data_root: str | None = None
@@ -100,10 +100,10 @@ def add_run_arguments(p: argparse.ArgumentParser, *, memory: bool = True) -> Non
     p.add_argument("--batch-size", type=int, default=32, help="stream samples per step")
     p.add_argument("--replay-size", type=int, default=32, help="replay samples per draw")
     p.add_argument("--lr", type=float, help="default: the method's best setting for the benchmark")
-    p.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,
-                   help="constant (default) or cosine: within each task the learning rate falls from --lr towards "
-                        "0 along a half cosine over the task's steps, so a task ends on a settled model rather than "
-                        "mid-swing (see docs/collapses.md)")
+    p.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES,
+                   help="cosine (default): within each task the learning rate falls from --lr towards 0 along a half "
+                        "cosine over the task's steps, so a task ends on a settled model rather than mid-swing (see "
+                        "docs/collapses.md); constant: --lr throughout (the trainers before issue 20)")
     p.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE",
                    help="a method hyper-parameter, e.g. alpha=0.1 (repeatable)")
     p.add_argument("--data-root", help="data sets folder (default: ../shared/datasets, data, /usr/share/datasets)")

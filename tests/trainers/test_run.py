@@ -80,7 +80,8 @@ def test_a_seed_gives_the_same_run_twice_in_deterministic_mode(daemon):
 
 
 def test_cosine_schedule_lowers_the_learning_rate_within_each_task(monkeypatch):
-    """--lr-schedule cosine: each task starts at --lr and its last step runs near 0; the default keeps --lr."""
+    """--lr-schedule cosine (the default): each task starts at --lr and its last step runs near 0;
+    constant keeps --lr."""
     from trainers.methods.er import ER
 
     seen: list[float] = []
@@ -91,7 +92,7 @@ def test_cosine_schedule_lowers_the_learning_rate_within_each_task(monkeypatch):
         return real(self, x, y, task)
 
     monkeypatch.setattr(ER, "train_step", spy)
-    cosine = run(small(tasks=2, lr=0.1, lr_schedule="cosine"))
+    cosine = run(small(tasks=2, lr=0.1))
     steps = cosine["steps"] // 2
     assert len(seen) == 2 * steps and steps > 4
     for task in range(2):
@@ -99,7 +100,7 @@ def test_cosine_schedule_lowers_the_learning_rate_within_each_task(monkeypatch):
         assert lrs[0] == pytest.approx(0.1) and all(a > b for a, b in zip(lrs, lrs[1:]))
         assert 0 < lrs[-1] < 0.01
     seen.clear()
-    constant = run(small(tasks=2, lr=0.1))
+    constant = run(small(tasks=2, lr=0.1, lr_schedule="constant"))
     assert seen == [0.1] * (2 * steps)
     assert cosine["config"]["lr_schedule"] == "cosine" and constant["config"]["lr_schedule"] == "constant"
     assert cosine["final_loss"] != constant["final_loss"]
