@@ -176,7 +176,7 @@ class SaliencyConfig:
     """
 
     theta: float = 0.6                    # keep pixels with saliency >= theta, in [0, 1]
-    completion: str = "diffusion"         # how dropped pixels are filled on read (carousel.completion registry)
+    completion: str = "diffusion"         # how dropped pixels are filled on read (carousel.kinds.completion registry)
     level: int = 3                        # zstd level of the code, in [1, 22]
     # Pixels below theta: kept at this many bits (of 8) -- coarse but sharp -- or dropped (0) and
     # completed on read, from a 1/thumbnail-scale image when thumbnail > 0.

@@ -1,6 +1,6 @@
 """Completion: fill the pixels a saliency-compressed sample dropped, before it reaches the EM.
 
-A saliency memory stores only a sample's salient pixels (:mod:`carousel.kinds`); when the swap
+A saliency memory stores only a sample's salient pixels (:mod:`carousel.kinds.saliency_codec`); when the swap
 engine reads one back, a :class:`Completion` fills the rest -- in the prefetch path, so
 ``sample()`` never pays for it. One small ABC and a registry by name, so a learned completion
 network (trained jointly with the learner, as SAMC suggests) plugs in with
@@ -75,7 +75,7 @@ def from_base(x: np.ndarray, known: np.ndarray, base: np.ndarray) -> np.ndarray:
     kept as a script) gave a mean error of 24 of 255 on dropped pixels, against 60-80 when the
     kept pixels' difference from the base is diffused into the hole and ~160 without a base: the
     kept region is the object, whose border says little about the background around it.
-    ``tests/carousel/test_saliency.py`` checks the base halves the error at least.
+    ``tests/kinds/test_saliency.py`` checks the base halves the error at least.
     """
     return np.where(known, x, base).astype(np.float32)
 

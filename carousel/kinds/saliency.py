@@ -3,7 +3,7 @@
 :func:`grad_cam` gives each image a map in [0, 1] at input size: Grad-CAM on a convolutional
 layer (the last block, normally), for the class the model predicts among ``classes`` (the current
 task's). Hand the maps to ``add(..., saliency=maps)`` of a ``kind = "saliency"`` memory; its codec
-keeps the pixels whose saliency is >= ``theta`` (:mod:`carousel.kinds`).
+keeps the pixels whose saliency is >= ``theta`` (:mod:`carousel.kinds.saliency_codec`).
 
 >>> import torch
 >>> from torch import nn
