@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .em_pool import torch_dtype
+from ..em_pool import torch_dtype
 
 SHM_DIR = "/dev/shm"
 _PREFIX = "carousel-"

@@ -1,10 +1,10 @@
 """``carousel serve``: the daemon that owns memories and serves them to trainer processes.
 
 One asyncio loop accepts connections on a Unix socket in a private directory (and, optionally,
-TCP on loopback with a token), reads framed requests (:mod:`carousel.wire`) and runs each memory
+TCP on loopback with a token), reads framed requests (:mod:`carousel.daemon.wire`) and runs each memory
 operation on a small thread pool, so a slow ``add`` under back-pressure never stalls another
 client's ``sample``. A filler thread keeps every client's standing sample requests topped up in
-shared-memory rings (:mod:`carousel.shm`): a steady-state ``sample`` on the client is a look at
+shared-memory rings (:mod:`carousel.daemon.shm`): a steady-state ``sample`` on the client is a look at
 a ring, with no socket round trip. Metrics of every memory, labelled ``memory``, are served on
 ``/metrics`` over HTTP on loopback.
 
@@ -45,14 +45,15 @@ from prometheus_client.core import Metric
 
 from storage_backends import StoreError
 
-from . import __version__, sd_notify
+from .. import __version__
+from ..config import ConfigError
+from ..inputs import MemoryInputError, check_count
+from ..memory import CarouselMemory
+from ..write_behind import WriteBehindError
+from . import sd_notify
 from . import shm as shm_mod
 from . import wire
-from .config import ConfigError
-from .daemon_config import DaemonProfile
-from .inputs import MemoryInputError, check_count
-from .memory import CarouselMemory
-from .write_behind import WriteBehindError
+from .profile import DaemonProfile
 
 log = logging.getLogger("carousel.daemon")
 

@@ -51,13 +51,13 @@ import torch
 
 from storage_backends import errors as store_errors
 
+from ..batch import Batch
+from ..inputs import MemoryInputError, check_add, check_count, check_observe, check_retain, check_values
+from ..integrity import Verifier
+from ..write_behind import WriteBehindError
 from . import wire
-from .batch import Batch
-from .daemon_config import resolve_socket_path, socket_hint
-from .inputs import MemoryInputError, check_add, check_count, check_observe, check_retain, check_values
-from .integrity import Verifier
+from .profile import resolve_socket_path, socket_hint
 from .shm import Doorbell, RingLayout, RingReader, Segment, ShmError
-from .write_behind import WriteBehindError
 
 __all__ = ["DaemonRestartedError", "MemoryClient", "connect"]
 
@@ -99,7 +99,7 @@ def connect(socket_path: str | os.PathLike[str] | None = None, memory: str = "de
     Where: ``socket_path`` (a Unix socket path, or ``tcp://HOST:PORT``, which needs ``token``), else
     the socket of the profile ``config`` (the file ``carousel serve --config`` ran), else
     ``$CAROUSEL_SOCKET``, else ``$XDG_RUNTIME_DIR/carousel/carousel.sock``
-    (:func:`~carousel.daemon_config.resolve_socket_path`).
+    (:func:`~carousel.daemon.profile.resolve_socket_path`).
 
     ``wait_s``: how long the first connection waits for a daemon to answer before it fails, naming
     the path (raise it right after starting a daemon); ``reconnect_s``: how long a dropped
