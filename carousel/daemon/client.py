@@ -57,7 +57,8 @@ from ..integrity import Verifier
 from ..write_behind import WriteBehindError
 from . import wire
 from .profile import resolve_socket_path, socket_hint
-from .shm import Doorbell, RingLayout, RingReader, Segment, ShmError
+from .shm import Doorbell, Segment, ShmError
+from .shm_ring import RingLayout, RingReader
 
 __all__ = ["DaemonRestartedError", "MemoryClient", "connect"]
 

@@ -54,6 +54,7 @@ from . import sd_notify
 from . import shm as shm_mod
 from . import wire
 from .profile import DaemonProfile
+from .shm_ring import BatchRing, RingLayout
 
 log = logging.getLogger("carousel.daemon")
 
@@ -229,7 +230,7 @@ class Filler(threading.Thread):
     def __init__(self, metrics: DaemonMetrics) -> None:
         super().__init__(name="carousel-ring-filler", daemon=True)
         self.lock = threading.Lock()  # guards ``rings`` and every ring's segment while it is written
-        self.rings: dict[int, tuple[Served, shm_mod.BatchRing, dict]] = {}
+        self.rings: dict[int, tuple[Served, BatchRing, dict]] = {}
         self._halt = threading.Event()
         self.doorbell = shm_mod.Doorbell.create()  # rung by clients handing slots back, and by us
         self._metrics = metrics
@@ -237,7 +238,7 @@ class Filler(threading.Thread):
         self.torch_threads = 1
         self.last_error: BaseException | None = None
 
-    def add(self, ring_id: int, served: Served, ring: shm_mod.BatchRing, filters: dict) -> None:
+    def add(self, ring_id: int, served: Served, ring: BatchRing, filters: dict) -> None:
         with self.lock:
             self.rings[ring_id] = (served, ring, filters)
         self.doorbell.ring()
@@ -1043,10 +1044,10 @@ class _Connection:
                 # In the integrity mode every slot also has the reference columns, which the
                 # filler's sample_into fills and the client checks.
                 columns = {} if mem.verifier is None else mem.verifier.columns
-                layout = shm_mod.RingLayout.plan(n, self.d.profile.daemon.ring_slots, {**mem.fields, **columns})
+                layout = RingLayout.plan(n, self.d.profile.daemon.ring_slots, {**mem.fields, **columns})
                 if layout.size > max(self.d.profile.daemon.max_frame_bytes * 4, 1 << 26):
                     raise _RequestError("input", f"a ring of {layout.size} bytes is too large; sample fewer rows")
-                ring = shm_mod.BatchRing(layout, key)
+                ring = BatchRing(layout, key)
                 ring.set_epoch(served.epoch)
                 ring_id = next(self.d._ring_ids)
                 self.rings.append(ring_id)

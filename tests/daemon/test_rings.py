@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from carousel.daemon import shm
-from carousel.daemon.shm import FREE, READY, TAKEN, BatchRing, Doorbell, RingLayout, RingReader, Segment
+from carousel.daemon.shm import Doorbell, Segment
+from carousel.daemon.shm_ring import FREE, READY, TAKEN, BatchRing, RingLayout, RingReader
 
 FIELDS = {"x": ((2, 3), "uint8"), "y": ((), "int64"), "task": ((), "int16")}
 

@@ -29,7 +29,8 @@ import pytest
 import carousel
 from carousel.catalog import Catalog
 from carousel.daemon.profile import load_profile
-from carousel.daemon.shm import RingLayout, shm_free_bytes
+from carousel.daemon.shm import shm_free_bytes
+from carousel.daemon.shm_ring import RingLayout
 from storage_backends import Schema, open_store
 
 from tests.daemon.harness import free_port, rss_bytes
