@@ -124,7 +124,8 @@ def _serve(path: str, log_level: str | None) -> int:
 
     import logging
 
-    from .daemon.service import EARLY_STOP, Daemon, setup_logging
+    from .daemon.log import setup_logging
+    from .daemon.service import EARLY_STOP, Daemon
 
     setup_logging(log_level or profile.daemon.log_level)
     log = logging.getLogger("carousel.daemon")
