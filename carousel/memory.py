@@ -6,6 +6,14 @@ batch from EM slots only. ``observe`` records what the trainer saw (correctness,
 and, from the ``start_task``-th task on, picks victims among the EM samples just replayed and
 asks the swap engine to refill their slots with other stored samples -- in the background.
 
+Why one module of ~670 lines: it is one class, :class:`CarouselMemory`, whose methods are the
+public API (``add``, ``sample``, ``observe``, ``retain``, ``stats``, ``flush``, ``checkpoint``,
+``close``) and which composes the parts that do the work (EM pool, catalog, policies, write-behind,
+swap engine, tiers). Each method is one path through those parts under one lock order (catalog,
+then EM); splitting the class would spread that order over files. What is not the data path lives
+elsewhere: input checks (``inputs.py``), recovery (``recovery.py``), the integrity mode
+(``integrity.py``), the deterministic mode's steps (``step_swaps.py``).
+
 >>> import torch
 >>> from carousel import CarouselMemory
 >>> mem = CarouselMemory.from_dict({"memory": {"em_size": 8, "sample_shape": [2]}})  # RAM only

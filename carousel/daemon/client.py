@@ -33,6 +33,12 @@ naming the socket; once connected, a dropped connection is re-established for up
   they raise :class:`DaemonRestartedError`, saying how many samples may be lost, instead of
   asking the new daemon (which never saw them). Otherwise they retry once;
 - everything else (``sample``, ``observe``, ``stats``, ...) retries once.
+
+Why one module of ~540 lines: one class, :class:`MemoryClient`, whose public half mirrors
+:class:`~carousel.CarouselMemory` method for method (the trainers' methods run on either) and
+whose private half is the connection those methods share under one lock: reconnect,
+session, fork, rings and the upload segment. The frames are :mod:`carousel.daemon.wire`'s, the
+rings :mod:`carousel.daemon.shm_ring`'s.
 """
 
 from __future__ import annotations
