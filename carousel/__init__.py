@@ -1,4 +1,5 @@
-"""carousel: a storage-tiered replay memory for continual learning.
+"""carousel: a storage-tiered replay memory for continual learning; this top level is the memory core.
+It may import ``storage_backends`` and ``carousel.kinds``' face, never the daemon; this face and cli.py span the rooms.
 
 A small episodic memory (EM) in RAM, every sample also kept on flash (LMDB) and disk (Zarr)
 tiers, and a swap engine that refills EM slots with other stored samples in the background, so a
