@@ -9,13 +9,12 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from carousel.daemon import shm
 from carousel.daemon.shm import Doorbell, Segment
-from carousel.daemon.shm_ring import FREE, READY, TAKEN, BatchRing, RingLayout, RingReader
+from carousel.daemon.shm_ring import FREE, TAKEN, BatchRing, RingLayout, RingReader
 
 FIELDS = {"x": ((2, 3), "uint8"), "y": ((), "int64"), "task": ((), "int16")}
 
