@@ -19,19 +19,16 @@ asserts nothing about speed.
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import carousel
 from carousel import CarouselMemory
 
 from . import report
+from .served import ServedDaemon
 
 SHAPE = (3, 32, 32)
 EM = 500
@@ -76,47 +73,45 @@ def _summary(lat: list[float], seconds: float) -> dict:
             "calls": len(lat)}
 
 
+def _paced_summary(lat: list[float], per_batch_key: str) -> dict:
+    """p50/p99 of calls timed between 1 ms spins of trainer work, and what a batch costs the trainer."""
+    arr = np.array(lat)
+    return {"p50_us": float(np.percentile(arr, 50) * 1e6), "p99_us": float(np.percentile(arr, 99) * 1e6),
+            "calls": len(lat), per_batch_key: float(np.mean(arr) * 1e6)}
+
+
 def run(seconds: float, rounds: int, workdir: Path) -> dict:
     mem = CarouselMemory.from_dict({"memory": {"em_size": EM, "sample_shape": list(SHAPE), "seed": 0},
                                     "tiers": [{"kind": "lmdb", "path": str(workdir / "inproc"),
                                                "capacity": 100000, "sync": False}]})
     _fill(mem)
-    profile = workdir / "profile.toml"
-    profile.write_text(f"[daemon]\nsocket_dir = \"{workdir / 'sock'}\"\ndata_dir = \"{workdir}\"\nmetrics = \"\"\n"
-                       + _memory_toml(workdir / "daemon-tier"))
-    log = open(workdir / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "carousel", "serve", "--config", str(profile)],
-                            stdout=log, stderr=subprocess.STDOUT)
     try:
-        client = carousel.connect(str(workdir / "sock" / "carousel.sock"), wait_s=60, reconnect_s=60)
-        _fill(client)
-        client.sample(N)  # subscribe: the ring exists before timing starts
-        seeds = iter(range(1 << 62))
-        # (call, torch threads of this process while timed). The daemon gathers with its profile's
-        # torch_threads (1), so the in-process draw is also timed with one thread: on a 2-core
-        # machine the daemon cannot take a second core without taking it from the trainer.
-        threads = torch.get_num_threads()
-        variants = {"in-process": (lambda: mem.sample(N), threads),
-                    "in-process, 1 torch thread (the daemon's)": (lambda: mem.sample(N), 1),
-                    "daemon, shared-memory ring": (lambda: client.sample(N), threads),
-                    "daemon, socket (seeded draw)": (lambda: client.sample(N, seed=next(seeds)), threads)}
-        lat: dict[str, list[float]] = {k: [] for k in variants}
-        paced: dict[str, list[float]] = {k: [] for k in ("in-process", "daemon, shared-memory ring")}
-        try:
-            for _ in range(rounds):
-                for name, (fn, n_threads) in variants.items():
-                    torch.set_num_threads(n_threads)
-                    lat[name] += _time(fn, seconds)
+        with ServedDaemon(workdir, _memory_toml(workdir / "daemon-tier")) as daemon:
+            client = daemon.client
+            _fill(client)
+            client.sample(N)  # subscribe: the ring exists before timing starts
+            seeds = iter(range(1 << 62))
+            # (call, torch threads of this process while timed). The daemon gathers with its profile's
+            # torch_threads (1), so the in-process draw is also timed with one thread: on a 2-core
+            # machine the daemon cannot take a second core without taking it from the trainer.
+            threads = torch.get_num_threads()
+            variants = {"in-process": (lambda: mem.sample(N), threads),
+                        "in-process, 1 torch thread (the daemon's)": (lambda: mem.sample(N), 1),
+                        "daemon, shared-memory ring": (lambda: client.sample(N), threads),
+                        "daemon, socket (seeded draw)": (lambda: client.sample(N, seed=next(seeds)), threads)}
+            lat: dict[str, list[float]] = {k: [] for k in variants}
+            paced: dict[str, list[float]] = {k: [] for k in ("in-process", "daemon, shared-memory ring")}
+            try:
+                for _ in range(rounds):
+                    for name, (fn, n_threads) in variants.items():
+                        torch.set_num_threads(n_threads)
+                        lat[name] += _time(fn, seconds)
+                    torch.set_num_threads(threads)
+                    for name in paced:
+                        paced[name] += _time(variants[name][0], seconds / 2, work_s=1e-3)
+            finally:
                 torch.set_num_threads(threads)
-                for name in paced:
-                    paced[name] += _time(variants[name][0], seconds / 2, work_s=1e-3)
-        finally:
-            torch.set_num_threads(threads)
-        client.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        log.close()
         mem.close()
     out = {name: _summary(v, seconds) for name, v in lat.items()}
     base = out["in-process"]["batches_per_s"]
@@ -125,9 +120,7 @@ def run(seconds: float, rounds: int, workdir: Path) -> dict:
         v["ratio_to_in_process"] = v["batches_per_s"] / base
         v["ratio_to_in_process_1_thread"] = v["batches_per_s"] / base_1t
     for name, v in paced.items():
-        out[f"{name}, 1 ms of trainer work between calls"] = {
-            "p50_us": float(np.percentile(v, 50) * 1e6), "p99_us": float(np.percentile(v, 99) * 1e6),
-            "calls": len(v), "trainer_cpu_us_per_batch": float(np.mean(v) * 1e6)}
+        out[f"{name}, 1 ms of trainer work between calls"] = _paced_summary(v, "trainer_cpu_us_per_batch")
     return out
 
 

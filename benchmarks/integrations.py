@@ -26,6 +26,8 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +150,20 @@ def avalanche_loop(plugin, steps: int) -> float:
     return (len(bm.train_stream[1].dataset) / 32) / (time.perf_counter() - t0)
 
 
+def _closed_after(buf: Any, measure: Callable[[Any], float]) -> float:
+    """``measure(buf)``, the buffer closed afterwards when it can be."""
+    rate = measure(buf)
+    if hasattr(buf, "close"):
+        buf.close()
+    return rate
+
+
+def _ratios(loop: str, rates: dict[str, float]) -> dict[str, dict]:
+    """One row per buffer: its steps/s and its ratio to the first row's, the framework's own buffer."""
+    base = next(iter(rates.values()), None)
+    return {name: {"loop": loop, "steps_per_s": rate, "ratio": rate / base} for name, rate in rates.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.integrations", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="few steps (a smoke run)")
@@ -165,14 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
                "CarouselBuffer, RAM only": lambda: CarouselBuffer(500),
                "CarouselBuffer + LMDB tier (swapping)": lambda: CarouselBuffer(
                    500, tiers=[{"kind": "lmdb", "capacity": 10**6}], root=tmp / "mam")}
-        base = None
-        for name, make in mam.items():
-            buf = make()
-            rate = mammoth_loop(buf, steps, warmup)
-            if hasattr(buf, "close"):
-                buf.close()
-            base = base or rate
-            rows[name] = {"loop": "mammoth-er", "steps_per_s": rate, "ratio": rate / base}
+        rows.update(_ratios("mammoth-er", {name: _closed_after(make(), lambda buf: mammoth_loop(buf, steps, warmup))
+                                           for name, make in mam.items()}))
         if importlib.util.find_spec("torchrl") is None:
             print("torchrl not installed: TorchRL rows skipped (pip install 'carousel[torchrl]')")
         else:
@@ -182,11 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
             trl = {"TorchRL LazyTensorStorage (RAM)": lambda: LazyTensorStorage(200_000),
                    "TorchRL LazyMemmapStorage (disk)": lambda: LazyMemmapStorage(200_000, scratch_dir=tmp / "mm"),
                    "CarouselStorage (LMDB tier)": lambda: CarouselStorage(200_000, tmp / "cs")}
-            base = None
-            for name, make in trl.items():
-                rate = torchrl_loop(make, steps, warmup)
-                base = base or rate
-                rows[name] = {"loop": "torchrl-dqn", "steps_per_s": rate, "ratio": rate / base}
+            rows.update(_ratios("torchrl-dqn", {name: torchrl_loop(make, steps, warmup) for name, make in trl.items()}))
         if importlib.util.find_spec("avalanche") is None:
             print("avalanche-lib not installed: Avalanche rows skipped")
         else:
@@ -197,14 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "CarouselReplayPlugin, RAM only": lambda: CarouselReplayPlugin(500, root=tmp / "ava0"),
                    "CarouselReplayPlugin + LMDB tier (swapping)": lambda: CarouselReplayPlugin(
                        500, tiers=[{"kind": "lmdb", "capacity": 10**6}], root=tmp / "ava1")}
-            base = None
-            for name, make in ava.items():
-                plugin = make()
-                rate = avalanche_loop(plugin, steps)
-                if hasattr(plugin, "close"):
-                    plugin.close()
-                base = base or rate
-                rows[name] = {"loop": "avalanche-naive", "steps_per_s": rate, "ratio": rate / base}
+            rows.update(_ratios("avalanche-naive", {name: _closed_after(make(), lambda p: avalanche_loop(p, steps))
+                                                    for name, make in ava.items()}))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     lines = [f"Integrations, {steps} steps each ({platform.processor() or platform.machine()}, "

@@ -179,8 +179,8 @@ class _Run:
             self.calls.append((t1 - t0) + (t3 - t2))
 
 
-def _interleaved(runs: list[_Run], steps: int, rounds: int) -> int:
-    """Warm up, then take turns in rounds; close; the first run's swaps."""
+def _take_turns(runs: list[_Run], steps: int, rounds: int) -> None:
+    """Warm up (allocator, prefetch queues), then take turns in rounds of ``steps`` timed steps each."""
     for run in runs:
         for _ in range(3):
             run.step(record=False)
@@ -188,6 +188,11 @@ def _interleaved(runs: list[_Run], steps: int, rounds: int) -> int:
         for run in runs:
             for _ in range(steps):
                 run.step(record=True)
+
+
+def _interleaved(runs: list[_Run], steps: int, rounds: int) -> int:
+    """Warm up, then take turns in rounds; close; the first run's swaps."""
+    _take_turns(runs, steps, rounds)
     swaps = runs[0].mem.stats()["swapped_in"]
     bound = runs[0].mem.registry.get_sample_value("carousel_step_boundary_seconds_total") or 0.0
     runs[0].boundary_s = bound / max(1, runs[0].step_no)
@@ -204,13 +209,7 @@ def bench_training(stored: int, steps: int, rounds: int, workdir: Path, read_del
     prefill_s = time.perf_counter() - t0
     runs = [_Run("RAM-only", _config(500, None, 1)),
             _Run("carousel async", _config(500, tier, 1), read_delay_s)]
-    for run in runs:
-        for _ in range(3):
-            run.step(record=False)  # warm-up: allocator, prefetch queues
-    for _ in range(rounds):
-        for run in runs:
-            for _ in range(steps):
-                run.step(record=True)
+    _take_turns(runs, steps, rounds)
     swaps_async = runs[1].mem.stats()["swapped_in"]
     hit = runs[1].mem.stats()["prefetch_hit_rate"]
     for run in runs:

@@ -24,20 +24,17 @@ nothing about speed.
 from __future__ import annotations
 
 import logging
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import carousel
 from carousel import CarouselMemory
 
 from . import report
-from .daemon import EM, N, SHAPE, _fill, _memory_toml, _summary, _time
+from .daemon import EM, N, SHAPE, _fill, _memory_toml, _paced_summary, _summary, _time
+from .served import ServedDaemon
 
 ADD_BATCH = 256
 ADD_CALLS = 8  # per timed add block (ack = "queued" flushes once per block)
@@ -69,16 +66,12 @@ def run(seconds: float, rounds: int, workdir: Path) -> dict:
     inproc = CarouselMemory.from_dict({**_memory_dict(), "tiers": [{**_memory_dict()["tiers"][0],
                                                                       "path": str(workdir / "inproc")}]})
     _fill(inproc)
-    profile = workdir / "profile.toml"
-    profile.write_text(f"[daemon]\nsocket_dir = \"{workdir / 'sock'}\"\ndata_dir = \"{workdir}\"\nmetrics = \"\"\n"
-                       + _memory_toml(workdir / "daemon-tier"))
-    log = open(workdir / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "carousel", "serve", "--config", str(profile)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=512 * 2**20)
+    daemon = None
     sharded: dict[str, ShardedMemory] = {}
     try:
-        client = carousel.connect(str(workdir / "sock" / "carousel.sock"), wait_s=60, reconnect_s=60)
+        daemon = ServedDaemon(workdir, _memory_toml(workdir / "daemon-tier"))
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=512 * 2**20)
+        client = daemon.client
         _fill(client)
         client.sample(N)  # subscribe: the ring exists before timing starts
         for n_shards in (1, 2):
@@ -135,14 +128,12 @@ def run(seconds: float, rounds: int, workdir: Path) -> dict:
                 while time.perf_counter() < end:
                     add_s[name].append(_add_block(fn, flush, g, []))
         degraded = {name: m.stats()["degraded_batches"] for name, m in sharded.items()}
-        client.close()
     finally:
         for m in sharded.values():
             m.shutdown()
         ray.shutdown()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        log.close()
+        if daemon is not None:
+            daemon.close()
         inproc.close()
     out = {"sample": {name: _summary(v, seconds) for name, v in lat.items()}}
     ring = out["sample"]["daemon, shared-memory ring"]["batches_per_s"]
@@ -150,9 +141,8 @@ def run(seconds: float, rounds: int, workdir: Path) -> dict:
     for v in out["sample"].values():
         v["ratio_to_daemon_ring"] = v["batches_per_s"] / ring
         v["ratio_to_daemon_socket"] = v["batches_per_s"] / sock
-    out["sample_paced"] = {f"{name}, 1 ms of trainer work between calls": {
-        "p50_us": float(np.percentile(v, 50) * 1e6), "p99_us": float(np.percentile(v, 99) * 1e6), "calls": len(v),
-        "trainer_us_per_batch": float(np.mean(v) * 1e6)} for name, v in paced.items()}
+    out["sample_paced"] = {f"{name}, 1 ms of trainer work between calls": _paced_summary(v, "trainer_us_per_batch")
+                           for name, v in paced.items()}
     out["add"] = {}
     for name, blocks in add_s.items():
         arr = np.array(blocks)

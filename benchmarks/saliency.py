@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from numcodecs import Zstd
 
 from carousel.kinds import RawCodec, SaliencyCodec
-from carousel.saliency import grad_cam, last_conv_block
+from carousel.kinds.saliency import grad_cam, last_conv_block
 from trainers.augment import prepare
 from trainers.models import reduced_resnet18
 from trainers.streams import make_stream

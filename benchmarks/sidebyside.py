@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -50,13 +49,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import carousel
 from carousel import CarouselMemory
 from storage_backends import open_store
 
 from . import memory as memory_bench
 from . import report
 from .peer_worker import BATCH, SHAPE, rates_interleaved
+from .served import ServedDaemon
 from .storage import FlatFile, drop_page_cache, list_files, make_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,14 +151,9 @@ class Daemon:
     def __init__(self, em: int, workdir: Path) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"daemon-{em}-", dir=workdir))
         self.sock_dir = Path(tempfile.mkdtemp(prefix="cb-"))  # short: AF_UNIX paths end at 108 bytes
-        profile = self.dir / "profile.toml"
-        profile.write_text(f"[daemon]\nsocket_dir = \"{self.sock_dir}\"\ndata_dir = \"{self.dir}\"\n"
-                           f"metrics = \"\"\n[memory]\nem_size = {em}\nsample_shape = {list(SHAPE)}\nseed = 0\n")
-        self.log = open(self.dir / "daemon.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "carousel", "serve", "--config", str(profile)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        self.socket = str(self.sock_dir / "carousel.sock")
-        self.client = carousel.connect(self.socket, wait_s=60, reconnect_s=60)  # it is starting
+        self.served = ServedDaemon(self.dir, f"[memory]\nem_size = {em}\nsample_shape = {list(SHAPE)}\nseed = 0\n",
+                                   socket_dir=self.sock_dir)
+        self.socket, self.client = self.served.socket, self.served.client
         g = torch.Generator().manual_seed(0)
         for lo in range(0, em, 500):
             n = min(500, em - lo)
@@ -167,10 +161,7 @@ class Daemon:
                             torch.randint(0, 10, (n,), generator=g), task=0)
 
     def close(self) -> None:
-        self.client.close()
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(60)
-        self.log.close()
+        self.served.close()
         shutil.rmtree(self.sock_dir, ignore_errors=True)
 
 

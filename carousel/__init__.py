@@ -1,4 +1,5 @@
-"""carousel: a storage-tiered replay memory for continual learning.
+"""carousel: a storage-tiered replay memory for continual learning; this top level is the memory core.
+It may import ``storage_backends`` and ``carousel.kinds``' face, never the daemon; this face and cli.py span the rooms.
 
 A small episodic memory (EM) in RAM, every sample also kept on flash (LMDB) and disk (Zarr)
 tiers, and a swap engine that refills EM slots with other stored samples in the background, so a
@@ -40,9 +41,9 @@ _LAZY = {
     "IntegrityError": "integrity",
     "CarouselMemory": "memory",
     "WriteBehindError": "write_behind",
-    "DaemonRestartedError": "client", "MemoryClient": "client", "connect": "client",
-    "ReplayDataset": "dataset", "StreamReplayDataset": "dataset",
-    "RemoteError": "wire",
+    "DaemonRestartedError": "daemon.client", "MemoryClient": "daemon.client", "connect": "daemon.client",
+    "ReplayDataset": "daemon.dataset", "StreamReplayDataset": "daemon.dataset",
+    "RemoteError": "daemon.wire",
 }
 
 __all__ = ["Batch", "CarouselConfig", "CarouselMemory", "ConfigError", "DaemonRestartedError", "IntegrityError",
@@ -52,13 +53,13 @@ __all__ = ["Batch", "CarouselConfig", "CarouselMemory", "ConfigError", "DaemonRe
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ below does the imports
     from .batch import Batch
-    from .client import DaemonRestartedError, MemoryClient, connect
     from .config import CarouselConfig, ConfigError, load_config
-    from .dataset import ReplayDataset, StreamReplayDataset
+    from .daemon.client import DaemonRestartedError, MemoryClient, connect
+    from .daemon.dataset import ReplayDataset, StreamReplayDataset
+    from .daemon.wire import RemoteError
     from .inputs import MemoryInputError
     from .integrity import IntegrityError
     from .memory import CarouselMemory
-    from .wire import RemoteError
     from .write_behind import WriteBehindError
 
 

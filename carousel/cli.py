@@ -1,6 +1,6 @@
 """The ``carousel`` command line.
 
-``carousel serve --config PROFILE.toml``   run the daemon (see :mod:`carousel.server`)
+``carousel serve --config PROFILE.toml``   run the daemon (see :mod:`carousel.daemon`)
 ``carousel check-config PROFILE.toml``     validate a profile (daemon or memory), check that it fits this
                                            machine (RAM, writable paths) and print what it holds; exit
 ``carousel status [--socket PATH | --config PROFILE]``
@@ -71,8 +71,8 @@ def _capacity(tier) -> str:
 
 def _check_config(path: str, machine: bool) -> int:
     from .config import ConfigError
-    from .daemon_config import load_profile
-    from .preflight import check_profile
+    from .daemon.preflight import check_profile
+    from .daemon.profile import load_profile
 
     try:
         profile = load_profile(path)
@@ -105,8 +105,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _serve(path: str, log_level: str | None) -> int:
     from .config import ConfigError
-    from .daemon_config import load_profile
-    from .preflight import check_profile
+    from .daemon.preflight import check_profile
+    from .daemon.profile import load_profile
 
     try:
         profile = load_profile(path)
@@ -124,7 +124,8 @@ def _serve(path: str, log_level: str | None) -> int:
 
     import logging
 
-    from .server import EARLY_STOP, Daemon, setup_logging
+    from .daemon.log import setup_logging
+    from .daemon.service import EARLY_STOP, Daemon
 
     setup_logging(log_level or profile.daemon.log_level)
     log = logging.getLogger("carousel.daemon")
@@ -177,7 +178,7 @@ def _status(socket_path: str | None, config: str | None, memory: str, interval: 
     import time
 
     from .config import ConfigError
-    from .daemon_config import resolve_socket_path, socket_hint
+    from .daemon.profile import resolve_socket_path, socket_hint
 
     try:
         address = resolve_socket_path(socket_path, config)
@@ -192,8 +193,8 @@ def _status(socket_path: str | None, config: str | None, memory: str, interval: 
               file=sys.stderr)
         return 1
 
-    from .client import connect
-    from .wire import RemoteError
+    from .daemon.client import connect
+    from .daemon.wire import RemoteError
 
     try:
         client = connect(address, memory, reconnect_s=0, timeout_s=10.0)

@@ -17,6 +17,11 @@ No tiers at all is a RAM-only replay buffer (the baseline). Everything is checke
 is started: invalid TOML, an unknown section or key, a wrong type or an out-of-range value raise
 :class:`ConfigError`, which names the file, the key (``tiers[1].capacity``) and the reason.
 
+Why one module of ~630 lines: one frozen dataclass per TOML section (``[memory]``, ``[swap]``,
+``[write_behind]``, ``[[tiers]]``) and the loader that checks them share one set of small
+validators (``_int``, ``_choice``, ...) and one error type; the daemon's profile
+(:mod:`carousel.daemon.profile`) reuses them. Defaults live in one place, as STYLE.md asks.
+
 >>> cfg = CarouselConfig.from_dict({"memory": {"em_size": 500, "sample_shape": [3, 32, 32]},
 ...                                 "tiers": [{"kind": "zarr", "path": "/data/disk", "capacity": "4GiB"}]})
 >>> cfg.swap.ratio, cfg.tiers[0].capacity_bytes, cfg.tiers[0].capacity_for(3 * 32 * 32 + 8)
@@ -176,7 +181,7 @@ class SaliencyConfig:
     """
 
     theta: float = 0.6                    # keep pixels with saliency >= theta, in [0, 1]
-    completion: str = "diffusion"         # how dropped pixels are filled on read (carousel.completion registry)
+    completion: str = "diffusion"         # how dropped pixels are filled on read (carousel.kinds.completion registry)
     level: int = 3                        # zstd level of the code, in [1, 22]
     # Pixels below theta: kept at this many bits (of 8) -- coarse but sharp -- or dropped (0) and
     # completed on read, from a 1/thumbnail-scale image when thumbnail > 0.

@@ -6,6 +6,14 @@ batch from EM slots only. ``observe`` records what the trainer saw (correctness,
 and, from the ``start_task``-th task on, picks victims among the EM samples just replayed and
 asks the swap engine to refill their slots with other stored samples -- in the background.
 
+Why one module of ~670 lines: it is one class, :class:`CarouselMemory`, whose methods are the
+public API (``add``, ``sample``, ``observe``, ``retain``, ``stats``, ``flush``, ``checkpoint``,
+``close``) and which composes the parts that do the work (EM pool, catalog, policies, write-behind,
+swap engine, tiers). Each method is one path through those parts under one lock order (catalog,
+then EM); splitting the class would spread that order over files. What is not the data path lives
+elsewhere: input checks (``inputs.py``), recovery (``recovery.py``), the integrity mode
+(``integrity.py``), the deterministic mode's steps (``step_swaps.py``).
+
 >>> import torch
 >>> from carousel import CarouselMemory
 >>> mem = CarouselMemory.from_dict({"memory": {"em_size": 8, "sample_shape": [2]}})  # RAM only
@@ -45,6 +53,7 @@ from .inputs import MemoryInputError, check_add, check_count, check_observe, che
 from .kinds import RawCodec, make_codec
 from .metrics import MemoryMetrics
 from .policies import make_admission, make_swap_in, make_swap_out
+from .recovery import load_state, rebuild_catalog, refill_em, save_state
 from .step_swaps import StepSwaps
 from .swap_engine import SwapEngine
 from .tiers import Tier
@@ -52,7 +61,6 @@ from .write_behind import WriteBehind
 
 log = logging.getLogger("carousel.memory")
 
-_STATE_FILE = "em-state.npz"
 _UNBOUNDED = 2**62  # the sample capacity of a tier bounded by bytes only
 
 
@@ -121,8 +129,9 @@ class CarouselMemory:
                 self.tiers.append(Tier(i, f"{i}-{tc.kind}", store,
                                        _UNBOUNDED if by_bytes else tc.capacity_for(raw_nbytes),
                                        tc.eviction, tc.class_quota, tc.capacity_bytes if by_bytes else None))
-            state = self._load_state()
-            self._recover(state)
+            state = load_state(self._state_dir)
+            found = rebuild_catalog(self.catalog, self.tiers, self.codec, self.verifier, state, self._state_dir)
+            self._ids, self._seen, self.recovered = found.ids, found.seen, found.report
             if self.tiers:
                 self._writer = WriteBehind(self.tiers, self.catalog, self.metrics, config.write_behind.queue_samples,
                                            config.write_behind.batch, config.write_behind.block_timeout_s,
@@ -131,7 +140,8 @@ class CarouselMemory:
                 # A deterministic memory chooses its candidates itself: no prefetcher reads ahead.
                 self._engine = SwapEngine(self.pool, self.catalog, self.tiers, self.metrics, sc.workers,
                                           0 if sc.deterministic else sc.prefetch_depth, mc.seed, self.codec)
-            self._refill_em(state)
+            self._current_task = refill_em(self.pool, self.catalog, self.tiers, self.codec, state, self._rng,
+                                           mc.kind == "coreset", self._current_task)
             if self.tiers and sc.deterministic:
                 self._steps = StepSwaps(self.pool, self.catalog, self.tiers, self.metrics, self._engine, self._writer,
                                         self._swap_in, self._rng, np.random.default_rng([mc.seed, 4]),
@@ -621,17 +631,7 @@ class CarouselMemory:
             if self.verifier is not None:  # the add-time references survive a restart
                 state["crc"] = self.catalog.crc[:n]
                 state["crc_fields"] = np.array(self.verifier.checked)
-        tmp = self._state_dir / (_STATE_FILE + ".tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **state)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._state_dir / _STATE_FILE)
-        fd = os.open(self._state_dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the rename itself survives a power loss
-        finally:
-            os.close(fd)
+        save_state(self._state_dir, state)
         # The checkpoint knows every id handed out: give back the reserved rest, so a crash
         # before the next add (or a clean close) skips no ids.
         self._ids.settle()
@@ -677,139 +677,3 @@ class CarouselMemory:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the memory is closed")
-
-    # ---- recovery ---------------------------------------------------------------------------------
-    def _load_state(self) -> dict[str, np.ndarray]:
-        """The last checkpoint's arrays (empty without one). Checked loosely: the tiers stay the
-        truth, the checkpoint only saves reading labels and restores the EM and statistics."""
-        path = self._state_dir / _STATE_FILE if self._state_dir else None
-        if path is None or not path.exists():
-            return {}
-        try:
-            with np.load(path, allow_pickle=False) as st:
-                return {k: st[k] for k in st.files}
-        except (OSError, ValueError, EOFError) as exc:
-            log.warning("ignoring an unreadable checkpoint %s: %s", path, exc)
-            return {}
-
-    def _recover(self, state: dict[str, np.ndarray]) -> None:
-        """Rebuild the catalog from the tiers (they are the truth) after a restart or a crash.
-
-        Labels and task ids of ids the last checkpoint knew come from it (a sample's label never
-        changes and ids are never reused, see carousel.ids); only samples stored after it are
-        read. An id found in two tiers (a crash mid-demotion) is kept in the first. New ids start
-        above every stored id, every id the checkpoint knew and the reserved bound.
-
-        In the integrity mode the reference CRCs of ids the checkpoint knew come from it (they were
-        computed at ``add()``, so they tell a wrong record on storage); the others' come from their
-        records as read here, which proves less: such a record is its own reference.
-        """
-        ckpt_labels = state.get("label", np.zeros(0, np.int64))
-        ckpt_crc = self._checkpoint_crcs(state)
-        ckpt_tasks = state.get("task", np.zeros(0, np.int64))
-        ckpt_nbytes = state.get("nbytes", np.zeros(0, np.uint32))
-        raw = isinstance(self.codec, RawCodec)
-        top = -1
-        seen = read = 0
-        for tier in self.tiers:
-            ids = tier.store.ids()
-            if not ids.size:
-                continue
-            top = max(top, int(ids.max()))
-            known = ids < self.catalog.label.size
-            known[known] = self.catalog.home[ids[known]] >= 0
-            if known.any():
-                tier.store.delete_many(ids[known])
-            ids = ids[~known]
-            have = ids < ckpt_labels.size
-            have[have] = ckpt_labels[ids[have]] >= 0
-            if not raw:  # a record's size is in the checkpoint (from this version on) or in the record
-                have[have] = ids[have] < ckpt_nbytes.size
-                have[have] = ckpt_nbytes[ids[have]] > 0
-            self.catalog.register(ids[have], ckpt_labels[ids[have]], ckpt_tasks[ids[have]], tier.index)
-            if not raw:
-                self.catalog.nbytes[ids[have]] = ckpt_nbytes[ids[have]]
-            if self.verifier is not None:
-                self._recover_references(tier, ids[have], ckpt_crc)
-            unknown = ids[~have]
-            for lo in range(0, unknown.size, 4096):
-                part = unknown[lo:lo + 4096]
-                fields = tier.store.get_many(part)
-                self.catalog.register(part, fields["y"].astype(np.int64), fields["task"].astype(np.int64), tier.index)
-                self.catalog.nbytes[part] = self.codec.nbytes(fields)
-                if self.verifier is not None:
-                    self.catalog.crc[part] = self.verifier.crcs(fields)
-            if raw:
-                self.catalog.nbytes[ids] = self.codec.nbytes({"y": ids})
-            seen += ids.size
-            read += unknown.size
-        # Never reuse an id the checkpoint knew, even one evicted since (its label there is final),
-        # nor one an add() handed out that a crash lost before write-behind stored it.
-        self._ids = IdAllocator.open(self._state_dir if self.tiers else None, max(top + 1, ckpt_labels.size))
-        # Columns for every id below the next one, so a skipped or lost id reads as UNUSED (label
-        # -1) in observe() and retain() instead of running off the arrays; samples the checkpoint
-        # knew that are on no tier now were evicted.
-        self.catalog.ensure_capacity(self._next_id)
-        gone = np.flatnonzero(ckpt_labels >= 0)
-        self.catalog.home[gone[self.catalog.home[gone] == UNUSED]] = EVICTED
-        self._seen = max(seen, int(state["seen"][0])) if "seen" in state else seen
-        self.recovered = {"samples": seen, "labels_read": read}
-
-    def _checkpoint_crcs(self, state: Mapping[str, np.ndarray]) -> np.ndarray | None:
-        """The checkpoint's reference CRCs (rows by id), if it has them for this memory's checked fields."""
-        if self.verifier is None or "crc" not in state or "crc_fields" not in state:
-            return None
-        crc, names = state["crc"], tuple(str(v) for v in state["crc_fields"].tolist())
-        if names != self.verifier.checked or crc.ndim != 2 or crc.shape[1] != len(names) or crc.dtype != np.uint32:
-            log.warning("the checkpoint's integrity references are for the fields %s, not %s: taking them from "
-                        "the stored records", list(names), list(self.verifier.checked))
-            return None
-        return crc
-
-    def _recover_references(self, tier: Tier, ids: np.ndarray, ckpt_crc: np.ndarray | None) -> None:
-        """Reference CRCs of stored ``ids`` the checkpoint knew: its own (from ``add()``), or, where
-        it has none (written without the integrity mode), computed from the records."""
-        if ckpt_crc is not None:
-            ok = ids < ckpt_crc.shape[0]
-            self.catalog.crc[ids[ok]] = ckpt_crc[ids[ok]]
-            ids = ids[~ok]
-        for lo in range(0, ids.size, 4096):
-            part = ids[lo:lo + 4096]
-            self.catalog.crc[part] = self.verifier.crcs(tier.store.get_many(part))
-
-    def _refill_em(self, state: dict[str, np.ndarray]) -> None:
-        """Fill the EM from storage: the checkpointed slots when there are some, else a
-        class-balanced random draw."""
-        if not self.tiers or not self.catalog.n:
-            return
-        n = self.catalog.n
-        stored = np.flatnonzero(self.catalog.home[:n] >= 0)
-        want = np.zeros(0, np.int64)
-        if state:
-            want = state["slot_ids"]
-            m = min(n, state["correct"].size)
-            for col in ("correct", "entropy", "loss", "replays", "weight"):
-                if col in state:  # checkpoints older than the coreset weights have no "weight"
-                    getattr(self.catalog, col)[:min(m, state[col].size)] = state[col][:m]
-            self._current_task = int(state["current_task"][0])
-            want = want[(want >= 0) & (want < n)]
-            want = want[self.catalog.home[want] >= 0][: self.pool.size]
-        # A coreset's free slots are free on purpose (retain() chose fewer samples): keep them so.
-        top_up = not (state and self.config.memory.kind == "coreset")
-        if top_up and want.size < min(self.pool.size, stored.size):
-            rest = np.setdiff1d(stored, want)
-            extra = self._rng.choice(rest, min(self.pool.size - want.size, rest.size), replace=False,
-                                     p=balanced_weights(self.catalog.label[rest]))
-            want = np.concatenate([want, extra])
-        if not self._current_task >= 0 and stored.size:
-            self._current_task = int(self.catalog.task[stored].max())
-        for tier in self.tiers:
-            sel = want[self.catalog.home[want] == tier.index]
-            if not sel.size:
-                continue
-            data = self.codec.decode(tier.store.get_many(sel))
-            if WEIGHT_FIELD in data and self.config.memory.kind == "coreset":
-                data[WEIGHT_FIELD] = self.catalog.weight[sel]  # as retain() last set it, not as stored
-            free = np.flatnonzero(self.pool.slot_ids < 0)[: sel.size]
-            self.pool.write(free, sel, data)
-            self.catalog.slot[sel] = free

@@ -7,7 +7,9 @@ labels only from small closed sets (tier names from the config, direction, resul
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import HistogramMetricFamily
@@ -64,6 +66,19 @@ class MemoryMetrics:
                                         "Samples of sample()'s batches checked against their add-time references "
                                         "(the integrity mode): ok, or mismatch (IntegrityError).", ["result"],
                                         registry=r)
+
+    def timed_codec(self, op: str, fn: Callable[[Mapping[str, Any]], dict[str, Any]],
+                    records: Mapping[str, Any]) -> dict[str, Any]:
+        """``fn(records)`` -- a codec's ``encode`` (write-behind) or ``decode`` (swap engine) -- with its
+        time counted in ``carousel_codec_seconds_total{op}`` when it returns."""
+        t0 = time.perf_counter()
+        out = fn(records)
+        self.codec_seconds.labels(op=op).inc(time.perf_counter() - t0)
+        return out
+
+    def count_error(self, op: str, exc: BaseException) -> None:
+        """One error of ``op`` (``write_behind``, ``read``, ``swap``, ...), by its class: ``carousel_errors_total``."""
+        self.errors.labels(op=op, kind=type(exc).__name__).inc()
 
 
 class LatencyHistogram:

@@ -24,6 +24,11 @@ the EM samples of the batch just replayed are swap candidates; ``k = ceil(ratio 
 of them are victims, and each victim's slot is refilled with a random stored sample of the class
 the swap-in policy names (CarM: the victim's own class).
 
+Why one module of ~660 lines: three small families (an ABC and two to four implementations of
+~30 lines each) that share the validation helpers at the top and the registries at the bottom,
+which a TOML config picks from. A family that grows past that gets a subpackage with a
+``base.py``, as the memory kinds have (:mod:`carousel.kinds`).
+
 Example, one step of the memory's bookkeeping:
 
 >>> import numpy as np

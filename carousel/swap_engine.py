@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -122,10 +121,7 @@ class SwapEngine:
             present = ids[~np.isin(ids, exc.ids)]
             return self._read_present(tier, present) if present.size else {}
         except CorruptRecordError as exc:
-            with self._catalog.lock:
-                self._catalog.home[exc.ids] = EVICTED
-            self._metrics.evictions.labels(reason="corrupt").inc(exc.ids.size)
-            self._record_error("read", exc)
+            self._evict_corrupt(exc)
             good = ids[~np.isin(ids, exc.ids)]
             return self._read_present(tier, good) if good.size else {}
         except StoreError as exc:
@@ -292,10 +288,7 @@ class SwapEngine:
             try:
                 chunk = tier.store.get_chunk(int(c))
             except CorruptRecordError as exc:
-                with cat.lock:
-                    cat.home[exc.ids] = EVICTED
-                self._metrics.evictions.labels(reason="corrupt").inc(exc.ids.size)
-                self._record_error("read", exc)
+                self._evict_corrupt(exc)
                 continue
             except (StoreError, IndexError) as exc:
                 self._record_error("read", exc)
@@ -328,11 +321,7 @@ class SwapEngine:
                         self._record_error("read", exc)
             return out
         except CorruptRecordError as exc:
-            # The store quarantined them: they are gone for good, and counted.
-            with self._catalog.lock:
-                self._catalog.home[exc.ids] = EVICTED
-            self._metrics.evictions.labels(reason="corrupt").inc(exc.ids.size)
-            self._record_error("read", exc)
+            self._evict_corrupt(exc)
             good = ids[~np.isin(ids, exc.ids)]
             return self._read_from(tier, good) if good.size else []
         except StoreError as exc:
@@ -345,10 +334,8 @@ class SwapEngine:
         """Stored records -> decoded candidates, one per id."""
         if not ids.size:
             return []
-        t0 = time.perf_counter()
         try:
-            data = self._codec.decode(data)
-            self._metrics.codec_seconds.labels(op="decode").inc(time.perf_counter() - t0)
+            data = self._metrics.timed_codec("decode", self._codec.decode, data)
         except Exception as exc:  # noqa: BLE001 - a record that passed its CRC but does not decode
             self._record_error("decode", exc)
             return []
@@ -415,7 +402,14 @@ class SwapEngine:
             self._catalog.prefetched[ids[~ok]] = False
         return [c for c, keep in zip(cands, ok) if keep]
 
+    def _evict_corrupt(self, exc: CorruptRecordError) -> None:
+        """The store quarantined ``exc.ids``: they are gone for good, and counted."""
+        with self._catalog.lock:
+            self._catalog.home[exc.ids] = EVICTED
+        self._metrics.evictions.labels(reason="corrupt").inc(exc.ids.size)
+        self._record_error("read", exc)
+
     def _record_error(self, op: str, exc: BaseException) -> None:
         self.last_error = exc
-        self._metrics.errors.labels(op=op, kind=type(exc).__name__).inc()
+        self._metrics.count_error(op, exc)
         log.warning("swap engine %s error: %r", op, exc)

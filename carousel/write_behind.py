@@ -182,10 +182,8 @@ class WriteBehind:
                     if ids is None:
                         fields()  # a planned capacity move or eviction (deterministic mode)
                     elif records is None:  # encoded here, off add()'s path (a saliency code costs ~10 us)
-                        t0 = time.perf_counter()
-                        records = self._codec.encode(fields)
+                        records = self._metrics.timed_codec("encode", self._codec.encode, fields)
                         sizes = self._codec.nbytes(records)
-                        self._metrics.codec_seconds.labels(op="encode").inc(time.perf_counter() - t0)
                         if self._tiers[0].store.prefers_chunks:
                             ids, records = class_grouped(ids, {**records, "": sizes}, records["y"], self._rng)
                             sizes = records.pop("")
@@ -203,7 +201,7 @@ class WriteBehind:
                     # Keep the batch and retry: the samples stay queued (their home says so),
                     # and the error reaches add() callers once the queue fills.
                     self.last_error = exc
-                    self._metrics.errors.labels(op="write_behind", kind=type(exc).__name__).inc()
+                    self._metrics.count_error("write_behind", exc)
                     log.warning("write-behind to %s failed, retrying in %.2f s: %s",
                                 self._tiers[0].name, backoff, exc)
                     if self._on_error:

@@ -208,25 +208,14 @@ class FlatStore(RowStore):
         if self._mm is not None and end > start:
             self._mm.madvise(mmap.MADV_WILLNEED, start, end - start)
 
-    # ---- durability and lifecycle -------------------------------------------------------------
-    def _flush(self) -> None:
-        with self._mutex:
-            try:
-                os.fdatasync(self._fd)  # rows before the journal entries that name them
-                self._manifest.flush()
-            except OSError as exc:
-                raise from_os_error(exc, f"{self.url}: flush failed") from exc
+    # ---- durability and lifecycle: RowStore's flush and close -----------------------------------
+    def _sync_rows(self) -> None:
+        os.fdatasync(self._fd)
 
-    def _close(self) -> None:
-        try:
-            if not self.readonly:
-                self._flush()
-        finally:
-            with self._mutex:
-                self._unmap()
-            os.close(self._fd)
-            self._manifest.close()
-            self._lock.release()
+    def _release_rows(self) -> None:
+        with self._mutex:
+            self._unmap()
+        os.close(self._fd)
 
 
 def _write_meta(path: Path, schema: Schema, chunk: int) -> None:

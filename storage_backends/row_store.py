@@ -1,9 +1,10 @@
 """What the Zarr and flat stores share: records in numbered rows of the store's own files, and a
 row manifest (``row_manifest.py``) saying which id lives in which row, with which CRC-32C.
 
-Everything keyed by id lives here -- lookups, deletes, quarantine, chunks as row ranges -- so a
-row store implements only how rows are written and how a batch of rows is read and checked
-(``_read_checked``).
+Everything keyed by id lives here -- lookups, deletes, quarantine, chunks as row ranges, and the
+order of a flush (rows durable before the journal entries that name them) and of a close -- so a
+row store implements only how rows are written, how a batch of rows is read and checked
+(``_read_checked``) and how its rows are made durable (``_sync_rows``) and let go of (``_release_rows``).
 """
 
 from __future__ import annotations
@@ -15,17 +16,20 @@ import numpy as np
 
 from .base import Chunk, SampleStore
 from .errors import CorruptRecordError, format_ids, from_os_error
+from .locking import WriterLock
 from .row_manifest import Manifest
 from .schema import validate_ids
 
 
 class RowStore(SampleStore):
     """A :class:`SampleStore` whose truth is a :class:`Manifest`; subclasses set ``_manifest``,
-    ``_mutex`` (reads see a consistent manifest; one writer at a time) and ``_chunk``."""
+    ``_mutex`` (reads see a consistent manifest; one writer at a time), ``_chunk`` and ``_lock``
+    (the store folder's, from :func:`~storage_backends.locking.lock_store_dir`)."""
 
     _manifest: Manifest
     _mutex: threading.RLock
     _chunk: int
+    _lock: WriterLock
     #: How :meth:`_fail` says what was wrong with the records it names.
     _damage = "failed their checksum or could not be read"
 
@@ -33,6 +37,13 @@ class RowStore(SampleStore):
     def _read_checked(self, ids: np.ndarray, rows: np.ndarray, crcs: np.ndarray) -> dict[str, np.ndarray]:
         """Read ``rows`` (caller holds ``_mutex``), check them against ``crcs``, and return the
         fields; damaged records go to :meth:`_fail`."""
+
+    @abstractmethod
+    def _sync_rows(self) -> None:
+        """Make every row written so far durable (caller holds ``_mutex``)."""
+
+    def _release_rows(self) -> None:
+        """At close, before the manifest closes: let go of what reads or writes the rows (nothing by default)."""
 
     def _prefetch_rows(self, rows: np.ndarray) -> None:
         """Called before a chunk's rows are read (ascending): a hint, nothing by default."""
@@ -120,3 +131,21 @@ class RowStore(SampleStore):
             chunk = self.get_chunk(int(i))
             if chunk.ids.size:  # it may have emptied since
                 yield chunk
+
+    # ---- durability and lifecycle -------------------------------------------------------------
+    def _flush(self) -> None:
+        with self._mutex:
+            try:
+                self._sync_rows()  # rows before the journal entries that name them
+                self._manifest.flush()
+            except OSError as exc:
+                raise from_os_error(exc, f"{self.url}: flush failed") from exc
+
+    def _close(self) -> None:
+        try:
+            if not self.readonly:
+                self._flush()
+        finally:
+            self._release_rows()
+            self._manifest.close()
+            self._lock.release()

@@ -359,24 +359,13 @@ class ZarrStore(RowStore):
     # ---- chunk-granular reads: RowStore's row ranges, one chunk file per field --------------------
     prefers_chunks = True  # one chunk file read serves chunk_rows records
 
-    # ---- durability and lifecycle -------------------------------------------------------------
-    def _flush(self) -> None:
-        with self._mutex:
-            try:
-                self._fsync_dirty()
-                self._manifest.flush()
-            except OSError as exc:
-                raise from_os_error(exc, f"{self.url}: flush failed") from exc
+    # ---- durability and lifecycle: RowStore's flush and close -----------------------------------
+    def _sync_rows(self) -> None:
+        self._fsync_dirty()
 
-    def _close(self) -> None:
-        try:
-            if not self.readonly:
-                self._flush()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown()
-            self._manifest.close()
-            self._lock.release()
+    def _release_rows(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 def _sweep_partials(path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Carousel inside the frameworks continual-learning users already have.
+"""Carousel inside the frameworks continual-learning users already have: one adapter module each (a front).
+May import the memory core (and its framework, lazily); never the daemon; nothing in the core imports it.
 
 Each integration lives in its own module and imports its framework only when used, so none of
 them is a dependency of carousel:

@@ -1,4 +1,5 @@
-"""carousel on Ray: a replay memory sharded over Ray actors, one carousel memory per shard.
+"""carousel on Ray: a replay memory sharded over Ray actors, one carousel memory per shard (a front).
+May import the memory core (and Ray, lazily); never the daemon; nothing in the core imports it.
 
 ``pip install 'carousel[ray]'``. See :mod:`carousel.ray.sharded` for the client and
 ``docs/scale-out.md`` for when to use it.

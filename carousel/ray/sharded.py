@@ -43,6 +43,11 @@ involved draws ``prefetch`` batches in one call, and the next such call is in fl
 are handed out -- Ray's per-call cost is paid once per ``prefetch`` batches, and a batch may predate
 your latest ``add`` by up to ``2 * prefetch`` steps, as with the daemon's shared-memory rings.
 Seeded draws are made on request, one call each.
+
+Why one module of ~730 lines: one class, :class:`ShardedMemory`, the same API as
+:class:`~carousel.CarouselMemory` across shards; each method is its fan-out and its degradation
+around down shards, over one client state (handles, health, standing draws). The pure parts are
+modules of their own (routing, allocation, health, layout, placement, metrics).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pathlib import Path
 import google_crc32c
 import pytest
 
-from carousel import shm
+from carousel.daemon import shm
 
 from .harness import DaemonProc, start_daemon
 

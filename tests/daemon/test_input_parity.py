@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import carousel
-from carousel import wire
+from carousel.daemon import wire
 from tests.daemon import rawwire
 from tests.daemon.harness import start_daemon
 

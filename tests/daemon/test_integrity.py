@@ -16,7 +16,7 @@ import torch
 
 import carousel
 from carousel import CarouselMemory, IntegrityError
-from carousel.daemon_config import load_profile
+from carousel.daemon.profile import load_profile
 from storage_backends import open_store
 from tests.daemon.harness import start_daemon
 

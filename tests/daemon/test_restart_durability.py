@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import carousel
-from carousel import wire
+from carousel.daemon import wire
 from storage_backends import open_store
 from tests.daemon import rawwire
 from tests.daemon.harness import DaemonProc, start_daemon

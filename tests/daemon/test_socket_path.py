@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from carousel.config import ConfigError
-from carousel.daemon_config import SOCKET_ENV, resolve_socket_path, socket_hint
+from carousel.daemon.profile import SOCKET_ENV, resolve_socket_path, socket_hint
 
 from tests.daemon.harness import write_profile
 

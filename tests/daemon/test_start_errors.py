@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from carousel.shm import segment_names
+from carousel.daemon.shm import segment_names
 from tests.daemon.harness import start_daemon, write_profile
 
 
@@ -102,7 +102,7 @@ def test_data_directory_locked_is_one_line(tmp_path):
 def test_an_allocation_that_fails_is_one_line(tmp_path):
     """An EM this machine could hold but this process may not (RLIMIT_AS below it): torch's
     allocator raises, and the daemon says which memory could not open, in one line."""
-    from carousel.preflight import PROCESS_BYTES, machine_ram
+    from carousel.daemon.preflight import PROCESS_BYTES, machine_ram
 
     em_bytes, limit = 4 << 30, 3 << 30
     if machine_ram().total < em_bytes + PROCESS_BYTES + (1 << 30):

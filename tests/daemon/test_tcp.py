@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import carousel
-from carousel import wire
+from carousel.daemon import wire
 from tests.daemon.harness import free_port, start_daemon
 
 

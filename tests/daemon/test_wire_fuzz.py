@@ -26,8 +26,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import carousel
-from carousel import server, wire
 from carousel.config import CarouselConfig
+from carousel.daemon import handlers, wire
+from carousel.daemon.errors import RequestError
 from carousel.inputs import MemoryInputError
 from carousel.memory import CarouselMemory
 
@@ -277,13 +278,13 @@ def test_22_request_validators_raise_only_request_errors(memory, data):
     except wire.ProtocolError:
         return
     def add():
-        x, y, task, extras = server._add_arguments(arrays)
+        x, y, task, extras = handlers.add_arguments(arrays)
         memory.add(x, y, task, **extras)  # what the daemon runs: the memory's own checks, at the door
 
-    for check in (lambda: server._sample_args(meta, memory), add):
+    for check in (lambda: handlers.sample_args(meta, memory), add):
         try:
             check()
-        except (server._RequestError, MemoryInputError, wire.ProtocolError):
+        except (RequestError, MemoryInputError, wire.ProtocolError):
             pass
 
 

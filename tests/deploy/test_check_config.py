@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from carousel.config import ConfigError, load_config
-from carousel.daemon_config import load_profile
+from carousel.daemon.profile import load_profile
 
 from .profiles import CAROUSEL, dump_toml, multi_profile, set_key, single_profile
 

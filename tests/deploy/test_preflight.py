@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from carousel.daemon_config import DaemonProfile
-from carousel.preflight import MachineRam, check_profile, human_bytes, machine_ram
+from carousel.daemon.profile import DaemonProfile
+from carousel.daemon.preflight import MachineRam, check_profile, human_bytes, machine_ram
 
 from .profiles import CAROUSEL, dump_toml, multi_profile, set_key, single_profile
 

@@ -28,8 +28,9 @@ import pytest
 
 import carousel
 from carousel.catalog import Catalog
-from carousel.daemon_config import load_profile
-from carousel.shm import RingLayout, shm_free_bytes
+from carousel.daemon.profile import load_profile
+from carousel.daemon.shm import shm_free_bytes
+from carousel.daemon.shm_ring import RingLayout
 from storage_backends import Schema, open_store
 
 from tests.daemon.harness import free_port, rss_bytes
@@ -290,7 +291,7 @@ def test_profile_fits_its_cores_shm_and_load(path):
     assert working_set <= dc.min_free_shm_bytes <= b["shm"], \
         f"/dev/shm: expected load {working_set} B, checked at start {dc.min_free_shm_bytes} B, device {b['shm']} B"
     assert b["add_batch"] * rec <= dc.max_frame_bytes, "an add() of add_batch rows must fit one upload segment"
-    assert ring <= max(4 * dc.max_frame_bytes, 1 << 26), "the daemon refuses rings this large (server.py)"
+    assert ring <= max(4 * dc.max_frame_bytes, 1 << 26), "the daemon refuses rings this large (daemon/handlers.py)"
     assert dc.max_clients >= b["clients"]
     assert cfg.write_behind.queue_samples >= b["add_batch"], "one add() must fit the write-behind queue"
 

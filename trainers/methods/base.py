@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carousel.batch import Batch
-from carousel.saliency import grad_cam, last_conv_block
+from carousel.kinds.saliency import grad_cam, last_conv_block
 
 from ..augment import prepare
 from ..streams import Stream, Task

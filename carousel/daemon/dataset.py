@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .batch import Batch
+from ..batch import Batch
 from .client import MemoryClient, connect
 
 __all__ = ["ReplayDataset", "StreamReplayDataset"]

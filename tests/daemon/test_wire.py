@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from carousel import wire
+from carousel.daemon import wire
 
 
 def _frame(op=wire.Op.PING, meta=None, tensors=()):

@@ -24,7 +24,7 @@ instead of dying in an allocation or a ``mkdir`` with a traceback:
 
 Nothing here imports torch.
 
->>> from carousel.daemon_config import DaemonProfile
+>>> from carousel.daemon.profile import DaemonProfile
 >>> p = DaemonProfile.from_dict({"daemon": {"socket_dir": "/tmp/cz-doc", "metrics": ""},
 ...                              "memory": {"em_size": 10**12, "sample_shape": [3, 32, 32]}})
 >>> report = check_profile(p, MachineRam(physical=16 << 30, cgroup_limit=None, available=None), paths=False)
@@ -46,9 +46,9 @@ import numpy as np
 
 from storage_backends.schema import MAX_RECORD_BYTES
 
-from .config import CarouselConfig, ConfigError
-from .daemon_config import DaemonProfile
-from .integrity import verify_requested
+from ..config import CarouselConfig, ConfigError
+from ..integrity import verify_requested
+from .profile import DaemonProfile
 
 __all__ = ["CATALOG_BYTES", "MANIFEST_BYTES", "PROCESS_BYTES", "RING_ROWS", "MachineRam", "RamPart", "Report",
            "check_profile", "human_bytes", "machine_ram"]
@@ -212,7 +212,7 @@ def _memory_ram(profile: DaemonProfile, name: str, cfg: CarouselConfig, report: 
     _names(profile, name, cfg, fields, report)
     codec_inputs: dict[str, tuple[tuple[int, ...], str]] = {}
     if mc.kind == "saliency":
-        from .config import SALIENCY_FIELD
+        from ..config import SALIENCY_FIELD
         codec_inputs = {SALIENCY_FIELD: (tuple(mc.sample_shape[-2:]), "uint8")}  # what add() takes beside (kinds.py)
     parts = [RamPart("EM", key("memory.em_size"), mc.em_size * (record + _SLOT_BYTES),
                      f"{mc.em_size:,} x {record + _SLOT_BYTES:,} B")]
@@ -250,8 +250,8 @@ def _memory_ram(profile: DaemonProfile, name: str, cfg: CarouselConfig, report: 
 
 def _names(profile: DaemonProfile, name: str, cfg: CarouselConfig, fields, report: Report) -> None:
     """The registry look-ups ``CarouselMemory`` makes before it allocates anything."""
-    from .kinds import make_codec
-    from .policies import make_admission, make_swap_in, make_swap_out
+    from ..kinds import make_codec
+    from ..policies import make_admission, make_swap_in, make_swap_out
 
     mc, sc = cfg.memory, cfg.swap
     for k, make, value in (("memory.admission", make_admission, mc.admission),

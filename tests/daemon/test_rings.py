@@ -9,12 +9,12 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 
-from carousel import shm
-from carousel.shm import FREE, READY, TAKEN, BatchRing, Doorbell, RingLayout, RingReader, Segment
+from carousel.daemon import shm
+from carousel.daemon.shm import Doorbell, Segment
+from carousel.daemon.shm_ring import FREE, TAKEN, BatchRing, RingLayout, RingReader
 
 FIELDS = {"x": ((2, 3), "uint8"), "y": ((), "int64"), "task": ((), "int16")}
 
@@ -136,7 +136,7 @@ def test_segments_are_private_and_checked_on_attach():
 
 
 def test_sweep_removes_segments_of_dead_daemons_only():
-    code = ("from carousel.shm import Segment; s = Segment.create(4096); print(s.name, flush=True); "
+    code = ("from carousel.daemon.shm import Segment; s = Segment.create(4096); print(s.name, flush=True); "
             "import os; os._exit(0)")  # dies without unlinking
     name = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     mine = Segment.create(4096)

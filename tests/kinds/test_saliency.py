@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from carousel import CarouselMemory, ConfigError, MemoryInputError
-from carousel.completion import Completion, completions, make_completion, register_completion
+from carousel.kinds.completion import Completion, completions, make_completion, register_completion
 from carousel.kinds import RawCodec, SaliencyCodec
-from carousel.saliency import grad_cam, last_conv_block
+from carousel.kinds.saliency import grad_cam, last_conv_block
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 SHAPE = (1, 28, 28)

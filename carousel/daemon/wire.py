@@ -178,11 +178,11 @@ def decode_meta(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
     >>> decode_meta(b'{"n": ' + b'9' * 5000 + b'}')
     Traceback (most recent call last):
     ...
-    carousel.wire.ProtocolError: integer of 5000 characters in the metadata (every integer must fit an int64)
+    carousel.daemon.wire.ProtocolError: integer of 5000 characters in the metadata (every integer must fit an int64)
     >>> decode_meta(b'{"a": ' + b'[' * 100 + b']' * 100 + b'}')
     Traceback (most recent call last):
     ...
-    carousel.wire.ProtocolError: metadata nested deeper than 32 levels
+    carousel.daemon.wire.ProtocolError: metadata nested deeper than 32 levels
     """
     if not raw:
         return {}

@@ -33,6 +33,12 @@ naming the socket; once connected, a dropped connection is re-established for up
   they raise :class:`DaemonRestartedError`, saying how many samples may be lost, instead of
   asking the new daemon (which never saw them). Otherwise they retry once;
 - everything else (``sample``, ``observe``, ``stats``, ...) retries once.
+
+Why one module of ~540 lines: one class, :class:`MemoryClient`, whose public half mirrors
+:class:`~carousel.CarouselMemory` method for method (the trainers' methods run on either) and
+whose private half is the connection those methods share under one lock: reconnect,
+session, fork, rings and the upload segment. The frames are :mod:`carousel.daemon.wire`'s, the
+rings :mod:`carousel.daemon.shm_ring`'s.
 """
 
 from __future__ import annotations
@@ -51,13 +57,14 @@ import torch
 
 from storage_backends import errors as store_errors
 
+from ..batch import Batch
+from ..inputs import MemoryInputError, check_add, check_count, check_observe, check_retain, check_values
+from ..integrity import Verifier
+from ..write_behind import WriteBehindError
 from . import wire
-from .batch import Batch
-from .daemon_config import resolve_socket_path, socket_hint
-from .inputs import MemoryInputError, check_add, check_count, check_observe, check_retain, check_values
-from .integrity import Verifier
-from .shm import Doorbell, RingLayout, RingReader, Segment, ShmError
-from .write_behind import WriteBehindError
+from .profile import resolve_socket_path, socket_hint
+from .shm import Doorbell, Segment, ShmError
+from .shm_ring import RingLayout, RingReader
 
 __all__ = ["DaemonRestartedError", "MemoryClient", "connect"]
 
@@ -99,7 +106,7 @@ def connect(socket_path: str | os.PathLike[str] | None = None, memory: str = "de
     Where: ``socket_path`` (a Unix socket path, or ``tcp://HOST:PORT``, which needs ``token``), else
     the socket of the profile ``config`` (the file ``carousel serve --config`` ran), else
     ``$CAROUSEL_SOCKET``, else ``$XDG_RUNTIME_DIR/carousel/carousel.sock``
-    (:func:`~carousel.daemon_config.resolve_socket_path`).
+    (:func:`~carousel.daemon.profile.resolve_socket_path`).
 
     ``wait_s``: how long the first connection waits for a daemon to answer before it fails, naming
     the path (raise it right after starting a daemon); ``reconnect_s``: how long a dropped

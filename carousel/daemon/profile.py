@@ -48,7 +48,7 @@ from typing import Any
 from storage_backends import InvalidURLError
 from storage_backends.url import parse_size
 
-from .config import (CarouselConfig, ConfigError, _check_keys, _fail, _float, _int, _prefixed, _resolve, _show,
+from ..config import (CarouselConfig, ConfigError, _check_keys, _fail, _float, _int, _prefixed, _resolve, _show,
                      read_toml)
 
 __all__ = ["SOCKET_ENV", "SOCKET_NAME", "DaemonConfig", "DaemonProfile", "default_socket_dir", "load_profile",

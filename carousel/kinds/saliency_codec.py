@@ -1,29 +1,26 @@
-"""Memory kinds as the storage path sees them: a :class:`Codec` turns a batch of samples into the
-records a tier stores, and stored records back into samples for the EM.
+"""The ``saliency`` codec (kind ``saliency``, SAMC): a sample keeps only its salient pixels exactly.
 
-- ``raw`` (kinds ``plain`` and ``coreset``): records are the samples, byte for byte.
-- ``saliency`` (kind ``saliency``, SAMC): a sample keeps only its salient pixels exactly. ``add()``
-  takes a saliency map per sample (``(H, W)``, in [0, 1] or 0..255); write-behind encodes each
-  sample as its bit-packed keep-mask (saliency >= ``theta``), the kept pixels, and the other pixels
-  at ``background_bits`` bits each (2 of 8 by default: coarse in value but sharp in space; the
-  lowest step decodes to 0, so a black background stays black) -- or, with ``background_bits = 0``,
-  not at all, with a coarse thumbnail (area averages over ``thumbnail`` x ``thumbnail`` cells) that
-  completion (:mod:`carousel.completion`) starts from. All zstd-compressed, in a fixed-size
-  ``x_code`` field with its length in ``x_len``; the tiers compress their records (``codec =
-  "zstd"``), so the unused tail of ``x_code`` takes no room and the bytes on storage fall with
-  ``theta``. Reading back (the swap engine's prefetch, recovery) decodes (and completes) before the
-  sample reaches the EM.
+``add()`` takes a saliency map per sample (``(H, W)``, in [0, 1] or 0..255); write-behind encodes each
+sample as its bit-packed keep-mask (saliency >= ``theta``), the kept pixels, and the other pixels
+at ``background_bits`` bits each (2 of 8 by default: coarse in value but sharp in space; the
+lowest step decodes to 0, so a black background stays black) -- or, with ``background_bits = 0``,
+not at all, with a coarse thumbnail (area averages over ``thumbnail`` x ``thumbnail`` cells) that
+completion (:mod:`carousel.kinds.completion`) starts from. All zstd-compressed, in a fixed-size
+``x_code`` field with its length in ``x_len``; the tiers compress their records (``codec =
+"zstd"``), so the unused tail of ``x_code`` takes no room and the bytes on storage fall with
+``theta``. Reading back (the swap engine's prefetch, recovery) decodes (and completes) before the
+sample reaches the EM.
 
-  Measured (``python -m benchmarks.saliency``) on Fashion-MNIST with Grad-CAM maps of a reduced
-  ResNet-18 early in training (30 % of the pixels salient at theta 0.6), against 794-byte raw
-  records (575 bytes raw + zstd): 2-bit background 361 bytes/sample, and the same model classifies
-  the decoded images as well as the originals (78.0 vs 78.0 %); 1-bit 316 bytes (74.0 %); dropped
-  with a 1/4 thumbnail 315 bytes (74.8 %, visibly blurred); dropped without one 266 bytes (56.5 %:
-  the background fills with the object's border colour). Dropping is what SAMC does; the coarse
-  background is what keeps replay from teaching the model blurred images.
+Measured (``python -m benchmarks.saliency``) on Fashion-MNIST with Grad-CAM maps of a reduced
+ResNet-18 early in training (30 % of the pixels salient at theta 0.6), against 794-byte raw
+records (575 bytes raw + zstd): 2-bit background 361 bytes/sample, and the same model classifies
+the decoded images as well as the originals (78.0 vs 78.0 %); 1-bit 316 bytes (74.0 %); dropped
+with a 1/4 thumbnail 315 bytes (74.8 %, visibly blurred); dropped without one 266 bytes (56.5 %:
+the background fills with the object's border colour). Dropping is what SAMC does; the coarse
+background is what keeps replay from teaching the model blurred images.
 
-Each codec reports the bytes a record really carries (:meth:`Codec.nbytes`): the measure of a
-tier's byte budget (``capacity = "64MiB"``), so compressed samples let more of them fit.
+:meth:`SaliencyCodec.nbytes` is a record's real size (the code's length, not its padded field): the
+measure of a tier's byte budget (``capacity = "64MiB"``), so compressed samples let more of them fit.
 
 >>> import numpy as np
 >>> codec = SaliencyCodec({"x": ((1, 8, 8), "uint8"), "y": ((), "int64"), "task": ((), "int16")}, theta=0.5)
@@ -38,80 +35,19 @@ tier's byte budget (``capacity = "64MiB"``), so compressed samples let more of t
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import ClassVar
 
 import numpy as np
 from numcodecs import Zstd
 
 from storage_backends import Schema
 
+from ..config import SALIENCY_FIELD
+from .base import Codec, Fields
 from .completion import Completion, make_completion
-from .config import SALIENCY_FIELD, MemoryConfig
-
-Fields = Mapping[str, tuple[tuple[int, ...], str]]
 
 CODE_FIELD = "x_code"  # a saliency record's code: mask bits + kept pixels, zstd, zero-padded
 LEN_FIELD = "x_len"    # bytes of the code that are real
-
-
-class Codec(ABC):
-    """Encodes a memory's samples for its storage tiers and decodes them back (one per memory).
-
-    ``fields`` are the EM's fields (what ``sample()`` returns); :attr:`inputs` are extra fields
-    ``add()`` takes that only the encoder uses; :attr:`stored` is the tiers' record schema.
-    """
-
-    name: ClassVar[str]
-
-    def __init__(self, fields: Fields) -> None:
-        self.fields = dict(fields)
-
-    @property
-    def inputs(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """Fields ``add()`` takes beyond the EM's, consumed by :meth:`encode` (none by default)."""
-        return {}
-
-    @property
-    @abstractmethod
-    def stored(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """The schema of a stored record."""
-
-    @abstractmethod
-    def encode(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Records (fields of :attr:`stored`) for a batch of EM fields plus :attr:`inputs`."""
-
-    @abstractmethod
-    def decode(self, records: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """EM fields for stored records (may be a subset: ``y`` and ``task`` only need no decoding)."""
-
-    @abstractmethod
-    def nbytes(self, records: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Bytes each record really carries (the measure of byte budgets), ``(n,)`` int64."""
-
-
-class RawCodec(Codec):
-    """Records are the samples themselves."""
-
-    name = "raw"
-
-    @property
-    def stored(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return dict(self.fields)
-
-    def encode(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: batch[k] for k in self.fields}
-
-    def decode(self, records: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(records)
-
-    def __init__(self, fields: Fields) -> None:
-        super().__init__(fields)
-        self._record_nbytes = Schema(self.fields).record_nbytes
-
-    def nbytes(self, records: Mapping[str, np.ndarray]) -> np.ndarray:
-        return np.full(len(records["y"]), self._record_nbytes, dtype=np.int64)
 
 
 def _zstd_bound(n: int) -> int:
@@ -286,11 +222,3 @@ def _upsample(thumb: np.ndarray, h: int, w: int, factor: int) -> np.ndarray:
     xlo, xhi, fx = axis(w, thumb.shape[2])
     rows = thumb[:, ylo] * (1 - fy)[None, :, None] + thumb[:, yhi] * fy[None, :, None]
     return rows[:, :, xlo] * (1 - fx) + rows[:, :, xhi] * fx
-
-
-def make_codec(memory: MemoryConfig, fields: Fields) -> Codec:
-    """The codec of a memory's kind."""
-    if memory.kind == "saliency":
-        sc = memory.saliency
-        return SaliencyCodec(fields, sc.theta, sc.completion, sc.level, sc.thumbnail, sc.background_bits)
-    return RawCodec(fields)
