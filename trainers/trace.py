@@ -117,7 +117,7 @@ class Tracer:
             replayed.update(y.tolist())
         method.replayed = []
         ce = method.replay_ce or []
-        method.replay_ce = [] if method.replay_ce is not None else None
+        method.replay_ce = []
         rec: dict[str, Any] = {"step": self._step, "task": task, "phase": phase, "t_s": round(now - self._t0, 3),
                                "step_s": round((now - self._t_last) / len(self._losses), 4) if self._losses else None,
                                "loss": float(np.mean(self._losses)) if self._losses else None,
