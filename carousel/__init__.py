@@ -41,20 +41,21 @@ _LAZY = {
     "IntegrityError": "integrity",
     "CarouselMemory": "memory",
     "WriteBehindError": "write_behind",
-    "DaemonRestartedError": "daemon.client", "MemoryClient": "daemon.client", "connect": "daemon.client",
+    "DaemonRestartedError": "daemon.client", "InFlightLostError": "daemon.client", "MemoryClient": "daemon.client",
+    "connect": "daemon.client",
     "ReplayDataset": "daemon.dataset", "StreamReplayDataset": "daemon.dataset",
     "RemoteError": "daemon.wire",
 }
 
-__all__ = ["Batch", "CarouselConfig", "CarouselMemory", "ConfigError", "DaemonRestartedError", "IntegrityError",
-           "MemoryClient", "MemoryInputError",
+__all__ = ["Batch", "CarouselConfig", "CarouselMemory", "ConfigError", "DaemonRestartedError", "InFlightLostError",
+           "IntegrityError", "MemoryClient", "MemoryInputError",
            "RemoteError", "ReplayDataset", "StreamReplayDataset", "WriteBehindError", "connect", "load_config",
            "__version__"]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ below does the imports
     from .batch import Batch
     from .config import CarouselConfig, ConfigError, load_config
-    from .daemon.client import DaemonRestartedError, MemoryClient, connect
+    from .daemon.client import DaemonRestartedError, InFlightLostError, MemoryClient, connect
     from .daemon.dataset import ReplayDataset, StreamReplayDataset
     from .daemon.wire import RemoteError
     from .inputs import MemoryInputError

@@ -152,6 +152,16 @@ class IdAllocator:
                 self._thread.start()
             return first
 
+    def give_back(self, lo: int, hi: int) -> bool:
+        """Ids ``[lo, hi)`` were handed out but never used (a daemon client's lease, left unused):
+        if they are the last ones handed out, :meth:`take` hands them out again; otherwise they
+        stay skipped, as a crash's are. Returns whether they were taken back."""
+        with self._cond:
+            if lo < hi == self._next:
+                self._next = lo
+                return True
+            return False
+
     def settle(self) -> None:
         """Write the bound back down to :attr:`next_id`, so a crash from here on, before the next
         :meth:`take`, skips no ids (safe at any time: every id handed out lies below it). Costs

@@ -112,6 +112,7 @@ class CarouselMemory:
         self._seen = 0
         self._ids = IdAllocator(None, 0)  # replaced by recovery: from the tiers and the reserved bound
         self._current_task = -1
+        self._leased = 0  # ids leased to daemon clients (lease_ids) and not used yet
         self._ratio = sc.ratio
         self._closed = False
         self.tiers: list[Tier] = []
@@ -200,7 +201,50 @@ class CarouselMemory:
         the admission policy decides which enter the EM.
         """
         self._check_open()
+        return self._add(self._validate(x, y, task, extras), None)
+
+    def add_leased(self, ids: Any, x: Any, y: Any, task: Any, **extras: Any) -> torch.Tensor:
+        """:meth:`add` with ids leased beforehand (:meth:`lease_ids`), one per sample, in order.
+
+        The daemon adds a client's samples this way: the client takes ids from its lease, so its
+        ``add`` returns without waiting for a reply. Ids not leased, or leased and used already,
+        raise :class:`MemoryInputError`; the leased ids of a failed add are skipped (never reused).
+        """
+        self._check_open()
+        ids = np.ascontiguousarray(np.asarray(ids), dtype=np.int64).reshape(-1)
+        if ids.size:
+            with self.catalog.lock:  # used up from here on, whether the add then succeeds or not
+                self._take_leased_locked(ids)
         fields = self._validate(x, y, task, extras)
+        if ids.size != fields["y"].shape[0]:
+            raise MemoryInputError(f"{ids.size} leased ids for {fields['y'].shape[0]} samples")
+        return self._add(fields, ids)
+
+    def lease_ids(self, n: int) -> int:
+        """Hand out ``n`` consecutive ids now, for :meth:`add_leased` to use later; returns the first.
+
+        They are reserved like any add's (a crash never reuses them). Until used they do not count
+        in ``stats()["added"]``; :meth:`release_ids` gives back what a lease did not use.
+        """
+        self._check_open()
+        n = check_count(n)
+        self._ids.reserve(n)
+        with self.catalog.lock:
+            first = self._ids.take(n)
+            self._leased += n
+        return first
+
+    def release_ids(self, lo: int, hi: int) -> None:
+        """Leased ids ``[lo, hi)`` that will not be used (their client left): taken back when they
+        are the last handed out, otherwise skipped -- counted in ``added`` like a crash's."""
+        if hi <= lo:
+            return
+        with self.catalog.lock:
+            self._leased -= hi - lo
+            self._ids.give_back(lo, hi)
+
+    def _add(self, fields: dict[str, np.ndarray], leased: np.ndarray | None) -> torch.Tensor:
+        """The path of every add once its input is checked; ``leased``: the ids, when leased."""
         n = fields["y"].shape[0]
         if n == 0:
             return torch.zeros(0, dtype=torch.int64)
@@ -214,11 +258,15 @@ class CarouselMemory:
         try:
             # Ids durably reserved before any is handed out (see carousel.ids): an fsync once per
             # block of ids, done here -- outside the catalog's lock -- or ahead, in the background.
-            self._ids.reserve(n)
+            if leased is None:
+                self._ids.reserve(n)
             labels = fields["y"]
             with self.catalog.lock:
-                first = self._ids.take(n)
-                ids = np.arange(first, first + n, dtype=np.int64)
+                if leased is None:
+                    first = self._ids.take(n)
+                    ids = np.arange(first, first + n, dtype=np.int64)
+                else:
+                    ids = leased
                 self.catalog.register(ids, labels, fields["task"].astype(np.int64),
                                       PENDING if self.tiers else RAM_ONLY)
                 if crcs is not None:  # before the ids can enter the EM (below) or be swapped in
@@ -253,6 +301,18 @@ class CarouselMemory:
         if self._steps is not None and not self._steps.explicit:
             self._steps.end_step()  # no end_step() calls: each add() ends a step
         return torch.from_numpy(ids)
+
+    def _take_leased_locked(self, ids: np.ndarray) -> None:
+        """Check that ``ids`` are leased and unused, and count them used (caller holds the catalog
+        lock). A failed add after this skips them: the lease's client moved past them."""
+        cat = self.catalog
+        fresh = ids.size == np.unique(ids).size and ids.min() >= 0 and ids.max() < self._next_id
+        if fresh:
+            known = ids[ids < cat.n]
+            fresh = not (cat.home[known] != UNUSED).any()
+        if not fresh or self._leased < ids.size:
+            raise MemoryInputError(f"ids {ids[:4].tolist()}... were not leased, or are used already")
+        self._leased -= ids.size
 
     def end_step(self) -> None:
         """Mark the end of a training step. A deterministic memory (``[swap] deterministic = true``)
@@ -402,8 +462,7 @@ class CarouselMemory:
         """
         self._check_open()
         ids, lg, per_loss = check_observe(ids, logits, loss)
-        if ids.size and (ids.min() < 0 or ids.max() >= self._next_id):
-            raise MemoryInputError(f"unknown ids (valid: 0..{self._next_id - 1})")
+        self._check_known(ids)
         correct = entropy = None
         if lg is not None:
             # numpy, not torch: small torch ops go through its intra-op pool (~ms here, see em_pool).
@@ -455,6 +514,19 @@ class CarouselMemory:
         order = np.searchsorted(slots, victims)
         return victims, ids[order], labels[order]
 
+    def _check_known(self, ids: np.ndarray) -> None:
+        """``MemoryInputError`` unless every id names a sample added (ids skipped by a crash, or
+        leased to a daemon client and not used yet, name none)."""
+        if not ids.size:
+            return
+        cat = self.catalog
+        if ids.min() >= 0 and ids.max() < cat.n and not (cat.home[ids] == UNUSED).any():
+            return
+        bad = ids[(ids < 0) | (ids >= cat.n)]
+        if not bad.size:
+            bad = ids[cat.home[ids] == UNUSED]
+        raise MemoryInputError(f"unknown ids: no sample was added with ids {np.unique(bad)[:8].tolist()}")
+
     def _adapt(self, k: int) -> None:
         """Adaptive mode: halve the ratio while the engine lags, recover it when it keeps up."""
         sc = self.config.swap
@@ -485,8 +557,7 @@ class CarouselMemory:
         if self.config.memory.kind != "coreset":
             raise MemoryInputError('retain() needs a memory of kind = "coreset"')
         ids, w, classes = check_retain(ids, weights, classes)
-        if ids.size and (ids.min() < 0 or ids.max() >= self._next_id):
-            raise MemoryInputError(f"unknown ids (valid: 0..{self._next_id - 1})")
+        self._check_known(ids)
         with self.catalog.lock:
             labels, homes = self.catalog.label[ids], self.catalog.home[ids].copy()
         if (homes == UNUSED).any():  # ids a crash skipped (or lost before they were stored)
@@ -559,8 +630,9 @@ class CarouselMemory:
     def stats(self) -> dict[str, Any]:
         """Counts for people and tests: ``added``, ``evicted``, ``swapped_in``, ``swapped_out``,
         ``tiers: {name: {"samples", "bytes"}}``, ``em_classes: {str(label): samples in the EM}`` (string
-        keys: the same in-process and through the daemon's JSON) and more. ``added`` is the next sample id: the
-        samples ever added, plus, after a crash, the reserved ids it skipped (ids are never reused)."""
+        keys: the same in-process and through the daemon's JSON) and more. ``added`` counts the ids handed out: the
+        samples ever added, plus the ids skipped (reserved before a crash, or leased to a daemon client that
+        left without using them; ids are never reused); ids leased to a connected client count once used."""
         m = self.metrics
         tiers: dict[str, dict[str, int]] = {"ram": {"samples": self.pool.filled(),
                                                     "bytes": sum(t.numel() * t.element_size()
@@ -579,7 +651,7 @@ class CarouselMemory:
         hits = value("carousel_prefetch_requests_total", result="hit")
         misses = value("carousel_prefetch_requests_total", result="miss")
         return {
-            "added": self._next_id,
+            "added": self._next_id - self._leased,
             "evicted": self.catalog.count(EVICTED),
             "pending_writes": self._writer.queued if self._writer else 0,
             "swapped_in": int(value("carousel_swaps_total", direction="in")),

@@ -15,6 +15,13 @@ last of those tensors is freed, so a batch stays valid for as long as you hold i
 is ready (or for a seeded draw, or over TCP) the request goes over the socket instead.
 Large ``add`` batches travel through an upload segment the same way, the other direction.
 
+``add`` and ``observe`` do not wait for the daemon either (*posting*, docs/protocol.md): an add takes
+its ids from a block the daemon leased to this connection ahead of need, sends the samples and
+returns; replies are read later, in order. A failure the daemon reports for one of them is raised by
+the next call (with a note naming it), so ``flush()`` -- the call that waits, and says the samples
+are stored and durable -- never acknowledges a failed add. At most 64 are unanswered at once; a
+connection lost with adds unanswered raises :class:`InFlightLostError` at the next call.
+
 Bad input is refused here, before anything is sent, by the same checks the in-process memory
 runs (:mod:`carousel.inputs`); an error the daemon reports travels back by class name, so the same
 input raises the same exception with the same text in both (``MemoryInputError``, ``TimeoutError``,
@@ -49,6 +56,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,13 +74,17 @@ from .profile import resolve_socket_path, socket_hint
 from .shm import Doorbell, Segment, ShmError
 from .shm_ring import RingLayout, RingReader
 
-__all__ = ["DaemonRestartedError", "MemoryClient", "connect"]
+__all__ = ["DaemonRestartedError", "InFlightLostError", "MemoryClient", "connect"]
 
 log = logging.getLogger("carousel.client")
 
 _INLINE_ADD_BYTES = 1 << 16  # smaller adds travel inline: one copy is cheaper than a segment round trip
 _RING_WAIT_S = 0.005         # how long sample() waits for the filler before asking over the socket
 _DAEMON_FLUSH_S = 60.0       # how long a checkpoint (or retain) may wait for write-behind in the daemon
+# Posting: adds and observes sent without waiting for their replies (see the module docstring).
+_POST_MAX_BYTES = 1 << 22    # a larger add goes through the upload segment and waits (it is rare and slow anyway)
+_MAX_IN_FLIGHT = 64          # posted requests with unread replies before a call reads some of them
+_LEASE_MIN, _LEASE_MAX = 1024, 1 << 16  # ids leased at a time: 64 adds' worth, within these bounds
 
 
 # Exceptions the daemon's memory raises that the client raises again, by name, as the same class
@@ -96,6 +108,11 @@ class DaemonRestartedError(ConnectionError):
             "be lost. The new daemon cannot vouch for writes it never received, so this is not retried; "
             "add them again if you need them (calls from now on go to the new daemon).")
         self.samples, self.old_session, self.new_session = samples, old_session, new_session
+
+
+class InFlightLostError(ConnectionError):
+    """The connection dropped while adds sent without waiting (see the module docstring) were
+    unanswered: they may or may not have been added. Raised by the call after; never retried."""
 
 
 def connect(socket_path: str | os.PathLike[str] | None = None, memory: str = "default", *,
@@ -147,6 +164,14 @@ class MemoryClient:
         self._connected_once = False
         self._unacked = 0  # samples added in this session that no flush/checkpoint has acknowledged yet
         self._lost: DaemonRestartedError | None = None  # to raise at the next acknowledging call
+        # Posting (HELLO's "posting"): requests sent without waiting, (op, first id, samples) each,
+        # whose replies are read later, in order; the ids leased for adds, as [next, end) blocks.
+        self._posting = False
+        self._in_flight: deque[tuple[int, int, int]] = deque()
+        self._leases: deque[list[int]] = deque()
+        self._lease_asked = 0  # ids asked for in a LEASE whose reply is unread
+        self._posted_error: BaseException | None = None  # a posted request's failure, raised by the next call
+        self._id_bound = 0  # every id below it exists in the daemon's memory: observing them cannot fail
         with self._lock:
             self._connect()
 
@@ -160,6 +185,10 @@ class MemoryClient:
         with self._lock:
             self._check()
             nbytes = sum(np.asarray(a).nbytes for _, a in tensors)
+            # A deterministic memory's adds wait: its swaps read only ids stored before a step
+            # boundary, counted by id, which a lease handed out ahead would blur.
+            if self._posting and not self.deterministic and 0 < n <= _LEASE_MAX and nbytes <= _POST_MAX_BYTES:
+                return self._post_add(n, tensors)
             if self._use_shm and nbytes > _INLINE_ADD_BYTES:
                 if self._upload is None or self._upload.size < nbytes:  # else the segment we have fits
                     meta, _ = self._request(wire.Op.UPLOAD, {"nbytes": nbytes}, retry=True)
@@ -183,7 +212,10 @@ class MemoryClient:
                 self._unacked += n  # it may have reached a daemon that then died
                 raise
             self._unacked += n
-        return torch.from_numpy(out["ids"].copy())
+        ids = out["ids"].copy()
+        if ids.size:  # they exist now: observing them cannot fail
+            self._id_bound = max(self._id_bound, int(ids.max()) + 1)
+        return torch.from_numpy(ids)
 
     def sample(self, n: int, *, classes: Any = None, tasks: Any = None, seed: int | None = None,
                balanced: bool = False) -> Batch:
@@ -224,7 +256,16 @@ class MemoryClient:
             tensors.append(("loss", loss))
         with self._lock:
             self._check()
+            if self._posting and ids.size and ids.min() >= 0 and ids.max() < self._id_bound:
+                # Ids the daemon knows: the only error left to report is the transport's.
+                try:
+                    self._post(wire.Op.OBSERVE, {}, tensors, 0, 0)
+                    return
+                except ConnectionError:
+                    self._check()  # reconnect; sent again below, as any observe is retried once
             self._request(wire.Op.OBSERVE, {}, tensors, retry=True)
+            if ids.size:  # they exist (else this raised): later observes of them need no reply
+                self._id_bound = max(self._id_bound, int(ids.max()) + 1)
 
     def retain(self, ids: Any, weights: Any, *, classes: Any = None) -> dict[str, int]:
         """Make a coreset memory's EM slice of ``classes`` hold exactly ``ids`` with ``weights``
@@ -270,7 +311,11 @@ class MemoryClient:
         daemon may legitimately work on it for ``waits_s`` (a flush under back-pressure): the reply
         is awaited that much longer than ``timeout_s``, rather than cut off and sent again."""
         with self._lock:
-            self._check()
+            try:
+                self._check()
+            except InFlightLostError:
+                self._raise_if_lost()  # the adds in flight went to a daemon that restarted: say so
+                raise
             self._raise_if_lost()
             try:
                 reply, _ = self._roundtrip(op, {**meta, "session": self.session}, tensors, extra_s=waits_s)
@@ -280,6 +325,8 @@ class MemoryClient:
                 self._drop()
                 self._connect()  # notes a change of session with adds unacknowledged
                 self._raise_if_lost()
+                if isinstance(exc, InFlightLostError):  # the same daemon, but adds in flight were cut off
+                    raise
                 # The same daemon (only the connection broke), or nothing of ours is unacknowledged.
                 reply, _ = self._roundtrip(op, {**meta, "session": self.session}, tensors, extra_s=waits_s)
             self._unacked = 0
@@ -296,7 +343,12 @@ class MemoryClient:
             if self._closed:
                 return
             self._closed = True
+            if self._sock is not None and self._in_flight:
+                self._drain(block=True)  # posted adds reach the daemon and their failures are heard
             self._drop()
+            failed, self._posted_error = self._posted_error, None
+        if failed is not None:
+            raise failed
 
     def __enter__(self) -> MemoryClient:
         return self
@@ -358,15 +410,19 @@ class MemoryClient:
             for ring in self._rings.values():
                 ring._alive = False
             self._rings, self._upload, self._sock, self._doorbell = {}, None, None, None
-        if self._sock is not None and self._daemon_gone():
-            # The daemon closed our connection between calls (it never sends unprompted): it
+            self._in_flight, self._leases, self._lease_asked, self._posted_error = deque(), deque(), 0, None
+        if self._sock is not None and self._in_flight:
+            self._drain(block=False)  # replies that came meanwhile; a broken connection is dropped
+        if self._sock is not None and not self._in_flight and self._daemon_gone():
+            # The daemon closed our connection between calls (it sends nothing unasked for): it
             # stopped or died. Reconnect before sending, so even an add can go to the new daemon.
             self._drop()
         if self._sock is None:
             self._connect()
+        self._raise_posted()
 
     def _daemon_gone(self) -> bool:
-        """Whether the daemon closed our connection (it never sends unprompted: readable = EOF)."""
+        """Whether the daemon closed our connection (with no reply owed, readable = EOF)."""
         try:
             return bool(self._poll.poll(0))
         except (OSError, ValueError):
@@ -431,6 +487,7 @@ class MemoryClient:
         verify = meta.get("verify")
         self.verifier = Verifier.from_json(verify) if isinstance(verify, dict) else None
         self.deterministic = bool(meta.get("deterministic"))
+        self._posting = meta.get("posting") is True
         self._use_shm = self._use_shm and bool(meta.get("shm"))
         self._note_session(meta)
 
@@ -466,12 +523,121 @@ class MemoryClient:
                 self._sock.close()
             finally:
                 self._sock = None
+        # Posted requests whose replies will never come: an add among them may or may not have
+        # been applied (as a synchronous add cut off mid-request); leased ids go with the connection.
+        lost = sum(n for op, _, n in self._in_flight if op == wire.Op.ADD)
+        if lost and self._posted_error is None:
+            self._posted_error = InFlightLostError(
+                f"the daemon connection dropped with {lost} added sample(s) sent but not yet answered: they may or "
+                "may not have been added (flush() after adding tells you they are stored)")
+        self._in_flight.clear()
+        self._leases.clear()
+        self._lease_asked = 0
+
+    # ---- posting: requests sent without waiting for their replies ---------------------------------------------
+    def _post_add(self, n: int, tensors: list) -> torch.Tensor:
+        """An add sent without waiting: its ids come from this connection's leases; a failure the
+        daemon reports is raised by the next call (see the module docstring)."""
+        ids = self._take_ids(n)
+        try:
+            self._post(wire.Op.ADD, {"first": int(ids[0])}, tensors, int(ids[0]), n)
+        finally:
+            self._unacked += n  # sent, or maybe half-sent before the connection broke
+        held = sum(end - nxt for nxt, end in self._leases)
+        if held < 8 * n and not self._lease_asked:  # the next block asked for ahead of need
+            self._ask_lease(n)
+        return torch.from_numpy(ids)
+
+    def _take_ids(self, n: int) -> np.ndarray:
+        """The next ``n`` leased ids (asking for a lease and waiting for it when too few are left)."""
+        while sum(end - nxt for nxt, end in self._leases) < n:
+            if not self._lease_asked:
+                self._ask_lease(n)
+            self._drain(block=True)
+            if self._sock is None:
+                raise ConnectionError("the daemon connection dropped while leasing ids; nothing was added")
+            self._raise_posted()
+        parts, left = [], n
+        while left:
+            block = self._leases[0]
+            k = min(left, block[1] - block[0])
+            parts.append(np.arange(block[0], block[0] + k, dtype=np.int64))
+            block[0] += k
+            left -= k
+            if block[0] == block[1]:
+                self._leases.popleft()
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _ask_lease(self, n: int) -> None:
+        size = min(max(64 * n, _LEASE_MIN), _LEASE_MAX)
+        self._post(wire.Op.LEASE, {"n": size}, (), 0, size)
+        self._lease_asked += size
+
+    def _post(self, op: int, meta: Mapping[str, Any], tensors, first: int, n: int) -> None:
+        """Send a request and return; its reply is read later, in order (:meth:`_drain`)."""
+        sock = self._sock
+        ticks = self._ticks
+        if ticks:
+            meta = {**meta, "ticks": ticks}
+        try:
+            sock.sendall(b"".join(wire.encode(op, meta, tensors)))
+        except (ConnectionError, socket.timeout, OSError) as exc:
+            self._drop()
+            raise ConnectionError(f"the daemon connection dropped during {wire.Op(op).name.lower()}; "
+                                  "the request may or may not have been applied") from exc
+        self._ticks -= ticks
+        self._in_flight.append((op, first, n))
+        if len(self._in_flight) > _MAX_IN_FLIGHT:  # the daemon is behind: wait for it (back-pressure)
+            self._drain(block=True, keep=_MAX_IN_FLIGHT // 2)
+        else:
+            self._drain(block=False)
+
+    def _drain(self, block: bool, keep: int = 0, extra_s: float = 0.0) -> None:
+        """Read the replies of posted requests, down to ``keep`` unread (``block``: waiting for them;
+        else only those already here). A failure is kept for the next call to raise; a broken
+        connection is dropped (see :meth:`_drop`); ``extra_s``: how much longer than ``timeout_s`` a
+        reply may take."""
+        if extra_s:
+            self._sock.settimeout(self.timeout_s + extra_s)
+        try:
+            while len(self._in_flight) > keep:
+                if not block and not self._poll.poll(0):
+                    return
+                rop, reply, *_ = _read_reply(self._sock, _recv_exact(self._sock, wire.HEADER.size))
+                op, first, n = self._in_flight.popleft()
+                if op == wire.Op.LEASE:
+                    self._lease_asked -= n
+                if rop == wire.Op.ERROR:
+                    if self._posted_error is None:
+                        exc = _remote_exception(reply)
+                        what = (f"an earlier add() of {n} sample(s) (ids {first}..{first + n - 1}), sent without "
+                                "waiting for its reply: those samples were not added" if op == wire.Op.ADD else
+                                f"an earlier {wire.Op(op).name.lower()}(), sent without waiting for its reply")
+                        exc.add_note(f"raised by {what}")
+                        self._posted_error = exc
+                    if reply.get("error") in ("protocol", "auth"):
+                        self._drop()  # the daemon closes the connection after these
+                        return
+                elif op == wire.Op.LEASE:
+                    lo = int(reply["first"])
+                    self._leases.append([lo, lo + int(reply["n"])])
+                    self._id_bound = max(self._id_bound, lo + int(reply["n"]))
+        except (ConnectionError, socket.timeout, OSError, wire.ProtocolError):
+            self._drop()
+        finally:
+            if extra_s and self._sock is not None:
+                self._sock.settimeout(self.timeout_s)
+
+    def _raise_posted(self) -> None:
+        failed, self._posted_error = self._posted_error, None
+        if failed is not None:
+            raise failed
 
     def _request(self, op: int, meta: Mapping[str, Any], tensors=(), *, retry: bool):
         try:
             return self._roundtrip(op, meta, tensors)
         except (ConnectionError, socket.timeout, OSError) as exc:
-            if isinstance(exc, ShmError):
+            if isinstance(exc, (ShmError, InFlightLostError)):
                 raise
             self._drop()
             if not retry:
@@ -483,6 +649,12 @@ class MemoryClient:
             return self._roundtrip(op, meta, tensors)
 
     def _roundtrip(self, op: int, meta: Mapping[str, Any], tensors, extra_s: float = 0.0):
+        if self._in_flight:
+            # Replies come in order: the posted requests' first. One that failed fails this call
+            # (not sent): flush() after a failed add must not acknowledge it. The daemon may
+            # take as long on them as on this request (a flush waits for the adds before it).
+            self._drain(block=True, extra_s=extra_s)
+            self._raise_posted()
         sock = self._sock
         if sock is None:
             raise ConnectionError("not connected")
@@ -499,11 +671,7 @@ class MemoryClient:
                 sock.settimeout(self.timeout_s)
         else:
             head = _recv_exact(sock, wire.HEADER.size)
-        rop, meta_len, payload_len, crc = wire.parse_header(head, 1 << 40)
-        body = _recv_exact(sock, meta_len + payload_len)
-        if wire.crc_of(head, body[:meta_len], memoryview(body)[meta_len:]) != crc:
-            raise ConnectionError("reply failed its checksum")
-        reply = wire.decode_meta(bytes(body[:meta_len]))
+        rop, reply, body, meta_len, payload_len = _read_reply(sock, head)
         if rop == wire.Op.ERROR:
             if reply.get("error") in ("protocol", "auth") or op == wire.Op.HELLO:
                 self._drop()  # the daemon closes the connection after these
@@ -523,6 +691,15 @@ def _remote_exception(reply: Mapping[str, Any]) -> Exception:
     exc = cls(remote.message)
     exc.__cause__ = remote
     return exc
+
+
+def _read_reply(sock: socket.socket, head: bytes | bytearray):
+    """The rest of a reply frame whose header is ``head``: ``(op, meta, body, meta_len, payload_len)``."""
+    rop, meta_len, payload_len, crc = wire.parse_header(head, 1 << 40)
+    body = _recv_exact(sock, meta_len + payload_len)
+    if wire.crc_of(head, body[:meta_len], memoryview(body)[meta_len:]) != crc:
+        raise ConnectionError("reply failed its checksum")
+    return rop, wire.decode_meta(bytes(body[:meta_len])), body, meta_len, payload_len
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:

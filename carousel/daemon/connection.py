@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import time
 from typing import TYPE_CHECKING
 
 from . import wire
 from .errors import ERROR_KINDS, RequestError
 from .handlers import dispatch
+from .leases import Leases
 from .security import token_ok
 from .shm import Segment
 
@@ -31,6 +33,8 @@ log = logging.getLogger("carousel.daemon")
 # Before HELLO a connection may only say HELLO, PING or STATUS, none of which carries tensors:
 # a peer that has not said who it is (no token yet, on TCP) never makes the daemon buffer more.
 PENDING_FRAME_BYTES = 1 << 16
+# A stopping daemon serves what a client had sent before the stop for at most this long.
+DRAIN_S = 2.0
 
 
 class Connection:
@@ -47,6 +51,7 @@ class Connection:
         self.rings: list[int] = []
         self.ring_keys: dict[tuple, int] = {}
         self.upload: Segment | None = None
+        self.leases = Leases()  # ids this client's adds will use (LEASE)
         self.busy = False
         self.closing = False
 
@@ -60,10 +65,22 @@ class Connection:
             log.error("connection failed; closing", exc_info=True, extra={"peer": self.peer, "error": repr(exc)[:200]})
             await send_error(self.writer, "internal", f"the daemon failed on this connection ({type(exc).__name__})"
                                                       "; reconnect")
+        finally:
+            self.busy = False  # a shutdown waits for busy connections: this one is done
 
     async def _serve(self) -> None:
         dc = self.d.profile.daemon
-        while not self.closing:
+        drain_until = None
+        while True:
+            if self.closing:
+                # The daemon stops: the frames this client sent before it did are still served
+                # (posted adds among them; busy, so the shutdown waits for them) -- for a moment
+                # only, or a client that keeps sending would keep the daemon from stopping.
+                now = asyncio.get_running_loop().time()
+                drain_until = now + DRAIN_S if drain_until is None else drain_until
+                if self.pending or now > drain_until or not self.has_input():
+                    return
+                self.busy = True
             hello_due = asyncio.timeout_at(self.hello_deadline) if self.pending else contextlib.nullcontext()
             try:
                 async with hello_due:
@@ -93,6 +110,18 @@ class Connection:
                     return
             finally:
                 self.busy = False
+
+    def has_input(self) -> bool:
+        """Whether bytes from the client are here, unread: in the stream's buffer or the socket's."""
+        if getattr(self.reader, "_buffer", None):
+            return True
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            return bool(select.select([sock.fileno()], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
 
     def _protocol_error(self, exc: wire.ProtocolError, op: str | None = None) -> None:
         """Count and log (one line) a frame that broke the protocol; the connection then closes."""
@@ -193,7 +222,8 @@ class Connection:
         self.writer.close()
 
     def release(self) -> None:
-        """The client is gone: reclaim its rings and upload segment (unlinked from /dev/shm)."""
+        """The client is gone: reclaim its rings, upload segment (unlinked from /dev/shm) and leased ids."""
+        self.leases.release()
         for ring_id in list(self.rings):
             self.drop_ring(ring_id)
         if self.upload is not None:

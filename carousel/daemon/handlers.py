@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 MAX_RINGS_PER_CLIENT = 8
 MAX_RING_ROWS = 1 << 16
+MAX_LEASE_IDS = 1 << 16
 
 Reply = tuple[dict, list]
 
@@ -97,7 +98,8 @@ async def hello(req: Request) -> Reply:
             "verify": None if mem.verifier is None else mem.verifier.to_json(),
             "deterministic": mem.config.swap.deterministic,
             "previous_session": prev.get("session"), "previous_clean": prev.get("clean") is True,
-            "daemon_pid": os.getpid(), "version": __version__, "shm": conn.kind == "unix"}, []
+            "daemon_pid": os.getpid(), "version": __version__, "shm": conn.kind == "unix",
+            "posting": True}, []  # LEASE and ADD {first}: adds and observes need no reply
 
 
 async def ping(req: Request) -> Reply:
@@ -122,17 +124,37 @@ async def sample(req: Request) -> Reply:
 
 
 async def add(req: Request) -> Reply:
+    """An add. With ``first``, its ids come from this connection's leases (LEASE), in order, and the
+    reply carries none: the client knew them when it sent the add without waiting for this reply."""
     conn, served = req.conn, req.served
     x, y, task, extras = add_arguments(add_tensors(conn, req.specs, req.raw, req.meta.get("upload", False)))
+    first = req.meta.get("first")
+    leased = None if first is None else conn.leases.take(first, _rows(req.specs, "y"))
 
     def locked():
         with served.write_lock:  # the memory checks every field, as in-process
-            ids = served.memory.add(x, y, task, **extras)
+            if leased is None:
+                ids = served.memory.add(x, y, task, **extras)
+            else:
+                ids = served.memory.add_leased(leased, x, y, task, **extras)
             served.epoch = (served.epoch + 1) & 0xFFFFFFFF
             conn.d.filler.added(served)
         return ids
     ids = await _run(conn, locked)
-    return {}, [("ids", ids.numpy())]
+    return {}, [] if leased is not None else [("ids", ids.numpy())]
+
+
+async def lease(req: Request) -> Reply:
+    """Ids for this connection's later adds: the client hands them out itself, so an add needs no reply."""
+    conn, served = req.conn, req.served
+    n = req.meta.get("n")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LEASE_IDS:
+        raise RequestError("input", f"n must be an int in [1, {MAX_LEASE_IDS}], got {str(n)[:32]}")
+    if conn.leases.held() + n > 2 * MAX_LEASE_IDS:
+        raise RequestError("busy", f"this connection holds {conn.leases.held()} leased ids unused already")
+    first = await _run(conn, served.memory.lease_ids, n)
+    conn.leases.grant(first, n, served.memory)
+    return {"first": first, "n": n}, []
 
 
 async def observe(req: Request) -> Reply:
@@ -264,6 +286,7 @@ ROUTES: dict[int, Route] = {
     wire.Op.SUBSCRIBE: Route(subscribe),
     wire.Op.UNSUBSCRIBE: Route(unsubscribe),
     wire.Op.UPLOAD: Route(upload),
+    wire.Op.LEASE: Route(lease),
 }
 
 
@@ -322,6 +345,15 @@ def add_tensors(conn: Connection, specs, raw, upload: Any) -> dict[str, np.ndarr
     if upload is not False:
         raise RequestError("input", "'upload' must be true or false")
     return wire.split_tensors(specs, raw)
+
+
+def _rows(specs, name: str) -> int:
+    """The first dimension of tensor ``name`` of a request (0 when it has none; the memory then refuses it)."""
+    for spec in specs:
+        if spec[0] == name:
+            shape = spec[2]
+            return int(shape[0]) if len(shape) else 0
+    return 0
 
 
 def sample_args(meta: Mapping[str, Any], mem: CarouselMemory) -> tuple[int, dict]:

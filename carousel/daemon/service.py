@@ -210,7 +210,10 @@ class Daemon:
         for conn in list(self.connections):
             conn.closing = True
         deadline = loop.time() + 30
-        while any(c.busy for c in self.connections) and loop.time() < deadline:
+        # Busy: a request running, or frames the client sent before the stop still unread (posted
+        # adds, whose client is not waiting for a reply): each is served before its connection closes.
+        while any(c.busy or (c.authed and not c.pending and c.has_input()) for c in self.connections) \
+                and loop.time() < deadline:
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
             conn.abort()

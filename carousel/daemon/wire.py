@@ -49,7 +49,7 @@ WIRE_DTYPES = frozenset({"uint8", "int8", "uint16", "int16", "uint32", "int32", 
 
 class Op(enum.IntEnum):
     HELLO = 1        # {memory, token?, pid, version} -> {schema, session, shm}
-    ADD = 2          # tensors x, y, task, extras (inline or in the upload segment) -> ids
+    ADD = 2          # {first?}, tensors x, y, task, extras (inline or upload segment) -> ids (none with first)
     SAMPLE = 3       # {n, classes?, tasks?, seed?, balanced?} -> tensors id, x, y, task, extras
     OBSERVE = 4      # tensors ids, logits?, loss? -> {}
     STATS = 5        # {} -> {stats}
@@ -61,6 +61,7 @@ class Op(enum.IntEnum):
     STATUS = 11      # {} -> the daemon's status (every memory)
     PING = 12        # {} -> {}
     RETAIN = 13      # {classes?}, tensors ids int64, weights float32 -> {kept, entered, left} (coreset memories)
+    LEASE = 14       # {n} -> {first, n}: ids this connection's later ADDs ({first}) use, in order
     OK = 128
     ERROR = 129
 

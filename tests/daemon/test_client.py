@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch.utils.data import DataLoader
 
 import carousel
+from carousel.daemon import client as client_module
 from tests.daemon import workers
 from tests.daemon.harness import start_daemon
 
@@ -270,7 +271,9 @@ def test_stats_flush_checkpoint(make_daemon, client_of, tmp_path):
     assert c.status()["memories"]["default"]["added"] == 100
 
 
-def test_large_add_through_upload_and_small_inline(make_daemon, client_of):
+def test_large_add_through_upload_and_small_inline(make_daemon, client_of, monkeypatch):
+    # Adds up to _POST_MAX_BYTES are posted inline (test_posting.py); above it, the upload segment.
+    monkeypatch.setattr(client_module, "_POST_MAX_BYTES", 1 << 16)
     d = make_daemon(memory={"em_size": 512, "sample_shape": list(SHAPE), "extras": LOGITS})
     c = client_of(d)
     added = Added()

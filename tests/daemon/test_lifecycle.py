@@ -66,27 +66,34 @@ def test_17_second_daemon_on_same_data_dir_refused(daemons, tmp_path):
 
 
 # ---- a client process that adds batches and writes down what was acknowledged ------------------------------
-# Batch i is a function of i alone, so the test can regenerate every acknowledged sample.
+# Batch i is a function of i alone, so the test can regenerate every acknowledged sample. An add
+# returns once sent (its reply is read later): a batch counts as acknowledged once a flush() after
+# it returned -- after each add, or after every fourth.
 _WRITER = r"""
 import sys, numpy as np, carousel
+from carousel.daemon import client as client_module
+client_module._POST_MAX_BYTES = 1 << 16  # every fourth batch (512 samples) goes through the upload segment
 sock, ack, flush_each = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 c = carousel.connect(sock, reconnect_s=1)
 out = open(ack, "a")
 i = 0
+sent = []
 while True:
-    n = 512 if i % 4 == 3 else 96          # every fourth batch goes through the upload segment
+    n = 512 if i % 4 == 3 else 96
     rng = np.random.default_rng(i)
     x = rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8)
     y = rng.integers(0, 10, n)
     try:
-        ids = c.add(x, y, i // 20)
-        if flush_each:
+        sent.append((i, c.add(x, y, i // 20)))
+        if flush_each or i % 4 == 3:
             c.flush()
+            for j, ids in sent:
+                out.write(f"{j} {' '.join(map(str, ids.tolist()))}\n")
+            out.flush()
+            sent = []
     except Exception as exc:
         print("writer stopped:", repr(exc), flush=True)
         break
-    out.write(f"{i} {' '.join(map(str, ids.tolist()))}\n")
-    out.flush()
     i += 1
 """
 

@@ -21,6 +21,8 @@ _HOLDER = r"""
 import json, sys, time
 import numpy as np
 import carousel
+from carousel.daemon import client as client_module
+client_module._POST_MAX_BYTES = 1 << 16  # the add below goes through the upload segment
 c = carousel.connect(sys.argv[1])
 rng = np.random.default_rng(0)
 c.add(rng.integers(0, 256, (400, 3, 8, 8), dtype=np.uint8), rng.integers(0, 10, 400), 0)

@@ -1,0 +1,226 @@
+"""Posting: ``add`` and ``observe`` sent without waiting for a reply (docs/protocol.md, "Posting").
+
+Every test runs a real ``carousel serve`` and real clients. What is checked: ids come from leases
+and are never handed out twice, also across clients and reconnects; replies are read in order, so a
+later call sees the effect of every earlier posted one; a failure the daemon reports for a posted
+request is raised by the next call (and stops a flush from acknowledging); the number of posted
+requests in flight is bounded (the client waits for the daemon instead); a daemon killed with
+posted adds in flight is reported, never silently forgotten; and LEASE/ADD {first} refuse ids the
+connection was not given.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import carousel
+from carousel.daemon import client as client_module
+from carousel.daemon import wire
+from storage_backends import open_store
+
+from .harness import start_daemon
+from .rawwire import connect_raw, frame, hello, recv_frame, request
+
+SHAPE = (3, 4, 4)
+MEMORY = {"em_size": 256, "sample_shape": list(SHAPE)}
+
+
+def _batch(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, *SHAPE), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = start_daemon(tmp_path, memory=MEMORY, metrics=False)
+    yield d
+    d.close()
+
+
+def test_posted_adds_are_stored_in_order_and_count_once(daemon, tmp_path):
+    c = carousel.connect(daemon.socket)
+    try:
+        assert c._posting
+        sent = []
+        for i in range(20):
+            x, y = _batch(7, i)
+            ids = c.add(x, y, task=0)
+            sent.append((ids, x))
+        ids_all = torch.cat([ids for ids, _ in sent]).numpy()
+        assert ids_all.tolist() == list(range(140)), "one client's ids: consecutive from its lease"
+        assert c._in_flight or True  # (replies may or may not have come yet)
+        # A synchronous call reads the posted replies first: the daemon applied them all before it.
+        st = c.stats()
+        assert st["added"] == 140, "leased ids not used yet must not count as added"
+        everything = c.sample(256, seed=0)  # drawn when asked: sees every add before it
+        assert sorted(everything.ids.tolist()) == list(range(140))
+        c.flush()
+    finally:
+        c.close()
+    tier = tmp_path / "d" / "data" / "flash"
+    daemon.stop()
+    with open_store(f"lmdb://{tier}") as store:
+        for ids, x in sent:
+            assert np.array_equal(store.get_many(ids.numpy())["x"], x)
+
+
+def test_two_clients_never_share_an_id_and_leases_go_back(daemon):
+    a, b = carousel.connect(daemon.socket), carousel.connect(daemon.socket)
+    try:
+        got = []
+        for i in range(10):
+            got.append(a.add(*_batch(5, i), task=0))
+            got.append(b.add(*_batch(3, 100 + i), task=0))
+        ids = torch.cat(got).numpy()
+        assert ids.size == np.unique(ids).size == 80
+        assert a.stats()["added"] == 80
+        b_top = max(int(t.max()) for t in got[1::2])
+        assert b_top > max(int(t.max()) for t in got[0::2]), "b's lease was granted after a's"
+        b.close()  # b's unused ids were the last handed out: they go back
+        time.sleep(0.2)
+        assert a.stats()["added"] == 80
+    finally:
+        a.close()  # a's unused ids lie below b's used ones: skipped, never handed out again
+    with carousel.connect(daemon.socket) as c:
+        new = c.add(*_batch(2, 7), task=0)
+        assert new.tolist() == [b_top + 1, b_top + 2]
+        assert c.stats()["added"] == b_top + 3  # the skipped ids count, as a crash's do
+
+
+def test_a_failed_posted_request_is_raised_by_the_next_call_and_blocks_the_flush(daemon):
+    c = carousel.connect(daemon.socket)
+    try:
+        c.add(*_batch(4, 0), task=0)
+        x, y = _batch(3, 1)
+        tensors = [("x", x), ("y", y), ("task", np.zeros(3, np.int16))]
+        with c._lock:  # an add naming ids this connection was never leased: the daemon refuses it
+            c._post(wire.Op.ADD, {"first": 10**9}, tensors, 10**9, 3)
+        with pytest.raises(carousel.RemoteError, match="ids come from LEASE") as raised:
+            c.flush()
+        assert any("earlier add()" in note and "were not added" in note for note in raised.value.__notes__)
+        c.flush()  # raised once; the client goes on
+        assert c.stats()["added"] == 4
+    finally:
+        c.close()
+
+
+def test_in_flight_requests_are_bounded_by_waiting_for_the_daemon(daemon):
+    c = carousel.connect(daemon.socket)
+    try:
+        ids = c.add(*_batch(8, 0), task=0)
+        c.stats()
+        os.kill(daemon.pid, signal.SIGSTOP)
+        done = threading.Event()
+
+        def observe_many():
+            for _ in range(client_module._MAX_IN_FLIGHT + 10):
+                c.observe(ids, loss=torch.ones(8))
+            done.set()
+        t = threading.Thread(target=observe_many, daemon=True)
+        t.start()
+        try:
+            assert not done.wait(1.0), "posted observes piled up without bound while the daemon was stopped"
+            assert len(c._in_flight) == client_module._MAX_IN_FLIGHT + 1
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        assert done.wait(30), "the client did not resume once the daemon did"
+        t.join()
+        c.stats()
+        assert not c._in_flight
+    finally:
+        c.close()
+
+
+def test_a_daemon_killed_with_posted_adds_in_flight_is_reported(tmp_path):
+    d = start_daemon(tmp_path, memory=MEMORY, metrics=False)
+    c = carousel.connect(d.socket, reconnect_s=30)
+    try:
+        c.add(*_batch(4, 0), task=0)
+        c.flush()
+        os.kill(d.pid, signal.SIGSTOP)  # the next adds are sent, never answered
+        for i in range(3):
+            c.add(*_batch(5, i + 1), task=0)
+        d.proc.kill()
+        d.proc.wait()
+        d.close()
+        d = start_daemon(tmp_path, memory=MEMORY, metrics=False)
+        # The call after: the 15 samples in flight went to a daemon that died without storing them.
+        with pytest.raises(carousel.DaemonRestartedError) as lost:
+            c.flush()
+        assert lost.value.samples == 15
+        assert c.stats()["added"] >= 4  # the client works on the new daemon
+        c.add(*_batch(2, 9), task=0)
+        c.flush()
+    finally:
+        c.close()
+        d.close()
+
+
+def test_a_stats_call_after_a_killed_daemon_says_what_was_in_flight(tmp_path):
+    d = start_daemon(tmp_path, memory=MEMORY, metrics=False)
+    c = carousel.connect(d.socket, reconnect_s=30)
+    try:
+        c.add(*_batch(1, 0), task=0)
+        c.flush()  # the client holds a lease now
+        os.kill(d.pid, signal.SIGSTOP)
+        c.add(*_batch(6, 0), task=0)
+        d.proc.kill()
+        d.proc.wait()
+        d.close()
+        d = start_daemon(tmp_path, memory=MEMORY, metrics=False)
+        with pytest.raises(carousel.InFlightLostError, match="6 added sample"):
+            c.stats()
+        assert c.stats()["added"] >= 0  # raised once; then the new daemon answers
+    finally:
+        c.close()
+        d.close()
+
+
+def test_lease_and_first_are_checked_at_the_door(daemon):
+    sock = connect_raw(daemon.socket)
+    try:
+        hello(sock)
+        for bad in (0, -1, 1 << 20, "8", True):
+            rop, meta, _ = request(sock, wire.Op.LEASE, {"n": bad})
+            assert rop == wire.Op.ERROR and meta["error"] == "input", (bad, meta)
+        rop, meta, _ = request(sock, wire.Op.LEASE, {"n": 4})
+        assert rop == wire.Op.OK and meta["n"] == 4
+        first = meta["first"]
+        x, y = _batch(3, 0)
+        specs = [["x", "uint8", list(x.shape)], ["y", "int64", [3]], ["task", "int16", [3]]]
+        payload = x.tobytes() + y.astype(np.int64).tobytes() + np.zeros(3, np.int16).tobytes()
+        for wrong in (first + 1, first - 1, "0"):  # not the next leased id
+            rop, meta, _ = request(sock, wire.Op.ADD, {"first": wrong, "tensors": specs}, payload)
+            assert rop == wire.Op.ERROR and meta["error"] == "input", (wrong, meta)
+        rop, meta, _ = request(sock, wire.Op.ADD, {"first": first, "tensors": specs}, payload)
+        assert rop == wire.Op.OK and "tensors" not in meta or not meta["tensors"], meta
+        # Two ids are left in the lease: an add of three overruns it, and takes nothing.
+        rop, meta, _ = request(sock, wire.Op.ADD, {"first": first + 3, "tensors": specs}, payload)
+        assert rop == wire.Op.ERROR and "holding 1 leased" in meta["message"], meta
+        rop, meta, _ = request(sock, wire.Op.STATS)
+        assert meta["added"] == 3
+        # Requests sent back to back, replies read after: answered in order.
+        sock.sendall(frame(wire.Op.PING, {}) + frame(wire.Op.STATS, {}) + frame(wire.Op.PING, {}))
+        ops = [recv_frame(sock)[0] for _ in range(3)]
+        assert ops == [wire.Op.OK] * 3
+    finally:
+        sock.close()
+
+
+def test_a_deterministic_memory_takes_adds_that_wait(tmp_path):
+    d = start_daemon(tmp_path, memory=MEMORY, metrics=False, swap={"deterministic": True})
+    try:
+        with carousel.connect(d.socket) as c:
+            ids = c.add(*_batch(5, 0), task=0)
+            assert not c._in_flight and not c._leases, "a deterministic memory's adds are not posted"
+            c.observe(ids, loss=torch.ones(5))  # known ids: posted
+            assert c.stats()["added"] == 5
+    finally:
+        d.close()
