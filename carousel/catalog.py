@@ -28,6 +28,7 @@ policies read. One lock guards all columns; it is never held during I/O.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -53,8 +54,12 @@ class Catalog:
         self.n = 0
         self._crc_columns = crc_columns
         self._alloc(capacity)
-        self._by_class: dict[int, list[np.ndarray]] = {}  # candidate lists for swap-in draws
-        self._class_ids: dict[int, np.ndarray] = {}
+        # Per class, every id registered with it, in a growable array (used: _class_len): what a
+        # swap-in draws from. Appended to by register() in amortized O(ids added), never rebuilt
+        # per add: rebuilding it cost O(ids of the class) per add, growing with the stored set.
+        self._class_arr: dict[int, np.ndarray] = {}
+        self._class_len: dict[int, int] = {}
+        self._available: tuple[float, dict[int, int]] | None = None  # (when, available_by_class())
         self._class_index: dict[int, int] = {}  # label -> dense class index
         self.class_labels = np.zeros(0, np.int64)  # dense class index -> label
 
@@ -102,8 +107,17 @@ class Catalog:
             index = np.array([self._class_of(c) for c in classes], dtype=np.int32)
             self.cls[sorted_ids] = np.repeat(index, np.diff(bounds))
             for c, lo, hi in zip(classes, bounds[:-1], bounds[1:]):
-                self._by_class.setdefault(c, []).append(sorted_ids[lo:hi])
-                self._class_ids.pop(c, None)
+                self._append_class(c, sorted_ids[lo:hi])
+
+    def _append_class(self, cls: int, ids: np.ndarray) -> None:
+        arr, k = self._class_arr.get(cls), self._class_len.get(cls, 0)
+        if arr is None or k + ids.size > arr.size:
+            grown = np.empty(max(64, 2 * (k + ids.size)), np.int64)
+            if arr is not None:
+                grown[:k] = arr[:k]
+            self._class_arr[cls] = arr = grown
+        arr[k:k + ids.size] = ids
+        self._class_len[cls] = k + ids.size
 
     def _class_of(self, label: int) -> int:
         """The dense class index of ``label``, a new one for a label not seen before."""
@@ -128,15 +142,17 @@ class Catalog:
             return self._count(self.cls.take(ids[ids >= 0]))
 
     def class_ids(self, cls: int) -> np.ndarray:
-        """Every id ever registered with label ``cls`` (evicted ones included; filter by ``home``)."""
+        """Every id registered with label ``cls`` (evicted ones too, until compacted: filter by ``home``)."""
         with self.lock:
-            ids = self._class_ids.get(cls)
-            if ids is None:
-                parts = self._by_class.get(cls, [])
-                ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-                ids = ids[self.home[ids] != EVICTED]  # compacted whenever rebuilt
-                self._by_class[cls] = [ids]
-                self._class_ids[cls] = ids
+            k = self._class_len.get(cls, 0)
+            if not k:
+                return np.zeros(0, np.int64)
+            ids = self._class_arr[cls][:k]
+            evicted = self.home[ids] == EVICTED
+            if evicted.sum() * 2 > k:  # mostly evicted: compact, so draws stay cheap
+                kept = ids[~evicted]
+                self._class_arr[cls], self._class_len[cls] = kept.copy(), kept.size
+                return self._class_arr[cls]
             return ids
 
     def swap_in_pool(self, cls: int, below: int | None = None) -> np.ndarray:
@@ -148,9 +164,39 @@ class Catalog:
                 ids = ids[ids < below]
             return ids[(self.home[ids] >= 0) & (self.slot[ids] < 0) & ~self.prefetched[ids]]
 
-    def available_by_class(self, below: int | None = None) -> dict[int, int]:
+    def draw_swap_in(self, cls: int, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Up to ``n`` distinct ids drawn uniformly from :meth:`swap_in_pool` ``(cls)``.
+
+        By rejection, in O(n) rather than O(ids of the class): nearly every stored id is eligible
+        (the EM holds a few hundred of them), so positions drawn at random from the class's ids
+        and filtered mostly hit. When too few do, the whole pool is filtered instead.
+        """
+        with self.lock:
+            ids = self.class_ids(cls)
+            if not ids.size or n <= 0:
+                return ids[:0]
+            if ids.size > 8 * n:
+                cand = np.unique(ids[rng.integers(0, ids.size, 4 * n + 16)])
+                cand = cand[(self.home[cand] >= 0) & (self.slot[cand] < 0) & ~self.prefetched[cand]]
+                if cand.size >= n:
+                    return rng.permutation(cand)[:n]
+            pool = ids[(self.home[ids] >= 0) & (self.slot[ids] < 0) & ~self.prefetched[ids]]
+            return rng.choice(pool, min(n, pool.size), replace=False) if pool.size else pool
+
+    def available_by_class(self, below: int | None = None, max_age_s: float = 0.0) -> dict[int, int]:
         """Class -> number of stored samples not in the EM (what a swap-in can draw from). With
-        ``below`` (a deterministic memory): only ids below it, and none already chosen as a candidate."""
+        ``below`` (a deterministic memory): only ids below it, and none already chosen as a candidate.
+        ``max_age_s``: a count that old may be returned again (it costs O(ids) to make; the async
+        swap path needs proportions, not exact counts, and checks each candidate when it reads it)."""
+        if below is None and max_age_s > 0.0:
+            cached = self._available
+            if cached is not None and time.monotonic() - cached[0] <= max_age_s:
+                return cached[1]
+            out = self.available_by_class()
+            # Nothing available is not kept: it is what a memory says before its first samples
+            # are stored, and would stop swapping for max_age_s after they are.
+            self._available = (time.monotonic(), out) if out else None
+            return out
         with self.lock:
             live = slice(0, self.n if below is None else min(self.n, below))
             ok = (self.home[live] >= 0) & (self.slot[live] < 0)

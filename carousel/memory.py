@@ -55,7 +55,7 @@ from .metrics import MemoryMetrics
 from .policies import make_admission, make_swap_in, make_swap_out
 from .recovery import load_state, rebuild_catalog, refill_em, save_state
 from .step_swaps import StepSwaps
-from .swap_engine import SwapEngine
+from .swap_engine import AVAILABLE_MAX_AGE_S, SwapEngine
 from .tiers import Tier
 from .write_behind import WriteBehind
 
@@ -484,7 +484,7 @@ class CarouselMemory:
                 return
             # Both counts by the catalog's dense class index: sized by the number of classes, not
             # by the largest label (a label of 2**40 once made every step allocate 8 TiB here).
-            classes = self._swap_in.choose(victim_labels, self.catalog.available_by_class(),
+            classes = self._swap_in.choose(victim_labels, self.catalog.available_by_class(max_age_s=AVAILABLE_MAX_AGE_S),
                                            self.catalog.class_counts(self.pool.slot_ids), self._rng)
         go = classes >= 0
         if not go.any():

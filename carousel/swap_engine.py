@@ -45,6 +45,10 @@ from .tiers import Tier
 
 log = logging.getLogger("carousel.swap_engine")
 
+# How old the per-class counts of swap-in candidates may be when the async path plans with them
+# (Catalog.available_by_class: O(every id) to count, which grows with the stored set).
+AVAILABLE_MAX_AGE_S = 0.05
+
 
 class SwapEngine:
     def __init__(self, pool: EMPool, catalog: Catalog, tiers: list[Tier], metrics: MemoryMetrics,
@@ -223,7 +227,7 @@ class SwapEngine:
         ``prefetch_depth`` decoded and ready -- never more than ``prefetch_depth`` in all, also
         when there are more classes than that (an open-world stream): then the classes that get
         a candidate this round are drawn at random."""
-        available = self._catalog.available_by_class()
+        available = self._catalog.available_by_class(max_age_s=AVAILABLE_MAX_AGE_S)
         if not available:
             return []
         per_class = max(1, self._depth // len(available))
@@ -247,10 +251,9 @@ class SwapEngine:
     def _read_candidates(self, cls: int, n: int) -> list[tuple[int, dict[str, np.ndarray]]]:
         """Read up to ``n`` random stored samples of ``cls`` that are not in the EM, decoded."""
         with self._catalog.lock:
-            pool = self._catalog.swap_in_pool(cls)
-            if not pool.size or n <= 0:
+            ids = self._catalog.draw_swap_in(cls, n, self._rng)
+            if not ids.size:
                 return []
-            ids = self._rng.choice(pool, min(n, pool.size), replace=False)
             self._catalog.prefetched[ids] = True  # reserved: no one else will draw them
             homes = self._catalog.home[ids].copy()
         out: list[tuple[int, dict[str, np.ndarray]]] = []

@@ -116,13 +116,14 @@ def test_same_class_swaps_keep_the_em_histogram(tmp_path):
 
 
 def test_sample_never_waits_on_slow_storage(tmp_path):
-    """p99 of sample(256) stays under 2 ms while every storage read takes 50 ms, and swaps go on."""
+    """While every storage read takes 0.5 s and swaps go on, no sample() waits for one: the slowest
+    takes less than half a read. (A behaviour, not a speed: benchmarks.stall measures the speed.)"""
     with CarouselMemory.from_dict(config(tmp_path, em=500, tiers=(("lmdb", 3000),))) as mem:
         for task in range(2):
             for step in range(20):
                 mem.add(*stream(64, task, [2 * task, 2 * task + 1], seed=task * 100 + step))
         mem.flush()
-        slow = FaultyStore(mem.tiers[0].store, read_delay_s=0.05)
+        slow = FaultyStore(mem.tiers[0].store, read_delay_s=0.5)
         mem.tiers[0].store = slow
         latencies = []
         deadline = time.monotonic() + 3.0
@@ -132,8 +133,7 @@ def test_sample_never_waits_on_slow_storage(tmp_path):
             latencies.append(time.perf_counter() - t0)
             mem.observe(b.ids, logits=torch.randn(len(b), 4))
             time.sleep(0.002)  # a training step's worth of other work
-        p99 = float(np.percentile(latencies, 99))
-        assert p99 < 0.002, f"sample(256) p99 {p99 * 1e3:.2f} ms"
+        assert max(latencies) < 0.25, f"a sample(256) took {max(latencies) * 1e3:.0f} ms: it waited on a read"
         assert slow.reads > 0
         assert mem.stats()["swapped_in"] > 0
 

@@ -1,0 +1,65 @@
+"""The catalog's swap-in draws: only eligible ids, distinct, uniform, and cheap however many are stored."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from carousel.catalog import EVICTED, Catalog
+
+
+def _catalog(n: int, classes: int = 4) -> Catalog:
+    cat = Catalog()
+    for lo in range(0, n, 100):  # registered in many small adds, as a stream arrives
+        ids = np.arange(lo, min(lo + 100, n))
+        cat.register(ids, ids % classes, np.zeros(ids.size, np.int64), 0)
+    return cat
+
+
+def test_draws_only_eligible_distinct_ids_of_the_class():
+    cat = _catalog(20_000)
+    ids = cat.class_ids(1)
+    assert ids.tolist() == list(range(1, 20_000, 4)), "every id of the class, in order, none lost in growth"
+    cat.slot[ids[:1000]] = 7              # in the EM
+    cat.prefetched[ids[1000:2000]] = True  # being read
+    cat.home[ids[2000:2500]] = EVICTED
+    rng = np.random.default_rng(0)
+    seen = np.zeros(20_000, np.int64)
+    for _ in range(300):
+        got = cat.draw_swap_in(1, 16, rng)
+        assert got.size == 16 and np.unique(got).size == 16
+        assert (got % 4 == 1).all()
+        assert (cat.slot[got] < 0).all() and not cat.prefetched[got].any() and (cat.home[got] >= 0).all()
+        seen[got] += 1
+    eligible = ids[2500:]
+    # Uniform over the eligible ids: 4800 draws over 2500 ids, each id ~1.9 times; none favoured.
+    assert seen[eligible].sum() == 4800 and seen[eligible].max() <= 10
+    assert (seen[eligible] > 0).mean() > 0.8
+
+
+def test_falls_back_to_the_whole_pool_when_few_are_eligible():
+    cat = _catalog(4_000)
+    ids = cat.class_ids(2)
+    cat.slot[ids[:-5]] = 1  # all but five are in the EM: draws by rejection would mostly miss
+    got = cat.draw_swap_in(2, 16, np.random.default_rng(1))
+    assert sorted(got.tolist()) == sorted(ids[-5:].tolist())
+    assert cat.draw_swap_in(3, 0, np.random.default_rng(1)).size == 0
+    assert cat.draw_swap_in(99, 4, np.random.default_rng(1)).size == 0  # a class never seen
+
+
+def test_mostly_evicted_classes_are_compacted():
+    cat = _catalog(8_000)
+    ids = cat.class_ids(0)
+    cat.home[ids[:1500]] = EVICTED
+    assert cat.class_ids(0).tolist() == ids[1500:].tolist()
+    cat.register(np.array([8_000]), np.array([0]), np.zeros(1, np.int64), 0)  # grows after compaction
+    assert cat.class_ids(0)[-1] == 8_000
+
+
+def test_available_counts_may_be_reused_for_a_while_but_never_when_empty():
+    cat = Catalog()
+    assert cat.available_by_class(max_age_s=60) == {}
+    cat.register(np.arange(10), np.zeros(10, np.int64), np.zeros(10, np.int64), 0)
+    assert cat.available_by_class(max_age_s=60) == {0: 10}  # the empty count was not kept
+    cat.register(np.arange(10, 15), np.ones(5, np.int64), np.zeros(5, np.int64), 0)
+    assert cat.available_by_class(max_age_s=60) == {0: 10}  # reused
+    assert cat.available_by_class() == {0: 10, 1: 5}        # exact when asked for
