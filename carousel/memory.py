@@ -113,6 +113,7 @@ class CarouselMemory:
         self._ids = IdAllocator(None, 0)  # replaced by recovery: from the tiers and the reserved bound
         self._current_task = -1
         self._leased = 0  # ids leased to daemon clients (lease_ids) and not used yet
+        self._free_ids: list[tuple[int, int]] = []  # leased ranges given back unused, below the counter
         self._ratio = sc.ratio
         self._closed = False
         self.tiers: list[Tier] = []
@@ -220,28 +221,41 @@ class CarouselMemory:
             raise MemoryInputError(f"{ids.size} leased ids for {fields['y'].shape[0]} samples")
         return self._add(fields, ids)
 
-    def lease_ids(self, n: int) -> int:
-        """Hand out ``n`` consecutive ids now, for :meth:`add_leased` to use later; returns the first.
+    def lease_ids(self, n: int) -> tuple[int, int]:
+        """Hand out up to ``n`` consecutive ids now, for :meth:`add_leased` to use later; returns
+        ``(first, count)`` (fewer than ``n`` when a range given back earlier is handed out again).
 
         They are reserved like any add's (a crash never reuses them). Until used they do not count
         in ``stats()["added"]``; :meth:`release_ids` gives back what a lease did not use.
         """
         self._check_open()
         n = check_count(n)
+        with self.catalog.lock:
+            if self._free_ids:  # ids a client left unused, never given to a sample: handed out again
+                lo, hi = self._free_ids.pop()
+                k = min(n, hi - lo)
+                if lo + k < hi:
+                    self._free_ids.append((lo + k, hi))
+                self._leased += k
+                return lo, k
         self._ids.reserve(n)
         with self.catalog.lock:
             first = self._ids.take(n)
             self._leased += n
-        return first
+        return first, n
 
     def release_ids(self, lo: int, hi: int) -> None:
-        """Leased ids ``[lo, hi)`` that will not be used (their client left): taken back when they
-        are the last handed out, otherwise skipped -- counted in ``added`` like a crash's."""
+        """Leased ids ``[lo, hi)`` that will not be used (their client left). They were never given
+        to a sample: the next leases hand them out again (a crash before then skips them)."""
         if hi <= lo:
             return
         with self.catalog.lock:
             self._leased -= hi - lo
-            self._ids.give_back(lo, hi)
+            self._free_ids.append((lo, hi))
+            # Ranges at the top of the ids go back to the counter (consecutive ones one after another).
+            self._free_ids.sort()
+            while self._free_ids and self._ids.give_back(*self._free_ids[-1]):
+                self._free_ids.pop()
 
     def _add(self, fields: dict[str, np.ndarray], leased: np.ndarray | None) -> torch.Tensor:
         """The path of every add once its input is checked; ``leased``: the ids, when leased."""
@@ -631,8 +645,8 @@ class CarouselMemory:
         """Counts for people and tests: ``added``, ``evicted``, ``swapped_in``, ``swapped_out``,
         ``tiers: {name: {"samples", "bytes"}}``, ``em_classes: {str(label): samples in the EM}`` (string
         keys: the same in-process and through the daemon's JSON) and more. ``added`` counts the ids handed out: the
-        samples ever added, plus the ids skipped (reserved before a crash, or leased to a daemon client that
-        left without using them; ids are never reused); ids leased to a connected client count once used."""
+        samples ever added, plus the ids a crash skipped (reserved before it; ids are never reused); ids leased
+        to a daemon client count once used."""
         m = self.metrics
         tiers: dict[str, dict[str, int]] = {"ram": {"samples": self.pool.filled(),
                                                     "bytes": sum(t.numel() * t.element_size()
@@ -651,7 +665,7 @@ class CarouselMemory:
         hits = value("carousel_prefetch_requests_total", result="hit")
         misses = value("carousel_prefetch_requests_total", result="miss")
         return {
-            "added": self._next_id - self._leased,
+            "added": self._next_id - self._leased - sum(hi - lo for lo, hi in self._free_ids),
             "evicted": self.catalog.count(EVICTED),
             "pending_writes": self._writer.queued if self._writer else 0,
             "swapped_in": int(value("carousel_swaps_total", direction="in")),

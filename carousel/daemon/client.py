@@ -580,7 +580,7 @@ class MemoryClient:
         if ticks:
             meta = {**meta, "ticks": ticks}
         try:
-            sock.sendall(b"".join(wire.encode(op, meta, tensors)))
+            _send_parts(sock, wire.encode(op, meta, tensors))
         except (ConnectionError, socket.timeout, OSError) as exc:
             self._drop()
             raise ConnectionError(f"the daemon connection dropped during {wire.Op(op).name.lower()}; "
@@ -691,6 +691,19 @@ def _remote_exception(reply: Mapping[str, Any]) -> Exception:
     exc = cls(remote.message)
     exc.__cause__ = remote
     return exc
+
+
+def _send_parts(sock: socket.socket, parts: list) -> None:
+    """``sendall`` of the buffers one after the other, without joining them first (an add's
+    samples are then copied once, into the kernel)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
 
 
 def _read_reply(sock: socket.socket, head: bytes | bytearray):

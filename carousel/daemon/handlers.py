@@ -152,7 +152,7 @@ async def lease(req: Request) -> Reply:
         raise RequestError("input", f"n must be an int in [1, {MAX_LEASE_IDS}], got {str(n)[:32]}")
     if conn.leases.held() + n > 2 * MAX_LEASE_IDS:
         raise RequestError("busy", f"this connection holds {conn.leases.held()} leased ids unused already")
-    first = await _run(conn, served.memory.lease_ids, n)
+    first, n = await _run(conn, served.memory.lease_ids, n)
     conn.leases.grant(first, n, served.memory)
     return {"first": first, "n": n}, []
 

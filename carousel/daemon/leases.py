@@ -6,8 +6,8 @@ sides consume the blocks the same way -- in order, an add's ids running on into 
 when one is used up -- so the daemon checks that ``first`` is the id it expects and refuses an add
 that names any other (a confused or hostile client cannot claim ids it was not given).
 
-When the connection goes, its unused ids go back to the memory (:meth:`CarouselMemory.release_ids`):
-taken back when nothing was handed out after them, skipped otherwise, never reused.
+When the connection goes, its unused ids go back to the memory (:meth:`CarouselMemory.release_ids`),
+which leases them again: no sample ever had them, so no id is used twice.
 """
 
 from __future__ import annotations
