@@ -50,12 +50,19 @@ class Filler(threading.Thread):
         self.doorbell.ring()
 
     def added(self, served: Served) -> None:
-        """``served`` got new samples: its rings' short batches are stale from now on."""
+        """``served`` got new samples: its rings' short batches are stale from now on.
+
+        The filler is not woken for it: it fills FREE slots as soon as there are any, so an add
+        gives it nothing new to do (a client hands a stale batch back, and that rings). Waking it
+        on every add cost each add a futex wake and, on a busy machine, the preemption that
+        follows -- the most of an add's time in the daemon. Only after a failed fill, which left
+        slots FREE, is it woken, to try again now rather than at its next timeout."""
         with self.lock:
             for owner, ring, _ in self.rings.values():
                 if owner is served:
                     ring.set_epoch(served.epoch)
-        self.doorbell.ring()
+        if self.last_error is not None:
+            self.doorbell.ring()
 
     def _failed(self, served: Served, exc: Exception) -> None:
         # Logged when the error changes or every 10 s, not on every pass.
