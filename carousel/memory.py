@@ -43,7 +43,7 @@ from prometheus_client import CollectorRegistry
 
 from storage_backends import Schema, open_store
 
-from .batch import Batch
+from .batch import Batch, can_pin
 from .catalog import EVICTED, PENDING, RAM_ONLY, UNUSED, Catalog
 from .config import WEIGHT_FIELD, CarouselConfig, ConfigError, load_config
 from .em_pool import EMPool, balanced_weights
@@ -275,23 +275,28 @@ class CarouselMemory:
 
     # ---- sample -----------------------------------------------------------------------------------
     def sample(self, n: int, *, classes: Any = None, tasks: Any = None, seed: int | None = None,
-               balanced: bool = False) -> Batch:
+               balanced: bool = False, pin_memory: bool = False) -> Batch:
         """A replay batch of up to ``n`` distinct EM samples, from RAM only.
 
         ``classes`` / ``tasks`` restrict the draw; ``balanced`` draws classes equally often;
         ``seed`` makes the draw reproducible. Fewer than ``n`` come back only if the EM (or the
-        filtered part of it) holds fewer.
+        filtered part of it) holds fewer. ``pin_memory``: the batch's tensors in page-locked
+        memory, so ``batch.to("cuda", non_blocking=True)`` overlaps the accelerator's work
+        (fresh pinned tensors each call, gathered straight into; without a CUDA device it is
+        ignored and the batch is the ordinary one: :func:`carousel.batch.can_pin`).
         """
         self._check_open()
         n = check_count(n)
         t0 = time.perf_counter()
         pool = self.pool
+        # Page-locked rows are allocated before the EM lock: the first ones cost a cudaHostAlloc.
+        out = pool.pinned_rows(n, self._extras) if pin_memory and can_pin() else None
         if classes is None and tasks is None and seed is None and not balanced and self.verifier is None:
             with pool.lock:  # choose and gather under one short lock: no half-written slot
-                batch = pool.gather_locked(pool.draw_locked(n, self._sample_rng), self._extras)
+                batch = pool.gather_locked(pool.draw_locked(n, self._sample_rng), self._extras, out)
                 self.metrics.sample_latency.observe(time.perf_counter() - t0)  # under the lock: see its class
             return batch
-        batch, refs = self._draw(n, classes, tasks, seed, balanced, t0)
+        batch, refs = self._draw(n, classes, tasks, seed, balanced, t0, out)
         if refs is not None:  # the integrity mode: checked after the lock, before anyone trains on it
             self._verify({"id": batch.ids, "x": batch.x, "y": batch.y, "task": batch.task, **batch.extras}, refs)
         return batch
@@ -306,8 +311,10 @@ class CarouselMemory:
         return self._draw(check_count(n), classes, tasks, seed, balanced, time.perf_counter())
 
     def _draw(self, n: int, classes: Any, tasks: Any, seed: int | None, balanced: bool,
-              t0: float) -> tuple[Batch, dict[str, np.ndarray] | None]:
-        """Check the filters, then draw and gather a batch (and, verifying, its references) under one lock."""
+              t0: float, out: Mapping[str, torch.Tensor] | None = None
+              ) -> tuple[Batch, dict[str, np.ndarray] | None]:
+        """Check the filters, then draw and gather a batch (and, verifying, its references) under
+        one lock; into ``out`` (page-locked rows) when given."""
         classes = None if classes is None else check_values(classes, "classes")
         tasks = None if tasks is None else check_values(tasks, "tasks")
         seed = None if seed is None else check_count(seed, "seed")
@@ -318,7 +325,7 @@ class CarouselMemory:
                 slots = pool.draw_locked(n, rng)
             else:
                 slots = self._pick_locked(n, classes, tasks, balanced, rng)
-            batch = pool.gather_locked(slots, self._extras)
+            batch = pool.gather_locked(slots, self._extras, out)
             refs = None if self.verifier is None else self._references_locked(slots)
             self.metrics.sample_latency.observe(time.perf_counter() - t0)
         return batch, refs
