@@ -121,6 +121,7 @@ class CarouselMemory:
             Path(config.tiers[0].path).with_name(Path(config.tiers[0].path).name + "-state") if config.tiers else None)
         self._writer: WriteBehind | None = None
         self._engine: SwapEngine | None = None
+        self._posted = False
         self._steps: StepSwaps | None = None  # deterministic mode (carousel.step_swaps)
         try:
             for i, tc in enumerate(config.tiers):
@@ -149,6 +150,10 @@ class CarouselMemory:
         except BaseException:  # a memory that failed to open leaves no thread or open store behind
             self._release()
             raise
+        # observe() queues its work for the engine's thread (see observe); the other modes keep
+        # it on the caller's thread: deterministic runs decide swaps in observe, workers = 0 is
+        # the synchronous ablation.
+        self._posted = self._engine is not None and sc.workers > 0 and not sc.deterministic
         self.metrics.swap_ratio.set(self._ratio)
         for t in self.tiers:
             if t.capacity_bytes is None:
@@ -406,21 +411,46 @@ class CarouselMemory:
 
         ``logits``: ``(n, C)`` -> correctness (argmax == label) and softmax entropy per sample;
         ``loss``: ``(n,)`` per-sample losses. Unknown ids raise :class:`MemoryInputError`.
+
+        The asynchronous memory (tiers, ``workers >= 1``, not deterministic) checks the input
+        here, at the call, and leaves the rest -- the statistics, the victims, the swap-in
+        choice -- to the swap engine's thread, in call order: ``observe`` returns at once.
+        ``stats()``, ``flush()``, ``checkpoint()``, ``retain()`` and ``close()`` first wait for
+        the observations queued before them. A RAM-only, deterministic or ``workers = 0``
+        memory does all of it here, before returning.
         """
         self._check_open()
         ids, lg, per_loss = check_observe(ids, logits, loss)
         if ids.size and (ids.min() < 0 or ids.max() >= self._next_id):
             raise MemoryInputError(f"unknown ids (valid: 0..{self._next_id - 1})")
+        # The swap gate as of this call (a task boundary added after it must not change it).
+        swap = self._engine is not None and self._current_task >= self.config.swap.start_task and self._ratio > 0
+        if self._posted:
+            # Copies: once observe() returns, the caller may reuse its logits and loss tensors
+            # (check_ids already copied the ids).
+            self._engine.post(self._observed, ids, None if lg is None else lg.copy(),
+                              None if per_loss is None else per_loss.copy(), swap)
+            return
+        self._observed(ids, lg, per_loss, swap)
+
+    def _observed(self, ids: np.ndarray, lg: np.ndarray | None, per_loss: np.ndarray | None, swap: bool) -> None:
+        """``observe``'s work after its checks: statistics into the catalog, then the swap trigger.
+        On the caller's thread, or on the swap engine's (the asynchronous memory)."""
         correct = entropy = None
         if lg is not None:
-            # numpy, not torch: small torch ops go through its intra-op pool (~ms here, see em_pool).
+            # numpy, not torch: nothing on these paths may wake torch's intra-op pool (see em_pool).
             z = lg - lg.max(axis=1, keepdims=True)
             logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
             entropy = -(np.exp(logp) * logp).sum(axis=1).astype(np.float32)
             correct = (lg.argmax(axis=1) == self.catalog.label[ids]).astype(np.int8)
         self.catalog.observe(ids, correct, entropy, per_loss)
-        if self._engine is not None and self._current_task >= self.config.swap.start_task and self._ratio > 0:
+        if swap:
             self._trigger_swap(ids)
+
+    def _settle(self) -> None:
+        """Wait for the observations queued so far (the asynchronous memory; else nothing to do)."""
+        if self._posted and not self._engine.settle():
+            raise TimeoutError("queued observe() calls did not finish within 60 s")
 
     def _trigger_swap(self, ids: np.ndarray) -> None:
         with self.catalog.lock:
@@ -504,6 +534,7 @@ class CarouselMemory:
         if not np.isin(labels, slice_classes).all():
             raise MemoryInputError(f"ids of classes {sorted(set(labels.tolist()) - set(slice_classes.tolist()))} "
                                    f"are outside the slice of classes {slice_classes.tolist()}")
+        self._settle()  # queued observations choose their victims before the slice changes
         if self._steps is not None:
             self._steps.settle()  # planned moves carried out: storage is where the catalog says
         if (homes == PENDING).any():
@@ -568,6 +599,7 @@ class CarouselMemory:
         ``tiers: {name: {"samples", "bytes"}}``, ``em_classes: {str(label): samples in the EM}`` (string
         keys: the same in-process and through the daemon's JSON) and more. ``added`` is the next sample id: the
         samples ever added, plus, after a crash, the reserved ids it skipped (ids are never reused)."""
+        self._settle()  # the statistics and swap requests of every observe() before this call
         m = self.metrics
         tiers: dict[str, dict[str, int]] = {"ram": {"samples": self.pool.filled(),
                                                     "bytes": sum(t.numel() * t.element_size()
@@ -612,6 +644,7 @@ class CarouselMemory:
         deterministic memory also brings its tiers within capacity here: between boundaries they
         may hold a step or two of samples more.)"""
         self._check_open()
+        self._settle()
         if self._writer is not None and not self._writer.drain(timeout_s):
             raise TimeoutError(f"write-behind did not drain within {timeout_s} s: {self._writer.last_error!r}")
         if self._steps is not None and not self._steps.enforce_capacity(timeout_s):

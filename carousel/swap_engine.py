@@ -16,6 +16,10 @@ catalog while queued, so no sample is ever in two slots. Requests beyond ``max_p
 dropped and counted (``carousel_swap_skipped_total{reason="backlog"}``); in adaptive mode the
 memory lowers its swap ratio instead when the lag grows.
 
+The asynchronous memory also hands the engine's thread the work of ``observe`` beyond its input
+checks (:meth:`post`: statistics, victims, the swap-in choice), so the trainer's ``observe`` is a
+check and a queue append; :meth:`settle` waits for what was posted (``stats()``, ``flush()``, ...).
+
 ``workers = 0`` is the synchronous ablation: :meth:`swap_now` does the same work on the caller's
 thread, storage reads included, as CarM's "sync" baseline.
 
@@ -30,7 +34,9 @@ import asyncio
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +88,35 @@ class SwapEngine:
                 return
             self.pending += slots.size
             self._metrics.swap_lag.set(self.pending)
-        self._loop.call_soon_threadsafe(self._enqueue, slots, victims, classes)
+        if threading.current_thread() is self._thread:  # from posted work: no wake-up needed
+            self._enqueue(slots, victims, classes)
+        else:
+            self._loop.call_soon_threadsafe(self._enqueue, slots, victims, classes)
+
+    def post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on the engine's thread, after everything posted before; returns at
+        once (~6 us: a wake-up of the engine's loop). An exception is counted and logged as an
+        ``observe`` error. Asynchronous mode only."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._run_posted, fn, args)
+
+    def settle(self, timeout_s: float | None = 60.0) -> bool:
+        """Wait until everything :meth:`post`-ed before this call has run; False on timeout."""
+        loop = self._loop  # None once closed (by another thread, maybe, while we look)
+        if loop is None or threading.current_thread() is self._thread:
+            return True  # nothing posted, or called by posted work itself: it runs in order anyway
+        done = threading.Event()
+        try:
+            loop.call_soon_threadsafe(done.set)  # callbacks run in order: after every post before
+        except RuntimeError:  # the loop is closed: nothing posted can still be waiting
+            return True
+        return done.wait(timeout_s)
+
+    def _run_posted(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - counted, logged, and the engine goes on
+            self._record_error("observe", exc)
 
     def swap_now(self, slots: np.ndarray, victims: np.ndarray, classes: np.ndarray) -> None:
         """Carry the swaps out on this thread, storage reads included (the synchronous ablation)."""
