@@ -462,7 +462,11 @@ class CarouselMemory:
                 return
             # Both counts by the catalog's dense class index: sized by the number of classes, not
             # by the largest label (a label of 2**40 once made every step allocate 8 TiB here).
-            classes = self._swap_in.choose(victim_labels, self.catalog.available_by_class(),
+            # The asynchronous memory takes the engine's count (at most 0.25 s old: a pass over
+            # every id, too slow for every step); the synchronous modes count now.
+            available = (self._engine.available_by_class(want=set(victim_labels.tolist())) if self._posted
+                         else self.catalog.available_by_class())
+            classes = self._swap_in.choose(victim_labels, available,
                                            self.catalog.class_counts(self.pool.slot_ids), self._rng)
         go = classes >= 0
         if not go.any():
@@ -651,6 +655,8 @@ class CarouselMemory:
             raise TimeoutError(f"capacity moves did not finish within {timeout_s} s: {self._writer.last_error!r}")
         for t in self.tiers:
             t.store.flush()
+        if self._posted:
+            self._engine.refresh_available()  # the next swaps see every sample stored by now
 
     def checkpoint(self) -> None:
         """``flush`` plus the EM's contents and the statistics, so ``open`` restores them."""

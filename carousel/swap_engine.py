@@ -1,15 +1,15 @@
 """The swap engine: refills EM slots with stored samples, off the trainer's path.
 
-The trainer only hands over ``(slot, victim id, class)`` requests (from ``observe``). One
-background thread runs an asyncio loop with two jobs:
+The trainer only hands over ``(slot, victim id, class)`` requests (from ``observe``). Two jobs, on
+a worker thread, a thread running an asyncio loop and a small I/O thread pool:
 
 - **prefetch**: keep, per class, a queue of already-decoded candidates -- uniformly random stored
   samples of that class that are neither in the EM nor already queued -- read from the tiers in a
   small thread pool and decoded by the memory's codec (a saliency sample is completed here);
 - **swap**: for each request take a candidate of the asked class from its queue (a *hit*) or read
   one on demand (a *miss*), then copy it into the slot under the EM lock -- a memcpy -- if the slot
-  still holds the victim. Hits are copied in on the engine's thread itself; only misses go to the
-  I/O pool.
+  still holds the victim. Hits are copied in on the engine's worker thread (below); only misses
+  go through the loop to the I/O pool.
 
 Everything here runs in the trainer's interpreter, so every stretch of Python it runs holds the
 GIL the trainer needs when its step ends. Candidates therefore travel in blocks (ids and field
@@ -23,9 +23,11 @@ catalog while queued, so no sample is ever in two slots. Requests beyond ``max_p
 dropped and counted (``carousel_swap_skipped_total{reason="backlog"}``); in adaptive mode the
 memory lowers its swap ratio instead when the lag grows.
 
-The asynchronous memory also hands the engine's thread the work of ``observe`` beyond its input
-checks (:meth:`post`: statistics, victims, the swap-in choice), so the trainer's ``observe`` is a
-check and a queue append; :meth:`settle` waits for what was posted (``stats()``, ``flush()``, ...).
+Swap requests, and the work of the asynchronous memory's ``observe`` beyond its input checks
+(:meth:`post`: statistics, victims, the swap-in choice), run on a worker thread fed by a
+``queue.SimpleQueue``: the trainer's ``observe`` is a check and a queue append that makes no
+system call (so it keeps the GIL), and :meth:`settle` waits for what was posted (``stats()``,
+``flush()``, ...).
 
 ``workers = 0`` is the synchronous ablation: :meth:`swap_now` does the same work on the caller's
 thread, storage reads included, as CarM's "sync" baseline.
@@ -40,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import queue
 import threading
 import time
 from collections import deque
@@ -101,6 +104,7 @@ class SwapEngine:
         self.last_error: BaseException | None = None
         self.workers = workers
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker: threading.Thread | None = None
         if workers > 0:
             self._exec = ThreadPoolExecutor(workers, thread_name_prefix="carousel-swap-io")
             self._loop = asyncio.new_event_loop()
@@ -108,46 +112,74 @@ class SwapEngine:
             self._thread = threading.Thread(target=self._run_loop, name="carousel-swap", daemon=True)
             self._thread.start()
             self._started.wait()
+            # Posted work (observe's) and swap requests: a plain thread on a SimpleQueue, whose
+            # put() wakes it without a system call. Waking the loop above takes a write to its
+            # self-pipe, and a socket send releases the GIL on the trainer's thread, handing it
+            # to whichever background thread waits for it, for the rest of that one's stretch.
+            self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+            self._worker = threading.Thread(target=self._work, name="carousel-swap-worker", daemon=True)
+            self._worker.start()
 
     # ---- the trainer's side ------------------------------------------------------------------
     def request(self, slots: np.ndarray, victims: np.ndarray, classes: np.ndarray) -> None:
         """Queue swaps; returns at once. Asynchronous mode only."""
-        assert self._loop is not None
+        assert self._worker is not None
         with self._pending_lock:
             if self.pending + slots.size > self._max_pending:
                 self._metrics.swap_skipped.labels(reason="backlog").inc(slots.size)
                 return
             self.pending += slots.size
             self._metrics.swap_lag.set(self.pending)
-        if threading.current_thread() is self._thread:  # from posted work: no wake-up needed
-            self._enqueue(slots, victims, classes)
+        if threading.current_thread() is self._worker:  # from posted work: served right away
+            self._serve(slots, victims, classes)
         else:
-            self._loop.call_soon_threadsafe(self._enqueue, slots, victims, classes)
+            self._inbox.put((self._serve, (slots, victims, classes)))
 
     def post(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` on the engine's thread, after everything posted before; returns at
-        once (~6 us: a wake-up of the engine's loop). An exception is counted and logged as an
-        ``observe`` error. Asynchronous mode only."""
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._run_posted, fn, args)
+        """Run ``fn(*args)`` on the engine's worker thread, after everything posted before;
+        returns at once (a queue append, ~1 us: no system call, the GIL kept). An exception is
+        counted and logged as an ``observe`` error. Asynchronous mode only."""
+        assert self._worker is not None
+        self._inbox.put((fn, args))
 
     def settle(self, timeout_s: float | None = 60.0) -> bool:
         """Wait until everything :meth:`post`-ed before this call has run; False on timeout."""
-        loop = self._loop  # None once closed (by another thread, maybe, while we look)
-        if loop is None or threading.current_thread() is self._thread:
+        worker = self._worker  # None once closed (by another thread, maybe, while we look)
+        if worker is None or threading.current_thread() is worker:
             return True  # nothing posted, or called by posted work itself: it runs in order anyway
         done = threading.Event()
-        try:
-            loop.call_soon_threadsafe(done.set)  # callbacks run in order: after every post before
-        except RuntimeError:  # the loop is closed: nothing posted can still be waiting
-            return True
+        self._inbox.put((done.set, ()))  # the inbox runs in order: after every post before
         return done.wait(timeout_s)
 
-    def _run_posted(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+    def _work(self) -> None:
+        """The worker thread: run what was posted, in order, until the ``None`` at close."""
+        while True:
+            fn, args = self._inbox.get()
+            if fn is None:
+                return
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - counted, logged, and the engine goes on
+                self._record_error("observe" if fn is not self._serve else "swap", exc)
+
+    def _serve(self, slots: np.ndarray, victims: np.ndarray, classes: np.ndarray) -> None:
+        """A swap request, on the worker thread: prefetched candidates are copied in here (a
+        memcpy); what the queues cannot serve goes to the loop, to be read on the I/O pool."""
+        left = np.zeros(0, np.int64)
         try:
-            fn(*args)
-        except Exception as exc:  # noqa: BLE001 - counted, logged, and the engine goes on
-            self._record_error("observe", exc)
+            left = self._swap(slots, victims, classes, None)
+        finally:
+            if left.size:
+                self._loop.call_soon_threadsafe(self._enqueue, slots[left], victims[left], classes[left])
+            self._done(slots.size - left.size)
+        if self._depth and self._below_half(self._available, self._ready_counts()):
+            self._loop.call_soon_threadsafe(self._wake.set)  # the prefetcher refills the class
+
+    def _done(self, n: int) -> None:
+        """``n`` swap requests carried out (or given up)."""
+        with self._pending_lock:
+            self.pending -= n
+            self._metrics.swap_lag.set(self.pending)
 
     def swap_now(self, slots: np.ndarray, victims: np.ndarray, classes: np.ndarray) -> None:
         """Carry the swaps out on this thread, storage reads included (the synchronous ablation)."""
@@ -205,6 +237,10 @@ class SwapEngine:
         """Wait until no swap request is pending (tests, checkpoints)."""
         if self._loop is None:
             return True
+        t0 = time.monotonic()
+        if not self.settle(timeout_s):  # requests still in the worker's inbox are pending too
+            return False
+        timeout_s = max(0.0, timeout_s - (time.monotonic() - t0))
         done = threading.Event()
 
         async def probe() -> None:
@@ -216,6 +252,10 @@ class SwapEngine:
         return done.wait(timeout_s)
 
     def close(self) -> None:
+        if self._worker is not None:
+            self._inbox.put((None, ()))  # after everything posted before: none of it is lost
+            self._worker.join(30)
+            self._worker = None
         if self._loop is not None:
             async def shutdown() -> None:
                 for task in self._tasks:
@@ -253,22 +293,16 @@ class SwapEngine:
         self._queue.put_nowait((slots, victims, classes))
 
     async def _swapper(self) -> None:
+        """The swaps the prefetch queues could not serve (misses): read on the I/O pool."""
         loop = asyncio.get_running_loop()
         while True:
             slots, victims, classes = await self._queue.get()
             try:
-                # Prefetched candidates are copied in right here (a memcpy); only what the queues
-                # cannot serve waits for a read on the I/O pool.
-                left = self._swap(slots, victims, classes, None)
-                if left.size:
-                    await loop.run_in_executor(self._exec, self._swap, slots[left], victims[left], classes[left],
-                                               self._read_candidates)
+                await loop.run_in_executor(self._exec, self._swap, slots, victims, classes, self._read_candidates)
             except Exception as exc:  # noqa: BLE001 - counted, logged, and the engine goes on
                 self._record_error("swap", exc)
             finally:
-                with self._pending_lock:
-                    self.pending -= slots.size
-                    self._metrics.swap_lag.set(self.pending)
+                self._done(slots.size)
                 self._wake.set()
 
     async def _prefetcher(self) -> None:
@@ -304,13 +338,12 @@ class SwapEngine:
         a read of many samples every few steps rather than a read of a few every step. The
         catalog's counts of stored samples (a pass over every id) are looked at again only when
         a class needs refilling, and every quarter second for classes that appear."""
-        now = time.monotonic()
-        with self._ready_lock:
-            have = dict(self._ready_count)
+        have = self._ready_counts()
         available = self._available
-        if now - self._available_t >= 0.25 or self._below_half(available, have):
-            available = self._available = self._catalog.available_by_class()
-            self._available_t = now
+        if self._below_half(available, have):
+            available = self.available_by_class(max_age_s=0.0)
+        else:
+            available = self.available_by_class()
         if not available:
             return []
         per_class = max(1, self._depth // len(available))
@@ -331,6 +364,27 @@ class SwapEngine:
                 plan.append((c, k))
                 budget -= k
         return plan
+
+    def available_by_class(self, max_age_s: float = 0.25, want: set[int] | frozenset[int] = frozenset()
+                           ) -> dict[int, int]:
+        """:meth:`Catalog.available_by_class` as looked at at most ``max_age_s`` ago, or 10 ms ago
+        when it has none of the classes in ``want`` (a class stored since). The count is a pass
+        over every id in the catalog (~80 us at 20 k ids, growing with them); what it steers --
+        how much to prefetch, which classes a swap may refill -- can take a count that old: a
+        class that ran out meanwhile skips a swap (``no_candidate``)."""
+        age = time.monotonic() - self._available_t
+        if age > max_age_s or (age > 0.01 and not want <= self._available.keys()):
+            self.refresh_available()
+        return self._available
+
+    def refresh_available(self) -> None:
+        """Count again now (the memory calls this after a flush: what is stored changed)."""
+        self._available = self._catalog.available_by_class()
+        self._available_t = time.monotonic()
+
+    def _ready_counts(self) -> dict[int, int]:
+        with self._ready_lock:
+            return dict(self._ready_count)
 
     def _below_half(self, available: dict[int, int], have: dict[int, int]) -> bool:
         """Whether a class is down to half its share of the queues (by the last look at the catalog)."""
