@@ -109,6 +109,8 @@ class CarouselMemory:
         self.verifier = Verifier.for_memory(self.fields, mc.kind) if verify_requested(mc.verify) else None
         self.catalog = Catalog(crc_columns=len(self.verifier.checked) if self.verifier is not None else 0)
         self._checked_ok = self.metrics.integrity_checks.labels(result="ok")
+        self._admitted = self.metrics.admissions.labels(result="admitted")
+        self._rejected = self.metrics.admissions.labels(result="rejected")
         self._seen = 0
         self._ids = IdAllocator(None, 0)  # replaced by recovery: from the tiers and the reserved bound
         self._current_task = -1
@@ -133,11 +135,17 @@ class CarouselMemory:
             state = load_state(self._state_dir)
             found = rebuild_catalog(self.catalog, self.tiers, self.codec, self.verifier, state, self._state_dir)
             self._ids, self._seen, self.recovered = found.ids, found.seen, found.report
+            # The asynchronous memory hands admission to the write-behind thread and observe()'s
+            # work to the swap engine's (see add, observe); the other modes keep both on the
+            # caller's thread: deterministic runs decide swaps in observe, workers = 0 is the
+            # synchronous ablation.
+            self._posted = bool(self.tiers) and sc.workers > 0 and not sc.deterministic
             if self.tiers:
                 self._writer = WriteBehind(self.tiers, self.catalog, self.metrics, config.write_behind.queue_samples,
                                            config.write_behind.batch, config.write_behind.block_timeout_s,
                                            np.random.default_rng([mc.seed, 3]), self.codec,
-                                           enforce=not sc.deterministic)
+                                           enforce=not sc.deterministic,
+                                           admit=self._admit_added if self._posted else None)
                 # A deterministic memory chooses its candidates itself: no prefetcher reads ahead.
                 self._engine = SwapEngine(self.pool, self.catalog, self.tiers, self.metrics, sc.workers,
                                           0 if sc.deterministic else sc.prefetch_depth, mc.seed, self.codec)
@@ -150,10 +158,6 @@ class CarouselMemory:
         except BaseException:  # a memory that failed to open leaves no thread or open store behind
             self._release()
             raise
-        # observe() queues its work for the engine's thread (see observe); the other modes keep
-        # it on the caller's thread: deterministic runs decide swaps in observe, workers = 0 is
-        # the synchronous ablation.
-        self._posted = self._engine is not None and sc.workers > 0 and not sc.deterministic
         self.metrics.swap_ratio.set(self._ratio)
         for t in self.tiers:
             if t.capacity_bytes is None:
@@ -202,7 +206,15 @@ class CarouselMemory:
         ``x``: ``(n, *sample_shape)`` of the memory's dtype; ``y``: ``(n,)`` integer labels;
         ``task``: an int or ``(n,)``; ``extras``: every extra field of the config, ``(n, *shape)``.
         Every sample is queued for the first storage tier (blocking only under back-pressure);
-        the admission policy decides which enter the EM.
+        the admission policy decides which enter the EM. The memory reads the arrays given
+        until write-behind has stored them: do not change them in place after ``add`` returns.
+
+        The asynchronous memory (tiers, ``workers >= 1``, not deterministic) checks the input and
+        hands out the ids here; the write-behind thread registers the samples in the catalog and
+        runs the admission policy, in call order, before it stores them (usually within a
+        millisecond). So a sample may enter the EM a step after its ``add`` returned; ``sample()``
+        on an EM that is not full yet waits for the admissions queued before it (up to 0.1 s),
+        and ``stats()``, ``flush()``, ``checkpoint()``, ``retain()`` wait for them all.
         """
         self._check_open()
         fields = self._validate(x, y, task, extras)
@@ -216,48 +228,73 @@ class CarouselMemory:
             # Room in the write-behind queue first: under back-pressure this blocks, and if the
             # first tier keeps failing it raises -- before anything has changed.
             self._writer.reserve(n)
+        take = None
         try:
             # Ids durably reserved before any is handed out (see carousel.ids): an fsync once per
             # block of ids, done here -- outside the catalog's lock -- or ahead, in the background.
             self._ids.reserve(n)
-            labels = fields["y"]
-            with self.catalog.lock:
+            if self._posted:
+                # Registered and admitted on the write-behind thread (_admit_locked, through
+                # _admit_added): add() takes no lock a background thread holds for long.
                 first = self._ids.take(n)
                 ids = np.arange(first, first + n, dtype=np.int64)
-                self.catalog.register(ids, labels, fields["task"].astype(np.int64),
-                                      PENDING if self.tiers else RAM_ONLY)
-                if crcs is not None:  # before the ids can enter the EM (below) or be swapped in
-                    self.catalog.crc[ids] = crcs
-                if WEIGHT_FIELD in fields and self.config.memory.kind == "coreset":
-                    self.catalog.weight[ids] = fields[WEIGHT_FIELD]
-                slots = self._admission.admit(labels, self.pool.labels_snapshot(), self._seen, self._rng)
-                take = slots >= 0
-                if take.any():
-                    old = self.pool.slot_ids[slots[take]]
-                    old = old[old >= 0]
-                    self.catalog.slot[old] = -1
-                    if not self.tiers:
-                        self.catalog.home[old] = EVICTED
-                        self.metrics.evictions.labels(reason="replaced").inc(old.size)
-                    self.pool.write(slots[take], ids[take], {k: fields[k][take] for k in self.fields})
-                    self.catalog.slot[ids[take]] = slots[take]
-                if not self.tiers and (~take).any():
-                    self.catalog.home[ids[~take]] = EVICTED
-                    self.metrics.evictions.labels(reason="not_admitted").inc(int((~take).sum()))
-                self._seen += n
-                self._current_task = max(self._current_task, int(fields["task"].max()))
+            else:
+                with self.catalog.lock:
+                    first = self._ids.take(n)
+                    ids = np.arange(first, first + n, dtype=np.int64)
+                    take = self._admit_locked(ids, fields, crcs)
+            self._current_task = max(self._current_task, int(fields["task"].max()))
         except BaseException:
             if self._writer is not None:
                 self._writer.cancel(n)
             raise
         if self._writer is not None:
-            self._writer.submit(ids, fields)  # into the room reserved above: never blocks
+            self._writer.submit(ids, fields, crcs)  # into the room reserved above: never blocks
         self.metrics.added.inc(n)
-        self.metrics.admissions.labels(result="admitted").inc(int(take.sum()))
-        self.metrics.admissions.labels(result="rejected").inc(int((~take).sum()))
+        if take is not None:
+            self._count_admissions(take)
         if self._steps is not None and not self._steps.explicit:
             self._steps.end_step()  # no end_step() calls: each add() ends a step
         return torch.from_numpy(ids)
+
+    def _admit_locked(self, ids: np.ndarray, fields: dict[str, np.ndarray], crcs: np.ndarray | None) -> np.ndarray:
+        """Register new samples in the catalog and run the admission policy on them; the mask of
+        those admitted into EM slots. Caller holds the catalog lock: on the caller's thread in
+        ``add()``, or on the write-behind thread (the asynchronous memory, in call order)."""
+        n = ids.size
+        labels = fields["y"]
+        self.catalog.register(ids, labels, fields["task"].astype(np.int64), PENDING if self.tiers else RAM_ONLY)
+        if crcs is not None:  # before the ids can enter the EM (below) or be swapped in
+            self.catalog.crc[ids] = crcs
+        if WEIGHT_FIELD in fields and self.config.memory.kind == "coreset":
+            self.catalog.weight[ids] = fields[WEIGHT_FIELD]
+        slots = self._admission.admit(labels, self.pool.labels_snapshot(), self._seen, self._rng)
+        take = slots >= 0
+        if take.any():
+            old = self.pool.slot_ids[slots[take]]
+            old = old[old >= 0]
+            self.catalog.slot[old] = -1
+            if not self.tiers:
+                self.catalog.home[old] = EVICTED
+                self.metrics.evictions.labels(reason="replaced").inc(old.size)
+            self.pool.write(slots[take], ids[take], {k: fields[k][take] for k in self.fields})
+            self.catalog.slot[ids[take]] = slots[take]
+        if not self.tiers and (~take).any():
+            self.catalog.home[ids[~take]] = EVICTED
+            self.metrics.evictions.labels(reason="not_admitted").inc(int((~take).sum()))
+        self._seen += n
+        return take
+
+    def _admit_added(self, ids: np.ndarray, fields: dict[str, np.ndarray], crcs: np.ndarray | None) -> None:
+        """The asynchronous memory's admission, run by the write-behind thread before it stores."""
+        with self.catalog.lock:
+            take = self._admit_locked(ids, fields, crcs)
+        self._count_admissions(take)
+
+    def _count_admissions(self, take: np.ndarray) -> None:
+        admitted = int(take.sum())
+        self._admitted.inc(admitted)
+        self._rejected.inc(take.size - admitted)
 
     def end_step(self) -> None:
         """Mark the end of a training step. A deterministic memory (``[swap] deterministic = true``)
@@ -300,11 +337,20 @@ class CarouselMemory:
             with pool.lock:  # choose and gather under one short lock: no half-written slot
                 batch = pool.gather_locked(pool.draw_locked(n, self._sample_rng), self._extras, out)
                 self.metrics.sample_latency.observe(time.perf_counter() - t0)  # under the lock: see its class
-            return batch
+            if len(batch) == n or not self._unadmitted_while_filling():
+                return batch
         batch, refs = self._draw(n, classes, tasks, seed, balanced, t0, out)
         if refs is not None:  # the integrity mode: checked after the lock, before anyone trains on it
             self._verify({"id": batch.ids, "x": batch.x, "y": batch.y, "task": batch.task, **batch.extras}, refs)
         return batch
+
+    def _unadmitted_while_filling(self) -> bool:
+        """For a draw that came up short: whether adds of the asynchronous memory wait for
+        admission while the EM is not full yet (then wait up to 0.1 s for them, and draw again).
+        A full EM never waits: the batch is short only because of the filters."""
+        if not self._posted or not self._writer.admitting() or self.pool.filled() == self.pool.size:
+            return False
+        return self._writer.wait_admitted(0.1)
 
     def sample_with_references(self, n: int, *, classes: Any = None, tasks: Any = None, seed: int | None = None,
                                balanced: bool = False) -> tuple[Batch, dict[str, np.ndarray] | None]:
@@ -323,17 +369,20 @@ class CarouselMemory:
         classes = None if classes is None else check_values(classes, "classes")
         tasks = None if tasks is None else check_values(tasks, "tasks")
         seed = None if seed is None else check_count(seed, "seed")
-        rng = np.random.default_rng(seed) if seed is not None else self._sample_rng
         pool = self.pool
-        with pool.lock:
-            if classes is None and tasks is None and seed is None and not balanced:
-                slots = pool.draw_locked(n, rng)
-            else:
-                slots = self._pick_locked(n, classes, tasks, balanced, rng)
-            batch = pool.gather_locked(slots, self._extras, out)
-            refs = None if self.verifier is None else self._references_locked(slots)
-            self.metrics.sample_latency.observe(time.perf_counter() - t0)
-        return batch, refs
+        for attempt in (0, 1):  # a second draw after the admissions a short first one waited for
+            rng = np.random.default_rng(seed) if seed is not None else self._sample_rng
+            with pool.lock:
+                if classes is None and tasks is None and seed is None and not balanced:
+                    slots = pool.draw_locked(n, rng)
+                else:
+                    slots = self._pick_locked(n, classes, tasks, balanced, rng)
+                batch = pool.gather_locked(slots, self._extras, out)
+                refs = None if self.verifier is None else self._references_locked(slots)
+                self.metrics.sample_latency.observe(time.perf_counter() - t0)
+            if attempt or len(batch) == n or not self._unadmitted_while_filling():
+                return batch, refs
+        raise AssertionError("unreachable")
 
     def _references_locked(self, slots: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
         """The integrity references of the samples in EM ``slots`` (caller holds ``pool.lock``).
@@ -373,16 +422,19 @@ class CarouselMemory:
         classes = None if classes is None else check_values(classes, "classes")
         tasks = None if tasks is None else check_values(tasks, "tasks")
         t0 = time.perf_counter()
-        refs = None
-        with self.pool.lock:
-            if classes is None and tasks is None and not balanced:
-                slots = self.pool.draw_locked(n, self._sample_rng)
-            else:
-                slots = self._pick_locked(n, classes, tasks, balanced, self._sample_rng)
-            self.pool.gather_into_locked(slots, out)
-            if self.verifier is not None:
-                refs = self._references_locked(slots)
-            self.metrics.sample_latency.observe(time.perf_counter() - t0)
+        for attempt in (0, 1):  # a second draw after the admissions a short first one waited for
+            refs = None
+            with self.pool.lock:
+                if classes is None and tasks is None and not balanced:
+                    slots = self.pool.draw_locked(n, self._sample_rng)
+                else:
+                    slots = self._pick_locked(n, classes, tasks, balanced, self._sample_rng)
+                self.pool.gather_into_locked(slots, out)
+                if self.verifier is not None:
+                    refs = self._references_locked(slots)
+                self.metrics.sample_latency.observe(time.perf_counter() - t0)
+            if attempt or len(slots) == n or not self._unadmitted_while_filling():
+                break
         k = len(slots)
         if refs is not None:
             if SLOT in out:
@@ -436,6 +488,13 @@ class CarouselMemory:
     def _observed(self, ids: np.ndarray, lg: np.ndarray | None, per_loss: np.ndarray | None, swap: bool) -> None:
         """``observe``'s work after its checks: statistics into the catalog, then the swap trigger.
         On the caller's thread, or on the swap engine's (the asynchronous memory)."""
+        if self._posted and ids.size and ids.max() >= self.catalog.n:
+            # Ids of an add() whose admission (which registers them) is still queued: wait for it.
+            self._writer.wait_admitted(60.0)
+            known = ids < self.catalog.n
+            if not known.all():  # the writer is stuck: those statistics are dropped, not misfiled
+                ids, lg = ids[known], None if lg is None else lg[known]
+                per_loss = None if per_loss is None else per_loss[known]
         correct = entropy = None
         if lg is not None:
             # numpy, not torch: nothing on these paths may wake torch's intra-op pool (see em_pool).
@@ -448,8 +507,13 @@ class CarouselMemory:
             self._trigger_swap(ids)
 
     def _settle(self) -> None:
-        """Wait for the observations queued so far (the asynchronous memory; else nothing to do)."""
-        if self._posted and not self._engine.settle():
+        """Wait for the admissions and observations queued so far (the asynchronous memory; else
+        nothing is queued)."""
+        if not self._posted:
+            return
+        if not self._writer.wait_admitted(60.0):
+            raise TimeoutError(f"queued admissions did not finish within 60 s: {self._writer.last_error!r}")
+        if not self._engine.settle():
             raise TimeoutError("queued observe() calls did not finish within 60 s")
 
     def _trigger_swap(self, ids: np.ndarray) -> None:
@@ -528,6 +592,9 @@ class CarouselMemory:
         ids, w, classes = check_retain(ids, weights, classes)
         if ids.size and (ids.min() < 0 or ids.max() >= self._next_id):
             raise MemoryInputError(f"unknown ids (valid: 0..{self._next_id - 1})")
+        # Queued admissions register the ids added so far; queued observations choose their
+        # victims before the slice changes.
+        self._settle()
         with self.catalog.lock:
             labels, homes = self.catalog.label[ids], self.catalog.home[ids].copy()
         if (homes == UNUSED).any():  # ids a crash skipped (or lost before they were stored)
@@ -538,7 +605,6 @@ class CarouselMemory:
         if not np.isin(labels, slice_classes).all():
             raise MemoryInputError(f"ids of classes {sorted(set(labels.tolist()) - set(slice_classes.tolist()))} "
                                    f"are outside the slice of classes {slice_classes.tolist()}")
-        self._settle()  # queued observations choose their victims before the slice changes
         if self._steps is not None:
             self._steps.settle()  # planned moves carried out: storage is where the catalog says
         if (homes == PENDING).any():
@@ -603,7 +669,7 @@ class CarouselMemory:
         ``tiers: {name: {"samples", "bytes"}}``, ``em_classes: {str(label): samples in the EM}`` (string
         keys: the same in-process and through the daemon's JSON) and more. ``added`` is the next sample id: the
         samples ever added, plus, after a crash, the reserved ids it skipped (ids are never reused)."""
-        self._settle()  # the statistics and swap requests of every observe() before this call
+        self._settle()  # every add() and observe() before this call: admitted, statistics in
         m = self.metrics
         tiers: dict[str, dict[str, int]] = {"ram": {"samples": self.pool.filled(),
                                                     "bytes": sum(t.numel() * t.element_size()

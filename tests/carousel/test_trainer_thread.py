@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from carousel import CarouselMemory, MemoryInputError
 from carousel.batch import can_pin
 from carousel.inputs import as_array
+from tests.faulty_store import FaultyStore
 
 SHAPE = (3, 8, 8)
 CLASSES = 4
@@ -295,3 +296,60 @@ def test_the_other_memories_observe_on_the_callers_thread(tmp_path, mode):
         finally:
             if hold is not None:
                 hold.release()
+
+
+class WriterHeld:
+    """Holds the write-behind thread (a queued storage call that waits) until released: adds
+    submitted meanwhile wait for admission."""
+
+    def __init__(self, mem: CarouselMemory) -> None:
+        self.entered, self.go = threading.Event(), threading.Event()
+        mem._writer.submit_calls([self._hold])
+        assert self.entered.wait(10)
+
+    def _hold(self) -> None:
+        self.entered.set()
+        self.go.wait(30)
+
+    def release(self) -> None:
+        self.go.set()
+
+
+def test_add_returns_before_admission_and_what_reads_the_em_waits_for_it(tmp_path):
+    with CarouselMemory.from_dict(config(tmp_path, em=32)) as mem:
+        hold = WriterHeld(mem)
+        x, y = data(40, 0)
+        ids = mem.add(x, y, task=0)
+        assert ids.tolist() == list(range(40))
+        assert mem.pool.filled() == 0 and mem.catalog.n == 0, "add() admitted on the caller's thread"
+        lg = torch.from_numpy(logits_for(ids.numpy()))
+        mem.observe(ids, logits=lg)  # its ids are not registered yet: the worker waits for them
+        hold.release()
+        b = mem.sample(16)  # an EM still filling: the draw waits for the queued admissions
+        assert len(b) == 16
+        s = mem.stats()
+        assert s["tiers"]["ram"]["samples"] == 32 and s["added"] == 40
+        correct, entropy = expected_stats(mem, ids.numpy(), lg.numpy())
+        assert (mem.catalog.replays[:40] == 1).all()
+        assert np.array_equal(mem.catalog.correct[:40], correct)
+        added = {}
+        remember(added, ids, x)
+        check_batch(mem, b, added)
+        mem.flush()
+        assert (mem.catalog.home[:40] == 0).all()  # registered, then stored
+
+
+def test_admission_goes_on_while_the_tier_fails(tmp_path):
+    """A first tier that fails every write: add() still returns, the samples still reach the EM
+    (admission runs between the writer's retries), and all are stored once the tier recovers."""
+    with CarouselMemory.from_dict(config(tmp_path, em=32)) as mem:
+        faulty = FaultyStore(mem.tiers[0].store)
+        faulty.fail_puts = 10**6
+        mem.tiers[0].store = faulty
+        for seed in range(3):
+            mem.add(*data(16, seed), task=0)
+        assert len(mem.sample(32)) == 32
+        assert mem.stats()["tiers"]["ram"]["samples"] == 32 and faulty.fail_puts > 0
+        faulty.fail_puts = 0
+        mem.flush(timeout_s=30)
+        assert (mem.catalog.home[:48] == 0).all()
