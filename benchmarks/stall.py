@@ -98,12 +98,18 @@ class Variant:
         self.reset()
 
     def reset(self) -> None:
-        self.rec: dict[str, list[float]] = {"step": [], "add": [], "sample": [], "observe": [], "carousel": []}
+        # wake: how late the thread runs again after the step's sleep (the OS's wake-up, plus, for
+        # a memory with background threads, the wait for the GIL one of them holds); offcpu: the
+        # step's wall time beyond the sleep's nominal length minus the thread's CPU time (the wake,
+        # and every wait for the GIL, a lock or a core in the calls).
+        self.rec: dict[str, list[float]] = {"step": [], "add": [], "sample": [], "observe": [], "carousel": [],
+                                            "wake": [], "offcpu": []}
 
     def step(self, step_s: float, record: bool) -> None:
         x, y = self.stream[self.k % len(self.stream)]
         self.k += 1
         mem = self.mem
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         mem.add(x, y, task=1)
         t1 = time.perf_counter()
@@ -114,9 +120,12 @@ class Variant:
         mem.observe(batch.ids, logits=self.logits[:len(batch.ids)])
         mem.end_step()
         t4 = time.perf_counter()
+        c4 = time.thread_time()
         del batch
         if record:
             r = self.rec
+            r["wake"].append(t3 - t2 - step_s)
+            r["offcpu"].append((t4 - t0 - step_s) - (c4 - c0))
             r["step"].append(t4 - t0)
             r["add"].append(t1 - t0)
             r["sample"].append(t2 - t1)
