@@ -103,15 +103,18 @@ class EMPool:
             ok = np.ones(slots.size, dtype=bool) if expect is None else self.slot_ids[slots] == expect
             if not ok.any():
                 return ok
-            dst = slots[ok]
+            # Every row, as a view, in the usual case: under the lock only the copies into the
+            # slots, no boolean-mask copy of the sources first.
+            rows = slice(None) if ok.all() else np.flatnonzero(ok)
+            dst = slots[rows]
             if (self.slot_ids[dst] == EMPTY).any():
                 self._order = self._order[:0]  # newly filled slots join from the next pass
                 self._filled = None
             for name, arr in self.arrays.items():
-                arr[dst] = src[name][ok]
-            self.slot_ids[dst] = np.asarray(ids)[ok]
-            self.slot_labels[dst] = src["y"][ok]
-            self.slot_tasks[dst] = src["task"][ok]
+                arr[dst] = src[name][rows]
+            self.slot_ids[dst] = np.asarray(ids)[rows]
+            self.slot_labels[dst] = src["y"][rows]
+            self.slot_tasks[dst] = src["task"][rows]
         return ok
 
     def replace_locked(self, clear: np.ndarray, slots: np.ndarray, ids: np.ndarray, fields: Mapping[str, np.ndarray],
