@@ -140,6 +140,17 @@ def _q(values: list[float], q: float) -> float:
     return float(np.quantile(np.asarray(values), q)) if values else float("nan")
 
 
+def _schedstat() -> np.ndarray:
+    """The calling thread's CPU time and run-queue wait so far, in seconds (Linux'
+    ``/proc/thread-self/schedstat``; NaN elsewhere)."""
+    try:
+        with open("/proc/thread-self/schedstat") as fh:
+            cpu, queued, _ = fh.read().split()
+    except OSError:
+        return np.full(2, np.nan)
+    return np.array([int(cpu), int(queued)]) / 1e9
+
+
 def _summary(rec: dict[str, list[float]]) -> dict:
     return {k: {"median_ms": statistics.median(v) * 1e3, "p99_ms": _q(v, 0.99) * 1e3} for k, v in rec.items() if v}
 
@@ -168,11 +179,21 @@ def run_emulated(step_ms: list[float], ratios: list[float], stored: int, steps: 
                     v.reset()
                     for _ in range(20):  # warm: rings subscribed, prefetch queues full
                         v.step(ms / 1e3, record=False)
+                waits = {v.name: np.zeros(3) for v in variants}
                 for _ in range(rounds):
                     for v in variants:
+                        t0, s0 = time.perf_counter(), _schedstat()
                         for _ in range(steps):
                             v.step(ms / 1e3, record=True)
+                        waits[v.name] += (time.perf_counter() - t0 - steps * ms / 1e3, *(_schedstat() - s0))
                 cell = {v.name: _summary(v.rec) for v in variants}
+                for name, (beyond, cpu, queued) in waits.items():
+                    # Per step, the thread's time beyond the sleeps: on a core, waiting for one
+                    # (run queue), or blocked (the sleep's wake-up, a GIL or lock wait); the
+                    # blocked time in-process minus RAM-only's is what the GIL and locks cost.
+                    n = rounds * steps
+                    cell[name]["threads"] = {"cpu_ms": cpu / n * 1e3, "run_queue_ms": queued / n * 1e3,
+                                             "blocked_ms": (beyond - cpu - queued) / n * 1e3}
                 base = cell["RAM-only"]["step"]["median_ms"]
                 for v in variants:
                     cell[v.name]["ratio"] = cell[v.name]["step"]["median_ms"] / base
