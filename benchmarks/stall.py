@@ -98,12 +98,18 @@ class Variant:
         self.reset()
 
     def reset(self) -> None:
-        self.rec: dict[str, list[float]] = {"step": [], "add": [], "sample": [], "observe": [], "carousel": []}
+        # wake: how late the thread runs again after the step's sleep (the OS's wake-up, plus, for
+        # a memory with background threads, the wait for the GIL one of them holds); offcpu: the
+        # step's wall time beyond the sleep's nominal length minus the thread's CPU time (the wake,
+        # and every wait for the GIL, a lock or a core in the calls).
+        self.rec: dict[str, list[float]] = {"step": [], "add": [], "sample": [], "observe": [], "carousel": [],
+                                            "wake": [], "offcpu": []}
 
     def step(self, step_s: float, record: bool) -> None:
         x, y = self.stream[self.k % len(self.stream)]
         self.k += 1
         mem = self.mem
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         mem.add(x, y, task=1)
         t1 = time.perf_counter()
@@ -114,9 +120,12 @@ class Variant:
         mem.observe(batch.ids, logits=self.logits[:len(batch.ids)])
         mem.end_step()
         t4 = time.perf_counter()
+        c4 = time.thread_time()
         del batch
         if record:
             r = self.rec
+            r["wake"].append(t3 - t2 - step_s)
+            r["offcpu"].append((t4 - t0 - step_s) - (c4 - c0))
             r["step"].append(t4 - t0)
             r["add"].append(t1 - t0)
             r["sample"].append(t2 - t1)
@@ -129,6 +138,17 @@ class Variant:
 
 def _q(values: list[float], q: float) -> float:
     return float(np.quantile(np.asarray(values), q)) if values else float("nan")
+
+
+def _schedstat() -> np.ndarray:
+    """The calling thread's CPU time and run-queue wait so far, in seconds (Linux'
+    ``/proc/thread-self/schedstat``; NaN elsewhere)."""
+    try:
+        with open("/proc/thread-self/schedstat") as fh:
+            cpu, queued, _ = fh.read().split()
+    except OSError:
+        return np.full(2, np.nan)
+    return np.array([int(cpu), int(queued)]) / 1e9
 
 
 def _summary(rec: dict[str, list[float]]) -> dict:
@@ -159,11 +179,21 @@ def run_emulated(step_ms: list[float], ratios: list[float], stored: int, steps: 
                     v.reset()
                     for _ in range(20):  # warm: rings subscribed, prefetch queues full
                         v.step(ms / 1e3, record=False)
+                waits = {v.name: np.zeros(3) for v in variants}
                 for _ in range(rounds):
                     for v in variants:
+                        t0, s0 = time.perf_counter(), _schedstat()
                         for _ in range(steps):
                             v.step(ms / 1e3, record=True)
+                        waits[v.name] += (time.perf_counter() - t0 - steps * ms / 1e3, *(_schedstat() - s0))
                 cell = {v.name: _summary(v.rec) for v in variants}
+                for name, (beyond, cpu, queued) in waits.items():
+                    # Per step, the thread's time beyond the sleeps: on a core, waiting for one
+                    # (run queue), or blocked (the sleep's wake-up, a GIL or lock wait); the
+                    # blocked time in-process minus RAM-only's is what the GIL and locks cost.
+                    n = rounds * steps
+                    cell[name]["threads"] = {"cpu_ms": cpu / n * 1e3, "run_queue_ms": queued / n * 1e3,
+                                             "blocked_ms": (beyond - cpu - queued) / n * 1e3}
                 base = cell["RAM-only"]["step"]["median_ms"]
                 for v in variants:
                     cell[v.name]["ratio"] = cell[v.name]["step"]["median_ms"] / base

@@ -28,7 +28,6 @@ policies read. One lock guards all columns; it is never held during I/O.
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 
@@ -59,7 +58,6 @@ class Catalog:
         # per add: rebuilding it cost O(ids of the class) per add, growing with the stored set.
         self._class_arr: dict[int, np.ndarray] = {}
         self._class_len: dict[int, int] = {}
-        self._available: tuple[float, dict[int, int]] | None = None  # (when, available_by_class())
         self._class_index: dict[int, int] = {}  # label -> dense class index
         self.class_labels = np.zeros(0, np.int64)  # dense class index -> label
 
@@ -183,20 +181,9 @@ class Catalog:
             pool = ids[(self.home[ids] >= 0) & (self.slot[ids] < 0) & ~self.prefetched[ids]]
             return rng.choice(pool, min(n, pool.size), replace=False) if pool.size else pool
 
-    def available_by_class(self, below: int | None = None, max_age_s: float = 0.0) -> dict[int, int]:
+    def available_by_class(self, below: int | None = None) -> dict[int, int]:
         """Class -> number of stored samples not in the EM (what a swap-in can draw from). With
-        ``below`` (a deterministic memory): only ids below it, and none already chosen as a candidate.
-        ``max_age_s``: a count that old may be returned again (it costs O(ids) to make; the async
-        swap path needs proportions, not exact counts, and checks each candidate when it reads it)."""
-        if below is None and max_age_s > 0.0:
-            cached = self._available
-            if cached is not None and time.monotonic() - cached[0] <= max_age_s:
-                return cached[1]
-            out = self.available_by_class()
-            # Nothing available is not kept: it is what a memory says before its first samples
-            # are stored, and would stop swapping for max_age_s after they are.
-            self._available = (time.monotonic(), out) if out else None
-            return out
+        ``below`` (a deterministic memory): only ids below it, and none already chosen as a candidate."""
         with self.lock:
             live = slice(0, self.n if below is None else min(self.n, below))
             ok = (self.home[live] >= 0) & (self.slot[live] < 0)

@@ -1,9 +1,12 @@
 """The RAM episodic memory (EM): preallocated tensors, one row per slot, never reallocated.
 
 One short lock guards the slots. It is held only for memcpy-sized work -- writing admitted or
-swapped-in samples into slots, and gathering a batch with ``index_select`` -- never while storage
-is read: the swap engine decodes candidates first and only then copies them in. So ``sample()``
-never waits on storage, and never sees a half-written slot.
+swapped-in samples into slots, and gathering a batch -- never while storage is read: the swap
+engine decodes candidates first and only then copies them in. So ``sample()`` never waits on
+storage, and never sees a half-written slot.
+
+Every copy on the trainer's thread is a numpy copy (one thread, whatever ``torch.set_num_threads``
+says): see :meth:`EMPool.gather_locked` for why not torch's ``index_select``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 
 from .batch import Batch
+from .inputs import as_array
 
 EMPTY = -1
 
@@ -53,12 +57,12 @@ class EMPool:
         self.slot_labels = np.full(size, EMPTY, dtype=np.int64)
         self.slot_tasks = np.full(size, EMPTY, dtype=np.int64)
         self._slot_ids_t = torch.from_numpy(self.slot_ids)  # the same memory, for torch gathers
-        self._order = torch.zeros(0, dtype=torch.int64)  # a shuffled pass over the filled slots
+        self._order = np.zeros(0, dtype=np.int64)  # a shuffled pass over the filled slots
         self._cursor = 0
-        self._filled: torch.Tensor | None = None  # filled slots, until a write fills an empty one
-        self._shuffle: torch.Generator | None = None  # seeded from the first draw's rng
+        self._filled: np.ndarray | None = None  # filled slots, until a write fills an empty one
+        self._shuffle: np.random.Generator | None = None  # seeded from the first draw's rng
 
-    def draw_locked(self, n: int, rng: np.random.Generator) -> torch.Tensor:
+    def draw_locked(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """Up to ``n`` distinct filled slots, uniformly at random (caller holds ``lock``).
 
         Slots are dealt from a shuffled pass over the EM. A batch that would run past the pass's
@@ -66,21 +70,22 @@ class EMPool:
         slot -- none sits out until the next shuffle -- and each shuffle serves ``ceil(size / n)``
         batches (2 at EM 500 for batches of 256, against 1 if the remainder were dropped). Any
         ``n`` positions of a uniform permutation are a uniform draw without replacement, so every
-        slot is equally likely in every batch. The shuffle is ``torch.randperm`` (3.4 us for 500
-        slots here against 5.4 us for numpy's ``permutation``), on a generator seeded once from
-        ``rng`` so a seeded memory stays reproducible.
+        slot is equally likely in every batch. The shuffle is numpy's ``permutation`` on a generator
+        seeded once from ``rng``, so a seeded memory stays reproducible. (It was ``torch.randperm``,
+        2 us faster per pass at EM 500, but its fill runs on torch's intra-op pool from 32 Ki slots:
+        nothing on the trainer's thread may wake that pool, see :meth:`gather_locked`.)
         """
-        m = self._order.numel()
+        m = self._order.size
         if self._cursor >= m:
             if self._filled is None:
-                self._filled = torch.from_numpy(np.flatnonzero(self.slot_ids != EMPTY))
+                self._filled = np.flatnonzero(self.slot_ids != EMPTY)
             if self._shuffle is None:
-                self._shuffle = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
-            perm = torch.randperm(self._filled.numel(), generator=self._shuffle)
+                self._shuffle = np.random.default_rng(int(rng.integers(1 << 62)))
+            perm = self._shuffle.permutation(self._filled.size)
             # A full EM (the steady state) fills slots 0..size-1: the permutation is the order.
-            self._order = perm if self._filled.numel() == self.size else self._filled[perm]
+            self._order = perm if self._filled.size == self.size else self._filled[perm]
             self._cursor = 0
-            m = self._order.numel()
+            m = self._order.size
         start = min(self._cursor, max(m - n, 0))
         self._cursor = start + n
         return self._order[start:start + n]
@@ -93,21 +98,23 @@ class EMPool:
         whose victim was replaced meanwhile (by admission) must not overwrite the newcomer.
         """
         slots = np.asarray(slots, dtype=np.int64)
-        src = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
-               for k, v in fields.items()}
+        src = {k: as_array(v) for k, v in fields.items()}
         with self.lock:
             ok = np.ones(slots.size, dtype=bool) if expect is None else self.slot_ids[slots] == expect
             if not ok.any():
                 return ok
-            dst = slots[ok]
+            # Every row, as a view, in the usual case: under the lock only the copies into the
+            # slots, no boolean-mask copy of the sources first.
+            rows = slice(None) if ok.all() else np.flatnonzero(ok)
+            dst = slots[rows]
             if (self.slot_ids[dst] == EMPTY).any():
                 self._order = self._order[:0]  # newly filled slots join from the next pass
                 self._filled = None
             for name, arr in self.arrays.items():
-                arr[dst] = src[name][ok]
-            self.slot_ids[dst] = np.asarray(ids)[ok]
-            self.slot_labels[dst] = src["y"][ok]
-            self.slot_tasks[dst] = src["task"][ok]
+                arr[dst] = src[name][rows]
+            self.slot_ids[dst] = np.asarray(ids)[rows]
+            self.slot_labels[dst] = src["y"][rows]
+            self.slot_tasks[dst] = src["task"][rows]
         return ok
 
     def replace_locked(self, clear: np.ndarray, slots: np.ndarray, ids: np.ndarray, fields: Mapping[str, np.ndarray],
@@ -138,20 +145,51 @@ class EMPool:
         with self.lock:
             return self.gather_locked(slots, extras)
 
-    def gather_locked(self, slots: np.ndarray | torch.Tensor, extras: tuple[str, ...]) -> Batch:
-        """:meth:`gather` for a caller that already holds ``lock``."""
-        index = slots if type(slots) is torch.Tensor else _index(slots)
-        # Every field through torch's index_select, the big ones on its intra-op pool (12 us for
-        # 256 x 3 KiB here against 24 us in numpy). Small fields through numpy cost more than
-        # they seem: wrapping fresh numpy results with from_numpy and freeing them measured ~3 us
-        # a field per batch, against ~1 us for index_select (20 us against 28 us for x, y, task, ids).
-        t = self.tensors
-        return Batch(self._slot_ids_t.index_select(0, index), t["x"].index_select(0, index),
-                     t["y"].index_select(0, index), t["task"].index_select(0, index),
-                     {k: t[k].index_select(0, index) for k in extras})
+    def gather_locked(self, slots: np.ndarray | torch.Tensor, extras: tuple[str, ...],
+                      out: Mapping[str, torch.Tensor] | None = None) -> Batch:
+        """:meth:`gather` for a caller that already holds ``lock``; with ``out``
+        (:meth:`pinned_rows`, allocated before taking the lock) the rows land in its first
+        ``len(slots)`` rows and the batch is views of them.
+
+        Every field is one numpy gather into a fresh array that torch then wraps: single-threaded
+        whatever the trainer's ``torch.set_num_threads``. ``index_select`` ran the image field on
+        torch's intra-op pool (OpenMP): at default threads on a busy 2-core machine that made
+        ``sample(32)`` wait at the pool's barrier for a worker the OS had not scheduled (p50 5.4
+        ms, p99 38 ms, against 7-10 us for this numpy gather of 32 x 3 KiB), and the pool's
+        worker spun on a core after every call (3 ms of CPU a 2 ms step). At 256 rows the pool
+        was ~1.7x faster on quiet cores (17 us against 30 us): too little to be worth a barrier.
+        """
+        idx = slots.numpy() if isinstance(slots, torch.Tensor) else slots
+        a = self.arrays
+        if out is not None:
+            k = idx.size
+            rows = {name: t[:k] for name, t in out.items()}
+            for name, t in rows.items():
+                # mode="clip": the indices are valid slots (the default, "raise", buffers ``out``).
+                np.take(self.slot_ids if name == "id" else a[name], idx, axis=0, out=t.numpy(), mode="clip")
+            return Batch(rows["id"], rows["x"], rows["y"], rows["task"], {k: rows[k] for k in extras})
+        return Batch(torch.from_numpy(self.slot_ids[idx]), torch.from_numpy(a["x"][idx]),
+                     torch.from_numpy(a["y"][idx]), torch.from_numpy(a["task"][idx]),
+                     {k: torch.from_numpy(a[k][idx]) for k in extras})
+
+    def pinned_rows(self, n: int, extras: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Fresh page-locked tensors for a batch of up to ``n`` rows (``"id"``, ``x``, ``y``,
+        ``task`` and ``extras``), for :meth:`gather_locked`'s ``out``. Needs a CUDA device
+        (:func:`carousel.batch.can_pin`). Fresh each call, so a batch handed out stays valid
+        however long it is kept; torch's caching host allocator hands freed blocks back (after
+        the copies that read them are done), so in steady state nothing new is page-locked."""
+        n = min(n, self.size)
+        out = {"id": torch.empty(n, dtype=torch.int64, pin_memory=True)}
+        for name in ("x", "y", "task", *extras):
+            t = self.tensors[name]
+            out[name] = torch.empty((n, *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+        return out
 
     def gather_into_locked(self, slots: np.ndarray | torch.Tensor, out: Mapping[str, torch.Tensor]) -> None:
-        """Gather ``slots`` into the first ``len(slots)`` rows of ``out`` (``"id"`` and every field)."""
+        """Gather ``slots`` into the first ``len(slots)`` rows of ``out`` (``"id"`` and every field).
+
+        Through ``index_select``: the daemon's ring filler calls this on its own thread, which
+        sets its own intra-op thread count (:mod:`carousel.daemon.torch_threads`)."""
         index = _index(slots)
         k = int(index.numel())
         torch.index_select(self._slot_ids_t, 0, index, out=out["id"][:k])

@@ -37,8 +37,15 @@ class MemoryInputError(ValueError):
 
 
 def as_array(v: Any) -> np.ndarray:
-    """A tensor or array-like as a numpy array (a CPU copy of a device tensor)."""
-    return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+    """A tensor or array-like as a numpy array (a CPU copy of a device tensor).
+
+    A CPU tensor without grad is viewed with ``.numpy()`` alone: ``detach()`` and ``cpu()`` are
+    torch ops, and torch's bindings release the GIL around every op, which on the trainer's
+    thread hands the GIL to a waiting background thread for the rest of its stretch.
+    """
+    if isinstance(v, torch.Tensor):
+        return v.numpy() if v.is_cpu and not v.requires_grad else v.detach().cpu().numpy()
+    return np.asarray(v)
 
 
 def check_count(n: Any, what: str = "n") -> int:

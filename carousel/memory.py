@@ -43,7 +43,7 @@ from prometheus_client import CollectorRegistry
 
 from storage_backends import Schema, open_store
 
-from .batch import Batch
+from .batch import Batch, can_pin
 from .catalog import EVICTED, PENDING, RAM_ONLY, UNUSED, Catalog
 from .config import WEIGHT_FIELD, CarouselConfig, ConfigError, load_config
 from .em_pool import EMPool, balanced_weights
@@ -55,7 +55,7 @@ from .metrics import MemoryMetrics
 from .policies import make_admission, make_swap_in, make_swap_out
 from .recovery import load_state, rebuild_catalog, refill_em, save_state
 from .step_swaps import StepSwaps
-from .swap_engine import AVAILABLE_MAX_AGE_S, SwapEngine
+from .swap_engine import SwapEngine
 from .tiers import Tier
 from .write_behind import WriteBehind
 
@@ -109,6 +109,8 @@ class CarouselMemory:
         self.verifier = Verifier.for_memory(self.fields, mc.kind) if verify_requested(mc.verify) else None
         self.catalog = Catalog(crc_columns=len(self.verifier.checked) if self.verifier is not None else 0)
         self._checked_ok = self.metrics.integrity_checks.labels(result="ok")
+        self._admitted = self.metrics.admissions.labels(result="admitted")
+        self._rejected = self.metrics.admissions.labels(result="rejected")
         self._seen = 0
         self._ids = IdAllocator(None, 0)  # replaced by recovery: from the tiers and the reserved bound
         self._current_task = -1
@@ -123,6 +125,7 @@ class CarouselMemory:
             Path(config.tiers[0].path).with_name(Path(config.tiers[0].path).name + "-state") if config.tiers else None)
         self._writer: WriteBehind | None = None
         self._engine: SwapEngine | None = None
+        self._posted = False
         self._steps: StepSwaps | None = None  # deterministic mode (carousel.step_swaps)
         try:
             for i, tc in enumerate(config.tiers):
@@ -134,11 +137,17 @@ class CarouselMemory:
             state = load_state(self._state_dir)
             found = rebuild_catalog(self.catalog, self.tiers, self.codec, self.verifier, state, self._state_dir)
             self._ids, self._seen, self.recovered = found.ids, found.seen, found.report
+            # The asynchronous memory hands admission to the write-behind thread and observe()'s
+            # work to the swap engine's (see add, observe); the other modes keep both on the
+            # caller's thread: deterministic runs decide swaps in observe, workers = 0 is the
+            # synchronous ablation.
+            self._posted = bool(self.tiers) and sc.workers > 0 and not sc.deterministic
             if self.tiers:
                 self._writer = WriteBehind(self.tiers, self.catalog, self.metrics, config.write_behind.queue_samples,
                                            config.write_behind.batch, config.write_behind.block_timeout_s,
                                            np.random.default_rng([mc.seed, 3]), self.codec,
-                                           enforce=not sc.deterministic)
+                                           enforce=not sc.deterministic,
+                                           admit=self._admit_added if self._posted else None)
                 # A deterministic memory chooses its candidates itself: no prefetcher reads ahead.
                 self._engine = SwapEngine(self.pool, self.catalog, self.tiers, self.metrics, sc.workers,
                                           0 if sc.deterministic else sc.prefetch_depth, mc.seed, self.codec)
@@ -199,7 +208,15 @@ class CarouselMemory:
         ``x``: ``(n, *sample_shape)`` of the memory's dtype; ``y``: ``(n,)`` integer labels;
         ``task``: an int or ``(n,)``; ``extras``: every extra field of the config, ``(n, *shape)``.
         Every sample is queued for the first storage tier (blocking only under back-pressure);
-        the admission policy decides which enter the EM.
+        the admission policy decides which enter the EM. The memory reads the arrays given
+        until write-behind has stored them: do not change them in place after ``add`` returns.
+
+        The asynchronous memory (tiers, ``workers >= 1``, not deterministic) checks the input and
+        hands out the ids here; the write-behind thread registers the samples in the catalog and
+        runs the admission policy, in call order, before it stores them (usually within a
+        millisecond). So a sample may enter the EM a step after its ``add`` returned; ``sample()``
+        on an EM that is not full yet waits for the admissions queued before it (up to 0.1 s),
+        and ``stats()``, ``flush()``, ``checkpoint()``, ``retain()`` wait for them all.
         """
         self._check_open()
         return self._add(self._validate(x, y, task, extras), None)
@@ -269,52 +286,37 @@ class CarouselMemory:
             # Room in the write-behind queue first: under back-pressure this blocks, and if the
             # first tier keeps failing it raises -- before anything has changed.
             self._writer.reserve(n)
+        take = None
         try:
             # Ids durably reserved before any is handed out (see carousel.ids): an fsync once per
             # block of ids, done here -- outside the catalog's lock -- or ahead, in the background.
             if leased is None:
                 self._ids.reserve(n)
-            labels = fields["y"]
-            with self.catalog.lock:
-                if leased is None:
-                    first = self._ids.take(n)
-                    ids = np.arange(first, first + n, dtype=np.int64)
-                else:
-                    ids = leased
-                self.catalog.register(ids, labels, fields["task"].astype(np.int64),
-                                      PENDING if self.tiers else RAM_ONLY)
-                if crcs is not None:  # before the ids can enter the EM (below) or be swapped in
-                    self.catalog.crc[ids] = crcs
-                if WEIGHT_FIELD in fields and self.config.memory.kind == "coreset":
-                    self.catalog.weight[ids] = fields[WEIGHT_FIELD]
-                slots = self._admission.admit(labels, self.pool.labels_snapshot(), self._seen, self._rng)
-                take = slots >= 0
-                if take.any():
-                    old = self.pool.slot_ids[slots[take]]
-                    old = old[old >= 0]
-                    self.catalog.slot[old] = -1
-                    if not self.tiers:
-                        self.catalog.home[old] = EVICTED
-                        self.metrics.evictions.labels(reason="replaced").inc(old.size)
-                    self.pool.write(slots[take], ids[take], {k: fields[k][take] for k in self.fields})
-                    self.catalog.slot[ids[take]] = slots[take]
-                if not self.tiers and (~take).any():
-                    self.catalog.home[ids[~take]] = EVICTED
-                    self.metrics.evictions.labels(reason="not_admitted").inc(int((~take).sum()))
-                self._seen += n
-                self._current_task = max(self._current_task, int(fields["task"].max()))
+            if self._posted:
+                # Registered and admitted on the write-behind thread (_admit_locked, through
+                # _admit_added): add() takes no lock a background thread holds for long.
+                ids = self._take_ids(n) if leased is None else leased
+            else:
+                with self.catalog.lock:
+                    ids = self._take_ids(n) if leased is None else leased
+                    take = self._admit_locked(ids, fields, crcs)
+            self._current_task = max(self._current_task, int(fields["task"].max()))
         except BaseException:
             if self._writer is not None:
                 self._writer.cancel(n)
             raise
         if self._writer is not None:
-            self._writer.submit(ids, fields)  # into the room reserved above: never blocks
+            self._writer.submit(ids, fields, crcs)  # into the room reserved above: never blocks
         self.metrics.added.inc(n)
-        self.metrics.admissions.labels(result="admitted").inc(int(take.sum()))
-        self.metrics.admissions.labels(result="rejected").inc(int((~take).sum()))
+        if take is not None:
+            self._count_admissions(take)
         if self._steps is not None and not self._steps.explicit:
             self._steps.end_step()  # no end_step() calls: each add() ends a step
         return torch.from_numpy(ids)
+
+    def _take_ids(self, n: int) -> np.ndarray:
+        first = self._ids.take(n)
+        return np.arange(first, first + n, dtype=np.int64)
 
     def _take_leased_locked(self, ids: np.ndarray) -> None:
         """Check that ``ids`` are leased and unused, and count them used (caller holds the catalog
@@ -327,6 +329,45 @@ class CarouselMemory:
         if not fresh or self._leased < ids.size:
             raise MemoryInputError(f"ids {ids[:4].tolist()}... were not leased, or are used already")
         self._leased -= ids.size
+
+    def _admit_locked(self, ids: np.ndarray, fields: dict[str, np.ndarray], crcs: np.ndarray | None) -> np.ndarray:
+        """Register new samples in the catalog and run the admission policy on them; the mask of
+        those admitted into EM slots. Caller holds the catalog lock: on the caller's thread in
+        ``add()``, or on the write-behind thread (the asynchronous memory, in call order)."""
+        n = ids.size
+        labels = fields["y"]
+        self.catalog.register(ids, labels, fields["task"].astype(np.int64), PENDING if self.tiers else RAM_ONLY)
+        if crcs is not None:  # before the ids can enter the EM (below) or be swapped in
+            self.catalog.crc[ids] = crcs
+        if WEIGHT_FIELD in fields and self.config.memory.kind == "coreset":
+            self.catalog.weight[ids] = fields[WEIGHT_FIELD]
+        slots = self._admission.admit(labels, self.pool.labels_snapshot(), self._seen, self._rng)
+        take = slots >= 0
+        if take.any():
+            old = self.pool.slot_ids[slots[take]]
+            old = old[old >= 0]
+            self.catalog.slot[old] = -1
+            if not self.tiers:
+                self.catalog.home[old] = EVICTED
+                self.metrics.evictions.labels(reason="replaced").inc(old.size)
+            self.pool.write(slots[take], ids[take], {k: fields[k][take] for k in self.fields})
+            self.catalog.slot[ids[take]] = slots[take]
+        if not self.tiers and (~take).any():
+            self.catalog.home[ids[~take]] = EVICTED
+            self.metrics.evictions.labels(reason="not_admitted").inc(int((~take).sum()))
+        self._seen += n
+        return take
+
+    def _admit_added(self, ids: np.ndarray, fields: dict[str, np.ndarray], crcs: np.ndarray | None) -> None:
+        """The asynchronous memory's admission, run by the write-behind thread before it stores."""
+        with self.catalog.lock:
+            take = self._admit_locked(ids, fields, crcs)
+        self._count_admissions(take)
+
+    def _count_admissions(self, take: np.ndarray) -> None:
+        admitted = int(take.sum())
+        self._admitted.inc(admitted)
+        self._rejected.inc(take.size - admitted)
 
     def end_step(self) -> None:
         """Mark the end of a training step. A deterministic memory (``[swap] deterministic = true``)
@@ -349,26 +390,40 @@ class CarouselMemory:
 
     # ---- sample -----------------------------------------------------------------------------------
     def sample(self, n: int, *, classes: Any = None, tasks: Any = None, seed: int | None = None,
-               balanced: bool = False) -> Batch:
+               balanced: bool = False, pin_memory: bool = False) -> Batch:
         """A replay batch of up to ``n`` distinct EM samples, from RAM only.
 
         ``classes`` / ``tasks`` restrict the draw; ``balanced`` draws classes equally often;
         ``seed`` makes the draw reproducible. Fewer than ``n`` come back only if the EM (or the
-        filtered part of it) holds fewer.
+        filtered part of it) holds fewer. ``pin_memory``: the batch's tensors in page-locked
+        memory, so ``batch.to("cuda", non_blocking=True)`` overlaps the accelerator's work
+        (fresh pinned tensors each call, gathered straight into; without a CUDA device it is
+        ignored and the batch is the ordinary one: :func:`carousel.batch.can_pin`).
         """
         self._check_open()
         n = check_count(n)
         t0 = time.perf_counter()
         pool = self.pool
+        # Page-locked rows are allocated before the EM lock: the first ones cost a cudaHostAlloc.
+        out = pool.pinned_rows(n, self._extras) if pin_memory and can_pin() else None
         if classes is None and tasks is None and seed is None and not balanced and self.verifier is None:
             with pool.lock:  # choose and gather under one short lock: no half-written slot
-                batch = pool.gather_locked(pool.draw_locked(n, self._sample_rng), self._extras)
+                batch = pool.gather_locked(pool.draw_locked(n, self._sample_rng), self._extras, out)
                 self.metrics.sample_latency.observe(time.perf_counter() - t0)  # under the lock: see its class
-            return batch
-        batch, refs = self._draw(n, classes, tasks, seed, balanced, t0)
+            if len(batch) == n or not self._unadmitted_while_filling():
+                return batch
+        batch, refs = self._draw(n, classes, tasks, seed, balanced, t0, out)
         if refs is not None:  # the integrity mode: checked after the lock, before anyone trains on it
             self._verify({"id": batch.ids, "x": batch.x, "y": batch.y, "task": batch.task, **batch.extras}, refs)
         return batch
+
+    def _unadmitted_while_filling(self) -> bool:
+        """For a draw that came up short: whether adds of the asynchronous memory wait for
+        admission while the EM is not full yet (then wait up to 0.1 s for them, and draw again).
+        A full EM never waits: the batch is short only because of the filters."""
+        if not self._posted or not self._writer.admitting() or self.pool.filled() == self.pool.size:
+            return False
+        return self._writer.wait_admitted(0.1)
 
     def sample_with_references(self, n: int, *, classes: Any = None, tasks: Any = None, seed: int | None = None,
                                balanced: bool = False) -> tuple[Batch, dict[str, np.ndarray] | None]:
@@ -380,22 +435,27 @@ class CarouselMemory:
         return self._draw(check_count(n), classes, tasks, seed, balanced, time.perf_counter())
 
     def _draw(self, n: int, classes: Any, tasks: Any, seed: int | None, balanced: bool,
-              t0: float) -> tuple[Batch, dict[str, np.ndarray] | None]:
-        """Check the filters, then draw and gather a batch (and, verifying, its references) under one lock."""
+              t0: float, out: Mapping[str, torch.Tensor] | None = None
+              ) -> tuple[Batch, dict[str, np.ndarray] | None]:
+        """Check the filters, then draw and gather a batch (and, verifying, its references) under
+        one lock; into ``out`` (page-locked rows) when given."""
         classes = None if classes is None else check_values(classes, "classes")
         tasks = None if tasks is None else check_values(tasks, "tasks")
         seed = None if seed is None else check_count(seed, "seed")
-        rng = np.random.default_rng(seed) if seed is not None else self._sample_rng
         pool = self.pool
-        with pool.lock:
-            if classes is None and tasks is None and seed is None and not balanced:
-                slots = pool.draw_locked(n, rng)
-            else:
-                slots = self._pick_locked(n, classes, tasks, balanced, rng)
-            batch = pool.gather_locked(slots, self._extras)
-            refs = None if self.verifier is None else self._references_locked(slots)
-            self.metrics.sample_latency.observe(time.perf_counter() - t0)
-        return batch, refs
+        for attempt in (0, 1):  # a second draw after the admissions a short first one waited for
+            rng = np.random.default_rng(seed) if seed is not None else self._sample_rng
+            with pool.lock:
+                if classes is None and tasks is None and seed is None and not balanced:
+                    slots = pool.draw_locked(n, rng)
+                else:
+                    slots = self._pick_locked(n, classes, tasks, balanced, rng)
+                batch = pool.gather_locked(slots, self._extras, out)
+                refs = None if self.verifier is None else self._references_locked(slots)
+                self.metrics.sample_latency.observe(time.perf_counter() - t0)
+            if attempt or len(batch) == n or not self._unadmitted_while_filling():
+                return batch, refs
+        raise AssertionError("unreachable")
 
     def _references_locked(self, slots: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
         """The integrity references of the samples in EM ``slots`` (caller holds ``pool.lock``).
@@ -435,16 +495,19 @@ class CarouselMemory:
         classes = None if classes is None else check_values(classes, "classes")
         tasks = None if tasks is None else check_values(tasks, "tasks")
         t0 = time.perf_counter()
-        refs = None
-        with self.pool.lock:
-            if classes is None and tasks is None and not balanced:
-                slots = self.pool.draw_locked(n, self._sample_rng)
-            else:
-                slots = self._pick_locked(n, classes, tasks, balanced, self._sample_rng)
-            self.pool.gather_into_locked(slots, out)
-            if self.verifier is not None:
-                refs = self._references_locked(slots)
-            self.metrics.sample_latency.observe(time.perf_counter() - t0)
+        for attempt in (0, 1):  # a second draw after the admissions a short first one waited for
+            refs = None
+            with self.pool.lock:
+                if classes is None and tasks is None and not balanced:
+                    slots = self.pool.draw_locked(n, self._sample_rng)
+                else:
+                    slots = self._pick_locked(n, classes, tasks, balanced, self._sample_rng)
+                self.pool.gather_into_locked(slots, out)
+                if self.verifier is not None:
+                    refs = self._references_locked(slots)
+                self.metrics.sample_latency.observe(time.perf_counter() - t0)
+            if attempt or len(slots) == n or not self._unadmitted_while_filling():
+                break
         k = len(slots)
         if refs is not None:
             if SLOT in out:
@@ -473,20 +536,57 @@ class CarouselMemory:
 
         ``logits``: ``(n, C)`` -> correctness (argmax == label) and softmax entropy per sample;
         ``loss``: ``(n,)`` per-sample losses. Unknown ids raise :class:`MemoryInputError`.
+
+        The asynchronous memory (tiers, ``workers >= 1``, not deterministic) checks the input
+        here, at the call, and leaves the rest -- the statistics, the victims, the swap-in
+        choice -- to the swap engine's thread, in call order: ``observe`` returns at once.
+        ``stats()``, ``flush()``, ``checkpoint()``, ``retain()`` and ``close()`` first wait for
+        the observations queued before them. A RAM-only, deterministic or ``workers = 0``
+        memory does all of it here, before returning.
         """
         self._check_open()
         ids, lg, per_loss = check_observe(ids, logits, loss)
         self._check_known(ids)
+        # The swap gate as of this call (a task boundary added after it must not change it).
+        swap = self._engine is not None and self._current_task >= self.config.swap.start_task and self._ratio > 0
+        if self._posted:
+            # Copies: once observe() returns, the caller may reuse its logits and loss tensors
+            # (check_ids already copied the ids).
+            self._engine.post(self._observed, ids, None if lg is None else lg.copy(),
+                              None if per_loss is None else per_loss.copy(), swap)
+            return
+        self._observed(ids, lg, per_loss, swap)
+
+    def _observed(self, ids: np.ndarray, lg: np.ndarray | None, per_loss: np.ndarray | None, swap: bool) -> None:
+        """``observe``'s work after its checks: statistics into the catalog, then the swap trigger.
+        On the caller's thread, or on the swap engine's (the asynchronous memory)."""
+        if self._posted and ids.size and ids.max() >= self.catalog.n:
+            # Ids of an add() whose admission (which registers them) is still queued: wait for it.
+            self._writer.wait_admitted(60.0)
+            known = ids < self.catalog.n
+            if not known.all():  # the writer is stuck: those statistics are dropped, not misfiled
+                ids, lg = ids[known], None if lg is None else lg[known]
+                per_loss = None if per_loss is None else per_loss[known]
         correct = entropy = None
         if lg is not None:
-            # numpy, not torch: small torch ops go through its intra-op pool (~ms here, see em_pool).
+            # numpy, not torch: nothing on these paths may wake torch's intra-op pool (see em_pool).
             z = lg - lg.max(axis=1, keepdims=True)
             logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
             entropy = -(np.exp(logp) * logp).sum(axis=1).astype(np.float32)
             correct = (lg.argmax(axis=1) == self.catalog.label[ids]).astype(np.int8)
         self.catalog.observe(ids, correct, entropy, per_loss)
-        if self._engine is not None and self._current_task >= self.config.swap.start_task and self._ratio > 0:
+        if swap:
             self._trigger_swap(ids)
+
+    def _settle(self) -> None:
+        """Wait for the admissions and observations queued so far (the asynchronous memory; else
+        nothing is queued)."""
+        if not self._posted:
+            return
+        if not self._writer.wait_admitted(60.0):
+            raise TimeoutError(f"queued admissions did not finish within 60 s: {self._writer.last_error!r}")
+        if not self._engine.settle():
+            raise TimeoutError("queued observe() calls did not finish within 60 s")
 
     def _trigger_swap(self, ids: np.ndarray) -> None:
         with self.catalog.lock:
@@ -498,7 +598,11 @@ class CarouselMemory:
                 return
             # Both counts by the catalog's dense class index: sized by the number of classes, not
             # by the largest label (a label of 2**40 once made every step allocate 8 TiB here).
-            classes = self._swap_in.choose(victim_labels, self.catalog.available_by_class(max_age_s=AVAILABLE_MAX_AGE_S),
+            # The asynchronous memory takes the engine's count (at most 0.25 s old: a pass over
+            # every id, too slow for every step); the synchronous modes count now.
+            available = (self._engine.available_by_class(want=set(victim_labels.tolist())) if self._posted
+                         else self.catalog.available_by_class())
+            classes = self._swap_in.choose(victim_labels, available,
                                            self.catalog.class_counts(self.pool.slot_ids), self._rng)
         go = classes >= 0
         if not go.any():
@@ -529,17 +633,12 @@ class CarouselMemory:
         return victims, ids[order], labels[order]
 
     def _check_known(self, ids: np.ndarray) -> None:
-        """``MemoryInputError`` unless every id names a sample added (ids skipped by a crash, or
-        leased to a daemon client and not used yet, name none)."""
-        if not ids.size:
-            return
-        cat = self.catalog
-        if ids.min() >= 0 and ids.max() < cat.n and not (cat.home[ids] == UNUSED).any():
-            return
-        bad = ids[(ids < 0) | (ids >= cat.n)]
-        if not bad.size:
-            bad = ids[cat.home[ids] == UNUSED]
-        raise MemoryInputError(f"unknown ids: no sample was added with ids {np.unique(bad)[:8].tolist()}")
+        """``MemoryInputError`` for ids no add has handed out (negative, or not yet reached). The
+        message names the ids, not the bound: through the daemon the bound also counts ids leased
+        to clients, and the same input must fail with the same text in-process and there."""
+        if ids.size and (ids.min() < 0 or ids.max() >= self._next_id):
+            bad = ids[(ids < 0) | (ids >= self._next_id)]
+            raise MemoryInputError(f"unknown ids: no sample was added with ids {np.unique(bad)[:8].tolist()}")
 
     def _adapt(self, k: int) -> None:
         """Adaptive mode: halve the ratio while the engine lags, recover it when it keeps up."""
@@ -572,6 +671,9 @@ class CarouselMemory:
             raise MemoryInputError('retain() needs a memory of kind = "coreset"')
         ids, w, classes = check_retain(ids, weights, classes)
         self._check_known(ids)
+        # Queued admissions register the ids added so far; queued observations choose their
+        # victims before the slice changes.
+        self._settle()
         with self.catalog.lock:
             labels, homes = self.catalog.label[ids], self.catalog.home[ids].copy()
         if (homes == UNUSED).any():  # ids a crash skipped (or lost before they were stored)
@@ -647,6 +749,7 @@ class CarouselMemory:
         keys: the same in-process and through the daemon's JSON) and more. ``added`` counts the ids handed out: the
         samples ever added, plus the ids a crash skipped (reserved before it; ids are never reused); ids leased
         to a daemon client count once used."""
+        self._settle()  # every add() and observe() before this call: admitted, statistics in
         m = self.metrics
         tiers: dict[str, dict[str, int]] = {"ram": {"samples": self.pool.filled(),
                                                     "bytes": sum(t.numel() * t.element_size()
@@ -691,12 +794,15 @@ class CarouselMemory:
         deterministic memory also brings its tiers within capacity here: between boundaries they
         may hold a step or two of samples more.)"""
         self._check_open()
+        self._settle()
         if self._writer is not None and not self._writer.drain(timeout_s):
             raise TimeoutError(f"write-behind did not drain within {timeout_s} s: {self._writer.last_error!r}")
         if self._steps is not None and not self._steps.enforce_capacity(timeout_s):
             raise TimeoutError(f"capacity moves did not finish within {timeout_s} s: {self._writer.last_error!r}")
         for t in self.tiers:
             t.store.flush()
+        if self._posted:
+            self._engine.refresh_available()  # the next swaps see every sample stored by now
 
     def checkpoint(self) -> None:
         """``flush`` plus the EM's contents and the statistics, so ``open`` restores them."""

@@ -1,20 +1,33 @@
 """The swap engine: refills EM slots with stored samples, off the trainer's path.
 
-The trainer only hands over ``(slot, victim id, class)`` requests (from ``observe``). One
-background thread runs an asyncio loop with two jobs:
+The trainer only hands over ``(slot, victim id, class)`` requests (from ``observe``). Two jobs, on
+a worker thread, a thread running an asyncio loop and a small I/O thread pool:
 
 - **prefetch**: keep, per class, a queue of already-decoded candidates -- uniformly random stored
   samples of that class that are neither in the EM nor already queued -- read from the tiers in a
   small thread pool and decoded by the memory's codec (a saliency sample is completed here);
 - **swap**: for each request take a candidate of the asked class from its queue (a *hit*) or read
   one on demand (a *miss*), then copy it into the slot under the EM lock -- a memcpy -- if the slot
-  still holds the victim.
+  still holds the victim. Hits are copied in on the engine's worker thread (below); only misses
+  go through the loop to the I/O pool.
+
+Everything here runs in the trainer's interpreter, so every stretch of Python it runs holds the
+GIL the trainer needs when its step ends. Candidates therefore travel in blocks (ids and field
+arrays of many samples: one numpy copy per field, never a Python loop over samples), a class's
+queue is refilled only once it is half empty (a few large reads instead of one small read per
+step), and a swap served from the queues takes no hop through the I/O pool.
 
 So ``sample()`` never waits on storage: it only ever takes the EM lock, which nobody holds during
 I/O. A candidate enters the EM only through this engine and is marked ``prefetched`` in the
 catalog while queued, so no sample is ever in two slots. Requests beyond ``max_pending`` are
 dropped and counted (``carousel_swap_skipped_total{reason="backlog"}``); in adaptive mode the
 memory lowers its swap ratio instead when the lag grows.
+
+Swap requests, and the work of the asynchronous memory's ``observe`` beyond its input checks
+(:meth:`post`: statistics, victims, the swap-in choice), run on a worker thread fed by a
+``queue.SimpleQueue``: the trainer's ``observe`` is a check and a queue append that makes no
+system call (so it keeps the GIL), and :meth:`settle` waits for what was posted (``stats()``,
+``flush()``, ...).
 
 ``workers = 0`` is the synchronous ablation: :meth:`swap_now` does the same work on the caller's
 thread, storage reads included, as CarM's "sync" baseline.
@@ -28,9 +41,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import queue
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -45,9 +63,17 @@ from .tiers import Tier
 
 log = logging.getLogger("carousel.swap_engine")
 
-# How old the per-class counts of swap-in candidates may be when the async path plans with them
-# (Catalog.available_by_class: O(every id) to count, which grows with the stored set).
-AVAILABLE_MAX_AGE_S = 0.05
+#: Decoded swap-in candidates: their ids and a dict of EM field arrays, one row per id.
+Candidates = tuple[np.ndarray, dict[str, np.ndarray]]
+
+
+def _join(parts: list[Candidates]) -> Candidates:
+    """Blocks of candidates as one block."""
+    parts = [p for p in parts if p[0].size] or parts[:1]
+    if len(parts) == 1:
+        return parts[0]
+    return (np.concatenate([p[0] for p in parts]),
+            {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]})
 
 
 class SwapEngine:
@@ -61,13 +87,24 @@ class SwapEngine:
         self._depth = prefetch_depth
         self._rng = np.random.default_rng([seed, 0x5A9])
         self._max_pending = max_pending
-        self._ready: dict[int, deque[tuple[int, dict[str, np.ndarray]]]] = {}
+        # Per class, decoded candidates in blocks (ids, fields), oldest first; counts beside them.
+        self._ready: dict[int, deque[Candidates]] = {}
+        self._ready_count: dict[int, int] = {}
         self._ready_lock = threading.Lock()
+        self._available: dict[int, int] = {}  # the prefetcher's last look at the catalog
+        self._available_t = -math.inf
+        # Labelled children resolved once: a labels() lookup costs ~1.5 us, a dozen a swap.
+        m = metrics
+        self._hits, self._misses = m.prefetch.labels(result="hit"), m.prefetch.labels(result="miss")
+        self._no_candidate = m.swap_skipped.labels(reason="no_candidate")
+        self._slot_reused = m.swap_skipped.labels(reason="slot_reused")
+        self._swapped_in, self._swapped_out = m.swaps.labels(direction="in"), m.swaps.labels(direction="out")
         self.pending = 0  # swap requests not yet carried out; changed under _pending_lock
         self._pending_lock = threading.Lock()
         self.last_error: BaseException | None = None
         self.workers = workers
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker: threading.Thread | None = None
         if workers > 0:
             self._exec = ThreadPoolExecutor(workers, thread_name_prefix="carousel-swap-io")
             self._loop = asyncio.new_event_loop()
@@ -75,18 +112,74 @@ class SwapEngine:
             self._thread = threading.Thread(target=self._run_loop, name="carousel-swap", daemon=True)
             self._thread.start()
             self._started.wait()
+            # Posted work (observe's) and swap requests: a plain thread on a SimpleQueue, whose
+            # put() wakes it without a system call. Waking the loop above takes a write to its
+            # self-pipe, and a socket send releases the GIL on the trainer's thread, handing it
+            # to whichever background thread waits for it, for the rest of that one's stretch.
+            self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+            self._worker = threading.Thread(target=self._work, name="carousel-swap-worker", daemon=True)
+            self._worker.start()
 
     # ---- the trainer's side ------------------------------------------------------------------
     def request(self, slots: np.ndarray, victims: np.ndarray, classes: np.ndarray) -> None:
         """Queue swaps; returns at once. Asynchronous mode only."""
-        assert self._loop is not None
+        assert self._worker is not None
         with self._pending_lock:
             if self.pending + slots.size > self._max_pending:
                 self._metrics.swap_skipped.labels(reason="backlog").inc(slots.size)
                 return
             self.pending += slots.size
             self._metrics.swap_lag.set(self.pending)
-        self._loop.call_soon_threadsafe(self._enqueue, slots, victims, classes)
+        if threading.current_thread() is self._worker:  # from posted work: served right away
+            self._serve(slots, victims, classes)
+        else:
+            self._inbox.put((self._serve, (slots, victims, classes)))
+
+    def post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on the engine's worker thread, after everything posted before;
+        returns at once (a queue append, ~1 us: no system call, the GIL kept). An exception is
+        counted and logged as an ``observe`` error. Asynchronous mode only."""
+        assert self._worker is not None
+        self._inbox.put((fn, args))
+
+    def settle(self, timeout_s: float | None = 60.0) -> bool:
+        """Wait until everything :meth:`post`-ed before this call has run; False on timeout."""
+        worker = self._worker  # None once closed (by another thread, maybe, while we look)
+        if worker is None or threading.current_thread() is worker:
+            return True  # nothing posted, or called by posted work itself: it runs in order anyway
+        done = threading.Event()
+        self._inbox.put((done.set, ()))  # the inbox runs in order: after every post before
+        return done.wait(timeout_s)
+
+    def _work(self) -> None:
+        """The worker thread: run what was posted, in order, until the ``None`` at close."""
+        while True:
+            fn, args = self._inbox.get()
+            if fn is None:
+                return
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - counted, logged, and the engine goes on
+                self._record_error("observe" if fn is not self._serve else "swap", exc)
+
+    def _serve(self, slots: np.ndarray, victims: np.ndarray, classes: np.ndarray) -> None:
+        """A swap request, on the worker thread: prefetched candidates are copied in here (a
+        memcpy); what the queues cannot serve goes to the loop, to be read on the I/O pool."""
+        left = np.zeros(0, np.int64)
+        try:
+            left = self._swap(slots, victims, classes, None)
+        finally:
+            if left.size:
+                self._loop.call_soon_threadsafe(self._enqueue, slots[left], victims[left], classes[left])
+            self._done(slots.size - left.size)
+        if self._depth and self._below_half(self._available, self._ready_counts()):
+            self._loop.call_soon_threadsafe(self._wake.set)  # the prefetcher refills the class
+
+    def _done(self, n: int) -> None:
+        """``n`` swap requests carried out (or given up)."""
+        with self._pending_lock:
+            self.pending -= n
+            self._metrics.swap_lag.set(self.pending)
 
     def swap_now(self, slots: np.ndarray, victims: np.ndarray, classes: np.ndarray) -> None:
         """Carry the swaps out on this thread, storage reads included (the synchronous ablation)."""
@@ -132,16 +225,22 @@ class SwapEngine:
             self._record_error("read", exc)
             return {}
         self._metrics.storage_reads.labels(tier=tier.name).inc(ids.size)
-        return dict(self._rows(ids, data))
+        ids, data = self._rows(ids, data)
+        return {int(i): {k: v[j] for k, v in data.items()} for j, i in enumerate(ids)}
 
     def prefetched(self) -> int:
+        """Decoded candidates queued, all classes."""
         with self._ready_lock:
-            return sum(len(q) for q in self._ready.values())
+            return sum(self._ready_count.values())
 
     def wait_idle(self, timeout_s: float = 10.0) -> bool:
         """Wait until no swap request is pending (tests, checkpoints)."""
         if self._loop is None:
             return True
+        t0 = time.monotonic()
+        if not self.settle(timeout_s):  # requests still in the worker's inbox are pending too
+            return False
+        timeout_s = max(0.0, timeout_s - (time.monotonic() - t0))
         done = threading.Event()
 
         async def probe() -> None:
@@ -153,6 +252,10 @@ class SwapEngine:
         return done.wait(timeout_s)
 
     def close(self) -> None:
+        if self._worker is not None:
+            self._inbox.put((None, ()))  # after everything posted before: none of it is lost
+            self._worker.join(30)
+            self._worker = None
         if self._loop is not None:
             async def shutdown() -> None:
                 for task in self._tasks:
@@ -169,10 +272,11 @@ class SwapEngine:
             self._loop = None
         with self._ready_lock:  # queued candidates go back to the pool
             for q in self._ready.values():
-                ids = np.array([i for i, _ in q], dtype=np.int64)
-                with self._catalog.lock:
-                    self._catalog.prefetched[ids] = False
+                for ids, _ in q:
+                    with self._catalog.lock:
+                        self._catalog.prefetched[ids] = False
             self._ready.clear()
+            self._ready_count.clear()
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _run_loop(self) -> None:
@@ -189,18 +293,16 @@ class SwapEngine:
         self._queue.put_nowait((slots, victims, classes))
 
     async def _swapper(self) -> None:
+        """The swaps the prefetch queues could not serve (misses): read on the I/O pool."""
         loop = asyncio.get_running_loop()
         while True:
             slots, victims, classes = await self._queue.get()
             try:
-                await loop.run_in_executor(self._exec, self._swap, slots, victims, classes,
-                                           lambda cls, n: self._read_candidates(cls, n))
+                await loop.run_in_executor(self._exec, self._swap, slots, victims, classes, self._read_candidates)
             except Exception as exc:  # noqa: BLE001 - counted, logged, and the engine goes on
                 self._record_error("swap", exc)
             finally:
-                with self._pending_lock:
-                    self.pending -= slots.size
-                    self._metrics.swap_lag.set(self.pending)
+                self._done(slots.size)
                 self._wake.set()
 
     async def _prefetcher(self) -> None:
@@ -208,10 +310,11 @@ class SwapEngine:
         while True:
             try:
                 wanted = self._refill_plan()
-                for cls, n in wanted:
-                    got = await loop.run_in_executor(self._exec, self._read_candidates, cls, n)
+                if wanted:  # every class of the plan in one trip to the I/O pool
+                    got = await loop.run_in_executor(self._exec, self._read_plan, wanted)
                     with self._ready_lock:
-                        self._ready.setdefault(cls, deque()).extend(got)
+                        for cls, cands in got:
+                            self._queue_ready(cls, cands)
                     self._metrics.prefetch_depth.set(self.prefetched())
             except Exception as exc:  # noqa: BLE001 - counted, logged, and the engine goes on
                 self._record_error("prefetch", exc)
@@ -222,18 +325,29 @@ class SwapEngine:
             except asyncio.TimeoutError:
                 pass
 
+    def _read_plan(self, wanted: list[tuple[int, int]]) -> list[tuple[int, Candidates]]:
+        return [(cls, self._read_candidates(cls, n)) for cls, n in wanted]
+
     def _refill_plan(self) -> list[tuple[int, int]]:
         """``(class, how many)`` to read so every class with stored candidates has its share of
         ``prefetch_depth`` decoded and ready -- never more than ``prefetch_depth`` in all, also
         when there are more classes than that (an open-world stream): then the classes that get
-        a candidate this round are drawn at random."""
-        available = self._catalog.available_by_class(max_age_s=AVAILABLE_MAX_AGE_S)
+        a candidate this round are drawn at random.
+
+        A class is refilled once its queue is down to half its share (or empty), to its share:
+        a read of many samples every few steps rather than a read of a few every step. The
+        catalog's counts of stored samples (a pass over every id) are looked at again only when
+        a class needs refilling, and every quarter second for classes that appear."""
+        have = self._ready_counts()
+        available = self._available
+        if self._below_half(available, have):
+            available = self.available_by_class(max_age_s=0.0)
+        else:
+            available = self.available_by_class()
         if not available:
             return []
         per_class = max(1, self._depth // len(available))
-        with self._ready_lock:
-            have = {c: len(self._ready.get(c, ())) for c in available}
-            budget = self._depth - sum(len(q) for q in self._ready.values())
+        budget = self._depth - sum(have.values())
         classes = list(available)
         if len(classes) > self._depth:
             classes = [classes[i] for i in self._rng.permutation(len(classes))]
@@ -241,38 +355,71 @@ class SwapEngine:
         for c in classes:
             if budget <= 0:
                 break
-            k = min(per_class - have[c], available[c], budget)
+            target = min(per_class, available[c])  # ``available`` counts the queued ones too
+            h = have.get(c, 0)
+            if 2 * h >= target and h:
+                continue
+            k = min(target - h, budget)
             if k > 0:
                 plan.append((c, k))
                 budget -= k
         return plan
 
+    def available_by_class(self, max_age_s: float = 0.25, want: set[int] | frozenset[int] = frozenset()
+                           ) -> dict[int, int]:
+        """:meth:`Catalog.available_by_class` as looked at at most ``max_age_s`` ago, or 10 ms ago
+        when it has none of the classes in ``want`` (a class stored since). The count is a pass
+        over every id in the catalog (~80 us at 20 k ids, growing with them); what it steers --
+        how much to prefetch, which classes a swap may refill -- can take a count that old: a
+        class that ran out meanwhile skips a swap (``no_candidate``)."""
+        age = time.monotonic() - self._available_t
+        if age > max_age_s or (age > 0.01 and not want <= self._available.keys()):
+            self.refresh_available()
+        return self._available
+
+    def refresh_available(self) -> None:
+        """Count again now (the memory calls this after a flush: what is stored changed)."""
+        self._available = self._catalog.available_by_class()
+        self._available_t = time.monotonic()
+
+    def _ready_counts(self) -> dict[int, int]:
+        with self._ready_lock:
+            return dict(self._ready_count)
+
+    def _below_half(self, available: dict[int, int], have: dict[int, int]) -> bool:
+        """Whether a class is down to half its share of the queues (by the last look at the catalog)."""
+        if not available:
+            return False
+        per_class = max(1, self._depth // len(available))
+        return any(2 * have.get(c, 0) < min(per_class, k) for c, k in available.items())
+
     # ---- shared by both modes ------------------------------------------------------------------
-    def _read_candidates(self, cls: int, n: int) -> list[tuple[int, dict[str, np.ndarray]]]:
+    def _read_candidates(self, cls: int, n: int) -> Candidates:
         """Read up to ``n`` random stored samples of ``cls`` that are not in the EM, decoded."""
         with self._catalog.lock:
             ids = self._catalog.draw_swap_in(cls, n, self._rng)
             if not ids.size:
-                return []
+                return self._none()
             self._catalog.prefetched[ids] = True  # reserved: no one else will draw them
             homes = self._catalog.home[ids].copy()
-        out: list[tuple[int, dict[str, np.ndarray]]] = []
+        out: list[Candidates] = []
+        got = 0
         for tier in self._tiers:
             sel = ids[homes == tier.index]
-            if not sel.size or len(out) >= ids.size:
+            if not sel.size or got >= ids.size:
                 continue
-            if tier.store.prefers_chunks:
-                out.extend(self._read_chunks(tier, sel, cls, ids.size - len(out)))
-            else:
-                out.extend(self._read_from(tier, sel))
-        got = {i for i, _ in out}
-        lost = np.array([i for i in ids if int(i) not in got], dtype=np.int64)
+            part = (self._read_chunks(tier, sel, cls, ids.size - got) if tier.store.prefers_chunks
+                    else self._read_from(tier, sel))
+            out.append(part)
+            got += part[0].size
+        cands = _join(out) if out else self._none()
+        lost = ids[~np.isin(ids, cands[0])]
         if lost.size:
             with self._catalog.lock:
                 self._catalog.prefetched[lost] = False
-        return out
+        return cands
 
-    def _read_chunks(self, tier: Tier, chosen: np.ndarray, cls: int, want: int) -> list[tuple[int, dict[str, np.ndarray]]]:
+    def _read_chunks(self, tier: Tier, chosen: np.ndarray, cls: int, want: int) -> Candidates:
         """Read the chunks holding ``chosen`` ids, one at a time, and keep every eligible sample
         of ``cls`` in them (up to ``want``): one disk read, many candidates (the write path
         groups a chunked tier by class)."""
@@ -282,11 +429,12 @@ class SwapEngine:
             return self._read_from(tier, chosen)  # some moved meanwhile: read them one by one
         except StoreError as exc:
             self._record_error("read", exc)
-            return []
-        out: list[tuple[int, dict[str, np.ndarray]]] = []
+            return self._none()
+        out: list[Candidates] = []
+        got = 0
         cat = self._catalog
         for c in dict.fromkeys(chunks.tolist()):  # in the random order the ids were drawn
-            if len(out) >= want:
+            if got >= want:
                 break
             try:
                 chunk = tier.store.get_chunk(int(c))
@@ -302,12 +450,14 @@ class SwapEngine:
                 ok = (ids < cat.n)
                 ok[ok] = ((cat.label[ids[ok]] == cls) & (cat.home[ids[ok]] == tier.index) & (cat.slot[ids[ok]] < 0)
                           & (~cat.prefetched[ids[ok]] | np.isin(ids[ok], chosen)))
-                pos = np.flatnonzero(ok)[: want - len(out)]
+                pos = np.flatnonzero(ok)[: want - got]
                 cat.prefetched[ids[pos]] = True
-            out.extend(self._rows(ids[pos], {k: v[pos] for k, v in chunk.fields.items()}))
-        return out
+            part = self._rows(ids[pos], {k: v[pos] for k, v in chunk.fields.items()})
+            out.append(part)
+            got += part[0].size
+        return _join(out) if out else self._none()
 
-    def _read_from(self, tier: Tier, ids: np.ndarray) -> list[tuple[int, dict[str, np.ndarray]]]:
+    def _read_from(self, tier: Tier, ids: np.ndarray) -> Candidates:
         try:
             data = tier.store.get_many(ids)
         except MissingIdsError:
@@ -319,91 +469,140 @@ class SwapEngine:
                 sel = ids[(moved == other.index)]
                 if sel.size and other is not tier:
                     try:
-                        out.extend(self._rows(sel, other.store.get_many(sel)))
+                        out.append(self._rows(sel, other.store.get_many(sel)))
                     except StoreError as exc:
                         self._record_error("read", exc)
-            return out
+            return _join(out) if out else self._none()
         except CorruptRecordError as exc:
             self._evict_corrupt(exc)
             good = ids[~np.isin(ids, exc.ids)]
-            return self._read_from(tier, good) if good.size else []
+            return self._read_from(tier, good) if good.size else self._none()
         except StoreError as exc:
             self._record_error("read", exc)
-            return []
+            return self._none()
         self._metrics.storage_reads.labels(tier=tier.name).inc(ids.size)
         return self._rows(ids, data)
 
-    def _rows(self, ids: np.ndarray, data: dict[str, np.ndarray]) -> list[tuple[int, dict[str, np.ndarray]]]:
-        """Stored records -> decoded candidates, one per id."""
+    def _rows(self, ids: np.ndarray, data: dict[str, np.ndarray]) -> Candidates:
+        """Stored records -> decoded candidates (one block)."""
         if not ids.size:
-            return []
+            return self._none()
         try:
             data = self._metrics.timed_codec("decode", self._codec.decode, data)
         except Exception as exc:  # noqa: BLE001 - a record that passed its CRC but does not decode
             self._record_error("decode", exc)
-            return []
-        return [(int(i), {k: v[j] for k, v in data.items()}) for j, i in enumerate(ids)]
+            return self._none()
+        return ids, data
 
-    def _take_ready(self, cls: int, n: int) -> list[tuple[int, dict[str, np.ndarray]]]:
-        out = []
+    def _none(self) -> Candidates:
+        """No candidates: an empty block with every EM field."""
+        return np.zeros(0, np.int64), {k: np.zeros((0, *shape), dtype) for k, (shape, dtype) in self._codec.fields.items()}
+
+    def _queue_ready(self, cls: int, cands: Candidates, front: bool = False) -> None:
+        """Queue a block of ``cls``'s candidates (caller holds ``_ready_lock``)."""
+        k = cands[0].size
+        if not k:
+            return
+        q = self._ready.setdefault(cls, deque())
+        if front:
+            q.appendleft(cands)
+        else:
+            q.append(cands)
+        self._ready_count[cls] = self._ready_count.get(cls, 0) + k
+
+    def _take_ready(self, cls: int, n: int) -> Candidates:
+        """Up to ``n`` queued candidates of ``cls``, oldest first, as one block."""
+        parts: list[Candidates] = []
+        got = 0
         with self._ready_lock:
             q = self._ready.get(cls)
-            while q and len(out) < n:
-                out.append(q.popleft())
-        return out
+            while q and got < n:
+                ids, fields = q[0]
+                k = min(n - got, ids.size)
+                if k == ids.size:
+                    parts.append(q.popleft())
+                else:  # split the block: its head goes, its tail stays queued
+                    parts.append((ids[:k], {name: v[:k] for name, v in fields.items()}))
+                    q[0] = (ids[k:], {name: v[k:] for name, v in fields.items()})
+                got += k
+            if got:
+                self._ready_count[cls] -= got
+        if not parts:
+            return self._none()
+        return parts[0] if len(parts) == 1 else _join(parts)
 
-    def _swap(self, slots: np.ndarray, victims: np.ndarray, classes: np.ndarray, read) -> None:
-        for cls in np.unique(classes):
+    def _swap(self, slots: np.ndarray, victims: np.ndarray, classes: np.ndarray, read) -> np.ndarray:
+        """Refill ``slots`` (holding ``victims``) with candidates of ``classes``: queued ones first,
+        then ``read(cls, n)`` for the rest. With ``read=None`` only queued ones are used; returns
+        the positions (into ``slots``) left for a read then, else an empty array. All copies go
+        into the EM in one write."""
+        blocks: list[Candidates] = []
+        block_classes: list[int] = []
+        targets: list[np.ndarray] = []
+        left: list[np.ndarray] = []
+        for cls in np.unique(classes).tolist():
             sel = np.flatnonzero(classes == cls)
-            cands = self._drop_stale(self._take_ready(int(cls), sel.size))
-            hits = len(cands)
-            if len(cands) < sel.size:
-                cands += read(int(cls), sel.size - len(cands))
-            self._metrics.prefetch.labels(result="hit").inc(hits)
-            self._metrics.prefetch.labels(result="miss").inc(max(0, len(cands) - hits))
-            if not cands:
-                self._metrics.swap_skipped.labels(reason="no_candidate").inc(sel.size)
-                continue
-            m = len(cands)
-            ids = np.array([c[0] for c in cands], dtype=np.int64)
-            fields = {k: np.stack([c[1][k] for c in cands]) for k in cands[0][1]}
-            tgt_slots, tgt_victims = slots[sel[:m]], victims[sel[:m]]
-            with self._catalog.lock:
-                # retain() may have brought a candidate into the EM since it was read: a sample
-                # must never sit in two slots, so such a candidate is skipped.
-                fresh = self._catalog.slot[ids] < 0
-                if not fresh.all():
-                    self._catalog.prefetched[ids[~fresh]] = False
-                    tgt_slots, tgt_victims, ids = tgt_slots[fresh], tgt_victims[fresh], ids[fresh]
-                    fields = {k: v[fresh] for k, v in fields.items()}
-                    cands = [c for c, f in zip(cands, fresh) if f]
-                    self._metrics.swap_skipped.labels(reason="no_candidate").inc(int((~fresh).sum()))
-                if WEIGHT_FIELD in fields:  # a coreset weight set by retain() since the sample was stored
-                    fields[WEIGHT_FIELD] = self._catalog.weight[ids]
-                written = self._pool.write(tgt_slots, ids, fields, expect=tgt_victims)
-                self._catalog.slot[tgt_victims[written]] = -1
-                self._catalog.slot[ids[written]] = tgt_slots[written]
-                self._catalog.prefetched[ids[written]] = False
-            if not written.all():  # the victim's slot was taken by admission meanwhile
-                self._metrics.swap_skipped.labels(reason="slot_reused").inc(int((~written).sum()))
-                with self._ready_lock:
-                    self._ready.setdefault(int(cls), deque()).extendleft(
-                        c for c, w in zip(cands, written) if not w)
-            if sel.size > m:
-                self._metrics.swap_skipped.labels(reason="no_candidate").inc(sel.size - m)
-            n = int(written.sum())
-            self._metrics.swaps.labels(direction="out").inc(n)
-            self._metrics.swaps.labels(direction="in").inc(n)
+            cands = self._drop_stale(self._take_ready(cls, sel.size))
+            hits = cands[0].size
+            if hits < sel.size:
+                if read is None:
+                    left.append(sel[hits:])
+                else:
+                    cands = _join([cands, read(cls, sel.size - hits)])
+            self._hits.inc(hits)
+            self._misses.inc(cands[0].size - hits)
+            m = cands[0].size
+            if read is not None and m < sel.size:
+                self._no_candidate.inc(sel.size - m)
+            if m:
+                blocks.append(cands)
+                block_classes.append(cls)
+                targets.append(sel[:m])
+        if blocks:
+            self._copy_in(_join(blocks), np.repeat(block_classes, [b[0].size for b in blocks]),
+                          slots[np.concatenate(targets)], victims[np.concatenate(targets)])
+        return np.concatenate(left) if left else np.zeros(0, np.int64)
 
-    def _drop_stale(self, cands: list[tuple[int, dict[str, np.ndarray]]]) -> list[tuple[int, dict[str, np.ndarray]]]:
+    def _copy_in(self, cands: Candidates, classes: np.ndarray, slots: np.ndarray, victims: np.ndarray) -> None:
+        """Copy candidates into their slots where the victim is still there; put the others back."""
+        ids, fields = cands
+        with self._catalog.lock:
+            # retain() may have brought a candidate into the EM since it was read: a sample
+            # must never sit in two slots, so such a candidate is skipped.
+            fresh = self._catalog.slot[ids] < 0
+            if not fresh.all():
+                self._catalog.prefetched[ids[~fresh]] = False
+                self._no_candidate.inc(int((~fresh).sum()))
+                ids, classes, slots, victims = ids[fresh], classes[fresh], slots[fresh], victims[fresh]
+                fields = {k: v[fresh] for k, v in fields.items()}
+            if WEIGHT_FIELD in fields:  # a coreset weight set by retain() since the sample was stored
+                fields = {**fields, WEIGHT_FIELD: self._catalog.weight[ids]}
+            written = self._pool.write(slots, ids, fields, expect=victims)
+            self._catalog.slot[victims[written]] = -1
+            self._catalog.slot[ids[written]] = slots[written]
+            self._catalog.prefetched[ids[written]] = False
+        if not written.all():  # the victim's slot was taken by admission meanwhile
+            self._slot_reused.inc(int((~written).sum()))
+            back = ~written
+            with self._ready_lock:
+                for cls in np.unique(classes[back]).tolist():
+                    sel = back & (classes == cls)
+                    self._queue_ready(cls, (ids[sel], {k: v[sel] for k, v in fields.items()}), front=True)
+        n = int(written.sum())
+        self._swapped_out.inc(n)
+        self._swapped_in.inc(n)
+
+    def _drop_stale(self, cands: Candidates) -> Candidates:
         """Queued candidates still eligible: not evicted meanwhile, not brought into the EM by retain()."""
-        if not cands:
+        ids, fields = cands
+        if not ids.size:
             return cands
         with self._catalog.lock:
-            ids = np.array([c[0] for c in cands], dtype=np.int64)
             ok = (self._catalog.home[ids] != EVICTED) & (self._catalog.slot[ids] < 0)
+            if ok.all():
+                return cands
             self._catalog.prefetched[ids[~ok]] = False
-        return [c for c, keep in zip(cands, ok) if keep]
+        return ids[ok], {k: v[ok] for k, v in fields.items()}
 
     def _evict_corrupt(self, exc: CorruptRecordError) -> None:
         """The store quarantined ``exc.ids``: they are gone for good, and counted."""

@@ -218,13 +218,15 @@ class MemoryClient:
         return torch.from_numpy(ids)
 
     def sample(self, n: int, *, classes: Any = None, tasks: Any = None, seed: int | None = None,
-               balanced: bool = False) -> Batch:
+               balanced: bool = False, pin_memory: bool = False) -> Batch:
         """A replay batch of up to ``n`` distinct EM samples (see :meth:`CarouselMemory.sample`).
 
         Unseeded, it comes from the shared-memory ring, filled ahead of time: a full batch may have
         been drawn before this client's latest ``add`` (for replay, a draw a few steps old is as good
         as a fresh one). To read the EM *as it is now* -- all of it, after adding exemplars, say --
-        pass a ``seed``: that draw is made by the daemon when the request arrives.
+        pass a ``seed``: that draw is made by the daemon when the request arrives. ``pin_memory``:
+        the batch copied into page-locked memory (a ring batch's slot goes back at once), so
+        ``batch.to("cuda", non_blocking=True)`` overlaps the step; ignored without a CUDA device.
         """
         # The memory's own checks; n may exceed what the EM holds (then the batch is all there is),
         # so the ring is sized min(n, em_size): the same batches, without a ring larger than the EM.
@@ -238,13 +240,14 @@ class MemoryClient:
         if seed is None and self._use_shm and meta["n"] > 0 and not self.deterministic:
             batch = self._from_ring(meta)
             if batch is not None:
-                return batch
+                return batch.pin_memory() if pin_memory else batch
         if seed is not None:
             meta["seed"] = check_count(seed, "seed")
         with self._lock:
             self._check()
             _, out = self._request(wire.Op.SAMPLE, meta, retry=True)
-        return self._checked({k: torch.from_numpy(v) for k, v in out.items()})
+        batch = self._checked({k: torch.from_numpy(v) for k, v in out.items()})
+        return batch.pin_memory() if pin_memory else batch
 
     def observe(self, ids: Any, logits: Any = None, loss: Any = None) -> None:
         """Per-sample statistics of replayed samples (see :meth:`CarouselMemory.observe`)."""

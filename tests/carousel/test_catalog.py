@@ -53,13 +53,3 @@ def test_mostly_evicted_classes_are_compacted():
     assert cat.class_ids(0).tolist() == ids[1500:].tolist()
     cat.register(np.array([8_000]), np.array([0]), np.zeros(1, np.int64), 0)  # grows after compaction
     assert cat.class_ids(0)[-1] == 8_000
-
-
-def test_available_counts_may_be_reused_for_a_while_but_never_when_empty():
-    cat = Catalog()
-    assert cat.available_by_class(max_age_s=60) == {}
-    cat.register(np.arange(10), np.zeros(10, np.int64), np.zeros(10, np.int64), 0)
-    assert cat.available_by_class(max_age_s=60) == {0: 10}  # the empty count was not kept
-    cat.register(np.arange(10, 15), np.ones(5, np.int64), np.zeros(5, np.int64), 0)
-    assert cat.available_by_class(max_age_s=60) == {0: 10}  # reused
-    assert cat.available_by_class() == {0: 10, 1: 5}        # exact when asked for

@@ -246,7 +246,8 @@ def test_retaining_a_prefetched_candidate_never_puts_a_sample_in_two_slots(tmp_p
             b = mem.sample(12, seed=round_)
             mem.observe(b.ids, logits=torch.randn(len(b), 2))
             with mem._engine._ready_lock:  # the next candidates the engine will hand out for class 0
-                queued = np.array([c[0] for c in list(mem._engine._ready.get(0, ()))[:4]], dtype=np.int64)
+                blocks = list(mem._engine._ready.get(0, ()))  # blocks of (ids, fields)
+                queued = np.concatenate([ids for ids, _ in blocks] or [np.zeros(0, np.int64)])[:4]
             if queued.size:
                 mem.retain(queued, np.ones(queued.size), classes=[0])
         mem._engine.wait_idle()

@@ -57,6 +57,7 @@ def test_off_by_default_nothing_allocated_nothing_checked(tmp_path):
     with CarouselMemory.from_dict(config(tmp_path, verify=False)) as mem:
         assert mem.verifier is None and mem.catalog.crc is None
         add(mem, 40, seed=1)
+        mem.flush()  # admitted (on the write-behind thread) and stored
         slot = int(np.flatnonzero(mem.pool.slot_ids >= 0)[0])
         mem.pool.arrays["x"][slot] ^= 0xFF  # unchecked: the batch is handed out as it is
         batch = mem.sample(64, seed=0)
@@ -180,6 +181,7 @@ def test_a_wrong_record_on_storage_is_caught_after_a_restart(tmp_path):
     cfg = config(tmp_path, lmdb=1000)
     with CarouselMemory.from_dict(cfg) as mem:
         ids = add(mem, 40, seed=3).numpy()
+        mem.flush()  # registered (with the references add() computed) on the write-behind thread
         refs = mem.catalog.crc[ids].copy()
     store = open_store(CarouselConfig.from_dict(cfg).tiers[0].url())
     try:

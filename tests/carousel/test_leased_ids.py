@@ -44,8 +44,8 @@ def test_leases_add_release_and_lease_again(tmp_path):
         assert sorted(stored.tolist()) == [0, 1, 2, 3, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
         assert mem.stats()["added"] == 16
         mem.observe(torch.tensor([13, 20]), loss=torch.ones(2))
-        with pytest.raises(MemoryInputError, match=r"no sample was added with ids \[5\]"):
-            mem.observe(torch.tensor([5]), loss=torch.ones(1))  # leased once, never used
+        with pytest.raises(MemoryInputError, match=r"no sample was added with ids \[500\]"):
+            mem.observe(torch.tensor([13, 500]), loss=torch.ones(2))  # never handed out
 
 
 def test_ids_given_back_at_the_top_go_back_to_the_counter(tmp_path):

@@ -320,11 +320,10 @@ def test_disk_tier_is_class_grouped_and_read_a_chunk_at_a_time(tmp_path):
         mem._engine.close()
         counting = FaultyStore(disk.store)
         disk.store = counting
-        got = mem._engine._read_candidates(0, 12)
-        assert len(got) == 12 and all(mem.catalog.label[i] == 0 for i, _ in got)
+        ids, fields = mem._engine._read_candidates(0, 12)  # one block: ids and a row of each field per id
+        assert ids.size == 12 and (mem.catalog.label[ids] == 0).all()
         assert counting.reads <= 3, f"{counting.reads} chunk reads for 12 candidates"
-        for i, fields in got:
-            assert fields["x"].reshape(-1)[0] == 0 and mem.catalog.prefetched[i]
+        assert (fields["x"].reshape(12, -1)[:, 0] == 0).all() and mem.catalog.prefetched[ids].all()
 
 
 def test_adaptive_mode_lowers_the_ratio_when_storage_lags(tmp_path):

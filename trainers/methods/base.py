@@ -142,7 +142,11 @@ class Method(ABC):
 
     def replay(self, n: int | None = None, **kwargs: Any) -> Batch | None:
         """A replay batch from the memory (None while it is empty), timed as ``replay_sample``;
-        its labels go to :attr:`replayed` when a trace listens."""
+        its labels go to :attr:`replayed` when a trace listens. On a CUDA device the batch comes
+        in page-locked memory, so the methods' ``.to(device, non_blocking=True)`` copies overlap
+        the step."""
+        if self.device.type == "cuda":
+            kwargs = {"pin_memory": True, **kwargs}
         with self.ctx.timer.timed("replay_sample"):
             batch = self.memory.sample(self.ctx.replay_size if n is None else n, **kwargs)
         if self.replayed is not None and len(batch):

@@ -41,10 +41,10 @@ class DERpp(Method):
         out1 = out2 = None
         if first is not None:  # dark knowledge: match the logits the sample had when stored
             out1 = self.model(self.prep(first.x))
-            loss = loss + self.alpha * F.mse_loss(out1, first.extras["logits"].to(self.device))
+            loss = loss + self.alpha * F.mse_loss(out1, first.extras["logits"].to(self.device, non_blocking=True))
         if second is not None:
             out2 = self.model(self.prep(second.x))
-            loss = loss + self.beta * F.cross_entropy(self.masked(out2), second.y.to(self.device))
+            loss = loss + self.beta * F.cross_entropy(self.masked(out2), second.y.to(self.device, non_blocking=True))
         value = self.step(loss, (first, out1), (second, out2))
         self.add(x, y, task, logits=logits)
         return value

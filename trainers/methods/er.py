@@ -24,7 +24,7 @@ class ER(Method):
         inputs, targets = self.prep(x), y.to(self.device)
         if batch is not None:
             inputs = torch.cat([inputs, self.prep(batch.x)])
-            targets = torch.cat([targets, batch.y.to(self.device)])
+            targets = torch.cat([targets, batch.y.to(self.device, non_blocking=True)])
         logits = self.model(inputs)
         loss = F.cross_entropy(self.masked(logits), targets)
         value = self.step(loss, (batch, logits[x.shape[0]:]))

@@ -269,11 +269,11 @@ class GCR(Method):
         out1 = out2 = None
         if first is not None:  # weighted dark knowledge
             out1 = self.model(self.prep(first.x))
-            per = ((out1 - first.extras["logits"].to(self.device)) ** 2).mean(1)
+            per = ((out1 - first.extras["logits"].to(self.device, non_blocking=True)) ** 2).mean(1)
             loss = loss + self.alpha * (_normalized(first.extras["weight"]).to(self.device) * per).sum()
         if second is not None:  # weighted replay cross-entropy
             out2 = self.model(self.prep(second.x))
-            per = F.cross_entropy(self.masked(out2), second.y.to(self.device), reduction="none")
+            per = F.cross_entropy(self.masked(out2), second.y.to(self.device, non_blocking=True), reduction="none")
             loss = loss + self.beta * (_normalized(second.extras["weight"]).to(self.device) * per).sum()
         value = self.step(loss, (first, out1), (second, out2))
         ids = None

@@ -98,7 +98,7 @@ class GDumb(Method):
                 for group in self.opt.param_groups:
                     group["lr"] = lr
                 logits = self.model(self.prep(mb.x))
-                loss = F.cross_entropy(self.masked(logits), mb.y.to(self.device))
+                loss = F.cross_entropy(self.masked(logits), mb.y.to(self.device, non_blocking=True))
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), _CLIP)

@@ -90,7 +90,7 @@ class ICaRL(Method):
         inputs, labels = self.prep(x), y.to(self.device)
         if batch is not None:
             inputs = torch.cat([inputs, self.prep(batch.x)])
-            labels = torch.cat([labels, batch.y.to(self.device)])
+            labels = torch.cat([labels, batch.y.to(self.device, non_blocking=True)])
         out = self.model(inputs)
         seen = self.seen_classes
         targets = F.one_hot(labels, out.shape[1]).float()[:, :seen]
