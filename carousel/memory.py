@@ -4,9 +4,11 @@ One sample's path: ``add`` gives it an id, admission may copy it into an EM slot
 puts it on the first storage tier (migration later demotes or evicts it). ``sample`` gathers a
 batch from EM slots only. ``observe`` records what the trainer saw (correctness, entropy, loss)
 and, from the ``start_task``-th task on, picks victims among the EM samples just replayed and
-asks the swap engine to refill their slots with other stored samples -- in the background.
+asks the swap engine to refill their slots with other stored samples -- in the background. With
+tiers and asynchronous swapping, admission and ``observe``'s work run on the memory's threads:
+on the trainer's, ``add`` and ``observe`` only check their input and queue it (issue 22).
 
-Why one module of ~670 lines: it is one class, :class:`CarouselMemory`, whose methods are the
+Why one module of ~800 lines: it is one class, :class:`CarouselMemory`, whose methods are the
 public API (``add``, ``sample``, ``observe``, ``retain``, ``stats``, ``flush``, ``checkpoint``,
 ``close``) and which composes the parts that do the work (EM pool, catalog, policies, write-behind,
 swap engine, tiers). Each method is one path through those parts under one lock order (catalog,
@@ -443,7 +445,8 @@ class CarouselMemory:
         tasks = None if tasks is None else check_values(tasks, "tasks")
         seed = None if seed is None else check_count(seed, "seed")
         pool = self.pool
-        for attempt in (0, 1):  # a second draw after the admissions a short first one waited for
+        retried = False
+        while True:
             rng = np.random.default_rng(seed) if seed is not None else self._sample_rng
             with pool.lock:
                 if classes is None and tasks is None and seed is None and not balanced:
@@ -453,9 +456,10 @@ class CarouselMemory:
                 batch = pool.gather_locked(slots, self._extras, out)
                 refs = None if self.verifier is None else self._references_locked(slots)
                 self.metrics.sample_latency.observe(time.perf_counter() - t0)
-            if attempt or len(batch) == n or not self._unadmitted_while_filling():
+            # Short while admissions are queued and the EM fills: once more after them.
+            if retried or len(batch) == n or not self._unadmitted_while_filling():
                 return batch, refs
-        raise AssertionError("unreachable")
+            retried = True
 
     def _references_locked(self, slots: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
         """The integrity references of the samples in EM ``slots`` (caller holds ``pool.lock``).
@@ -495,7 +499,8 @@ class CarouselMemory:
         classes = None if classes is None else check_values(classes, "classes")
         tasks = None if tasks is None else check_values(tasks, "tasks")
         t0 = time.perf_counter()
-        for attempt in (0, 1):  # a second draw after the admissions a short first one waited for
+        retried = False
+        while True:  # short while admissions are queued and the EM fills: once more after them
             refs = None
             with self.pool.lock:
                 if classes is None and tasks is None and not balanced:
@@ -506,8 +511,9 @@ class CarouselMemory:
                 if self.verifier is not None:
                     refs = self._references_locked(slots)
                 self.metrics.sample_latency.observe(time.perf_counter() - t0)
-            if attempt or len(slots) == n or not self._unadmitted_while_filling():
+            if retried or len(slots) == n or not self._unadmitted_while_filling():
                 break
+            retried = True
         k = len(slots)
         if refs is not None:
             if SLOT in out:

@@ -35,6 +35,11 @@ thread, storage reads included, as CarM's "sync" baseline.
 A deterministic memory (:mod:`carousel.step_swaps`) uses the engine for reads alone:
 :meth:`read_exact` reads the candidates the memory chose, no more and no others, and the memory
 copies them into the EM itself at a step boundary (no prefetcher runs then).
+
+Why one module of ~620 lines: it is one class, :class:`SwapEngine`, whose threads share one
+state -- the prefetch queues, the pending count, the ``prefetched`` marks in the catalog -- under
+one lock order (catalog, then EM; the queues' lock alone); its reads, queues and copies are the
+steps of one swap and are not used apart.
 """
 
 from __future__ import annotations

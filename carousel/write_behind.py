@@ -60,12 +60,12 @@ class WriteBehind:
         self._timeout = block_timeout_s
         self._rng = rng
         self._enforce = enforce  # False: the memory plans capacity itself (deterministic mode)
-        # Items in submission order: (seq, ids, fields) to write, or (seq, None, call) to run.
-        self._queue: deque[tuple[int, np.ndarray | None, dict[str, np.ndarray] | Callable[[], None]]] = deque()
+        # Items in submission order: (ids, fields) to write, or (None, call) to run.
+        self._queue: deque[tuple[np.ndarray | None, dict[str, np.ndarray] | Callable[[], None]]] = deque()
         self._submitted = 0  # items submitted, and items done: a mark is a submission count
         self._done = 0
         # Admission on this thread (the asynchronous memory): writes submitted and not yet through
-        # it, with what add() passed along; every item below ``_admitted`` (a seq) has been.
+        # it, with what add() passed along; the first ``_admitted`` items submitted have been.
         self._admit = admit
         self._fresh: deque[tuple[np.ndarray, dict[str, np.ndarray], Any]] = deque()
         self._admitted = 0
@@ -115,7 +115,7 @@ class WriteBehind:
         (a condition's notify is a lock release)."""
         with self._cond:
             self._reserved -= ids.size
-            self._queue.append((self._submitted, ids, fields))
+            self._queue.append((ids, fields))
             if self._admit is not None:
                 self._fresh.append((ids, fields, extra))
             self._submitted += 1
@@ -130,8 +130,8 @@ class WriteBehind:
             return
         with self._cond:
             for call in calls:
-                self._queue.append((self._submitted, None, call))
-                self._submitted += 1
+                self._queue.append((None, call))
+            self._submitted += len(calls)
             self._cond.notify_all()
 
     def mark(self) -> int:
@@ -175,7 +175,7 @@ class WriteBehind:
         for ids, fields, extra in fresh:
             try:
                 self._admit(ids, fields, extra)
-            except Exception as exc:  # noqa: BLE001 - a bug: counted and logged; the samples are still stored
+            except Exception as exc:  # noqa: BLE001 - a bug: counted and logged, and the writer goes on
                 self._metrics.count_error("admission", exc)
                 log.exception("admission of %d samples failed", ids.size)
         with self._cond:
@@ -216,20 +216,20 @@ class WriteBehind:
                     continue  # admitted before it is written (and before anything after it)
                 if not self._queue:
                     return None
-                if self._queue[0][1] is None:
-                    return 1, None, self._queue.popleft()[2]
+                if self._queue[0][0] is None:
+                    return 1, None, self._queue.popleft()[1]
                 parts = []
                 n = 0
-                while self._queue and self._queue[0][1] is not None and n < self._batch:
+                while self._queue and self._queue[0][0] is not None and n < self._batch:
                     parts.append(self._queue.popleft())
-                    n += parts[-1][1].size
+                    n += parts[-1][0].size
                 self._queued -= n
                 self._busy = n
                 break
-        if len(parts) == 1:
-            return 1, parts[0][1], parts[0][2]
-        ids = np.concatenate([p[1] for p in parts])
-        fields = {k: np.concatenate([p[2][k] for p in parts]) for k in parts[0][2]}
+        if len(parts) == 1:  # one add's samples: no copy
+            return 1, parts[0][0], parts[0][1]
+        ids = np.concatenate([p[0] for p in parts])
+        fields = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
         return len(parts), ids, fields
 
     def _run(self) -> None:

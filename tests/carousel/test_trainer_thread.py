@@ -90,12 +90,15 @@ def remember(added: dict[int, torch.Tensor], ids: torch.Tensor, x: torch.Tensor)
     added.update(zip(ids.tolist(), x))
 
 
-@pytest.mark.parametrize("tiers", [False, True], ids=["ram-only", "tiered"])
-def test_the_trainers_calls_run_no_torch_op_on_data(tmp_path, tiers):
+@pytest.mark.parametrize("tiers, verify", [(False, False), (True, False), (True, True)],
+                         ids=["ram-only", "tiered", "tiered-integrity-mode"])
+def test_the_trainers_calls_run_no_torch_op_on_data(tmp_path, tiers, verify):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # an intra-op pool there to be woken: nothing below may use it
+    cfg = config(tmp_path, tiers=tiers)
+    cfg["memory"]["verify"] = verify  # the integrity mode: CRCs in add, every batch checked in sample
     try:
-        with CarouselMemory.from_dict(config(tmp_path, tiers=tiers)) as mem:
+        with CarouselMemory.from_dict(cfg) as mem:
             stream = [data(32, seed) for seed in range(4)]
             added: dict[int, torch.Tensor] = {}
             remember(added, mem.add(*stream[0], task=0), stream[0][0])
