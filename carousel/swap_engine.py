@@ -205,15 +205,24 @@ class SwapEngine:
         # and the writer carries the move out later: write to the lower tier, then delete from
         # this one. So a sample is in its catalog home or in a tier above it, and looking from the
         # top tier down finds it even while it moves (missing above means already written below).
-        with self._catalog.lock:
-            homes = self._catalog.home[ids].copy()
+        # The homes are looked up when the read starts, and a move may be decided after that (a
+        # boundary plans demotions while this read waits, and the writer may carry one out before
+        # the read reaches the top tier): ids missed whose home moved down since are looked up
+        # again under their new home -- else whether a swap happens would depend on timing.
         found: dict[int, dict[str, np.ndarray]] = {}
-        for tier in self._tiers:
-            want = ids[homes >= tier.index]
-            want = want[~np.isin(want, np.fromiter(found, np.int64, len(found)))]
-            if want.size:
-                found.update(self._read_present(tier, want))
-        return [found.get(int(i)) for i in ids]
+        looked = np.full(ids.size, -1, dtype=np.int64)  # the home each id was last looked for under
+        while True:
+            with self._catalog.lock:
+                homes = self._catalog.home[ids].astype(np.int64)
+            again = (homes > looked) & ~np.isin(ids, np.fromiter(found, np.int64, len(found)))
+            if not again.any():
+                return [found.get(int(i)) for i in ids]
+            for tier in self._tiers:
+                want = ids[again & (homes >= tier.index) & (looked < tier.index)]  # not missed here already
+                want = want[~np.isin(want, np.fromiter(found, np.int64, len(found)))]
+                if want.size:
+                    found.update(self._read_present(tier, want))
+            looked = np.where(again, homes, looked)
 
     def _read_present(self, tier: Tier, ids: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
         """Those of ``ids`` that ``tier`` holds, decoded (faults counted and left out)."""

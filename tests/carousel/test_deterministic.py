@@ -13,6 +13,7 @@ import torch
 
 from carousel import CarouselMemory
 from carousel.catalog import EVICTED, PENDING
+from carousel.tiers import _demote
 from tests.faulty_store import FaultyStore
 
 SHAPE = (3, 8, 8)
@@ -120,6 +121,42 @@ def test_same_calls_same_run_whatever_the_timing(tmp_path, kind, variants):
         assert seen == seen0, f"{name}: a different replay sequence, first at step " \
                               f"{next(i for i, (a, b) in enumerate(zip(seen, seen0)) if a != b)}"
         assert st == st0, name
+
+
+def test_a_candidate_read_finds_a_sample_demoted_after_the_read_began(tmp_path):
+    """A candidate's read looks its home up, then reads; a boundary may meanwhile demote it (its
+    plan homes it in the next tier at once) and the writer move it before the read reaches the
+    top tier. The read must still find it: a miss would skip the swap, by timing alone (this
+    made test_same_calls_same_run_whatever_the_timing fail now and then under load)."""
+    with CarouselMemory.from_dict(config(tmp_path, "race")) as mem:
+        for step in range(3):
+            mem.add(*step_data(step), task=0)
+            mem.end_step()
+        mem.flush()
+        top, inner = mem.tiers[0], mem.tiers[0].store
+        x = np.array([mem.catalog.tier_ids(0)[0]])
+        entered, go = threading.Event(), threading.Event()
+
+        class Gate(FaultyStore):  # holds the engine's read of the top tier until the move is done
+            def get_many(self, ids):
+                if threading.current_thread().name.startswith("carousel-swap-io"):
+                    entered.set()
+                    assert go.wait(10)
+                return super().get_many(ids)
+
+        top.store = Gate(inner)
+        try:
+            reads = mem._engine.read_exact(x)
+            assert entered.wait(10)  # its home (the top tier) looked up, its read not yet begun
+            with mem.catalog.lock:  # a boundary plans the demotion...
+                mem.catalog.home[x] = 1
+            _demote(mem.tiers, top, x, mem.catalog, mem.metrics, np.random.default_rng(0), rehome=False)
+            go.set()  # ...and the writer carried it out: the read finds the top tier without it
+            rows = reads.result(10)
+        finally:
+            go.set()
+            top.store = inner
+        assert rows[0] is not None and int(rows[0]["y"]) == int(mem.catalog.label[x[0]])
 
 
 def test_without_end_step_each_add_is_a_step(tmp_path):
