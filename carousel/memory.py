@@ -411,8 +411,13 @@ class CarouselMemory:
         if classes is None and tasks is None and seed is None and not balanced and self.verifier is None:
             with pool.lock:  # choose and gather under one short lock: no half-written slot
                 batch = pool.gather_locked(pool.draw_locked(n, self._sample_rng), self._extras, out)
-                self.metrics.sample_latency.observe(time.perf_counter() - t0)  # under the lock: see its class
-            if len(batch) == n or not self._unadmitted_while_filling():
+                if len(batch) == n:  # (a short batch may be drawn again below: one call, one observation)
+                    self.metrics.sample_latency.observe(time.perf_counter() - t0)  # under the lock: see its class
+            if len(batch) == n:
+                return batch
+            if not self._unadmitted_while_filling():
+                with pool.lock:
+                    self.metrics.sample_latency.observe(time.perf_counter() - t0)
                 return batch
         batch, refs = self._draw(n, classes, tasks, seed, balanced, t0, out)
         if refs is not None:  # the integrity mode: checked after the lock, before anyone trains on it
