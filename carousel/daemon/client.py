@@ -70,6 +70,7 @@ from ..inputs import MemoryInputError, check_add, check_count, check_observe, ch
 from ..integrity import Verifier
 from ..write_behind import WriteBehindError
 from . import wire
+from .leases import consume
 from .profile import resolve_socket_path, socket_hint
 from .shm import Doorbell, Segment, ShmError
 from .shm_ring import RingLayout, RingReader
@@ -560,16 +561,7 @@ class MemoryClient:
             if self._sock is None:
                 raise ConnectionError("the daemon connection dropped while leasing ids; nothing was added")
             self._raise_posted()
-        parts, left = [], n
-        while left:
-            block = self._leases[0]
-            k = min(left, block[1] - block[0])
-            parts.append(np.arange(block[0], block[0] + k, dtype=np.int64))
-            block[0] += k
-            left -= k
-            if block[0] == block[1]:
-                self._leases.popleft()
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return consume(self._leases, n)
 
     def _ask_lease(self, n: int) -> None:
         size = min(max(64 * n, _LEASE_MIN), _LEASE_MAX)

@@ -23,6 +23,24 @@ if TYPE_CHECKING:
     from ..memory import CarouselMemory
 
 
+def consume(blocks: deque[list[int]], n: int) -> np.ndarray:
+    """The next ``n`` ids of ``[next, end)`` blocks (which must hold them), running on from one block
+    into the next; used-up blocks are dropped. The client and the daemon both consume a connection's
+    leases with this, so they agree on every add's ids."""
+    parts, left = [], n
+    while left:
+        block = blocks[0]
+        k = min(left, block[1] - block[0])
+        parts.append(np.arange(block[0], block[0] + k, dtype=np.int64))
+        block[0] += k
+        left -= k
+        if block[0] == block[1]:
+            blocks.popleft()
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
 class Leases:
     """One connection's unused leased ids, as ``[next, end)`` blocks in the order they were granted."""
 
@@ -50,16 +68,7 @@ class Leases:
                                         f"{expected}: ids come from LEASE, in order")
         if n > self.held():
             raise RequestError("input", f"an add of {n} samples on a connection holding {self.held()} leased ids")
-        parts, left = [], n
-        while left:
-            block = self._blocks[0]
-            k = min(left, block[1] - block[0])
-            parts.append(np.arange(block[0], block[0] + k, dtype=np.int64))
-            block[0] += k
-            left -= k
-            if block[0] == block[1]:
-                self._blocks.popleft()
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return consume(self._blocks, n)
 
     def release(self) -> None:
         """Give the unused ids back to the memory: the latest block first, so consecutive blocks at
