@@ -154,8 +154,8 @@ class IdAllocator:
 
     def give_back(self, lo: int, hi: int) -> bool:
         """Ids ``[lo, hi)`` were handed out but never used (a daemon client's lease, left unused):
-        if they are the last ones handed out, :meth:`take` hands them out again; otherwise they
-        stay skipped, as a crash's are. Returns whether they were taken back."""
+        if they are the last ones handed out, :meth:`take` hands them out again; otherwise the
+        counter cannot take them (the memory keeps them to lease again). Returns whether it did."""
         with self._cond:
             if lo < hi == self._next:
                 self._next = lo
