@@ -449,6 +449,10 @@ class CarouselMemory:
         classes = None if classes is None else check_values(classes, "classes")
         tasks = None if tasks is None else check_values(tasks, "tasks")
         seed = None if seed is None else check_count(seed, "seed")
+        if seed is not None and self._posted and self._writer.admitting():
+            # A seeded draw reads the EM as every add() before it left it (the way to read all of
+            # it after adding, documented so): the admissions still queued come first, full EM or not.
+            self._writer.wait_admitted(1.0)
         pool = self.pool
         retried = False
         while True:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -356,3 +357,24 @@ def test_admission_goes_on_while_the_tier_fails(tmp_path):
         faulty.fail_puts = 0
         mem.flush(timeout_s=30)
         assert (mem.catalog.home[:48] == 0).all()
+
+
+def test_a_seeded_draw_sees_every_add_before_it_even_with_a_full_em(tmp_path):
+    """A seeded draw is how a user reads the EM as it is now: queued admissions land first, also
+    when the EM is full (a class-filtered draw then finds the class added last)."""
+    cfg = {"memory": {"em_size": 16, "sample_shape": [2], "seed": 0, "admission": "class_balanced"},
+           "tiers": [{"kind": "lmdb", "path": str(tmp_path / "t"), "capacity": 1000}]}
+    with CarouselMemory.from_dict(cfg) as mem:
+        slow = FaultyStore(mem.tiers[0].store)
+        put = slow.put_many
+
+        def slow_put(ids, fields):  # the writer stores the first add slowly: the next ones wait to be admitted
+            time.sleep(0.4)
+            return put(ids, fields)
+        slow.put_many = slow_put
+        mem.tiers[0].store = slow
+        for c in range(4):
+            mem.add(torch.full((8, 2), c, dtype=torch.uint8), torch.full((8,), c), task=0)
+            time.sleep(0.01)
+        got = mem.sample(16, classes=[3], seed=0)
+        assert len(got) > 0 and (got.y == 3).all()
