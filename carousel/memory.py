@@ -593,6 +593,12 @@ class CarouselMemory:
         if swap:
             self._trigger_swap(ids)
 
+    def wait_admitted(self, timeout_s: float = 60.0) -> bool:
+        """Wait until every sample added so far went through admission (the asynchronous memory
+        admits on its write-behind thread, a moment after ``add`` returns): from then on the EM
+        reflects every ``add`` before this call. False if that took longer than ``timeout_s``."""
+        return not self._posted or self._writer.wait_admitted(timeout_s)
+
     def _settle(self) -> None:
         """Wait for the admissions and observations queued so far (the asynchronous memory; else
         nothing is queued)."""

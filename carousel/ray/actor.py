@@ -104,6 +104,8 @@ class ShardActor:
             ids = self.memory.add(x, y, task, **fields).numpy()
             if durable:
                 self.memory.flush(timeout_s)
+            else:  # the reply's EM composition must include them: the caller plans draws with it
+                self.memory.wait_admitted(timeout_s)
         self._comp_at = 0.0
         return global_ids(ids, self.shard, self.n_shards), self._info()
 
