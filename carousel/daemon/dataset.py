@@ -86,7 +86,9 @@ class StreamReplayDataset(IterableDataset):
     permutation drawn from ``seed`` and ``epoch`` (call :meth:`set_epoch` for a new one), split
     over workers by whole mini-batches. A replay batch is empty while the memory is (the first
     steps of a run): the trainer adds the stream batch to the memory itself, after its step, so
-    what it adds and observes stays in its own process and order.
+    what it adds and observes stays in its own process and order. The trainer's adds are posted
+    (docs/protocol.md), and workers draw ahead of the step, so how many of the first batches come
+    with an empty replay depends on timing; once the memory holds samples, every batch has some.
 
     Example (needs a running daemon, so not a doctest)::
 
