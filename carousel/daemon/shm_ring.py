@@ -196,6 +196,8 @@ class RingReader:
             rows = int(states[slot, 1])
             if rows < lay.n and states[slot, 2] != states[-1, 0]:
                 states[slot, 0] = FREE  # short and stale: the memory has grown since
+                if self.doorbell is not None:
+                    self.doorbell.ring()  # the filler sleeps until a slot comes back: this one did
                 return None
             states[slot, 0] = TAKEN
             with fence_lock:  # reads of the slot happen after READY was seen
@@ -261,7 +263,9 @@ class RingReader:
             try:
                 self.states[slot, 0] = FREE
             except (ValueError, TypeError):  # the map was closed meanwhile
-                pass
+                return
+            if self.doorbell is not None:
+                self.doorbell.ring()
 
     def close(self) -> None:
         with self._lock:

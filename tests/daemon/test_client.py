@@ -357,6 +357,34 @@ def test_zero_copy_batch_stays_valid_while_held(make_daemon, client_of):
         added.check(c.sample(16))
 
 
+def test_a_stale_short_ring_batch_is_refilled_at_once(make_daemon, client_of):
+    """While the EM holds fewer samples than a draw asks for, every add makes the ring's short
+    batches stale. The client drops them (and hands back the batch it let go of) and the filler,
+    woken by that, refills the ring before the client gives up on it (5 ms) and asks over the
+    socket. The filler sleeps until a slot comes back: without the wake-ups, most of these draws
+    would go over the socket."""
+    d = make_daemon()
+    c = client_of(d)
+    added = Added()
+    x, y, t, lg = data(4)
+    added.record(c.add(x, y, t, logits=lg), x, y, t, lg)
+    c.stats()  # applied: the next draws see 4 samples
+    for _ in range(3):
+        assert len(c.sample(16)) == 4  # the first one subscribes; the ring then serves them
+    before = metric(d, "carousel_requests_total", op="sample", result="ok")
+    cycles = 10
+    for k in range(cycles):
+        x, y, t, lg = data(1, seed=100 + k)
+        added.record(c.add(x, y, t, logits=lg), x, y, t, lg)
+        c.stats()  # applied (and admitted): the ring's 4-row batches are stale now
+        b = c.sample(16)
+        assert len(b) == 5 + k, "a stale short batch was served after an add"
+        added.check(b)
+        del b
+    over_socket = metric(d, "carousel_requests_total", op="sample", result="ok") - before
+    assert over_socket <= cycles // 3, f"{over_socket} of {cycles} draws after an add went over the socket"
+
+
 HOLDER = r"""
 import sys, torch, carousel
 sock, mode = sys.argv[1], sys.argv[2]
