@@ -64,6 +64,10 @@ from .write_behind import WriteBehind
 log = logging.getLogger("carousel.memory")
 
 _UNBOUNDED = 2**62  # the sample capacity of a tier bounded by bytes only
+# How long the asynchronous memory's writer waits for more adds before it admits and stores
+# what it has (write_behind.WriteBehind's linger): a few steps' adds in one pass at accelerator
+# step times; whoever waits for the writer ends it early.
+WRITE_LINGER_S = 0.002
 
 
 def _positions(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
@@ -149,7 +153,8 @@ class CarouselMemory:
                                            config.write_behind.batch, config.write_behind.block_timeout_s,
                                            np.random.default_rng([mc.seed, 3]), self.codec,
                                            enforce=not sc.deterministic,
-                                           admit=self._admit_added if self._posted else None)
+                                           admit=self._admit_added if self._posted else None,
+                                           linger_s=WRITE_LINGER_S if self._posted else 0.0)
                 # A deterministic memory chooses its candidates itself: no prefetcher reads ahead.
                 self._engine = SwapEngine(self.pool, self.catalog, self.tiers, self.metrics, sc.workers,
                                           0 if sc.deterministic else sc.prefetch_depth, mc.seed, self.codec)
@@ -215,8 +220,9 @@ class CarouselMemory:
 
         The asynchronous memory (tiers, ``workers >= 1``, not deterministic) checks the input and
         hands out the ids here; the write-behind thread registers the samples in the catalog and
-        runs the admission policy, in call order, before it stores them (usually within a
-        millisecond). So a sample may enter the EM a step after its ``add`` returned; ``sample()``
+        runs the admission policy, in call order, before it stores them (within a few
+        milliseconds: it waits up to ``WRITE_LINGER_S`` for more adds to take together, unless
+        someone waits for it). So a sample may enter the EM a step after its ``add`` returned; ``sample()``
         on an EM that is not full yet waits for the admissions queued before it (up to 0.1 s),
         and ``stats()``, ``flush()``, ``checkpoint()``, ``retain()`` wait for them all.
         """
@@ -592,6 +598,13 @@ class CarouselMemory:
         self.catalog.observe(ids, correct, entropy, per_loss)
         if swap:
             self._trigger_swap(ids)
+
+    def only_queues(self, n: int) -> bool:
+        """Whether :meth:`add_leased` of ``n`` samples and :meth:`observe` would only check their
+        input and queue the work, now: the asynchronous memory, with room in its write-behind
+        queue. (Another thread's add may take the room meanwhile: the daemon checks and adds
+        under one lock.)"""
+        return self._posted and not self._closed and self._writer.has_room(n)
 
     def wait_admitted(self, timeout_s: float = 60.0) -> bool:
         """Wait until every sample added so far went through admission (the asynchronous memory
