@@ -129,6 +129,12 @@ def _serve(path: str, log_level: str | None) -> int:
 
     setup_logging(log_level or profile.daemon.log_level)
     log = logging.getLogger("carousel.daemon")
+    from . import sched
+
+    sched.enabled = profile.daemon.batch_scheduling  # the memories' own threads follow it too
+    if sched.enabled:
+        # Before any thread of the daemon's starts: they inherit it (carousel.sched says why).
+        log.debug("SCHED_BATCH", extra={"threads": sched.batch_process()})
     # Opening the memories (recovery) can take a while: a SIGTERM meanwhile is kept and honoured
     # as soon as the daemon is up -- it then shuts down cleanly instead of dying mid-recovery.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -106,6 +106,7 @@ class DaemonConfig:
     ring_slots: int = 4                  # ready batches per standing sample request
     min_free_shm_bytes: int = 16 << 20   # refuse to start with less free /dev/shm than this
     torch_threads: int = 1               # intra-op threads of the daemon's copies; see below
+    batch_scheduling: bool = True        # its threads under SCHED_BATCH: never preempt the trainer on wake-up
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -134,6 +135,8 @@ class DaemonConfig:
         # 1 by default: beside a trainer that keeps every core busy, a parallel copy waits at its
         # barrier for a descheduled worker (milliseconds); a single-threaded one just runs.
         _int(self.torch_threads, "torch_threads", 1, 256)
+        if not isinstance(self.batch_scheduling, bool):
+            _fail("batch_scheduling", f"expected true or false, got {_show(self.batch_scheduling)}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             _fail("log_level", f"{self.log_level!r} is not one of debug, info, warning, error")
 
