@@ -17,7 +17,19 @@ from carousel.daemon.profile import DaemonConfig
 from carousel.sched import batch_this_thread, policy_of
 from tests.daemon.harness import start_daemon
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_BATCH is Linux's")
+
+
+def _allowed() -> bool:
+    """Whether this system lets a thread switch itself to SCHED_BATCH (a seccomp profile may not)."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(batch_this_thread()))
+    t.start()
+    t.join()
+    return out == [True]
+
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not _allowed(),
+                                reason="SCHED_BATCH is Linux's, and this system refuses it")
 
 
 def policies(pid: int) -> dict[int, str]:
