@@ -1,4 +1,4 @@
-"""Carousel's background threads yield to the trainer's: they run under Linux's ``SCHED_BATCH``.
+"""The daemon's threads yield to the trainer's: they run under Linux's ``SCHED_BATCH``.
 
 A thread woken under the default policy (``SCHED_OTHER``) may preempt the running one at once
 (wake-up preemption). When the trainer posts an add, the daemon's event loop, the write-behind
@@ -9,14 +9,20 @@ the daemon was 4.5-5.5 ms, 0.6-1.3 ms with the daemon under ``SCHED_BATCH`` (med
 ``SCHED_BATCH`` threads get the same share of the CPU (same nice value) but never preempt on
 wake-up, which is what a background service should do. Any user may switch a thread of its own to
 it; elsewhere (not Linux, a sandbox that forbids it) nothing changes.
+
+Only the daemon does it, for all its threads alike. Tried on the in-process memory's own threads
+(writer, swap engine) it cut the trainer's busy-core p99 there too (``observe`` ~5 -> 0.2 ms), but
+a ``SCHED_BATCH`` writer sharing the trainer's GIL fell behind for whole tasks in one test sequence
+(tests/storage_backends, then the tiered iCaRL run: nothing stored, so nothing to swap in), so
+in-process threads keep the default policy.
 """
 
 from __future__ import annotations
 
 import os
 
-#: Whether carousel's threads switch to ``SCHED_BATCH``: ``CAROUSEL_BATCH_SCHEDULING=0`` turns it
-#: off for a process, and the daemon sets it from ``[daemon] batch_scheduling``.
+#: Whether :func:`batch_this_thread` switches: ``CAROUSEL_BATCH_SCHEDULING=0`` turns it off for a
+#: process, and the daemon sets it from ``[daemon] batch_scheduling``.
 enabled = os.environ.get("CAROUSEL_BATCH_SCHEDULING", "1") != "0"
 
 

@@ -64,7 +64,6 @@ from .config import WEIGHT_FIELD
 from .em_pool import EMPool
 from .kinds import Codec
 from .metrics import MemoryMetrics
-from .sched import batch_this_thread
 from .tiers import Tier
 
 log = logging.getLogger("carousel.swap_engine")
@@ -112,8 +111,7 @@ class SwapEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: threading.Thread | None = None
         if workers > 0:
-            self._exec = ThreadPoolExecutor(workers, thread_name_prefix="carousel-swap-io",
-                                            initializer=batch_this_thread)
+            self._exec = ThreadPoolExecutor(workers, thread_name_prefix="carousel-swap-io")
             self._loop = asyncio.new_event_loop()
             self._started = threading.Event()
             self._thread = threading.Thread(target=self._run_loop, name="carousel-swap", daemon=True)
@@ -160,7 +158,6 @@ class SwapEngine:
 
     def _work(self) -> None:
         """The worker thread: run what was posted, in order, until the ``None`` at close."""
-        batch_this_thread()  # never preempts the trainer on wake-up (carousel.sched)
         while True:
             fn, args = self._inbox.get()
             if fn is None:
@@ -297,7 +294,6 @@ class SwapEngine:
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _run_loop(self) -> None:
-        batch_this_thread()
         asyncio.set_event_loop(self._loop)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._wake = asyncio.Event()

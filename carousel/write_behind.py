@@ -35,7 +35,6 @@ import numpy as np
 from .catalog import Catalog
 from .kinds import Codec
 from .metrics import MemoryMetrics
-from .sched import batch_this_thread
 from .tiers import Tier, class_grouped, enforce_capacity
 
 log = logging.getLogger("carousel.write_behind")
@@ -267,7 +266,6 @@ class WriteBehind:
         return len(parts), ids, fields
 
     def _run(self) -> None:
-        batch_this_thread()  # never preempts the trainer on wake-up (carousel.sched)
         backoff = 0.05
         while True:
             item = self._take()
