@@ -133,6 +133,11 @@ class Connection:
         first = await self.reader.read(1)
         if not first:
             return None
+        # Busy from its first byte: a stopping daemon waits for busy connections, and between a
+        # frame's last bytes leaving the buffer and its request starting (a wait_for's task
+        # finishing takes loop turns) the connection would look idle, with nothing to read: the
+        # stop once aborted it there, and a posted add sent before the SIGTERM went unanswered.
+        self.busy = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout  # the whole frame, once begun, within read_timeout_s
         rest = await self._exactly(wire.HEADER.size - 1, timeout)
