@@ -89,8 +89,9 @@ def _prefill(mem, stored: int) -> None:
 class Variant:
     """One memory taking emulated steps; records per-step wall time and each call's time."""
 
-    def __init__(self, name: str, mem, *, close=None) -> None:
+    def __init__(self, name: str, mem, *, close=None, pid: int | None = None) -> None:
         self.name, self.mem, self._close = name, mem, close or mem.close
+        self.pid = pid  # the process doing carousel's work (the daemon's); None: this one
         # A pool of stream batches (generated once: the trainer's data loader, not ours to time).
         self.stream = [_stream(BATCH, 1, 10**6 + i) for i in range(16)]
         self.logits = torch.randn(BATCH, CLASSES)
@@ -151,6 +152,18 @@ def _schedstat() -> np.ndarray:
     return np.array([int(cpu), int(queued)]) / 1e9
 
 
+def _process_cpu(pid: int | None) -> float:
+    """CPU seconds of process ``pid`` (all its threads; None: this process) so far."""
+    if pid is None:
+        return time.process_time()
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _summary(rec: dict[str, list[float]]) -> dict:
     return {k: {"median_ms": statistics.median(v) * 1e3, "p99_ms": _q(v, 0.99) * 1e3} for k, v in rec.items() if v}
 
@@ -173,19 +186,24 @@ def run_emulated(step_ms: list[float], ratios: list[float], stored: int, steps: 
             served = ServedDaemon(folder, _toml(_memory(folder / "flash", ratio)),
                                   socket_dir=Path(workdir / f"s{ratio}"))
             _prefill(served.client, stored)
-            variants.append(Variant("carousel daemon", served.client, close=served.close))
+            variants.append(Variant("carousel daemon", served.client, close=served.close, pid=served.proc.pid))
             for ms in step_ms:
                 for v in variants:
                     v.reset()
                     for _ in range(20):  # warm: rings subscribed, prefetch queues full
                         v.step(ms / 1e3, record=False)
                 waits = {v.name: np.zeros(3) for v in variants}
+                background = {v.name: 0.0 for v in variants}
                 for _ in range(rounds):
                     for v in variants:
-                        t0, s0 = time.perf_counter(), _schedstat()
+                        t0, s0, p0 = time.perf_counter(), _schedstat(), _process_cpu(v.pid)
                         for _ in range(steps):
                             v.step(ms / 1e3, record=True)
-                        waits[v.name] += (time.perf_counter() - t0 - steps * ms / 1e3, *(_schedstat() - s0))
+                        s1, p1 = _schedstat(), _process_cpu(v.pid)
+                        waits[v.name] += (time.perf_counter() - t0 - steps * ms / 1e3, *(s1 - s0))
+                        # Carousel's CPU off the trainer's thread: the daemon process's, or this
+                        # process's other threads' (the memory's writer and swap engine).
+                        background[v.name] += (p1 - p0) - (0.0 if v.pid is not None else s1[0] - s0[0])
                 cell = {v.name: _summary(v.rec) for v in variants}
                 for name, (beyond, cpu, queued) in waits.items():
                     # Per step, the thread's time beyond the sleeps: on a core, waiting for one
@@ -193,7 +211,8 @@ def run_emulated(step_ms: list[float], ratios: list[float], stored: int, steps: 
                     # blocked time in-process minus RAM-only's is what the GIL and locks cost.
                     n = rounds * steps
                     cell[name]["threads"] = {"cpu_ms": cpu / n * 1e3, "run_queue_ms": queued / n * 1e3,
-                                             "blocked_ms": (beyond - cpu - queued) / n * 1e3}
+                                             "blocked_ms": (beyond - cpu - queued) / n * 1e3,
+                                             "background_cpu_ms": background[name] / n * 1e3}
                 base = cell["RAM-only"]["step"]["median_ms"]
                 for v in variants:
                     cell[v.name]["ratio"] = cell[v.name]["step"]["median_ms"] / base
