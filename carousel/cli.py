@@ -131,7 +131,7 @@ def _serve(path: str, log_level: str | None) -> int:
     log = logging.getLogger("carousel.daemon")
     from . import sched
 
-    sched.enabled = profile.daemon.batch_scheduling  # the memories' own threads follow it too
+    sched.enabled = profile.daemon.batch_scheduling
     if sched.enabled:
         # Before any thread of the daemon's starts: they inherit it (carousel.sched says why).
         log.debug("SCHED_BATCH", extra={"threads": sched.batch_process()})
