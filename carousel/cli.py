@@ -131,8 +131,7 @@ def _serve(path: str, log_level: str | None) -> int:
     log = logging.getLogger("carousel.daemon")
     from . import sched
 
-    sched.enabled = profile.daemon.batch_scheduling
-    if sched.enabled:
+    if profile.daemon.batch_scheduling:
         # Before any thread of the daemon's starts: they inherit it (carousel.sched says why).
         log.debug("SCHED_BATCH", extra={"threads": sched.batch_process()})
     # Opening the memories (recovery) can take a while: a SIGTERM meanwhile is kept and honoured

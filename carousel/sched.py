@@ -21,22 +21,6 @@ from __future__ import annotations
 
 import os
 
-#: Whether :func:`batch_this_thread` switches: ``CAROUSEL_BATCH_SCHEDULING=0`` turns it off for a
-#: process, and the daemon sets it from ``[daemon] batch_scheduling``.
-enabled = os.environ.get("CAROUSEL_BATCH_SCHEDULING", "1") != "0"
-
-
-def batch_this_thread() -> bool:
-    """Put the calling thread under ``SCHED_BATCH`` (if :data:`enabled`); False where it was not."""
-    policy = getattr(os, "SCHED_BATCH", None)
-    if policy is None or not enabled:
-        return False
-    try:
-        os.sched_setscheduler(0, policy, os.sched_param(0))  # 0: the calling thread (Linux)
-    except OSError:
-        return False
-    return True
-
 
 def batch_process() -> int:
     """Put every thread of this process under ``SCHED_BATCH`` (threads started later inherit
