@@ -1,0 +1,131 @@
+"""The open handles behind :class:`~carousel.integrations.torchrl.CarouselStorage`: one per folder per process.
+
+A carousel store has one writer process (its ``flock``), and TorchRL copies storages freely:
+``torch.save(rb)`` / ``torch.load``, ``copy.deepcopy``, ``pickle`` to a worker. So a storage pickles
+as its folder and every copy *in the same process* shares one :class:`TierHandle` (refcounted,
+closed when the last copy closes or is collected). A copy in another process -- a spawned
+worker, or any process after ``fork`` -- opens its own handle: the writer's, if no other process
+holds the store, else a read-only one (LMDB's readers never block its writer; a Zarr store is
+refused while a writer holds it). After ``fork`` the child never touches the parent's handles:
+LMDB forbids using an environment across ``fork``, so the child drops them unclosed and reopens.
+
+Non-tensor leaves (strings, arbitrary Python objects) have no fixed-size record field; they live
+in the handle's object table, an LMDB environment beside the store (8-byte big-endian position
+-> pickle of ``{leaf key: value}``), as TorchRL's own storages pickle such data too.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from storage_backends import SampleStore, StoreLockedError, open_store
+
+__all__ = ["TierHandle", "acquire", "release"]
+
+_OBJECTS_MAP_BYTES = 1 << 30  # a sparse file: address space, not disk, until used
+
+
+class TierHandle:
+    """One process's open store (plus object table) in one folder; ``writable`` is False for a
+    read-only handle opened beside another process's writer."""
+
+    def __init__(self, key: str, store: SampleStore, objects_dir: Path, writable: bool) -> None:
+        self.key, self.store, self.writable, self.users = key, store, writable, 0
+        self._objects_dir = objects_dir
+        self._objects: lmdb.Environment | None = None
+        self._mutex = threading.Lock()
+
+    def _env(self, create: bool) -> lmdb.Environment | None:
+        with self._mutex:
+            if self._objects is None and (create or self._objects_dir.exists()):
+                if create:
+                    self._objects_dir.mkdir(parents=True, exist_ok=True)
+                self._objects = lmdb.open(str(self._objects_dir), map_size=_OBJECTS_MAP_BYTES,
+                                          readonly=not self.writable, sync=False, lock=True)
+            return self._objects
+
+    def put_objects(self, ids: np.ndarray, rows: list[dict[Any, Any]]) -> None:
+        """Keep each position's non-tensor values (one write transaction)."""
+        env = self._env(create=True)
+        with env.begin(write=True) as txn:
+            for i, row in zip(ids.tolist(), rows):
+                txn.put(int(i).to_bytes(8, "big"), pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def get_objects(self, ids: np.ndarray) -> list[dict[Any, Any] | None]:
+        """Each position's non-tensor values (None where none were written)."""
+        env = self._env(create=False)
+        if env is None:
+            return [None] * len(ids)
+        with env.begin() as txn:
+            raw = [txn.get(int(i).to_bytes(8, "big")) for i in ids.tolist()]
+        # The table is this storage's own, written by this code: unpickling it is trusting
+        # ourselves, like torch.load of one's own checkpoint.
+        return [None if r is None else pickle.loads(r) for r in raw]
+
+    def flush(self) -> None:
+        self.store.flush()
+        if self._objects is not None:
+            self._objects.sync(True)
+
+    def close(self) -> None:
+        self.store.close()
+        if self._objects is not None:
+            self._objects.close()
+            self._objects = None
+
+
+# folder (resolved) -> this process's handle. Guarded by _LOCK; cleared in a forked child.
+_OPEN: dict[str, TierHandle] = {}
+_LOCK = threading.Lock()
+# Handles inherited through fork: kept referenced, never closed (closing an LMDB environment
+# opened by the parent is as forbidden as using it), so no finalizer closes them in the child.
+_INHERITED: list[TierHandle] = []
+
+
+def acquire(folder: Path, url_rw: str, url_ro: str | None, schema: dict | None) -> TierHandle:
+    """This process's handle on the store kept in ``folder`` (``folder/store``, opened with
+    ``url_rw``, created with ``schema`` when given; the object table is ``folder/objects``);
+    ``url_ro`` is tried when another process holds the writer lock."""
+    key = str(folder.resolve())
+    with _LOCK:
+        handle = _OPEN.get(key)
+        if handle is None:
+            try:
+                store, writable = open_store(url_rw, schema), True
+            except StoreLockedError:
+                if url_ro is None or schema is not None:
+                    raise
+                store, writable = open_store(url_ro), False
+            handle = _OPEN[key] = TierHandle(key, store, folder / "objects", writable)
+        handle.users += 1
+        return handle
+
+
+def release(handle: TierHandle) -> None:
+    """One user fewer; the last one closes the handle (a no-op for a handle inherited by fork)."""
+    with _LOCK:
+        if any(h is handle for h in _INHERITED):
+            return
+        handle.users -= 1
+        if handle.users > 0:
+            return
+        if _OPEN.get(handle.key) is handle:
+            del _OPEN[handle.key]
+    handle.close()
+
+
+def _after_fork_in_child() -> None:
+    global _LOCK
+    _LOCK = threading.Lock()  # the parent's may have been held by another thread at fork
+    _INHERITED.extend(_OPEN.values())
+    _OPEN.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
