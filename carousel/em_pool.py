@@ -12,7 +12,7 @@ says): see :meth:`EMPool.gather_locked` for why not torch's ``index_select``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -61,6 +61,10 @@ class EMPool:
         self._cursor = 0
         self._filled: np.ndarray | None = None  # filled slots, until a write fills an empty one
         self._shuffle: np.random.Generator | None = None  # seeded from the first draw's rng
+        # Called with ``(ids, rows)`` of the samples a :meth:`write` pushes out of their slots
+        # (copies taken under the lock, the call made after it): the memory sets it when the EM's
+        # rows may have been changed in place, so those changes follow the samples to storage.
+        self.on_leave: Callable[[np.ndarray, dict[str, np.ndarray]], None] | None = None
 
     def draw_locked(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """Up to ``n`` distinct filled slots, uniformly at random (caller holds ``lock``).
@@ -99,6 +103,7 @@ class EMPool:
         """
         slots = np.asarray(slots, dtype=np.int64)
         src = {k: as_array(v) for k, v in fields.items()}
+        leaving = None
         with self.lock:
             ok = np.ones(slots.size, dtype=bool) if expect is None else self.slot_ids[slots] == expect
             if not ok.any():
@@ -107,6 +112,12 @@ class EMPool:
             # slots, no boolean-mask copy of the sources first.
             rows = slice(None) if ok.all() else np.flatnonzero(ok)
             dst = slots[rows]
+            if self.on_leave is not None:
+                old = self.slot_ids[dst]
+                held = dst[old != EMPTY]
+                if held.size:
+                    leaving = (self.slot_ids[held].copy(),
+                               {name: arr[held].copy() for name, arr in self.arrays.items()})
             if (self.slot_ids[dst] == EMPTY).any():
                 self._order = self._order[:0]  # newly filled slots join from the next pass
                 self._filled = None
@@ -115,6 +126,8 @@ class EMPool:
             self.slot_ids[dst] = np.asarray(ids)[rows]
             self.slot_labels[dst] = src["y"][rows]
             self.slot_tasks[dst] = src["task"][rows]
+        if leaving is not None:
+            self.on_leave(*leaving)
         return ok
 
     def replace_locked(self, clear: np.ndarray, slots: np.ndarray, ids: np.ndarray, fields: Mapping[str, np.ndarray],

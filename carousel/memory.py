@@ -31,10 +31,13 @@ elsewhere: input checks (``inputs.py``), recovery (``recovery.py``), the integri
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
+import threading
 import time
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,43 @@ _UNBOUNDED = 2**62  # the sample capacity of a tier bounded by bytes only
 # what it has (write_behind.WriteBehind's linger): a few steps' adds in one pass at accelerator
 # step times; whoever waits for the writer ends it early.
 WRITE_LINGER_S = 0.002
+
+
+# Memories with threads, still open: closed at interpreter exit (see _close_open_memories).
+_OPEN: weakref.WeakSet[CarouselMemory] = weakref.WeakSet()
+_OPEN_LOCK = threading.Lock()
+_exit_hook = False
+
+
+def _close_open_memories() -> None:
+    """Close every memory still open as the interpreter exits, before thread pools stop.
+
+    Runs as a ``threading`` exit hook: those run (newest first) before ``concurrent.futures``
+    shuts every executor down -- its own hook, registered when it was imported, is older -- and
+    before ``atexit``. Left to ``atexit`` (or to nobody), an open memory's swap engine went on
+    asking its pool for reads after that and logged "swap engine swap error: RuntimeError('cannot
+    schedule new futures after shutdown')"; closed here, it stops cleanly and checkpoints its EM.
+    """
+    for memory in list(_OPEN):
+        try:
+            memory.close()
+        except Exception:  # one memory's failure must not keep the others open
+            log.exception("closing a memory left open at exit failed")
+
+
+def _close_at_exit(memory: CarouselMemory) -> None:
+    global _exit_hook
+    with _OPEN_LOCK:
+        _OPEN.add(memory)
+        if not _exit_hook:
+            # threading's private hook list (CPython >= 3.9, what concurrent.futures uses): no
+            # public hook runs before the executors stop. Elsewhere, atexit is the next best.
+            register = getattr(threading, "_register_atexit", atexit.register)
+            try:
+                register(_close_open_memories)
+                _exit_hook = True
+            except RuntimeError:  # the interpreter is already shutting down
+                pass
 
 
 def _positions(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
@@ -167,6 +207,8 @@ class CarouselMemory:
         except BaseException:  # a memory that failed to open leaves no thread or open store behind
             self._release()
             raise
+        if self.tiers:  # a memory with threads: closed at exit if nobody closes it
+            _close_at_exit(self)
         self.metrics.swap_ratio.set(self._ratio)
         for t in self.tiers:
             if t.capacity_bytes is None:
@@ -606,6 +648,46 @@ class CarouselMemory:
         under one lock.)"""
         return self._posted and not self._closed and self._writer.has_room(n)
 
+    def keep_em_writes(self) -> None:
+        """Let changes made in place to EM rows (``memory.pool.tensors``) follow their samples to storage.
+
+        A framework whose models rewrite their buffer's rows (Mammoth's X-DER updates stored
+        logits) sees the EM's tensors; without this, such a change is lost when its sample leaves
+        the EM -- swapped out, or replaced by admission -- and comes back later as it was added.
+        From this call on, each sample that leaves the EM has its row, as it is then, written over
+        its stored record (on the write-behind thread, in order with the adds), and
+        :meth:`checkpoint` writes the rows still in the EM too. A RAM-only memory has no stored
+        copy to update (a sample that leaves its EM is gone): nothing to do. Raises
+        :class:`MemoryInputError` in the integrity mode (a rewritten row no longer matches its
+        add-time checksums) and in deterministic mode (its storage moves are planned ahead of the
+        writes). Idempotent.
+        """
+        self._check_open()
+        if self.verifier is not None:
+            raise MemoryInputError("keep_em_writes(): the integrity mode checks every row against its add-time "
+                                   "checksums, so rows changed in place would read as corrupt; turn verify off")
+        if self._steps is not None:
+            raise MemoryInputError("keep_em_writes() is not supported in deterministic mode: its storage moves are "
+                                   "planned a step ahead of the writes that would follow them")
+        if self.tiers:
+            self.pool.on_leave = self._write_back
+
+    def _write_back(self, ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+        """Queue EM rows of ``ids`` to be written over their stored records (write-behind thread:
+        after the adds queued before, so a sample not stored yet is stored first)."""
+        self._writer.submit_calls([lambda: self._store_rows(ids, rows)])
+
+    def _store_rows(self, ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+        """Write ``rows`` over the records of ``ids`` on their tiers (the writer thread, which alone
+        moves samples between tiers: homes cannot change under this). Evicted ids are skipped."""
+        records = self.codec.encode(rows)
+        with self.catalog.lock:
+            homes = self.catalog.home[ids].copy()
+        for tier in self.tiers:
+            sel = np.flatnonzero(homes == tier.index)
+            if sel.size:
+                tier.store.put_many(ids[sel], {k: v[sel] for k, v in records.items()})
+
     def wait_admitted(self, timeout_s: float = 60.0) -> bool:
         """Wait until every sample added so far went through admission (the asynchronous memory
         admits on its write-behind thread, a moment after ``add`` returns): from then on the EM
@@ -840,6 +922,14 @@ class CarouselMemory:
 
     def checkpoint(self) -> None:
         """``flush`` plus the EM's contents and the statistics, so ``open`` restores them."""
+        if self.pool.on_leave is not None:  # keep_em_writes(): rows changed in place are stored too
+            self._settle()
+            with self.pool.lock:
+                held = np.flatnonzero(self.pool.slot_ids >= 0)
+                ids = self.pool.slot_ids[held].copy()
+                rows = {name: arr[held].copy() for name, arr in self.pool.arrays.items()}
+            if ids.size:
+                self._write_back(ids, rows)
         self.flush()
         if self._engine is not None:
             self._engine.wait_idle()

@@ -285,6 +285,52 @@ class ClassBalancedAdmission(AdmissionPolicy):
         return out
 
 
+class BalancoirAdmission(AdmissionPolicy):
+    """Balanced reservoir sampling ("balancoir", Buzzega et al., "Rethinking Experience Replay: a
+    Bag of Tricks for Continual Learning", ICPR 2020; Mammoth's ``balancoir`` buffer).
+
+    Empty slots fill first, lowest index first. After that, stream sample number ``t`` (0-based)
+    draws ``j`` uniformly from ``[0, t]``; it is admitted when ``j < em_size`` (reservoir's odds),
+    and also whenever its class holds fewer slots than the median of the classes in the EM (an
+    unseen class holds none): it then replaces a uniformly random slot of the largest class
+    (the lowest label among ties), not slot ``j``. So the reservoir's rate is kept while
+    minority classes are always let in at the expense of the majority.
+
+    >>> import numpy as np
+    >>> BalancoirAdmission().admit(np.array([2, 0]), np.array([0, 0, 0, 1]), seen=100,
+    ...                            rng=np.random.default_rng(0)).tolist()   # class 2 is new: in
+    [2, -1]
+    """
+
+    name = "balancoir"
+
+    def _admit(self, labels, slot_labels, seen, rng):
+        view = slot_labels.copy()
+        out = np.full(len(labels), -1, dtype=np.int64)
+        writer = np.full(len(view), -1, dtype=np.int64)  # batch index that wrote each slot
+        empty = np.flatnonzero(view == -1).tolist()[::-1]  # pop() gives the lowest index
+        for i, cls in enumerate(labels.tolist()):
+            if empty:
+                slot = empty.pop()
+            else:
+                classes, counts = np.unique(view, return_counts=True)
+                mine = counts[classes == cls]
+                minority = not mine.size or mine[0] < np.median(counts)
+                if not minority and int(rng.integers(0, seen + i + 1)) >= len(view):
+                    continue
+                if len(view) == 0:
+                    continue
+                largest = classes[np.argmax(counts)]
+                slots = np.flatnonzero(view == largest)
+                slot = int(slots[rng.integers(len(slots))])
+                if writer[slot] >= 0:
+                    out[writer[slot]] = -1
+            view[slot] = cls
+            writer[slot] = i
+            out[i] = slot
+        return out
+
+
 # ---- swap-out -----------------------------------------------------------------------------------------
 class SwapOutPolicy(ABC):
     """Chooses the victims among the swap candidates (the EM samples of the batch just replayed).
@@ -611,7 +657,7 @@ class RandomSwapIn(SwapInPolicy):
 # ---- registries and factories -------------------------------------------------------------------------
 # Plain dicts: a third-party policy is added with ``SWAP_OUT_POLICIES["mine"] = MySwapOut``.
 ADMISSION_POLICIES: dict[str, type[AdmissionPolicy]] = {
-    cls.name: cls for cls in (ReservoirAdmission, ClassBalancedAdmission)
+    cls.name: cls for cls in (ReservoirAdmission, ClassBalancedAdmission, BalancoirAdmission)
 }
 SWAP_OUT_POLICIES: dict[str, type[SwapOutPolicy]] = {
     cls.name: cls for cls in (CarmSwapOut, CarmBalancedSwapOut, RandomSwapOut, LossSwapOut)

@@ -123,10 +123,8 @@ def test_get_data_options_and_order_of_the_tuple():
         assert (ex >= 1000).all()
         everything = buf.get_all_data()
         assert len(everything) == 4 and everything[0].shape == (20, 2)
-        with pytest.raises(ValueError, match="holds"):
-            buf.add_data(examples=x[:2], labels=torch.zeros(2, dtype=torch.long))  # logits missing now
-        with pytest.raises(ValueError, match="attention maps"):
-            buf.add_data(examples=x[:2], attention_maps=[x[:2]])
+        with pytest.raises(ValueError, match="holds"):  # a field the buffer was not made with
+            buf.add_data(examples=x[:2], labels=torch.zeros(2, dtype=torch.long), true_labels=torch.zeros(2))
         buf.observe(logits=torch.randn(len(ex), 4))  # CarM-ranked report of the last draw
         with pytest.raises(RuntimeError, match="last get_data"):
             buf.observe()
