@@ -83,6 +83,7 @@ import torch
 
 from ..batch import Batch
 from ._mammoth_owned import Owned
+from ._mammoth_selection import LabelOnlySelection
 from ._mammoth_transforms import apply_transform
 from ._memory import memory_for
 
@@ -141,6 +142,7 @@ class CarouselBuffer:
         if strategy not in _ADMISSION:
             raise ValueError(f"unknown sample_selection_strategy {strategy!r}; supported: {sorted(_ADMISSION)}")
         self.sample_selection_strategy = strategy
+        self.sample_selection_fn = LabelOnlySelection(strategy)  # models call its update() after each step
         self._buffer_size = int(buffer_size)
         self.device = device
         self.n_tasks = n_tasks
