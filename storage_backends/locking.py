@@ -43,19 +43,25 @@ class WriterLock:
             os.close(self._fd)
             self._fd = -1
             raise StoreLockedError(
-                f"{self.path.parent}: the store is open for writing by another process{holder}; "
-                "one writer per store (open it with ?mode=ro to read, or stop the other process)"
+                f"{self.path.parent}: the store is open for writing by {holder}; "
+                "one writer per store (open it with ?mode=ro to read, or close the other writer)"
             ) from None
         if exclusive:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
     def _read_holder(self) -> str:
+        """Who holds the lock, from the pid its holder wrote: naming our own pid as "another
+        process" would send the reader hunting for a process that does not exist."""
         try:
             pid = os.pread(self._fd, 32, 0).decode().strip()
         except OSError:
-            return ""
-        return f" (pid {pid})" if pid.isdigit() else " (or by another handle in this process)"
+            pid = ""
+        if not pid.isdigit():
+            return "another process (or another handle in this process)"
+        if int(pid) == os.getpid():
+            return f"another handle in this process (pid {pid}; close it first)"
+        return f"another process (pid {pid})"
 
     def release(self) -> None:
         if self._fd >= 0:

@@ -476,6 +476,14 @@ class CarouselStorage(TensorStorage):
         if self.ndim > 1:
             self.max_size = self._capacity0(self._layout) * math.prod(self._lead_shape())
 
+    def _max_size_along_dim0(self, *, single_data: Any = None, batched_data: Any = None) -> int:
+        # docstring inherited
+        if (single_data is not None or batched_data is not None) and self._gen is not None:
+            # TorchRL's writers ask this just before they move their (process-shared) cursor and
+            # write: a copy that cannot write here must refuse now, or the cursor skips positions.
+            self._writable()
+        return super()._max_size_along_dim0(single_data=single_data, batched_data=batched_data)
+
     @property
     def _total_shape(self) -> torch.Size | None:
         if self._layout is None:

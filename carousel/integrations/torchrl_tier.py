@@ -69,6 +69,18 @@ class TierHandle:
         # ourselves, like torch.load of one's own checkpoint.
         return [None if r is None else pickle.loads(r) for r in raw]
 
+    def forget_after_fork(self) -> None:
+        """In a forked child: close this process's copies of the parent's LMDB environments, and
+        nothing else. py-lmdb refuses to open an environment twice in a process, and the child's
+        own read-only handle needs to; closing the copies writes nothing (checked: the parent
+        goes on writing), while the store's own ``close`` would flush and release locks."""
+        env = getattr(self.store, "_env", None)  # an LMDB store's environment; a Zarr store has none
+        if env is not None:
+            env.close()
+        if self._objects is not None:
+            self._objects.close()
+            self._objects = None
+
     def flush(self) -> None:
         self.store.flush()
         if self._objects is not None:
@@ -124,6 +136,8 @@ def release(handle: TierHandle) -> None:
 def _after_fork_in_child() -> None:
     global _LOCK
     _LOCK = threading.Lock()  # the parent's may have been held by another thread at fork
+    for handle in _OPEN.values():
+        handle.forget_after_fork()
     _INHERITED.extend(_OPEN.values())
     _OPEN.clear()
 

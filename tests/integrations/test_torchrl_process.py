@@ -1,0 +1,162 @@
+"""CarouselStorage's files, locks and processes (issue 23, items 7 and 8): a storage lets go of its
+store when collected, a failed load leaves it as it was, a lock error names the right holder, and a
+buffer travels to other processes (pickled as its folder) -- real stores on disk, real processes."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+torchrl = pytest.importorskip("torchrl", reason="torchrl is not installed (pip install 'carousel[torchrl]')")
+from tensordict import TensorDict  # noqa: E402
+from torchrl.data import LazyTensorStorage, ReplayBuffer  # noqa: E402
+
+from carousel.integrations.torchrl import CarouselStorage  # noqa: E402
+from storage_backends import StoreLockedError, open_store  # noqa: E402
+
+
+def steps(start: int, n: int) -> TensorDict:
+    i = torch.arange(start, start + n)
+    return TensorDict({"obs": i[:, None].float().repeat(1, 3), "action": i % 4}, batch_size=[n])
+
+
+def store_url(storage: CarouselStorage) -> str:
+    return f"lmdb://{storage.path / storage._gen / 'store'}"
+
+
+# ---- item 7: locks and failures -------------------------------------------------------------------
+
+def test_a_collected_storage_lets_go_of_its_store(tmp_path):
+    storage = CarouselStorage(10, tmp_path / "rb")
+    rb = ReplayBuffer(storage=storage, batch_size=2)
+    rb.extend(steps(0, 4))
+    url = store_url(storage)
+    with pytest.raises(StoreLockedError):
+        open_store(url)  # held while the storage lives
+    del rb, storage
+    gc.collect()
+    open_store(url).close()  # the writer lock went with the storage: no close() needed
+    again = CarouselStorage(10, tmp_path / "rb")
+    assert len(again) == 4 and again.get(3)["obs"][0].item() == 3
+    again.close()
+
+
+def test_the_lock_error_names_this_process_as_this_process(tmp_path):
+    storage = CarouselStorage(10, tmp_path / "rb")
+    storage.set(torch.arange(2), steps(0, 2))
+    with pytest.raises(StoreLockedError) as err:
+        open_store(store_url(storage))
+    message = str(err.value)
+    assert "another process" not in message and f"this process (pid {os.getpid()}" in message
+    storage.close()
+
+
+@pytest.mark.parametrize("bad", ["too many positions", "missing snapshot", "missing folder", "broken snapshot"])
+def test_a_failed_load_changes_nothing(tmp_path, bad):
+    storage = CarouselStorage(10, tmp_path / "rb")
+    rb = ReplayBuffer(storage=storage, batch_size=2)
+    rb.extend(steps(0, 6))
+    before = storage.get(torch.arange(6))
+    if bad == "too many positions":
+        big = LazyTensorStorage(50)
+        big.set(torch.arange(20), steps(0, 20))
+        with pytest.raises(ValueError, match="positions"):
+            storage.load_state_dict(big.state_dict())
+    elif bad == "missing snapshot":
+        with pytest.raises(FileNotFoundError):
+            storage.loads(tmp_path / "nothing-here")
+    elif bad == "missing folder":
+        state = {**storage.state_dict(), "carousel": {**storage.state_dict()["carousel"],
+                                                      "path": str(tmp_path / "gone")}}
+        del state["_storage"]
+        with pytest.raises(FileNotFoundError):
+            storage.load_state_dict(state)
+    else:  # a snapshot whose store was removed after the dump
+        rb.dumps(tmp_path / "ckpt")
+        for path in sorted((tmp_path / "ckpt" / "storage").glob("gen-*/store/*.mdb")):
+            path.unlink()
+        with pytest.raises(Exception):
+            rb.loads(tmp_path / "ckpt")
+    assert len(storage) == 6 and (storage.get(torch.arange(6)) == before).all()
+    rb.extend(steps(100, 1))  # still its own store, still writable
+    assert storage.get(6)["obs"][0].item() == 100
+    storage.close()
+    reopened = CarouselStorage(10, tmp_path / "rb")  # and what is on disk says the same
+    assert len(reopened) == 7 and reopened.get(6)["obs"][0].item() == 100
+    reopened.close()
+
+
+# ---- item 8: buffers in other processes ---------------------------------------------------------
+
+def test_torch_save_reopens_in_a_fresh_process(tmp_path):
+    storage = CarouselStorage(10, tmp_path / "rb")
+    rb = ReplayBuffer(storage=storage, batch_size=3)
+    rb.extend(steps(0, 5))
+    torch.save(rb, tmp_path / "rb.pt")
+    storage.close()  # the writer lets go; the process that loads the pickle becomes the writer
+    child = textwrap.dedent(f"""
+        import torch
+        import carousel.integrations.torchrl
+        rb = torch.load({str(tmp_path / 'rb.pt')!r}, weights_only=False)
+        assert len(rb) == 5 and rb.sample()["obs"].shape == (3, 3)
+        rb.extend(rb[:2])  # positions 5 and 6
+        print(len(rb))
+    """)
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "7"
+    again = CarouselStorage(10, tmp_path / "rb")
+    assert len(again) == 7 and again.get(torch.arange(7))["obs"][:, 0].tolist() == [0, 1, 2, 3, 4, 0, 1]
+    again.close()
+
+
+def _worker(rb: ReplayBuffer, queue: mp.Queue, try_write: bool) -> None:
+    try:
+        batch = rb.sample()
+        rows_agree = bool((batch["action"] == batch["obs"][:, 0].long() % 4).all())
+        write = None
+        if try_write:
+            try:
+                rb.extend(steps(500, 1))
+                write = "written"
+            except StoreLockedError as exc:
+                write = f"refused: {exc}"
+        queue.put((len(rb), rows_agree, rb[:]["obs"][:, 0].tolist(), write))
+    except BaseException as exc:  # report, so the parent fails with the reason instead of a timeout
+        queue.put(repr(exc))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("kind", ["reference", "carousel"])
+def test_a_buffer_given_to_a_worker_process(tmp_path, method, kind):
+    storage = LazyTensorStorage(10) if kind == "reference" else CarouselStorage(10, tmp_path / "rb")
+    rb = ReplayBuffer(storage=storage, batch_size=4)
+    rb.extend(steps(0, 6))
+    ctx = mp.get_context(method)
+    queue = ctx.Queue()
+    # TorchRL's own storage writes in a worker only after rb.share() (else the worker's write lands
+    # in its copy while the writer's shared cursor moves in both); ours refuses, so only ours tries.
+    proc = ctx.Process(target=_worker, args=(rb, queue, kind == "carousel"))
+    proc.start()
+    result = queue.get(timeout=120)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0 and not isinstance(result, str), result
+    length, rows_agree, rows, write = result
+    assert length >= 6 and rows_agree and rows[:6] == [0, 1, 2, 3, 4, 5]  # the worker reads the parent's data
+    if kind == "carousel":
+        # One writer per store (its flock keeps it crash-safe): a worker reads, and its write is
+        # refused, saying why, before the writer's shared cursor moved.
+        assert write.startswith("refused") and "one writer per store" in write
+    assert len(rb) == 6
+    rb.extend(steps(100, 1))  # the parent still writes, at the next position
+    assert rb[6]["obs"][0].item() == 100 and len(rb) == 7
+    if kind == "carousel":
+        storage.close()
