@@ -57,7 +57,7 @@ from .integrity import SLOT, IntegrityError, Verifier, verify_requested
 from .inputs import MemoryInputError, check_add, check_count, check_observe, check_retain, check_values
 from .kinds import RawCodec, make_codec
 from .metrics import MemoryMetrics
-from .policies import make_admission, make_swap_in, make_swap_out
+from .policies import AdmissionPolicy, make_admission, make_swap_in, make_swap_out
 from .recovery import load_state, rebuild_catalog, refill_em, save_state
 from .step_swaps import StepSwaps
 from .swap_engine import SwapEngine
@@ -648,6 +648,17 @@ class CarouselMemory:
         under one lock.)"""
         return self._posted and not self._closed and self._writer.has_room(n)
 
+    def set_admission(self, policy: AdmissionPolicy) -> None:
+        """Admit with ``policy`` (an object) from now on, instead of the one the config names: for
+        a policy that needs more than a name, such as an integration's that reads per-slot state
+        of its own (Mammoth's loss-aware selection). Adds made before this call are admitted by the
+        old policy. Raises ``TypeError`` for anything but an :class:`AdmissionPolicy`."""
+        self._check_open()
+        if not isinstance(policy, AdmissionPolicy):
+            raise TypeError(f"set_admission() takes an AdmissionPolicy, got {type(policy).__name__}")
+        self._settle()
+        self._admission = policy
+
     def keep_em_writes(self) -> None:
         """Let changes made in place to EM rows (``memory.pool.tensors``) follow their samples to storage.
 
@@ -670,14 +681,22 @@ class CarouselMemory:
             raise MemoryInputError("keep_em_writes() is not supported in deterministic mode: its storage moves are "
                                    "planned a step ahead of the writes that would follow them")
         if self.tiers:
-            self.pool.on_leave = self._write_back
+            self.pool.on_leave = self._leaving
 
-    def _write_back(self, ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+    def _leaving(self, ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+        """``EMPool.on_leave``: samples pushed out of their slots, by admission or a swap (whose
+        callers hold the catalog lock). Until their rows are stored they are reserved
+        (``prefetched``), so no swap reads them back from storage as they were before."""
+        self.catalog.prefetched[ids] = True
+        self._write_back(ids, rows, release=True)
+
+    def _write_back(self, ids: np.ndarray, rows: dict[str, np.ndarray], release: bool = False) -> None:
         """Queue EM rows of ``ids`` to be written over their stored records (write-behind thread:
-        after the adds queued before, so a sample not stored yet is stored first)."""
-        self._writer.submit_calls([lambda: self._store_rows(ids, rows)])
+        after the adds queued before, so a sample not stored yet is stored first); ``release``:
+        end their reservation once stored."""
+        self._writer.submit_calls([lambda: self._store_rows(ids, rows, release)])
 
-    def _store_rows(self, ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+    def _store_rows(self, ids: np.ndarray, rows: dict[str, np.ndarray], release: bool) -> None:
         """Write ``rows`` over the records of ``ids`` on their tiers (the writer thread, which alone
         moves samples between tiers: homes cannot change under this). Evicted ids are skipped."""
         records = self.codec.encode(rows)
@@ -687,6 +706,9 @@ class CarouselMemory:
             sel = np.flatnonzero(homes == tier.index)
             if sel.size:
                 tier.store.put_many(ids[sel], {k: v[sel] for k, v in records.items()})
+        if release:
+            with self.catalog.lock:
+                self.catalog.prefetched[ids] = False
 
     def wait_admitted(self, timeout_s: float = 60.0) -> bool:
         """Wait until every sample added so far went through admission (the asynchronous memory

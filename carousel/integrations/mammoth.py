@@ -44,11 +44,12 @@ What is supported, as Mammoth's ``Buffer`` does it:
   ``copy.deepcopy`` and pickling give a RAM-only buffer holding a copy of the EM (``old_pickle``
   checkpoints pickle it so; Mammoth's ``load_buffer`` accepts only its own ``Buffer`` objects
   there, so load carousel checkpoints from ``safe`` ones). The stored samples are not copied.
-- ``sample_selection_strategy``: ``reservoir`` (carousel's reservoir admission) and
-  ``balancoir`` (carousel's ``BalancoirAdmission``), with or without tiers. ``lars``, ``labrs``
-  and ``abs`` rank buffer positions by the losses a model reports for them, and ``unlimited``
-  grows the buffer without bound; both raise ``ValueError`` saying why (see
-  :data:`UNSUPPORTED_STRATEGIES`). ``attention_maps`` (TwF) are kept per position in RAM, in a
+- ``sample_selection_strategy``: ``reservoir`` (carousel's reservoir admission), ``balancoir``
+  (carousel's ``BalancoirAdmission``), and ``lars``, ``labrs``, ``abs`` (per-position scores from
+  ``sample_selection_fn.update`` and ``add_data(sample_selection_scores=)`` in an EM column that
+  travels with its samples through swaps; ``_mammoth_selection``), all with or without tiers.
+  ``unlimited`` grows the buffer without bound, against a fixed RAM budget: it raises
+  ``ValueError`` saying why (:data:`UNSUPPORTED_STRATEGIES`). ``attention_maps`` (TwF) are kept per position in RAM, in a
   RAM-only buffer only: with tiers, swaps would pair a position's maps with another sample.
 
 Task boundaries. CarM does not swap during the first task (``[swap] start_task = 1``, the
@@ -83,7 +84,13 @@ import torch
 
 from ..batch import Batch
 from ._mammoth_owned import Owned
-from ._mammoth_selection import LabelOnlySelection
+from ._mammoth_selection import (
+    SCORE_FIELD,
+    SCORE_STRATEGIES,
+    LabelOnlySelection,
+    ScoreAwareAdmission,
+    ScoreSelection,
+)
 from ._mammoth_transforms import apply_transform
 from ._memory import memory_for
 
@@ -92,15 +99,11 @@ __all__ = ["UNSUPPORTED_STRATEGIES", "CarouselBuffer"]
 _FIELDS = ("examples", "labels", "logits", "task_labels", "true_labels")
 _COLUMN = {"examples": "x", "labels": "y", "logits": "logits", "task_labels": "task_labels",
            "true_labels": "true_labels"}
-_ADMISSION = {"reservoir": "reservoir", "balancoir": "balancoir"}
+# The config's admission policy per strategy (the loss-aware ones replace it once the memory is open).
+_ADMISSION = {"reservoir": "reservoir", "balancoir": "balancoir", "lars": "reservoir", "labrs": "reservoir",
+              "abs": "reservoir"}
 #: Mammoth's strategies this buffer refuses, and why.
 UNSUPPORTED_STRATEGIES = {
-    "lars": "it ranks buffer positions by the losses the model reports for them "
-            "(sample_selection_fn.update); carousel's admission policies decide from labels alone",
-    "labrs": "it mixes LARS's per-position losses into the choice; carousel's admission policies decide "
-             "from labels alone",
-    "abs": "it ranks buffer positions by the losses the model reports for them, split by the dataset's "
-           "task offsets; carousel's admission policies decide from labels alone",
     "unlimited": "it grows the buffer with every sample, and the EM is a fixed RAM budget allocated once; "
                  "give the stream to storage tiers instead (every sample is stored there)",
 }
@@ -113,10 +116,10 @@ class CarouselBuffer:
     Args:
         buffer_size: EM slots (the buffer's positions).
         device: where batches come back (the EM itself stays in RAM, storage behind it).
-        sample_selection_strategy: ``"reservoir"`` or ``"balancoir"``; Mammoth's others raise
-            ``ValueError`` (:data:`UNSUPPORTED_STRATEGIES`).
+        sample_selection_strategy: ``"reservoir"``, ``"balancoir"``, ``"lars"``, ``"labrs"`` or
+            ``"abs"``; ``"unlimited"`` raises ``ValueError`` (:data:`UNSUPPORTED_STRATEGIES`).
         n_tasks: accepted for Mammoth's ring-buffer models; unused.
-        dataset: accepted as Mammoth's ``abs`` strategy takes it; unused.
+        dataset: Mammoth's dataset, for ``abs`` (its ``get_offsets()`` tells the past classes).
         tiers: carousel ``[[tiers]]`` tables (``kind``, ``capacity``, ...; ``path`` defaults to a
             folder under ``root``) -- none gives a RAM-only buffer, like Mammoth's own.
         swap: a ``[swap]`` table (default: CarM's policy, ratio 0.5, from the second task on).
@@ -126,7 +129,8 @@ class CarouselBuffer:
         seed: the memory's seed (and the buffer's own draws').
 
     Raises:
-        ValueError: a non-positive ``buffer_size`` or an unsupported strategy.
+        ValueError: a non-positive ``buffer_size``, an unsupported strategy, ``abs`` without
+            ``dataset``, or a loss-aware strategy on a ``memory`` given.
     """
 
     def __init__(self, buffer_size: int, device: str | torch.device = "cpu",
@@ -141,8 +145,16 @@ class CarouselBuffer:
                              f"{UNSUPPORTED_STRATEGIES[strategy]}. Use 'reservoir' or 'balancoir'.")
         if strategy not in _ADMISSION:
             raise ValueError(f"unknown sample_selection_strategy {strategy!r}; supported: {sorted(_ADMISSION)}")
+        if strategy in SCORE_STRATEGIES and memory is not None:
+            raise ValueError(f"sample_selection_strategy={strategy!r} keeps per-slot scores in the buffer's own "
+                             "memory (an EM column and an admission policy that reads it): give no memory=")
+        if strategy == "abs" and dataset is None:
+            raise ValueError("sample_selection_strategy='abs' needs dataset= (its get_offsets() tells past classes)")
         self.sample_selection_strategy = strategy
-        self.sample_selection_fn = LabelOnlySelection(strategy)  # models call its update() after each step
+        self._dataset = dataset
+        # Models call its update() after each step, whatever the strategy (_mammoth_selection).
+        self.sample_selection_fn = (ScoreSelection(strategy, lambda: self._pool().tensors[SCORE_FIELD])
+                                    if strategy in SCORE_STRATEGIES else LabelOnlySelection(strategy))
         self._buffer_size = int(buffer_size)
         self.device = device
         self.n_tasks = n_tasks
@@ -269,8 +281,8 @@ class CarouselBuffer:
                  true_labels: torch.Tensor | None = None,
                  sample_selection_scores: torch.Tensor | None = None) -> None:
         """Add samples; the admission policy decides which enter the EM (with tiers every sample
-        also goes to storage). ``sample_selection_scores`` are ignored, as Mammoth's reservoir
-        and balancoir ignore them.
+        also goes to storage). ``sample_selection_scores`` are the new samples' scores for a
+        loss-aware strategy (0 when not given); reservoir and balancoir ignore them, as Mammoth's do.
 
         Raises:
             ValueError: a field the buffer was not made with, or attention maps with tiers or a
@@ -300,6 +312,9 @@ class CarouselBuffer:
             task = self._task_of(y if labels is not None else None)
         extras = {}
         fields = self._fields()
+        if SCORE_FIELD in fields:
+            extras[SCORE_FIELD] = (torch.zeros(n) if sample_selection_scores is None
+                                   else sample_selection_scores.detach().cpu().float().reshape(n))
         missing = [a for a in ("logits", "true_labels") if a in self._used and a not in fields]
         if missing:
             raise ValueError(f"the memory given to this buffer has no field for {missing}; add them to its extras")
@@ -563,10 +578,20 @@ class CarouselBuffer:
         if root is None:
             root = self._owned.temp_root = Path(tempfile.mkdtemp(prefix="carousel-buffer-"))
         extras = {name: given[name] for name in ("logits", "task_labels", "true_labels") if given[name] is not None}
+        scored = self.sample_selection_strategy in SCORE_STRATEGIES
+        if scored:
+            extras[SCORE_FIELD] = torch.zeros(1)
         self._owned.memory, self._owned.created = memory_for(
             given["examples"], self._buffer_size, root, self._tiers, self._swap, self._seed, extras,
             _ADMISSION[self.sample_selection_strategy])
         self.attention_maps = [None] * self._buffer_size
+        if scored:
+            memory = self._owned.memory
+            column = memory.pool.arrays[SCORE_FIELD]
+            dataset = self._dataset  # not self: the memory's threads keep the policy, the buffer must stay collectable
+            past = (lambda: int(dataset.get_offsets()[0])) if dataset is not None else None
+            memory.set_admission(ScoreAwareAdmission(self.sample_selection_strategy, lambda: column, past))
+            memory.keep_em_writes()  # update() writes scores in place: they leave the EM with their samples
 
     def _load_staged(self) -> None:
         """Add the rows of a loaded checkpoint (fields set before any ``add_data``) in order:

@@ -184,9 +184,10 @@ def test_sample_selection_strategies_and_buffer_size():
             buf.add_data(examples=images(10, lo), labels=labels[lo:lo + 10])
         counts = buf.labels.bincount(minlength=5)
         assert counts[1:].min() >= 3  # rare classes got in at class 0's expense (reservoir: ~1 each)
-    for name in ("lars", "labrs", "abs", "unlimited"):
-        with pytest.raises(ValueError, match=name):
-            CarouselBuffer(8, sample_selection_strategy=name)
+    with pytest.raises(ValueError, match="unlimited"):
+        CarouselBuffer(8, sample_selection_strategy="unlimited")
+    with pytest.raises(ValueError, match="dataset"):
+        CarouselBuffer(8, sample_selection_strategy="abs")
     buf = CarouselBuffer(8)
     buf.add_data(examples=images(8), labels=torch.zeros(8, dtype=torch.long))
     buf.buffer_size = 12  # Mammoth's fill_buffer sets it, then empties the buffer
@@ -195,6 +196,66 @@ def test_sample_selection_strategies_and_buffer_size():
     buf.add_data(examples=images(12), labels=torch.zeros(12, dtype=torch.long))
     assert len(buf) == 12 and len(buf.examples) == 12
     buf.close()
+
+
+class Offsets:
+    """Mammoth's dataset as ABS reads it: get_offsets() -> (first class of the task, end)."""
+
+    def __init__(self) -> None:
+        self.task = 0
+
+    def get_offsets(self):
+        return 2 * self.task, 2 * self.task + 2
+
+
+@pytest.mark.parametrize("strategy", ["lars", "abs"])
+def test_loss_aware_strategies_keep_what_the_scores_say(strategy):
+    # ER-tricks passes minus the loss: a high-loss sample scores low and stays. Class 0 here is hard
+    # (score -5), class 1 easy (0): the buffer fills up with class 0 (reservoir: half and half).
+    dataset = Offsets()
+    with CarouselBuffer(16, sample_selection_strategy=strategy, dataset=dataset, seed=2) as buf:
+        for lo in range(0, 400, 8):
+            y = torch.arange(8) % 2
+            buf.add_data(examples=images(8, lo), labels=y, sample_selection_scores=-5.0 * (y == 0))
+            idx, _, by = buf.get_data(4, return_index=True)
+            buf.sample_selection_fn.update(idx, -5.0 * (by == 0))
+        assert (buf.labels == 0).sum() >= 12
+        if strategy == "abs":  # classes 0-1 were the current task's (a higher score went first)
+            dataset.task = 1  # now they are past: a lower score goes first, the easy class 1 stays
+            easy = set(number(buf.examples[buf.labels == 1]))
+            for lo in range(400, 800, 8):
+                buf.add_data(examples=images(8, lo), labels=torch.arange(8) % 2,
+                             sample_selection_scores=-5.0 * (torch.arange(8) % 2 == 0))
+            assert easy <= set(number(buf.examples)) and (buf.labels == 1).sum() > len(easy)
+
+
+def test_labrs_balances_classes_and_lars_does_not():
+    counts = {}
+    for strategy in ("labrs", "lars"):
+        with CarouselBuffer(16, sample_selection_strategy=strategy, seed=2) as buf:
+            for lo in range(0, 400, 8):
+                y = (torch.arange(8) == 0).long()  # class 1 is an eighth of the stream
+                buf.add_data(examples=images(8, lo), labels=y, sample_selection_scores=torch.zeros(8))
+            counts[strategy] = int((buf.labels == 1).sum())
+    assert counts["labrs"] >= 6 and counts["lars"] <= 4
+
+
+def test_scores_travel_with_their_samples_through_swaps(tmp_path):
+    with CarouselBuffer(16, sample_selection_strategy="lars", tiers=lmdb(), root=tmp_path / "b",
+                        swap={"start_task": 0}) as buf:
+        for lo in range(0, 160, 8):
+            buf.add_data(examples=images(8, lo), labels=torch.arange(8) % 4,
+                         sample_selection_scores=-images(8, lo)[:, 0, 0, 0])
+        for _ in range(20):
+            idx, x, _ = buf.get_data(8, return_index=True)
+            buf.sample_selection_fn.update(idx, -x[:, 0, 0, 0] - 0.5)  # each sample's own score
+            buf.end_step()
+        assert _swapped(buf) > 5
+        held = buf.get_all_data()[0]
+        column = buf.memory.pool.tensors["selection_score"]
+        # Every sample in the EM carries its own score: set here, or stored with it and swapped back.
+        expected = -held[:, 0, 0, 0]
+        assert torch.all((column == expected) | (column == expected - 0.5))
 
 
 # ---- 4. leaks ----------------------------------------------------------------------------------------

@@ -122,9 +122,9 @@ class XDer(Model):
         out = self.net(x)
         loss = F.cross_entropy(out, y)
         if not self.buffer.is_empty():
-            i1, bx1, by1, blog1, _ = self.buffer.get_data(MB, transform=self.transform, device=self.device,
+            i1, bx1, _by1, blog1, _ = self.buffer.get_data(MB, transform=self.transform, device=self.device,
                                                           return_index=True)
-            i2, bx2, by2, blog2, _ = self.buffer.get_data(MB, transform=self.transform, device=self.device,
+            i2, bx2, _by2, blog2, _ = self.buffer.get_data(MB, transform=self.transform, device=self.device,
                                                           return_index=True)
             idx = torch.cat([i1, i2])
             _, first = np.unique(idx.numpy(), return_index=True)
@@ -222,7 +222,8 @@ class FillBuffer(Model):
 
 
 class Tricks(Model):
-    """ER-tricks, ER-ACE-tricks: ``get_data(return_index=True)``, then
+    """ER-tricks, ER-ACE-tricks (``sample_selection_strategy='labrs'``, their default):
+    ``get_data(return_index=True)``, then
     ``sample_selection_fn.update(indexes, -losses)`` and ``add_data(sample_selection_scores=)``;
     at a task's end ``get_data(buffer_size, transform=normalization)``."""
 
@@ -240,6 +241,43 @@ class Tricks(Model):
     def end_task(self):
         x, y = self.buffer.get_data(self.buffer.buffer_size, transform=nn.Identity())
         check_rows(x, y)
+
+
+class Offsets:
+    """The dataset ABS reads: ``get_offsets()`` -> the current task's first and end class."""
+
+    def __init__(self) -> None:
+        self.task = 0
+
+    def get_offsets(self):
+        return CPT * self.task, CPT * (self.task + 1)
+
+
+class AerAbs(Model):
+    """ER-ACE-AER-ABS (``Buffer(size, device, dataset=dataset, sample_selection_strategy='abs')``):
+    ``get_data(return_index=True, return_not_aug=True)``, ``sample_selection_fn.update(indexes,
+    losses)`` and ``add_data(examples, labels, sample_selection_scores=)`` of the clean part;
+    ``get_all_data(device="cpu")``."""
+
+    def observe(self, x, y, not_aug):
+        DATASET.task = self.current_task
+        if not self.buffer.is_empty():
+            idx, na, bx, by = self.buffer.get_data(MB, transform=self.transform, device=self.device,
+                                                   return_index=True, return_not_aug=True)
+            check_rows(na, by)
+            assert num(bx.flip(-1)) == num(na)
+            losses = F.cross_entropy(self.net(na), by, reduction="none").detach()
+            self.buffer.sample_selection_fn.update(idx, losses)
+        scores = F.cross_entropy(self.net(x), y, reduction="none")
+        self.step(scores.mean())
+        clean = scores.detach() < scores.detach().median() + 1
+        self.buffer.add_data(examples=not_aug[clean], labels=y[clean], sample_selection_scores=scores.detach()[clean])
+
+    def end_task(self):
+        check_rows(*self.buffer.get_all_data(device="cpu"))
+
+
+DATASET = Offsets()
 
 
 class NoisyLabels(Model):
@@ -267,6 +305,7 @@ class NoisyLabels(Model):
         for batch in self.buffer.get_dataloader(args, batch_size=args.batch_size, shuffle=True, drop_last=True):
             check_rows(batch[0], batch[1])
         bx, by, bt = self.buffer.get_all_data()
+        check_rows(bx, by)
         assert (by == bt).all() and (self.buffer.labels[: len(self.buffer)] == self.buffer.true_labels[
             : len(self.buffer)]).all()
         xp = self.buffer.get_data(4)[0]  # SPR's draw
@@ -282,7 +321,8 @@ class TwF(Model):
     def observe(self, x, y, not_aug):
         out = self.net(x)
         if len(self.buffer) > 0:
-            idx, bx, by, blog = self.buffer.get_data(MB, transform=None, return_index=True)
+            idx, bx, by, _ = self.buffer.get_data(MB, transform=None, return_index=True)
+            check_rows(bx, by)
             maps = [self.buffer.attention_maps[c] for c in idx]
             assert all(int(m[0][0]) == k % 256 for m, k in zip(maps, num(bx)))
         self.step(F.cross_entropy(out, y))
@@ -315,7 +355,8 @@ class Casper(Model):
 
 MODELS = {  # model class -> (tiers?, extra constructor arguments)
     ErLike: (True, {}), DerPP: (True, {}), XDer: (True, {}), Rebuilding: (True, {}), FillBuffer: (True, {}),
-    Tricks: (True, {}), NoisyLabels: (True, {}), TwF: (False, {}), Casper: (True, {"sample_selection_strategy": "balancoir"}),
+    Tricks: (True, {"sample_selection_strategy": "labrs"}),
+    AerAbs: (True, {"sample_selection_strategy": "abs", "dataset": DATASET}), NoisyLabels: (True, {}), TwF: (False, {}), Casper: (True, {"sample_selection_strategy": "balancoir"}),
 }
 
 
