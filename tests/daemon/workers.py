@@ -96,7 +96,7 @@ def load_sampler(sock: str, worker: int, batch: int, shape: tuple[int, ...], sta
 
         import carousel
 
-        c = carousel.connect(sock, reconnect_s=60)
+        c = carousel.connect(sock, reconnect_s=60, wait_s=90)  # the daemon may still be opening
         c.stats()  # connected
         ready.set()
         go.wait(120)
@@ -150,7 +150,7 @@ def load_adder(sock: str, shape: tuple[int, ...], prefill: int, per_add: int, in
 
         import carousel
 
-        c = carousel.connect(sock, reconnect_s=60)
+        c = carousel.connect(sock, reconnect_s=60, wait_s=90)  # the daemon may still be opening
         next_id = 0
 
         def add(n: int, task: int) -> None:
