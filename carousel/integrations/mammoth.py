@@ -39,6 +39,9 @@ What is supported, as Mammoth's ``Buffer`` does it:
   the draws of a step are reported to the swap engine at its end (the next ``add_data``, or
   :meth:`CarouselBuffer.end_step`, which :meth:`CarouselBuffer.attach` calls after each
   ``meta_observe``). Labels changed in place are not seen by class filters and swap-in choices.
+  The views are CPU tensors whatever ``device`` is (the EM is in RAM): Mammoth's ``Buffer``
+  defaults to ``"cpu"`` and most models keep it there; a model that builds its buffer on an
+  accelerator and mixes the views with device tensors must move them.
 - ``serialize()`` and Mammoth's loading of a serialized buffer (``--savecheck`` with
   ``--save_checkpoint_mode safe``: ``load_buffer`` sets each field and ``num_seen_examples``);
   ``copy.deepcopy`` and pickling give a RAM-only buffer holding a copy of the EM (``old_pickle``
@@ -465,7 +468,9 @@ class CarouselBuffer:
         chosen = self._rng.permutation(eligible)[:k]
         slots = np.concatenate([self._rng.choice(held[labels == c], int(m), replace=False)
                                 for c, m in zip(chosen.tolist(), per.tolist())])
-        return self._tuple(pool.gather(slots, self._extras()), transform, None)
+        batch = pool.gather(slots, self._extras())
+        self._draws.append(batch.ids)  # replayed like any draw (CaSpeR trains on it)
+        return self._tuple(batch, transform, None)
 
     def get_all_data(self, transform: Transform | None = None,
                      device: str | torch.device | None = None) -> tuple[torch.Tensor, ...]:
@@ -546,6 +551,7 @@ class CarouselBuffer:
         """Close the memory this buffer opened (and remove its temporary folder); idempotent."""
         self._draws, self._last_ids = [], None
         self._finalizer()
+        self._finalizer = self._owned.watch(self)  # a buffer used again after close() is released again
 
     def __enter__(self) -> CarouselBuffer:
         return self
