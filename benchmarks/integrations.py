@@ -150,9 +150,17 @@ def avalanche_loop(plugin, steps: int) -> float:
     return (len(bm.train_stream[1].dataset) / 32) / (time.perf_counter() - t0)
 
 
-def _closed_after(buf: Any, measure: Callable[[Any], float]) -> float:
-    """``measure(buf)``, the buffer closed afterwards when it can be."""
+#: Samples swapped in during each carousel run, by row name: a "swapping" row that swapped nothing
+#: would measure the RAM-only path, so the table reports the count beside the rate.
+SWAPPED: dict[str, int] = {}
+
+
+def _closed_after(name: str, buf: Any, measure: Callable[[Any], float]) -> float:
+    """``measure(buf)``, the buffer closed afterwards when it can be (its swaps noted in :data:`SWAPPED`)."""
     rate = measure(buf)
+    memory = getattr(buf, "memory", None)
+    if callable(getattr(memory, "stats", None)):
+        SWAPPED[name] = int(memory.stats().get("swapped_in", 0))
     if hasattr(buf, "close"):
         buf.close()
     return rate
@@ -179,9 +187,10 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         mam = {"Mammoth reservoir Buffer (re-written)": lambda: ReservoirBuffer(500),
                "CarouselBuffer, RAM only": lambda: CarouselBuffer(500),
+               # One task: swapping from it on (the buffer's default waits for the second task, as CarM does).
                "CarouselBuffer + LMDB tier (swapping)": lambda: CarouselBuffer(
-                   500, tiers=[{"kind": "lmdb", "capacity": 10**6}], root=tmp / "mam")}
-        rows.update(_ratios("mammoth-er", {name: _closed_after(make(), lambda buf: mammoth_loop(buf, steps, warmup))
+                   500, tiers=[{"kind": "lmdb", "capacity": 10**6}], swap={"start_task": 0}, root=tmp / "mam")}
+        rows.update(_ratios("mammoth-er", {name: _closed_after(name, make(), lambda buf: mammoth_loop(buf, steps, warmup))
                                            for name, make in mam.items()}))
         if importlib.util.find_spec("torchrl") is None:
             print("torchrl not installed: TorchRL rows skipped (pip install 'carousel[torchrl]')")
@@ -203,15 +212,17 @@ def main(argv: list[str] | None = None) -> dict:
                    "CarouselReplayPlugin, RAM only": lambda: CarouselReplayPlugin(500, root=tmp / "ava0"),
                    "CarouselReplayPlugin + LMDB tier (swapping)": lambda: CarouselReplayPlugin(
                        500, tiers=[{"kind": "lmdb", "capacity": 10**6}], root=tmp / "ava1")}
-            rows.update(_ratios("avalanche-naive", {name: _closed_after(make(), lambda p: avalanche_loop(p, steps))
+            rows.update(_ratios("avalanche-naive", {name: _closed_after(name, make(), lambda p: avalanche_loop(p, steps))
                                                     for name, make in ava.items()}))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     lines = [f"Integrations, {steps} steps each ({platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} torch threads)", "",
-             "| loop | buffer | steps/s | vs the framework's own |", "|---|---|---|---|"]
+             "| loop | buffer | steps/s | vs the framework's own | swapped in |", "|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {r['loop']} | {name} | {r['steps_per_s']:.1f} | {r['ratio']:.2f} |")
+        r["swapped_in"] = SWAPPED.get(name)
+        swapped = "" if r["swapped_in"] is None else str(r["swapped_in"])
+        lines.append(f"| {r['loop']} | {name} | {r['steps_per_s']:.1f} | {r['ratio']:.2f} | {swapped} |")
     return report.write(out, {"steps": steps, "rows": rows}, lines)
 
 
