@@ -96,6 +96,8 @@ class TierHandle:
 # folder (resolved) -> this process's handle. Guarded by _LOCK; cleared in a forked child.
 _OPEN: dict[str, TierHandle] = {}
 _LOCK = threading.Lock()
+# Releases waiting for _LOCK (see release); list.append and pop are atomic.
+_PENDING: list[TierHandle] = []
 # Handles inherited through fork: kept referenced, never closed (closing an LMDB environment
 # opened by the parent is as forbidden as using it), so no finalizer closes them in the child.
 _INHERITED: list[TierHandle] = []
@@ -107,30 +109,50 @@ def acquire(folder: Path, url_rw: str, url_ro: str | None, schema: dict | None) 
     ``url_ro`` is tried when another process holds the writer lock."""
     key = str(folder.resolve())
     with _LOCK:
-        handle = _OPEN.get(key)
-        if handle is None:
-            try:
-                store, writable = open_store(url_rw, schema), True
-            except StoreLockedError:
-                if url_ro is None or schema is not None:
-                    raise
-                store, writable = open_store(url_ro), False
-            handle = _OPEN[key] = TierHandle(key, store, folder / "objects", writable)
-        handle.users += 1
-        return handle
+        try:
+            handle = _OPEN.get(key)
+            if handle is None:
+                try:
+                    store, writable = open_store(url_rw, schema), True
+                except StoreLockedError:
+                    if url_ro is None or schema is not None:
+                        raise
+                    store, writable = open_store(url_ro), False
+                handle = _OPEN[key] = TierHandle(key, store, folder / "objects", writable)
+            handle.users += 1
+            return handle
+        finally:
+            _drain()
 
 
 def release(handle: TierHandle) -> None:
-    """One user fewer; the last one closes the handle (a no-op for a handle inherited by fork)."""
-    with _LOCK:
+    """One user fewer; the last one closes the handle (a no-op for a handle inherited by fork).
+
+    Storages call this from their finalizers, which the garbage collector may run inside
+    ``acquire`` on this very thread: then it only leaves a note, and the lock's holder closes
+    the handle before letting go (waiting for the lock there would deadlock)."""
+    if not _LOCK.acquire(blocking=False):
+        _PENDING.append(handle)
+        return
+    try:
+        _PENDING.append(handle)
+        _drain()
+    finally:
+        _LOCK.release()
+
+
+def _drain() -> None:
+    """Release the handles noted in ``_PENDING`` (the caller holds ``_LOCK``)."""
+    while _PENDING:
+        handle = _PENDING.pop()
         if any(h is handle for h in _INHERITED):
-            return
+            continue
         handle.users -= 1
         if handle.users > 0:
-            return
+            continue
         if _OPEN.get(handle.key) is handle:
             del _OPEN[handle.key]
-    handle.close()
+        handle.close()
 
 
 def _after_fork_in_child() -> None:
@@ -140,6 +162,7 @@ def _after_fork_in_child() -> None:
         handle.forget_after_fork()
     _INHERITED.extend(_OPEN.values())
     _OPEN.clear()
+    _PENDING.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

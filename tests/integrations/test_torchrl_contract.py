@@ -32,15 +32,17 @@ class Step:
     note: str
 
 
-@pytest.fixture(params=["reference", "carousel"])
+@pytest.fixture(params=["reference", "carousel", "carousel-zarr"])
 def make(request, tmp_path):
-    """``make(max_size, **kwargs)``: a new empty storage of the kind under test."""
+    """``make(max_size, **kwargs)``: a new empty storage of the kind under test (TorchRL's
+    ``LazyTensorStorage``, or a ``CarouselStorage`` on an LMDB or a Zarr store)."""
     made = []
 
     def factory(max_size, **kwargs):
         if request.param == "reference":
             return LazyTensorStorage(max_size, **kwargs)
-        storage = CarouselStorage(max_size, tmp_path / f"rb{next(_counter)}", **kwargs)
+        kind = "zarr" if request.param == "carousel-zarr" else "lmdb"
+        storage = CarouselStorage(max_size, tmp_path / f"rb{next(_counter)}", kind=kind, chunk=4, **kwargs)
         made.append(storage)
         return storage
 
@@ -245,6 +247,20 @@ def test_state_dicts_move_between_storages(make, tmp_path):
         assert len(target) == 8 and (target.get(torch.arange(8)) == want).all()
         target_rb.extend(steps(50, 1))  # the writer resumed at 11 % 8
         assert target.get(3)["obs"][0].item() == 50
+
+
+@pytest.mark.parametrize("source", [LazyTensorStorage, LazyMemmapStorage])
+def test_a_torchrl_buffer_migrates_into_a_carousel_storage(tmp_path, source):
+    old = ReplayBuffer(storage=source(8), batch_size=2)
+    old.extend(steps(0, 11))
+    new_storage = CarouselStorage(8, tmp_path / "rb")
+    new = ReplayBuffer(storage=new_storage, batch_size=2)
+    new.load_state_dict(old.state_dict())
+    assert len(new) == 8 and (new[:] == old[:]).all()
+    new.extend(steps(50, 1))
+    old.extend(steps(50, 1))
+    assert (new[:] == old[:]).all()  # the same ring, the same cursor
+    new_storage.close()
 
 
 def test_dumps_loads_snapshot_the_data(make, tmp_path):
