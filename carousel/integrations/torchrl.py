@@ -159,6 +159,11 @@ class CarouselStorage(TensorStorage):
     # ---- the Storage contract ----------------------------------------------------------------
     def set(self, cursor: Any, data: Any, *, set_cursor: bool = True) -> None:
         """Write ``data`` (a batch, or one element when ``cursor`` is an int) at positions ``cursor``."""
+        self._set(cursor, data, set_cursor=set_cursor)
+        self._bump_mutation_revision()
+
+    def _set(self, cursor: Any, data: Any, *, set_cursor: bool) -> None:
+        """``set`` without bumping the mutation revision (a write-back, whose caller bumps)."""
         if isinstance(cursor, tuple):  # coordinates over ndim > 1 dims: read, modify, write the rows
             self._set_coordinates(cursor, data)
             if set_cursor:
@@ -207,7 +212,6 @@ class CarouselStorage(TensorStorage):
             self._len = min(self._len + n * math.prod(self._lead_shape()), self.max_size)
         # No meta write here: reopening counts the stored positions, which a crash cannot leave
         # behind the data (a meta file rewritten per write cost ~1 ms, more than the write).
-        self._bump_mutation_revision()
 
     def get(self, index: Any) -> Any:
         """What is at ``index``: one element for an int, else a batch shaped like the index.
@@ -228,6 +232,8 @@ class CarouselStorage(TensorStorage):
             mask = np.asarray(first.detach().cpu() if isinstance(first, torch.Tensor) else first)
             coords = np.nonzero(mask)  # a mask over k dims is k coordinate arrays
             first, rest = coords[0], (*map(torch.from_numpy, coords[1:]), *rest)
+        if all(r == slice(None) for r in rest if isinstance(r, slice)) and all(isinstance(r, slice) for r in rest):
+            rest = ()  # storage[:, :] of an ndim > 1 storage is storage[:]
         if isinstance(first, slice):
             ids = np.arange(*first.indices(len0), dtype=np.int64)
             out = self._read(ids, view=not rest)
@@ -279,6 +285,7 @@ class CarouselStorage(TensorStorage):
                 raise ValueError(f"the state holds {shape[0]} positions along dim 0; this storage has {cap0} positions")
             staging.load_state_dict(state_dict)
             self._replace_with(staging)
+            self._bump_mutation_revision()
             return
         meta = state_dict["carousel"]
         if int(meta["max_size"]) != self.max_size:
@@ -680,7 +687,7 @@ class CarouselStorage(TensorStorage):
             rows[(local, *index[1:])] = data
         else:
             rows[(local, *index[1:])] = data
-        self.set(uniq, rows, set_cursor=False)
+        self._set(uniq, rows, set_cursor=False)
 
     def _conditional_patch_leaf(self, key: Any) -> Any:
         # docstring inherited
@@ -740,12 +747,30 @@ class _StorageRows(TensorDict):
             finally:
                 self._carousel_depth -= 1
             # Only the outermost call writes back (update_ calls set_ per key, for one).
-            if self._carousel_depth == 0 and self._carousel_rows is not None:
-                storage, ids = self._carousel_rows
-                storage.set(ids, self, set_cursor=False)
+            if self._carousel_depth == 0:
+                self._carousel_write_back()
             return out
         method.__name__ = name
         return method
+
+    _carousel_source: _StorageRows | None = None  # the rows a transpose of them shares memory with
+
+    def _carousel_write_back(self) -> None:
+        if self._carousel_source is not None:
+            self._carousel_source._carousel_write_back()
+        elif self._carousel_rows is not None:
+            storage, ids = self._carousel_rows
+            # No revision bump: as with a view, whoever changes rows in place bumps (TorchRL's
+            # rb.set_/set_at_/update_ do).
+            storage._set(ids, self, set_cursor=False)
+
+    def transpose(self, dim0: int, dim1: int) -> TensorDict:
+        # An ndim > 1 buffer hands out storage[:] transposed (its dim_extend): the transpose shares
+        # these rows' memory, so its in-place changes are these rows' to write back.
+        out = TensorDict.transpose(self, dim0, dim1)
+        if isinstance(out, _StorageRows) and out is not self:
+            out._carousel_source = self
+        return out
 
     set_ = _written_through("set_")
     set_at_ = _written_through("set_at_")
@@ -819,6 +844,11 @@ def _stack(data: list) -> Any:
     """A list of elements (``extend`` of a list) as one batch along a new dim 0."""
     if not data:
         raise ValueError("cannot write an empty list")
-    if is_tensor_collection(data[0]):
-        return torch.stack(data)
-    return tree_map(lambda *xs: torch.stack(xs), *data)
+    try:
+        if is_tensor_collection(data[0]):
+            return torch.stack(data)
+        return tree_map(lambda *xs: torch.stack(xs), *data)
+    except (RuntimeError, ValueError, TypeError) as exc:  # TorchRL's words, for callers that match them
+        raise RuntimeError(f"Stacking the elements of the list resulted in an error: {exc}. The elements of a "
+                           "list written to a storage must have the same structure and shapes; a compact batch "
+                           "goes in as a tuple") from exc

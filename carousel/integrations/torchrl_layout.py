@@ -45,6 +45,11 @@ def _torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+# Tensorclasses written in this process, by the name a layout keeps: a class defined inside a
+# function has no importable name, and is found here instead.
+_CLASSES: dict[str, type] = {}
+
+
 @dataclass(frozen=True)
 class FieldLayout:
     """One tensor leaf: its key, torch dtype name and record shape (the leaf's shape after dim 0)."""
@@ -169,10 +174,12 @@ class Layout:
         """The tensorclass this layout was written from, around ``td`` (``td`` itself otherwise)."""
         if self.cls is None or not is_tensor_collection(td):
             return td
-        module, _, name = self.cls.partition(":")
-        klass = importlib.import_module(module)
-        for part in name.split("."):
-            klass = getattr(klass, part)
+        klass = _CLASSES.get(self.cls)
+        if klass is None:  # first use since a reopen: import it by its name
+            module, _, name = self.cls.partition(":")
+            klass = importlib.import_module(module)
+            for part in name.split("."):
+                klass = getattr(klass, part)
         return klass._from_tensordict(td)
 
 
@@ -203,6 +210,7 @@ def split(data: Any, single: bool) -> Leaves:
         cls = None
         if is_tensorclass(data):
             cls = f"{type(data).__module__}:{type(data).__qualname__}"
+            _CLASSES[cls] = type(data)
             data = data._tensordict
         n = data.batch_size[0] if data.batch_dims else None
         if n is None:

@@ -74,6 +74,32 @@ def test_rb_set_set_at_and_update_change_the_stored_data(make):
     assert rb[2]["obs"][0].item() == 100
 
 
+def test_each_write_path_moves_the_mutation_revision_once(make):
+    # Samplers key their caches (trajectory bounds, Sequence boundaries) on this revision.
+    rb = TensorDictReplayBuffer(storage=make(8))
+    storage = rb.storage
+    writes = [lambda: rb.extend(TensorDict({"obs": torch.arange(4)}, [4])),
+              lambda: rb.__setitem__(0, TensorDict({"obs": torch.tensor(10)}, [])),
+              lambda: rb.set_at_("obs", torch.tensor([11]), torch.tensor([1])),
+              lambda: rb.set_("obs", torch.arange(4) + 20),
+              lambda: rb.update_(TensorDict({"obs": torch.arange(4) + 30}, [4])),
+              lambda: rb.load_state_dict(rb.state_dict()),
+              rb.empty]
+    for write in writes:
+        before = storage._mutation_revision
+        write()
+        assert storage._mutation_revision == before + 1
+
+
+def test_item_assignment_in_an_ndim2_buffer(make):
+    rb = ReplayBuffer(storage=make(102, ndim=2))
+    rb.extend(TensorDict({"a": torch.arange(50).expand(2, 50), ("b", "c"): torch.arange(50).expand(2, 50)},
+                         [2, 50]))
+    rb[0, 3:5] = TensorDict({"a": torch.zeros(2, dtype=torch.long), ("b", "c"): torch.zeros(2, dtype=torch.long)},
+                            [2])
+    assert (rb[0, 3:5] == 0).all() and (rb[1, 3:5] != 0).all() and rb[0, 5]["a"].item() == 5
+
+
 def test_boolean_mask_selects_where_true(make):
     storage = make(10)
     rb = ReplayBuffer(storage=storage, batch_size=2)
