@@ -17,10 +17,12 @@ the positions' index in RAM -- a buffer of millions of transitions that outlives
 
 It subclasses TorchRL's ``TensorStorage``, so every feature TorchRL grants its tensor storages
 works: the identity default ``collate_fn`` (wherever TorchRL picks one), ``Sequence`` sample units,
-``ConsumingSampler``, ``update_if_present``, ``SliceSampler`` over ``ndim=2`` (``[time, envs]``)
-layouts, ``PrioritizedSampler``.
+``ConsumingSampler``, ``update_if_present``, ``TensorDictMaxValueWriter``, ``SliceSampler`` over
+``ndim=2`` (``[time, envs]``) layouts, ``PrioritizedSampler`` (whose test skips, saying why, where
+TorchRL's C++ extension does not load beside the installed torch).
 
-Supported, and tested side by side with ``LazyTensorStorage`` (``tests/integrations/test_torchrl_contract.py``):
+Supported, and tested side by side with ``LazyTensorStorage`` (``tests/integrations/test_torchrl_contract.py``;
+files, locks and processes in ``test_torchrl_process.py``):
 
 - data: TensorDicts (nested keys, extra batch dims such as ``[n, 3]``), ``@tensorclass`` (comes
   back as its class), plain tensors, pytrees (dicts/tuples/lists of tensors); dtypes bool,
@@ -37,16 +39,31 @@ Supported, and tested side by side with ``LazyTensorStorage`` (``tests/integrati
   ``LazyTensorStorage``/``LazyMemmapStorage`` both ways (``state_dict_data=False`` keeps only where
   the data is, for buffers too large to copy); ``dumps``/``loads`` snapshot the data (a copy
   that later writes do not touch) with the default checkpointer, or run any ``checkpointer=`` written
-  for tensor storages (``TensorStorageCheckpointer``, ``FlatStorageCheckpointer``...) on a RAM copy.
+  for tensor storages (``TensorStorageCheckpointer``, ``FlatStorageCheckpointer``...) on a RAM copy
+  (a ``ReplayBuffer`` gives its storage the buffer's own ``checkpointer=``, as TorchRL does);
+- failures: a failed ``load_state_dict``/``loads`` leaves the storage as it was (the new data is
+  written to a new generation folder, made current by one rename); a collected storage lets go
+  of its store and writer lock.
 
-Not supported, by design: writing from two processes. A store has one writer process (its
-``flock``, which keeps it crash-safe), so a copy of the storage in another process (a worker
-given the buffer, a forked child) reads and samples -- the length is shared with the writer as
-TorchRL shares it -- but its writes raise :class:`~storage_backends.StoreLockedError`; and a Zarr
-store cannot be opened at all by another process while its writer holds it (use ``kind="lmdb"``,
-whose readers never block the writer). Also: ``compilable=True``, ``shared_init`` and TorchRL's
-storage checkpointer save hooks on the default checkpointer (pass ``checkpointer=`` to use them).
-Copies that ``state_dict()``, foreign checkpointers and ``flatten()`` make live in RAM.
+Not supported:
+
+- writing from two processes, by design. A store has one writer process (its ``flock``, which
+  keeps it crash-safe), so a copy of the storage in another process (a worker given the buffer,
+  a forked child) reads and samples -- the length is shared with the writer as TorchRL shares it
+  -- but its writes raise :class:`~storage_backends.StoreLockedError` before the writer's cursor
+  moves; a Zarr store cannot even be read by another process while its writer holds it (use
+  ``kind="lmdb"``, whose readers never block the writer). Hence no ``shared_init`` either.
+- ragged data: a lazy stack of TensorDicts whose leaves differ in shape has no fixed-size record.
+- reaching into ``storage._storage`` (None here: the data is not a TensorDict in RAM). TorchRL
+  code that does falls back to ``storage[...]`` (``SliceSampler``, staleness), except
+  ``TensorDictMap``'s automatic ``out_keys`` (pass ``out_keys=``) and ``Sequence``'s check that a
+  tensor storage holds a TensorDict.
+- in-place ops on a leaf of ``rb[:]`` (``rb[:]["obs"].zero_()``): ``rb[:]`` is a copy that writes
+  back its own in-place methods, not its tensors' (use ``rb.set_``/``set_at_``/``update_``).
+- ``compilable=True``, and save/load hooks on the default checkpointer (pass ``checkpointer=``).
+
+Costs: ``state_dict()``, a tensor-storage checkpointer and ``flatten()`` copy the data into RAM;
+a key added after the first write rewrites the store once; ``storage[:]`` reads every position.
 
 Needs ``torchrl`` (``pip install carousel[torchrl]``).
 """
