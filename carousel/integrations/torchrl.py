@@ -84,7 +84,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict, is_tensor_collection, unravel_key
 from torch.utils._pytree import tree_map
-from torchrl.data.replay_buffers.checkpointers import StorageCheckpointerBase
+from torchrl.data.replay_buffers.checkpointers import StorageCheckpointerBase, TensorStorageCheckpointer
 from torchrl.data.replay_buffers.storages import LazyTensorStorage, Storage, TensorStorage
 
 from storage_backends import MissingIdsError, StoreLockedError
@@ -101,7 +101,8 @@ _COPY_ROWS = 4096  # positions per transaction when a store is copied (bounds th
 class CarouselStorageCheckpointer(StorageCheckpointerBase):
     """The default checkpointer of :class:`CarouselStorage`: ``dumps(path)`` writes a snapshot
     (a CarouselStorage folder holding a copy of the data; dumping into the storage's own folder
-    only flushes it), ``loads(path)`` copies one back. Save and load hooks need tensors in RAM:
+    only flushes it), ``loads(path)`` copies one back -- or a dump of one of TorchRL's tensor
+    storages (``LazyMemmapStorage``...), migrating it in. Save and load hooks need tensors in RAM:
     pass ``checkpointer=TensorStorageCheckpointer()`` (or another tensor-storage checkpointer) to
     the storage for those."""
 
@@ -117,7 +118,14 @@ class CarouselStorageCheckpointer(StorageCheckpointerBase):
         storage._snapshot_to(Path(path))
 
     def loads(self, storage: CarouselStorage, path: str | os.PathLike[str]) -> None:
-        storage._restore_from(Path(path))
+        path = Path(path)
+        if not (path / _META).exists() and (path / "storage_metadata.json").exists():
+            # A dump of one of TorchRL's tensor storages: migrate it in (through RAM).
+            staging = LazyTensorStorage(storage._requested_max_size, ndim=storage.ndim)
+            TensorStorageCheckpointer().loads(staging, path)
+            storage._replace_with(staging)
+            return
+        storage._restore_from(path)
 
 
 class CarouselStorage(TensorStorage):
@@ -590,6 +598,10 @@ class CarouselStorage(TensorStorage):
 
     def _grow(self, layout: Layout) -> None:
         handle = self._writable()
+        if layout.fields == self._layout.fields:  # only a new non-tensor leaf: the records stay as they are
+            self._layout = layout
+            self._save_meta(durable=True)
+            return
         gen = self._write_gen(self.path, layout, self._copy_rows(handle, self._layout, layout))
         self._switch(gen, layout, self._len, self._last_cursor_index)
 

@@ -289,6 +289,19 @@ def test_a_torchrl_buffer_migrates_into_a_carousel_storage(tmp_path, source):
     new_storage.close()
 
 
+def test_a_torchrl_dump_loads_into_a_carousel_storage(tmp_path):
+    old = ReplayBuffer(storage=LazyMemmapStorage(8), batch_size=2)
+    old.extend(steps(0, 11))
+    old.dumps(tmp_path / "ckpt")
+    storage = CarouselStorage(8, tmp_path / "rb")
+    new = ReplayBuffer(storage=storage, batch_size=2)
+    new.loads(tmp_path / "ckpt")  # the default checkpointer knows TorchRL's format
+    assert len(new) == 8 and (new[:] == old[:]).all()
+    new.extend(steps(50, 1))
+    assert new[3]["obs"][0].item() == 50  # the writer's cursor came along
+    storage.close()
+
+
 def test_dumps_loads_snapshot_the_data(make, tmp_path):
     storage = make(8)
     rb = ReplayBuffer(storage=storage, batch_size=2)
@@ -342,3 +355,18 @@ def test_prioritized_sampler(make):
     data["td_error"] = torch.tensor([0.0] * 7 + [100.0])
     rb.extend(data)
     assert (rb.sample()["obs"][:, 0] == 7).float().mean() > 0.5
+
+
+def test_a_non_tensor_key_added_after_the_first_write(tmp_path):
+    # Carousel only: TorchRL's LazyTensorStorage raises IndexError here (tensordict 0.14.3).
+    storage = CarouselStorage(6, tmp_path / "rb")
+    storage.set(torch.arange(2), steps(0, 2))
+    later = steps(2, 2)
+    later.set("tag", NonTensorStack("c", "d"))
+    storage.set(torch.tensor([2, 3]), later)
+    got = storage.get(torch.arange(4))
+    assert got["tag"] == [None, None, "c", "d"] and got["obs"][:, 0].tolist() == [0, 1, 2, 3]
+    storage.close()
+    reopened = CarouselStorage(6, tmp_path / "rb")  # the layout that knows the key was saved
+    assert reopened.get(3)["tag"] == "d"
+    reopened.close()
