@@ -210,6 +210,11 @@ def test_max_value_writer_adds_its_index_leaf_after_the_first_write(make):
         rb.extend(data)
     assert sorted(rb[:]["score"].tolist()) == [8.0, 9.0, 10.0, 11.0]  # the four best kept
     assert set(rb.sample()["obs"][:, 0].tolist()) <= {8.0, 9.0, 10.0, 11.0}
+    one = steps(20, 1)[0]
+    one["score"] = torch.tensor(20.0)
+    rb.add(one)  # add() writes the element with an "index" leaf the storage has not seen
+    assert sorted(rb[:]["score"].tolist()) == [9.0, 10.0, 11.0, 20.0]
+    assert rb[:]["index"].shape == (4,)
 
 
 def test_a_key_added_after_the_first_write(make):
