@@ -104,7 +104,21 @@ class CarouselStorageCheckpointer(StorageCheckpointerBase):
     only flushes it), ``loads(path)`` copies one back -- or a dump of one of TorchRL's tensor
     storages (``LazyMemmapStorage``...), migrating it in. Save and load hooks need tensors in RAM:
     pass ``checkpointer=TensorStorageCheckpointer()`` (or another tensor-storage checkpointer) to
-    the storage for those."""
+    the storage for those.
+
+    Examples:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> root = Path(tempfile.mkdtemp())
+        >>> storage = CarouselStorage(10, root / "rb")  # its checkpointer: this class
+        >>> storage.set(torch.arange(3), torch.arange(3.0))
+        >>> storage.dumps(root / "snapshot")
+        >>> storage.set(torch.arange(3), torch.zeros(3))  # later writes do not reach the snapshot
+        >>> storage.loads(root / "snapshot")
+        >>> storage.get(torch.arange(3)).tolist()
+        [0.0, 1.0, 2.0]
+        >>> storage.close()
+    """
 
     def register_save_hook(self, hook: Any) -> None:
         raise NotImplementedError("CarouselStorageCheckpointer copies stores, not tensors: pass "
@@ -712,10 +726,10 @@ class CarouselStorage(TensorStorage):
         uniq, inv = np.unique(ids, return_inverse=True)
         rows = self._read(uniq, view=False)
         local = int(inv[0]) if _is_scalar(rows_index) else torch.from_numpy(inv)
-        if is_tensor_collection(rows):
+        if is_tensor_collection(rows) or isinstance(rows, torch.Tensor):
             rows[(local, *index[1:])] = data
-        else:
-            rows[(local, *index[1:])] = data
+        else:  # a pytree: the same cells of every leaf
+            tree_map(lambda leaf, value: leaf.__setitem__((local, *index[1:]), value), rows, data)
         self._set(uniq, rows, set_cursor=False)
 
     def _conditional_patch_leaf(self, key: Any) -> Any:

@@ -198,6 +198,15 @@ def split(data: Any, single: bool) -> Leaves:
 
     Raises ``TypeError`` for data that is none of a tensor, a tensor collection or a pytree of
     tensors (TorchRL's tensor storages take the same three).
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> leaves = split(TensorDict({"obs": torch.zeros(4, 3), "n": {"r": torch.ones(4)}}, [4]), single=False)
+        >>> [(f.key, f.dtype, f.shape) for f in leaves.layout.fields], leaves.n
+        ([(('n', 'r'), 'float32', ()), (('obs',), 'float32', (3,))], 4)
+        >>> leaves.layout.schema()
+        {'f0': ((), 'float32'), 'f1': ((3,), 'float32')}
     """
     if single:  # one element: give it its dim 0
         data = data.unsqueeze(0) if is_tensor_collection(data) or isinstance(data, torch.Tensor) else \
