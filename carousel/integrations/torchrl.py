@@ -485,7 +485,16 @@ class CarouselStorage(TensorStorage):
         rw, ro = self._urls(folder, create=False)
         handle = tier.acquire(folder, rw, ro, None)
         self._attach(handle)
+        if handle.writable:
+            self._remove_orphans()
         return handle
+
+    def _remove_orphans(self) -> None:
+        """Delete generation folders a crash left behind (written, never made current by the meta
+        rename). Only the current generation's writer does this: no other process writes here."""
+        for folder in self.path.glob("gen-*"):
+            if folder.name != self._gen and folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _attach(self, handle: tier.TierHandle) -> None:
         self._handle, self._pid = handle, os.getpid()

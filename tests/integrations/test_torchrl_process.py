@@ -93,6 +93,18 @@ def test_a_failed_load_changes_nothing(tmp_path, bad):
     reopened.close()
 
 
+def test_a_generation_a_crash_left_behind_is_removed_on_reopen(tmp_path):
+    storage = CarouselStorage(10, tmp_path / "rb")
+    storage.set(torch.arange(3), steps(0, 3))
+    storage.close()
+    orphan = tmp_path / "rb" / "gen-7" / "store"  # as if a crash hit a load before its meta rename
+    orphan.mkdir(parents=True)
+    (orphan / "data.mdb").write_bytes(b"partial")
+    reopened = CarouselStorage(10, tmp_path / "rb")
+    assert reopened.get(2)["obs"][0].item() == 2 and not (tmp_path / "rb" / "gen-7").exists()
+    reopened.close()
+
+
 # ---- item 8: buffers in other processes ---------------------------------------------------------
 
 def test_torch_save_reopens_in_a_fresh_process(tmp_path):
