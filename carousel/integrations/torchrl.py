@@ -50,8 +50,9 @@ Not supported:
 - writing from two processes, by design. A store has one writer process (its ``flock``, which
   keeps it crash-safe), so a copy of the storage in another process (a worker given the buffer,
   a forked child) reads and samples -- the length is shared with the writer as TorchRL shares it
-  -- but its writes raise :class:`~storage_backends.StoreLockedError` before the writer's cursor
-  moves; a Zarr store cannot even be read by another process while its writer holds it (use
+  -- but its writes (and emptying or loading it) raise :class:`~storage_backends.StoreLockedError`
+  before the writer's cursor moves (except ``rb.empty()``, where TorchRL resets the writer's
+  shared cursor before it asks the storage: do not call it there); a Zarr store cannot even be read by another process while its writer holds it (use
   ``kind="lmdb"``, whose readers never block the writer). Hence no ``shared_init`` either.
 - ragged data: a lazy stack of TensorDicts whose leaves differ in shape has no fixed-size record.
 - reaching into ``storage._storage`` (None here: the data is not a TensorDict in RAM). TorchRL
@@ -313,6 +314,7 @@ class CarouselStorage(TensorStorage):
         (the data is copied from that folder, or taken as it is when it is this storage's own).
         Raises ``ValueError`` for more positions than this storage has; a refused or failed load
         changes nothing."""
+        self._check_writer()
         if "_storage" in state_dict:
             if not state_dict["initialized"]:
                 self._empty()
@@ -341,6 +343,7 @@ class CarouselStorage(TensorStorage):
 
     def _empty(self) -> None:
         """Forget every position (the store is deleted; the next write may start another layout)."""
+        self._check_writer()
         gen = self._gen
         self._drop_handle()
         if gen is not None:
@@ -508,6 +511,12 @@ class CarouselStorage(TensorStorage):
             self._finalizer.detach()
         self._handle = self._finalizer = self._pid = None
 
+    def _check_writer(self) -> None:
+        """Refuse (``StoreLockedError``) to replace or delete the data from a read-only copy: it
+        would pull the folder from under the process that writes it."""
+        if self._gen is not None:
+            self._writable()
+
     def _writable(self) -> tier.TierHandle:
         handle = self._tier()
         if not handle.writable:
@@ -642,6 +651,7 @@ class CarouselStorage(TensorStorage):
             self._delete_gen(old["gen"], dest)
 
     def _restore_from(self, src: Path) -> None:
+        self._check_writer()
         meta = json.loads((src / _META).read_text())
         if "path" in meta and "layout" not in meta:  # a dump that only named its folder
             src, meta = Path(meta["path"]), json.loads((Path(meta["path"]) / _META).read_text())
@@ -681,6 +691,7 @@ class CarouselStorage(TensorStorage):
 
     def _replace_with(self, staging: TensorStorage) -> None:
         """Make this storage hold what TorchRL storage ``staging`` holds (positions [0, its length along dim 0))."""
+        self._check_writer()
         n0 = staging._len_along_dim0 or 0
         if not staging.initialized or n0 == 0:
             self._empty()

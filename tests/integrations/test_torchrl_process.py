@@ -136,11 +136,15 @@ def _worker(rb: ReplayBuffer, queue: mp.Queue, try_write: bool) -> None:
         rows_agree = bool((batch["action"] == batch["obs"][:, 0].long() % 4).all())
         write = None
         if try_write:
-            try:
-                rb.extend(steps(500, 1))
-                write = "written"
-            except StoreLockedError as exc:
-                write = f"refused: {exc}"
+            refused = []
+            # (Not rb.empty(): TorchRL resets the writer's shared cursor before it asks the storage.)
+            for attempt in (lambda: rb.extend(steps(500, 1)), rb.storage._empty,
+                            lambda: rb.storage.load_state_dict(rb.storage.state_dict())):
+                try:
+                    attempt()
+                except StoreLockedError as exc:
+                    refused.append(str(exc))
+            write = f"refused: {refused[0]}" if len(refused) == 3 else f"only {len(refused)} of 3 refused"
         queue.put((len(rb), rows_agree, rb[:]["obs"][:, 0].tolist(), write))
     except BaseException as exc:  # report, so the parent fails with the reason instead of a timeout
         queue.put(repr(exc))
@@ -164,8 +168,8 @@ def test_a_buffer_given_to_a_worker_process(tmp_path, method, kind):
     length, rows_agree, rows, write = result
     assert length >= 6 and rows_agree and rows[:6] == [0, 1, 2, 3, 4, 5]  # the worker reads the parent's data
     if kind == "carousel":
-        # One writer per store (its flock keeps it crash-safe): a worker reads, and its write is
-        # refused, saying why, before the writer's shared cursor moved.
+        # One writer per store (its flock keeps it crash-safe): a worker reads, and its writes
+        # (extend, emptying, loading a state) are refused, saying why, before anything moved.
         assert write.startswith("refused") and "one writer per store" in write
     assert len(rb) == 6
     rb.extend(steps(100, 1))  # the parent still writes, at the next position
