@@ -83,6 +83,23 @@ MODELS: dict[str, list[str]] = {
     "xder": ["--model", "xder", "--lr", "0.1", "--alpha", "0.3", "--beta", "0.8"],
     "icarl": ["--model", "icarl", "--lr", "0.1"],
 }
+# Other rehearsal models, opt-in (``--models``): not in the default matrix.
+EXTRA_MODELS: dict[str, list[str]] = {
+    "der": ["--model", "der", "--lr", "0.1", "--alpha", "0.3"],
+    "er-ace": ["--model", "er-ace", "--lr", "0.1"],
+    "gdumb": ["--model", "gdumb", "--lr", "0.1"],
+    "xder-ce": ["--model", "xder-ce", "--lr", "0.1", "--alpha", "0.3", "--beta", "0.8"],
+    "xder-rpc": ["--model", "xder-rpc", "--lr", "0.1", "--alpha", "0.3", "--beta", "0.8"],
+    "lucir": ["--model", "lucir", "--lr", "0.1"],
+    "bic": ["--model", "bic", "--lr", "0.1"],
+    "agem": ["--model", "agem", "--lr", "0.1"],
+    "fdr": ["--model", "fdr", "--lr", "0.1", "--alpha", "0.3"],
+    "mer": ["--model", "mer", "--lr", "0.1", "--beta", "1", "--gamma", "1"],
+    "rpc": ["--model", "rpc", "--lr", "0.1"],
+    "gss": ["--model", "gss", "--lr", "0.1"],
+    "er-tricks": ["--model", "er-tricks", "--lr", "0.1"],
+    "twf": ["--model", "twf", "--lr", "0.1", "--der_alpha", "0.3", "--der_beta", "0.8", "--lambda_fp", "0.1"],
+}
 DATASETS = ("seq-mnist", "seq-cifar10")
 # Mammoth's own reduced ResNet-18 (nf=20) instead of seq-cifar10's default ResNet-18: ~10x fewer FLOPs on 2 CPUs.
 DATASET_FLAGS: dict[str, list[str]] = {"seq-mnist": [], "seq-cifar10": ["--backbone", "reduced-resnet18"]}
@@ -118,6 +135,7 @@ BUILT: list[Any] = []  # the child's CarouselBuffers, for child.json (proof that
 def _swap_buffer(kind: str, work: Path) -> None:
     """Mammoth's ``utils.buffer.Buffer`` becomes ``CarouselBuffer`` (with an LMDB tier for ``carousel-lmdb``)."""
     import utils.buffer  # Mammoth's
+
     from carousel.integrations.mammoth import CarouselBuffer
 
     tiers = [{"kind": "lmdb", "capacity": 100_000}] if kind == "carousel-lmdb" else None
@@ -174,7 +192,7 @@ def child(args: argparse.Namespace, mammoth_args: list[str]) -> int:
         raise
     finally:
         if args.buffer != "mammoth":
-            info = [{"args": a_, "kwargs": k_, "len": _safe(lambda: len(b)), "seen": getattr(b, "num_seen_examples", None)}
+            info = [{"args": a_, "kwargs": k_, "len": _safe(lambda b=b: len(b)), "seen": getattr(b, "num_seen_examples", None)}
                     for b, a_, k_ in BUILT]
             (Path(args.work) / "child.json").write_text(json.dumps({"carousel_buffers": info}))
     return 0
@@ -280,7 +298,7 @@ def run_one(a: argparse.Namespace, model: str, dataset: str, buffer: str, base: 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     error_file = work / "error.json"
-    mammoth_args = [*MODELS[model], "--dataset", dataset, *DATASET_FLAGS[dataset], *COMMON,
+    mammoth_args = [*{**MODELS, **EXTRA_MODELS}[model], "--dataset", dataset, *DATASET_FLAGS[dataset], *COMMON,
                     *(["--stop_after", str(a.tasks)] if a.tasks else []), "--base_path", f"{base}/", *a.extra]
     cmd = [a.python, "-m", "benchmarks.mammoth_real", "--child", "--mammoth", str(a.mammoth), "--buffer", buffer,
            "--error-file", str(error_file), "--work", str(work)]
@@ -295,7 +313,7 @@ def run_one(a: argparse.Namespace, model: str, dataset: str, buffer: str, base: 
     with open(log, "w") as out:
         try:
             rc: int | None = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                            timeout=a.timeout).returncode
+                                            timeout=a.timeout, check=False).returncode
             timed_out = False
         except subprocess.TimeoutExpired:
             rc, timed_out = None, True
@@ -353,7 +371,8 @@ def _versions(python: str) -> dict:
             "print(json.dumps({'python': platform.python_version(), 'torch': torch.__version__, "
             "'torchvision': torchvision.__version__, 'kornia': kornia.__version__}))")
     try:
-        return json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120).stdout)
+        return json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120,
+                                         check=False).stdout)
     except Exception as e:  # noqa: BLE001 -- recorded, not fatal
         return {"error": repr(e)}
 
@@ -375,7 +394,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.mammoth_real", description=__doc__.split("\n\n")[0])
     p.add_argument("--mammoth", required=True, help="a Mammoth checkout (its main.py is run)")
     p.add_argument("--python", default=sys.executable, help="the interpreter with Mammoth's requirements")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {','.join(MODELS)}")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma-separated, of {','.join(MODELS)} (default) and {','.join(EXTRA_MODELS)}")
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--buffers", default=",".join(BUFFERS))
     p.add_argument("--mnist", default="/work/shared/datasets/MNIST", help="torchvision's MNIST folder (raw/ inside)")
@@ -407,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
     models = [m for m in a.models.split(",") if m]
     datasets = [d for d in a.datasets.split(",") if d]
     buffers = [b for b in a.buffers.split(",") if b]
-    for name, chosen, known in (("model", models, MODELS), ("dataset", datasets, DATASETS), ("buffer", buffers, BUFFERS)):
+    for name, chosen, known in (("model", models, {**MODELS, **EXTRA_MODELS}), ("dataset", datasets, DATASETS), ("buffer", buffers, BUFFERS)):
         unknown = [c for c in chosen if c not in known]
         if unknown:
             p.error(f"unknown {name}(s) {unknown}; known: {list(known)}")
@@ -445,11 +465,14 @@ def main(argv: list[str] | None = None) -> dict:
     carousel_head = _git_head(ROOT)
     results = {"started": started, "mammoth": {"path": str(mammoth), "commit": _git_head(mammoth)},
                "carousel_commit": carousel_head, "python": a.python, "versions": _versions(a.python),
-               "mammoth_flags": COMMON, "model_flags": MODELS, "dataset_flags": DATASET_FLAGS, "tasks": a.tasks,
+               "mammoth_flags": COMMON, "model_flags": {m: {**MODELS, **EXTRA_MODELS}[m] for m in models}, "dataset_flags": DATASET_FLAGS, "tasks": a.tasks,
                "extra_flags": a.extra, "blocked_modules": list(BLOCKED_MODULES),
                "skipped": skipped, "rows": rows}
     lines = [f"Mammoth {(results['mammoth']['commit'] or '?')[:7]}, carousel {(carousel_head or '?')[:7]}, "
-             f"started {started}; flags: `{' '.join(COMMON)}`", "", *table(rows, mammoth)]
+             f"started {started}; flags: `{' '.join(COMMON)}" + (f" --stop_after {a.tasks}" if a.tasks else "")
+             + (f" {' '.join(a.extra)}" if a.extra else "") + "`"
+             + "".join(f"; {d}: `{' '.join(f)}`" for d, f in DATASET_FLAGS.items() if f and d in datasets),
+             "", *table(rows, mammoth)]
     for d, why in skipped.items():
         lines += ["", f"{d} skipped: {why}"]
     return report.write(out, results, lines)
