@@ -353,13 +353,13 @@ def _cell(text: str, limit: int = 160) -> str:
 
 
 def table(rows: list[dict], mammoth: Path) -> list[str]:
-    lines = ["| model | dataset | buffer | status | CarouselBuffers built | class-IL % | task-IL % | wall s | first error | Mammoth file:line | raised at |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+    lines = ["| model | dataset | buffer | status | CarouselBuffers built (len/seen at exit) | class-IL % | task-IL % | wall s | first error | Mammoth file:line | raised at |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | --- | --- |"]
     for r in rows:
         acc, err, built = r["accuracy"], r["error"], r.get("carousel_buffers")
         lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["model"], r["dataset"], r["buffer"], r["status"] if r["returncode"] is None else f"{r['status']} (rc {r['returncode']})",
-            "" if built is None else len(built),
+            "" if built is None else f"{len(built)}" + "".join(f" ({b['len']}/{b['seen']})" for b in built),
             f"{acc['class_il']:.2f}" if acc else "", f"{acc['task_il']:.2f}" if acc else "", r["wall_s"],
             _cell(f"{err['type']}: {err['message']}") if err else "",
             _where(err and err["mammoth_frame"], mammoth), _where(err and err["frame"], mammoth)))
