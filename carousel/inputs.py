@@ -136,8 +136,11 @@ def check_sample_fields(x: Any, y: Any, task: Any, shape: tuple[int, ...], dtype
         raise MemoryInputError(f"label {int(y.max())} exceeds memory.max_label = {max_label}")
     t = as_array(task)
     t = np.full(n, int(t), dtype=np.int64) if t.ndim == 0 and t.dtype.kind in "iu" else t
-    if t.shape != (n,) or t.dtype.kind not in "iu" or (n and (t.min() < 0 or t.max() > np.iinfo(np.int16).max)):
+    if t.shape != (n,) or t.dtype.kind not in "iu":
         raise MemoryInputError(f"task must be an int or {n} ints in [0, 32767], got {t.dtype} {tuple(t.shape)}")
+    if n and (t.min() < 0 or t.max() > np.iinfo(np.int16).max):
+        raise MemoryInputError(f"task must be an int or {n} ints in [0, 32767], got values from {int(t.min())} "
+                               f"to {int(t.max())}")
     return {"x": np.ascontiguousarray(x), "y": y.astype(np.int64), "task": t.astype(np.int16)}
 
 

@@ -111,6 +111,7 @@ UNSUPPORTED_STRATEGIES = {
                  "give the stream to storage tiers instead (every sample is stored there)",
 }
 Transform = Callable[[torch.Tensor], torch.Tensor]
+_MAX_TASK = 32767  # the largest task a carousel memory records (an int16 column)
 
 
 class CarouselBuffer:
@@ -309,7 +310,9 @@ class CarouselBuffer:
         n = examples.shape[0]
         y = labels.detach().cpu().long() if labels is not None else torch.zeros(n, dtype=torch.int64)
         if task_labels is not None:
-            task = task_labels.detach().cpu().long()
+            # The task_labels column keeps the model's values as given; the memory's own task (its
+            # swap gate, in [0, 32767]) clamps them: BiC labels the first task's samples -1.
+            task = task_labels.detach().cpu().long().clamp(0, _MAX_TASK)
             self._task = max(self._task, int(task.max())) if n else self._task
         else:
             task = self._task_of(y if labels is not None else None)

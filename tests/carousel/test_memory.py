@@ -227,6 +227,7 @@ def test_write_behind_failure_reaches_add_and_loses_nothing(tmp_path):
     (lambda x, y: (x, y[:3], 0), "labels"),
     (lambda x, y: (x, -y - 1, 0), "non-negative"),
     (lambda x, y: (x, y, 70000), "task"),
+    (lambda x, y: (x, y, torch.full((len(y),), -1)), "task .* got values from -1 to -1"),  # names the values
 ])
 def test_bad_input_is_rejected_and_changes_nothing(tmp_path, bad, match):
     with CarouselMemory.from_dict(config(tmp_path, tiers=())) as mem:

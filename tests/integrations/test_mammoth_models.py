@@ -178,8 +178,10 @@ class Rebuilding(Model):
                 self.buffer.add_data(examples=bx[keep][:per_task], labels=by[keep][:per_task],
                                      task_labels=btl[keep][:per_task])
         x, y = self.last
-        self.buffer.add_data(examples=x[:per_task], labels=y[:per_task],
-                             task_labels=torch.full((min(len(y), per_task),), self.current_task))
+        # BiC's form: float task labels, current_task - 1 (so -1 for the first task's samples).
+        tl = (torch.ones(len(y)) * (self.current_task - 1))[:per_task]
+        self.buffer.add_data(examples=x[:per_task], labels=y[:per_task], task_labels=tl)
+        assert (self.buffer.get_all_data()[2] == self.current_task - 1).sum() == len(tl)  # kept as given
         all_x, all_y = self.buffer.get_data(len(self.buffer.examples), transform=self.transform)[:2]  # GDumb
         check_rows(all_x.flip(-1), all_y)
         assert len(all_x) == len(self.buffer)
