@@ -7,7 +7,7 @@ garbage-collected, or at interpreter exit at the latest. The finalizer holds thi
 the buffer (a finalizer that refers to its object keeps it alive forever).
 
 A memory still open at exit is closed earlier than that by :mod:`carousel.memory` itself, while
-its threads can still use their thread pool (see ``close_open_memories_at_exit`` there); this
+its threads can still use their thread pool (see ``_close_open_memories`` there); this
 finalizer then finds it closed and only removes the folder.
 """
 
