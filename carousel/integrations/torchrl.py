@@ -27,7 +27,8 @@ files, locks and processes in ``test_torchrl_process.py``):
 - data: TensorDicts (nested keys, extra batch dims such as ``[n, 3]``), ``@tensorclass`` (comes
   back as its class), plain tensors, pytrees (dicts/tuples/lists of tensors); dtypes bool,
   (u)int8..int64, float16/32/64 and bfloat16; non-tensor leaves (``set_non_tensor``, ``str``
-  fields) kept per position; a key added after the first write (the store is rewritten once with
+  fields) kept per position as JSON (str, numbers, bools, None, lists and dicts of those: never
+  pickled, so other objects are refused, before anything is stored, and tuples come back as lists); a key added after the first write (the store is rewritten once with
   the new field, zeros where it was never written, as TorchRL's storages do);
 - indices: ints (negative ones count from the end), slices, integer arrays of any shape (the
   batch takes their shape), boolean masks, tuples over ``ndim > 1`` storages, nested keys (a column);
@@ -240,6 +241,8 @@ class CarouselStorage(TensorStorage):
             fields = {name: (old[name] if v is None else v[keep]) for name, v in fields.items()}
         else:
             fields = {name: v[keep] for name, v in fields.items()}
+        if leaves.objects:
+            tier.check_objects(leaves.objects)  # refused before anything is stored
         handle.store.put_many(ids_k, fields)
         if leaves.objects:
             rows = handle.get_objects(ids_k)

@@ -9,15 +9,17 @@ holds the store, else a read-only one (LMDB's readers never block its writer; a 
 refused while a writer holds it). After ``fork`` the child never touches the parent's handles:
 LMDB forbids using an environment across ``fork``, so the child drops them unclosed and reopens.
 
-Non-tensor leaves (strings, arbitrary Python objects) have no fixed-size record field; they live
-in the handle's object table, an LMDB environment beside the store (8-byte big-endian position
--> pickle of ``{leaf key: value}``), as TorchRL's own storages pickle such data too.
+Non-tensor leaves (strings, numbers, lists and dicts of those) have no fixed-size record field;
+they live in the handle's object table, an LMDB environment beside the store (8-byte big-endian
+position -> JSON of ``{leaf key: value}``). JSON, not pickle: nothing read back from a store is ever
+unpickled (a damaged or planted table must not run code), so other objects are refused at the
+write, before anything is stored (:func:`check_objects`), and a tuple comes back as a list.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,27 @@ import numpy as np
 
 from storage_backends import SampleStore, StoreLockedError, open_store
 
-__all__ = ["TierHandle", "acquire", "release"]
+__all__ = ["TierHandle", "acquire", "check_objects", "release"]
+
+
+def _encode(row: dict[Any, Any]) -> bytes:
+    """``{leaf key: value}`` as JSON (a nested key, a tuple, as a list of its parts)."""
+    items = [[list(k) if isinstance(k, tuple) else k, v] for k, v in row.items()]
+    try:
+        return json.dumps(items, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"CarouselStorage keeps non-tensor leaves as JSON (str, int, float, bool, None, and lists "
+                        f"and dicts of those), never pickled: {exc}") from None
+
+
+def _decode(raw: bytes) -> dict[Any, Any]:
+    return {tuple(k) if isinstance(k, list) else k: v for k, v in json.loads(raw)}
+
+
+def check_objects(objects: dict[Any, list[Any]]) -> None:
+    """Raise ``TypeError`` if a non-tensor leaf's values cannot be kept (see the module docstring)."""
+    for key, values in objects.items():
+        _encode({key: list(values)})
 
 _OBJECTS_MAP_BYTES = 1 << 30  # a sparse file: address space, not disk, until used
 
@@ -56,7 +78,7 @@ class TierHandle:
         env = self._env(create=True)
         with env.begin(write=True) as txn:
             for i, row in zip(ids.tolist(), rows):
-                txn.put(int(i).to_bytes(8, "big"), pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL))
+                txn.put(int(i).to_bytes(8, "big"), _encode(row))
 
     def get_objects(self, ids: np.ndarray) -> list[dict[Any, Any] | None]:
         """Each position's non-tensor values (None where none were written)."""
@@ -65,9 +87,7 @@ class TierHandle:
             return [None] * len(ids)
         with env.begin() as txn:
             raw = [txn.get(int(i).to_bytes(8, "big")) for i in ids.tolist()]
-        # The table is this storage's own, written by this code: unpickling it is trusting
-        # ourselves, like torch.load of one's own checkpoint.
-        return [None if r is None else pickle.loads(r) for r in raw]
+        return [None if r is None else _decode(r) for r in raw]
 
     def forget_after_fork(self) -> None:
         """In a forked child: close this process's copies of the parent's LMDB environments, and

@@ -382,3 +382,20 @@ def test_a_non_tensor_key_added_after_the_first_write(tmp_path):
     reopened = CarouselStorage(6, tmp_path / "rb")  # the layout that knows the key was saved
     assert reopened.get(3)["tag"] == "d"
     reopened.close()
+
+
+def test_a_non_tensor_leaf_that_is_not_json_is_refused_before_anything_is_stored(tmp_path):
+    # Carousel only (LazyTensorStorage keeps any object in RAM): non-tensor leaves are stored as
+    # JSON, never pickled, since nothing read back from a store may be unpickled.
+    storage = CarouselStorage(6, tmp_path / "rb")
+    storage.set(torch.arange(2), steps(0, 2))
+    bad = steps(2, 2)
+    bad.set("tag", NonTensorStack(object(), object()))
+    with pytest.raises(TypeError, match="JSON"):
+        storage.set(torch.tensor([2, 3]), bad)
+    assert len(storage) == 2 and storage.get(torch.arange(2))["obs"][:, 0].tolist() == [0, 1]
+    nested = steps(2, 2)
+    nested.set("tag", NonTensorStack({"env": "a", "k": [1, 2]}, None))
+    storage.set(torch.tensor([2, 3]), nested)  # JSON values come back as they were
+    assert storage.get(torch.tensor([2, 3]))["tag"] == [{"env": "a", "k": [1, 2]}, None]
+    storage.close()
