@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -155,9 +157,41 @@ def avalanche_loop(plugin, steps: int) -> float:
 SWAPPED: dict[str, int] = {}
 
 
-def _closed_after(name: str, buf: Any, measure: Callable[[Any], float]) -> float:
-    """``measure(buf)``, the buffer closed afterwards when it can be (its swaps noted in :data:`SWAPPED`)."""
+#: CPU seconds per named thread of this process during each carousel run, by row name: where the
+#: background work goes (carousel's threads are named ``carousel-*``; torch's own are not).
+THREAD_CPU: dict[str, dict[str, float]] = {}
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds so far of each thread of this process, summed by thread name (Linux; else empty)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                raw = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = raw.rsplit(")", 1)[1].split()
+        name = names.get(int(tid), raw.split("(", 1)[1].rsplit(")", 1)[0])
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
+def _closed_after(name: str, buf: Any, measure: Callable[[Any], float], loop_steps: int) -> float:
+    """``measure(buf)``, the buffer closed afterwards when it can be (its swaps noted in
+    :data:`SWAPPED`, its threads' CPU per loop step, warm-up included, in :data:`THREAD_CPU`)."""
+    before = _thread_cpu()
     rate = measure(buf)
+    after = _thread_cpu()
+    if not isinstance(buf, ReservoirBuffer):
+        THREAD_CPU[name] = {k: (v - before.get(k, 0.0)) / loop_steps for k, v in after.items()
+                            if k.startswith("carousel-")}
     memory = getattr(buf, "memory", None)
     if callable(getattr(memory, "stats", None)):
         SWAPPED[name] = int(memory.stats().get("swapped_in", 0))
@@ -190,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
                # One task: swapping from it on (the buffer's default waits for the second task, as CarM does).
                "CarouselBuffer + LMDB tier (swapping)": lambda: CarouselBuffer(
                    500, tiers=[{"kind": "lmdb", "capacity": 10**6}], swap={"start_task": 0}, root=tmp / "mam")}
-        rows.update(_ratios("mammoth-er", {name: _closed_after(name, make(), lambda buf: mammoth_loop(buf, steps, warmup))
+        rows.update(_ratios("mammoth-er", {name: _closed_after(name, make(), lambda buf: mammoth_loop(buf, steps, warmup),
+                                                         steps + warmup)
                                            for name, make in mam.items()}))
         if importlib.util.find_spec("torchrl") is None:
             print("torchrl not installed: TorchRL rows skipped (pip install 'carousel[torchrl]')")
@@ -212,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "CarouselReplayPlugin, RAM only": lambda: CarouselReplayPlugin(500, root=tmp / "ava0"),
                    "CarouselReplayPlugin + LMDB tier (swapping)": lambda: CarouselReplayPlugin(
                        500, tiers=[{"kind": "lmdb", "capacity": 10**6}], root=tmp / "ava1")}
-            rows.update(_ratios("avalanche-naive", {name: _closed_after(name, make(), lambda p: avalanche_loop(p, steps))
+            rows.update(_ratios("avalanche-naive", {name: _closed_after(name, make(), lambda p: avalanche_loop(p, steps), steps)
                                                     for name, make in ava.items()}))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -223,6 +258,13 @@ def main(argv: list[str] | None = None) -> dict:
         r["swapped_in"] = SWAPPED.get(name)
         swapped = "" if r["swapped_in"] is None else str(r["swapped_in"])
         lines.append(f"| {r['loop']} | {name} | {r['steps_per_s']:.1f} | {r['ratio']:.2f} | {swapped} |")
+    busy = {name: cpu for name, cpu in THREAD_CPU.items() if cpu}
+    if busy:
+        lines += ["", "CPU per loop step of carousel's own threads (ms, warm-up included; not the trainer's thread):", ""]
+        for name, cpu in busy.items():
+            rows[name]["thread_cpu_ms_per_step"] = {k: v * 1e3 for k, v in cpu.items()}
+            parts = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
+            lines.append(f"- {name}: {parts}")
     return report.write(out, {"steps": steps, "rows": rows}, lines)
 
 
