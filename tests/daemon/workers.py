@@ -76,6 +76,12 @@ def add_then_sample(sock: str, worker: int, n_add: int, n_batches: int, batch: i
             mine = set(ids.tolist())
             out["own_seen"] += sum(1 for i in b.ids.tolist() if i in mine)
             out["batches"] += 1
+        # A ring's batches may have been drawn before this worker's add landed in the EM (the add
+        # is queued; sample() says so): on a loaded machine all 20 above can be. The promise is
+        # that its samples reach its batches soon, so it keeps drawing until they do, or 30 s.
+        deadline = time.monotonic() + 30
+        while not out["own_seen"] and time.monotonic() < deadline:
+            out["own_seen"] += sum(1 for i in c.sample(batch).ids.tolist() if i in set(ids.tolist()))
         out["stats_added"] = c.stats()["added"]
         c.close()
     except Exception:  # noqa: BLE001 - reported to the parent
