@@ -62,6 +62,14 @@ class MemoryMetrics:
         self.errors = Counter("carousel_errors_total", "Errors by operation and kind.", ["op", "kind"], registry=r)
         self.storage_reads = Counter("carousel_storage_read_samples_total", "Samples read from storage tiers.",
                                      ["tier"], registry=r)
+        # Per tier, so that `carousel tune --check` can name the tier that lags: time over samples
+        # is the cost per sample the tier gives the swap engine (reads) and the write-behind (writes).
+        self.storage_read_seconds = Counter("carousel_storage_read_seconds_total", "Time spent in storage "
+                                            "reads (swap-ins and prefetch), by tier.", ["tier"], registry=r)
+        self.storage_writes = Counter("carousel_storage_written_samples_total", "Samples written to storage "
+                                      "tiers (write-behind and demotions), by tier.", ["tier"], registry=r)
+        self.storage_write_seconds = Counter("carousel_storage_write_seconds_total", "Time spent in storage "
+                                             "writes (write-behind and demotions), by tier.", ["tier"], registry=r)
         self.integrity_checks = Counter("carousel_integrity_checked_samples_total",
                                         "Samples of sample()'s batches checked against their add-time references "
                                         "(the integrity mode): ok, or mismatch (IntegrityError).", ["result"],
@@ -75,6 +83,11 @@ class MemoryMetrics:
         out = fn(records)
         self.codec_seconds.labels(op=op).inc(time.perf_counter() - t0)
         return out
+
+    def count_write(self, tier: str, n: int, seconds: float) -> None:
+        """``n`` samples written to ``tier`` in ``seconds`` (one ``put_many``)."""
+        self.storage_writes.labels(tier=tier).inc(n)
+        self.storage_write_seconds.labels(tier=tier).inc(seconds)
 
     def count_error(self, op: str, exc: BaseException) -> None:
         """One error of ``op`` (``write_behind``, ``read``, ``swap``, ...), by its class: ``carousel_errors_total``."""

@@ -226,6 +226,7 @@ class SwapEngine:
 
     def _read_present(self, tier: Tier, ids: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
         """Those of ``ids`` that ``tier`` holds, decoded (faults counted and left out)."""
+        t0 = time.perf_counter()
         try:
             data = tier.store.get_many(ids)
         except MissingIdsError as exc:
@@ -239,6 +240,7 @@ class SwapEngine:
             self._record_error("read", exc)
             return {}
         self._metrics.storage_reads.labels(tier=tier.name).inc(ids.size)
+        self._metrics.storage_read_seconds.labels(tier=tier.name).inc(time.perf_counter() - t0)
         ids, data = self._rows(ids, data)
         return {int(i): {k: v[j] for k, v in data.items()} for j, i in enumerate(ids)}
 
@@ -450,6 +452,7 @@ class SwapEngine:
         for c in dict.fromkeys(chunks.tolist()):  # in the random order the ids were drawn
             if got >= want:
                 break
+            t0 = time.perf_counter()
             try:
                 chunk = tier.store.get_chunk(int(c))
             except CorruptRecordError as exc:
@@ -459,6 +462,7 @@ class SwapEngine:
                 self._record_error("read", exc)
                 continue
             self._metrics.storage_reads.labels(tier=tier.name).inc(chunk.ids.size)
+            self._metrics.storage_read_seconds.labels(tier=tier.name).inc(time.perf_counter() - t0)
             ids = chunk.ids
             with cat.lock:
                 ok = (ids < cat.n)
@@ -472,6 +476,7 @@ class SwapEngine:
         return _join(out) if out else self._none()
 
     def _read_from(self, tier: Tier, ids: np.ndarray) -> Candidates:
+        t0 = time.perf_counter()
         try:
             data = tier.store.get_many(ids)
         except MissingIdsError:
@@ -495,6 +500,7 @@ class SwapEngine:
             self._record_error("read", exc)
             return self._none()
         self._metrics.storage_reads.labels(tier=tier.name).inc(ids.size)
+        self._metrics.storage_read_seconds.labels(tier=tier.name).inc(time.perf_counter() - t0)
         return self._rows(ids, data)
 
     def _rows(self, ids: np.ndarray, data: dict[str, np.ndarray]) -> Candidates:

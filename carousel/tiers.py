@@ -3,6 +3,7 @@ and the migration that keeps every tier within its capacity (demote down, evict 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -175,7 +176,9 @@ def _demote(tiers: list[Tier], tier: Tier, ids: np.ndarray, catalog: Catalog, me
     data = tier.store.get_many(ids)
     if nxt.store.prefers_chunks:
         ids, data = class_grouped(ids, data, data["y"], rng)
+    t0 = time.perf_counter()
     nxt.store.put_many(ids, data)
+    metrics.count_write(nxt.name, ids.size, time.perf_counter() - t0)
     if rehome:
         with catalog.lock:
             catalog.home[ids] = nxt.index

@@ -284,7 +284,9 @@ class WriteBehind:
                             ids, records = class_grouped(ids, {**records, "": sizes}, records["y"], self._rng)
                             sizes = records.pop("")
                     if ids is not None:
+                        t0 = time.perf_counter()
                         self._tiers[0].store.put_many(ids, records)
+                        self._metrics.count_write(self._tiers[0].name, ids.size, time.perf_counter() - t0)
                         with self._catalog.lock:
                             self._catalog.nbytes[ids] = sizes
                             self._catalog.home[ids] = 0

@@ -373,6 +373,15 @@ def test_metrics_are_exposed_with_prometheus_names(tmp_path):
         assert value("carousel_evictions_total", {"reason": "capacity"}) == s["evicted"]
         assert value("carousel_migrated_samples_total", {"tier": "0-lmdb"}) >= 200
         assert value("carousel_sample_latency_seconds_count") == 2 * 8
+        # Per-tier storage time (what `carousel tune --check` reads to name a lagging tier): every
+        # added sample was written to tier 0, the demoted ones to tier 1, and reads took time.
+        assert value("carousel_storage_written_samples_total", {"tier": "0-lmdb"}) == s["added"]
+        assert value("carousel_storage_written_samples_total", {"tier": "1-zarr"}) == \
+            value("carousel_migrated_samples_total", {"tier": "0-lmdb"})
+        assert value("carousel_storage_write_seconds_total", {"tier": "0-lmdb"}) > 0
+        read = sum(value("carousel_storage_read_samples_total", {"tier": t}) or 0 for t in ("0-lmdb", "1-zarr"))
+        read_s = sum(value("carousel_storage_read_seconds_total", {"tier": t}) or 0 for t in ("0-lmdb", "1-zarr"))
+        assert read > 0 and read_s > 0
         registry = mem.registry
     # after close a scrape still works: tier gauges read NaN instead of touching closed stores
     assert np.isnan(registry.get_sample_value("carousel_samples", {"tier": "1-zarr"}))
