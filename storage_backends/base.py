@@ -13,12 +13,15 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from .errors import MissingIdsError, StoreClosedError, StorePermissionError, format_ids
 from .schema import Schema, validate_ids
+
+if TYPE_CHECKING:
+    import asyncio
 
 
 class Chunk(NamedTuple):
@@ -161,6 +164,16 @@ class SampleStore(ABC):
     @abstractmethod
     def iter_chunks(self) -> Iterator[Chunk]:
         """Every record exactly once, a chunk at a time (chunks holding no record are skipped)."""
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Offer the running event loop of the caller's I/O (the swap engine's), or take it back
+        with ``None``.
+
+        A store whose reads are asynchronous inside (the files store) then runs them on that loop
+        when ``get_many`` is called from another thread, instead of on a loop of its own. Nothing
+        by default; a store must keep working if the loop stops. The caller unbinds before it
+        stops the loop.
+        """
 
     def quarantined_ids(self) -> np.ndarray:
         """Ids removed from the live set because their record failed its checksum."""
