@@ -72,6 +72,10 @@ log = logging.getLogger("carousel.swap_engine")
 Candidates = tuple[np.ndarray, dict[str, np.ndarray]]
 
 
+def _no_loop(loop: asyncio.AbstractEventLoop | None) -> None:
+    """``bind_loop`` of a store wrapper that has none (the tests' fault wrappers)."""
+
+
 def _join(parts: list[Candidates]) -> Candidates:
     """Blocks of candidates as one block."""
     parts = [p for p in parts if p[0].size] or parts[:1]
@@ -117,6 +121,8 @@ class SwapEngine:
             self._thread = threading.Thread(target=self._run_loop, name="carousel-swap", daemon=True)
             self._thread.start()
             self._started.wait()
+            for tier in tiers:  # a store that reads asynchronously inside runs its reads on this loop
+                getattr(tier.store, "bind_loop", _no_loop)(self._loop)
             # Posted work (observe's) and swap requests: a plain thread on a SimpleQueue, whose
             # put() wakes it without a system call. Waking the loop above takes a write to its
             # self-pipe, and a socket send releases the GIL on the trainer's thread, handing it
@@ -273,6 +279,9 @@ class SwapEngine:
             self._worker.join(30)
             self._worker = None
         if self._loop is not None:
+            for tier in self._tiers:  # before the loop stops: a read from now on runs on the store's own
+                getattr(tier.store, "bind_loop", _no_loop)(None)
+
             async def shutdown() -> None:
                 for task in self._tasks:
                     task.cancel()
