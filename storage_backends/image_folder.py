@@ -39,10 +39,13 @@ decoded by :mod:`storage_backends.png` (zlib + numpy), JPEGs by Pillow when it i
 error names ``pip install pillow`` otherwise). ``put_many`` and ``delete_many`` raise
 :class:`StorePermissionError`.
 
-Reads: the store owns an asyncio loop on a thread of its own; ``get_many`` hands it the paths and
-waits for the bytes, read by aiofiles with ``readers`` reads in flight (a cold folder on a disk or a
-network file system serves many small files much faster with reads overlapped), then decodes them
-on the calling thread (zlib releases the GIL while it inflates).
+Reads: ``get_many`` hands the paths to an asyncio loop and waits for the bytes, read by aiofiles
+with ``readers`` reads in flight (a cold folder on a disk or a network file system serves many
+small files much faster with reads overlapped), then decodes them on the calling thread (zlib
+releases the GIL while it inflates). The loop is the swap engine's once it offers it
+(:meth:`~storage_backends.SampleStore.bind_loop`: the engine's I/O thread waits while the loop
+reads), else one the store starts on a thread of its own (recovery, tests, the CLI), as the files
+store (``files_store.py``) does.
 
 >>> import tempfile, os, numpy as np
 >>> from storage_backends.png import encode_png
@@ -96,6 +99,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 #: The rest of ``ImageFolder``'s image endings: skipped, with a warning (their ids would differ).
 OTHER_IMAGE_EXTENSIONS = (".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _FIELDS = ("x", "y", "task")
+_WAIT_S = 1.0  # how often a wait on the bound loop checks that the loop still runs
 
 
 class ImageFolderStore(SampleStore):
@@ -145,7 +149,8 @@ class ImageFolderStore(SampleStore):
         self._bad = np.zeros(len(self._paths), dtype=bool)  # quarantined in memory (this open only)
         self._bad_lock = threading.Lock()
         self._nbytes: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._bound: asyncio.AbstractEventLoop | None = None  # the swap engine's loop, when offered
+        self._loop: asyncio.AbstractEventLoop | None = None  # the store's own, started on first need
         self._loop_thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._start_lock = threading.Lock()
@@ -239,29 +244,66 @@ class ImageFolderStore(SampleStore):
         if not found.all():
             raise self._missing(ids, found)
 
-    # ---- the reader: aiofiles on a loop this store owns -------------------------------------------
+    # ---- the reader: aiofiles on the swap engine's loop, or on one this store owns -----------------
+    def bind_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        # docstring inherited
+        self._bound = loop
+
     def _read_files(self, paths: list[str]) -> list[bytes | BaseException]:
-        """The bytes of each file (or the error reading it), with up to ``readers`` reads in flight."""
-        loop = self._ensure_loop()
-        if threading.current_thread() is self._loop_thread:
+        """The bytes of each file (or the error reading it), ``readers`` reads in flight. On the
+        bound loop (the swap engine's, from its I/O thread) while it runs, else on the store's own
+        (recovery, the writer thread, tests). The files store (``files_store.py``) runs its reads
+        the same way."""
+        loop = self._bound
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if loop is not None and loop is not here and loop.is_running():
+            try:
+                fut = asyncio.run_coroutine_threadsafe(self._read_all(paths), loop)
+            except RuntimeError:  # closed meanwhile: the store's own loop serves
+                fut = None
+            while fut is not None:
+                try:
+                    return fut.result(_WAIT_S)
+                except TimeoutError:
+                    if not loop.is_running():  # stopped with our reads queued: read again (reads only)
+                        fut.cancel()
+                        break
+        own = self._own_loop()
+        if here is own:
             raise RuntimeError("ImageFolderStore.get_many called on the store's own reader loop")
-        return asyncio.run_coroutine_threadsafe(self._read_all(paths), loop).result()
+        return asyncio.run_coroutine_threadsafe(self._read_all(paths), own).result()
 
     async def _read_all(self, paths: list[str]) -> list[bytes | BaseException]:
-        gate = asyncio.Semaphore(self._readers)
+        """Every file of ``paths``: ``readers`` workers each take the next path as their read returns."""
+        out: list[bytes | BaseException] = [b""] * len(paths)
+        todo = iter(range(len(paths)))
+        pool = self._io_pool()
 
-        async def one(path: str) -> bytes:
-            async with gate:
-                async with aiofiles.open(path, "rb", executor=self._pool) as fh:
-                    return await fh.read()
+        async def worker() -> None:
+            for i in todo:
+                try:
+                    async with aiofiles.open(paths[i], "rb", buffering=0, executor=pool) as fh:
+                        out[i] = await fh.read()
+                except OSError as exc:
+                    out[i] = exc
 
-        return await asyncio.gather(*(one(p) for p in paths), return_exceptions=True)
+        await asyncio.gather(*(worker() for _ in range(min(self._readers, len(paths)))))
+        return out
 
-    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+    def _io_pool(self) -> ThreadPoolExecutor:
+        """``readers`` threads for the reads (the loop's default executor is sized for the cores)."""
+        with self._start_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="carousel-imagefolder-read")
+            return self._pool
+
+    def _own_loop(self) -> asyncio.AbstractEventLoop:
         with self._start_lock:
             self._check_open()
             if self._loop is None:
-                self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="carousel-imagefolder-read")
                 loop = asyncio.new_event_loop()
                 started = threading.Event()
 
@@ -341,7 +383,8 @@ class ImageFolderStore(SampleStore):
         """Nothing is ever written."""
 
     def _close(self) -> None:
-        loop, self._loop = self._loop, None
+        with self._start_lock:
+            loop, self._loop, self._bound = self._loop, None, None
         if loop is not None:
             loop.call_soon_threadsafe(loop.stop)
             self._loop_thread.join(10)
