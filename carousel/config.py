@@ -58,7 +58,9 @@ from .tiers import EVICTION_POLICIES
 __all__ = ["CarouselConfig", "ConfigError", "MemoryConfig", "SaliencyConfig", "SwapConfig", "TierConfig", "WriteBehindConfig",
            "load_config"]
 
-TIER_KINDS = ("lmdb", "zarr", "flat")
+TIER_KINDS = ("lmdb", "zarr", "flat", "files")
+#: A files tier's layouts: its own records, or class_name/*.png folders (read-only).
+TIER_LAYOUTS = ("records", "imagefolder")
 TIER_CODECS = ("none", "zstd")
 RESERVED_FIELDS = frozenset({"x", "y", "task", "id"})  # the fields every sample already has
 MEMORY_KINDS = ("plain", "coreset", "saliency")
@@ -67,6 +69,7 @@ SALIENCY_FIELD = "saliency"  # a saliency memory's add() input: (H, W) map in [0
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")  # what storage_backends.Schema accepts
 _MAX_WORKERS = 64
 _MAX_CHUNK = 1 << 20  # the zarr store's own bound on chunk rows
+_MAX_INFLIGHT = 1024  # the files store's own bound on reads in flight
 DEFAULT_MAX_LABEL = 2**32 - 1  # any 32-bit class id (open-world streams hash classes into 2**31 and more)
 # The largest max_label a config may set: carousel.ray packs (label, 16-bit task) pairs into one
 # int64 key (label << 16 | task), so a label must stay below 2**47.
@@ -324,7 +327,8 @@ class WriteBehindConfig:
         object.__setattr__(self, "block_timeout_s", timeout)
 
 
-_ZARR_ONLY = ("chunk",)
+#: Keys that apply to one tier kind only: another kind refuses any value but the default.
+_KIND_ONLY = {"chunk": "zarr", "inflight": "files", "layout": "files"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,9 +336,13 @@ class TierConfig:
     """``[[tiers]]``: one storage tier, fastest first. Exactly one of the capacities is set.
 
     In TOML the capacity is one key: ``capacity = 50000`` (samples) or ``capacity = "4GiB"`` (bytes).
+    A ``files`` tier keeps one file per sample and reads ``inflight`` of them at once (for network
+    and parallel file systems); with ``layout = "imagefolder"`` it reads an existing
+    ``class_name/*.png`` folder tree and writes nothing.
     """
 
-    kind: str                             # required; "lmdb" (flash), "zarr" (disk) or "flat" (fixed rows, mapped)
+    kind: str                             # required; "lmdb" (flash), "zarr" (disk), "flat" (fixed rows, mapped)
+                                          # or "files" (one file per sample, many reads in flight)
     path: str                             # required; the store's folder, ~ expanded (relative: to the TOML file)
     capacity_samples: int | None = None   # capacity in samples, >= 1 ...
     capacity_bytes: int | None = None     # ... or in bytes, >= 1 (see capacity_for)
@@ -343,6 +351,9 @@ class TierConfig:
     codec: str = "none"                   # "none" or "zstd" (compressed records; a saliency memory needs it)
     eviction: str = "class_balanced"      # over capacity: who demotes to the next tier (or leaves, from the last)
     class_quota: int = 0                  # max samples per class on this tier; 0 = no quota
+    inflight: int = 32                    # files only: file reads in flight per storage read, in [1, 1024]
+    layout: str = "records"               # files only: "records" (the store's own files) or "imagefolder"
+                                          # (class_name/*.png folders, read-only: nothing is written to it)
 
     def __post_init__(self) -> None:
         _choice(self.kind, "kind", TIER_KINDS)
@@ -357,13 +368,16 @@ class TierConfig:
         _bool(self.sync, "sync")
         _int(self.chunk, "chunk", lo=1, hi=_MAX_CHUNK)
         _choice(self.codec, "codec", TIER_CODECS)
+        if self.layout == "imagefolder" and self.codec != "none":
+            _fail("codec", "an imagefolder tier reads the images as they are (PNG); it has no codec")
         if self.kind == "flat" and self.codec != "none":
             _fail("codec", "a flat tier keeps raw fixed-size rows (that is what makes its random reads one "
                            "gather); it has no codec: use an lmdb or zarr tier for zstd")
-        if self.kind != "zarr":
-            for name in _ZARR_ONLY:
-                if getattr(self, name) != _TIER_DEFAULTS[name]:
-                    _fail(name, f"applies to zarr tiers only; this tier is {self.kind}")
+        _int(self.inflight, "inflight", lo=1, hi=_MAX_INFLIGHT)
+        _choice(self.layout, "layout", TIER_LAYOUTS)
+        for name, only in _KIND_ONLY.items():
+            if self.kind != only and getattr(self, name) != _TIER_DEFAULTS[name]:
+                _fail(name, f"applies to {only} tiers only; this tier is {self.kind}")
         _choice(self.eviction, "eviction", EVICTION_POLICIES)
         _int(self.class_quota, "class_quota", lo=0)
 
@@ -372,6 +386,10 @@ class TierConfig:
 
         >>> TierConfig("lmdb", "/var/lib/carousel/flash", capacity_samples=10, sync=False).url()
         'lmdb:///var/lib/carousel/flash?sync=0'
+        >>> TierConfig("files", "/mnt/nfs/replay", capacity_samples=10, inflight=64).url()
+        'files:///mnt/nfs/replay?sync=1&inflight=64'
+        >>> TierConfig("files", "/data/cifar/train", capacity_samples=10, layout="imagefolder").url()
+        'files:///data/cifar/train?sync=1&inflight=32&layout=imagefolder&mode=ro'
         """
         path = quote(self.path, safe="/")  # parse_url unquotes; a '?' or '%' in a folder name survives
         sync = int(self.sync)
@@ -379,6 +397,11 @@ class TierConfig:
             return f"lmdb://{path}?sync={sync}" + ("&codec=zstd" if self.codec == "zstd" else "")
         if self.kind == "flat":
             return f"flat://{path}?sync={sync}"
+        if self.kind == "files":
+            url = f"files://{path}?sync={sync}&inflight={self.inflight}"
+            if self.layout == "imagefolder":
+                return url + "&layout=imagefolder&mode=ro"
+            return url + ("&codec=zstd" if self.codec == "zstd" else "")
         return f"zarr://{path}?chunk={self.chunk}&codec={self.codec}&sync={sync}"
 
     def capacity_for(self, record_nbytes: int) -> int:
@@ -468,7 +491,7 @@ class CarouselConfig:
             entry["capacity"] = tier.capacity_samples if tier.capacity_samples is not None \
                 else _format_size(tier.capacity_bytes)
             for f in fields(TierConfig)[4:]:
-                if tier.kind == "zarr" or f.name not in _ZARR_ONLY:
+                if _KIND_ONLY.get(f.name, tier.kind) == tier.kind:
                     entry[f.name] = getattr(tier, f.name)
             tiers.append(entry)
         return {
@@ -597,10 +620,10 @@ def _build(data: Mapping[str, Any], source: str | None) -> CarouselConfig:
     for i, raw in enumerate(raw_tiers):
         prefix = f"tiers[{i}]"
         table = _check_keys(raw, prefix, _TOML_KEYS["tiers"], _REQUIRED["tiers"], "table [[tiers]]")
-        if table["kind"] in TIER_KINDS and table["kind"] != "zarr":  # an unknown kind is reported as such
-            for name in _ZARR_ONLY:
-                if name in table:
-                    _fail(f"{prefix}.{name}", f"applies to zarr tiers only; this tier is {table.get('kind')!r}")
+        if table["kind"] in TIER_KINDS:  # an unknown kind is reported as such
+            for name, only in _KIND_ONLY.items():
+                if name in table and table["kind"] != only:
+                    _fail(f"{prefix}.{name}", f"applies to {only} tiers only; this tier is {table.get('kind')!r}")
         table.update(_capacity(table.pop("capacity"), f"{prefix}.capacity"))
         table["path"] = _resolve(table["path"], base)
         tiers.append(_section(TierConfig, table, prefix, _CAPACITY_KEYS))

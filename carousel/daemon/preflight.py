@@ -234,7 +234,7 @@ def _memory_ram(profile: DaemonProfile, name: str, cfg: CarouselConfig, report: 
     report.ram[name] = parts
     if cfg.tiers:
         samples = sum(t.capacity_for(record) for t in cfg.tiers)
-        rows = sum(t.capacity_for(record) for t in cfg.tiers if t.kind in ("zarr", "flat"))
+        rows = sum(t.capacity_for(record) for t in cfg.tiers if t.kind in ("zarr", "flat", "files"))  # row manifests
         try:
             verify = verify_requested(mc.verify)
         except ConfigError as exc:  # a CAROUSEL_VERIFY the memory would refuse

@@ -323,7 +323,8 @@ def test_bad_extra_names(name, words):
 
 def test_bad_tier_kind():
     exc = error({**MINIMAL, "tiers": [tier(kind="lmbd", chunk=4)]})
-    assert exc.key == "tiers[0].kind" and "flat, lmdb, zarr" in exc.reason and "did you mean 'lmdb'?" in exc.reason
+    assert exc.key == "tiers[0].kind" and "files, flat, lmdb, zarr" in exc.reason
+    assert "did you mean 'lmdb'?" in exc.reason
     exc = error({**MINIMAL, "tiers": [tier(kind="zarr", codec="gzip")]})
     assert exc.key == "tiers[0].codec" and "none, zstd" in exc.reason
 
@@ -350,6 +351,37 @@ def test_a_flat_tier_has_no_codec_and_round_trips():
     assert exc.key == "tiers[0].codec" and "no codec" in exc.reason
     exc = error({**MINIMAL, "tiers": [tier(kind="flat", chunk=16)]})
     assert exc.key == "tiers[0].chunk" and "zarr tiers only" in exc.reason
+
+
+def test_a_files_tier_reads_in_flight_and_round_trips():
+    cfg = CarouselConfig.from_dict({**MINIMAL, "tiers": [
+        tier(kind="files", path="/t/files"),
+        tier(kind="files", path="/t/zfiles", inflight=1, codec="zstd", sync=False),
+        tier(kind="files", path="/t/imgs", layout="imagefolder", inflight=1024)]})
+    assert cfg.tiers[0].inflight == 32 and cfg.tiers[0].layout == "records"  # the defaults
+    assert [t.url() for t in cfg.tiers] == [
+        "files:///t/files?sync=1&inflight=32",
+        "files:///t/zfiles?sync=0&inflight=1&codec=zstd",
+        "files:///t/imgs?sync=1&inflight=1024&layout=imagefolder&mode=ro"]
+    assert CarouselConfig.from_dict(cfg.to_dict()) == cfg
+    assert "inflight" not in CarouselConfig.from_dict({**MINIMAL, "tiers": [tier()]}).to_dict()["tiers"][0]
+
+
+@pytest.mark.parametrize("values, key, words", [
+    ({"kind": "files", "inflight": 0}, "inflight", "[1, 1024]"),
+    ({"kind": "files", "inflight": 1025}, "inflight", "[1, 1024]"),
+    ({"kind": "files", "inflight": "8"}, "inflight", "integer"),
+    ({"kind": "files", "layout": "tiles"}, "layout", "imagefolder, records"),
+    ({"kind": "files", "layout": "imagefolder", "codec": "zstd"}, "codec", "no codec"),
+    ({"kind": "files", "chunk": 16}, "chunk", "zarr tiers only"),
+    ({"kind": "lmdb", "inflight": 8}, "inflight", "files tiers only"),
+    ({"kind": "zarr", "layout": "imagefolder"}, "layout", "files tiers only"),
+])
+def test_files_only_keys_are_checked(values, key, words):
+    exc = error({**MINIMAL, "tiers": [tier(**values)]})
+    assert exc.key == f"tiers[0].{key}" and words in exc.reason
+    with pytest.raises(ConfigError, match=re.escape(words)):  # built directly too
+        TierConfig(values.pop("kind"), "/t/f", capacity_samples=5, **values)
 
 
 def test_errors_without_a_file():
