@@ -7,6 +7,9 @@
   They are read with a restricted unpickler that admits only the builtins and numpy types those
   files contain, so a tampered file cannot run code.
 
+The format parsers live in :mod:`carousel.formats` (``carousel import`` reads the same files and
+carousel does not import trainers); this module adds the official checksums, the layouts and downloads.
+
 Images come back as uint8 arrays ``(N, C, H, W)`` and labels as int64 ``(N,)``.
 
 ``verify=True`` (the default) checks every file against the official md5 in :data:`CHECKSUMS`; pass
@@ -18,13 +21,9 @@ torchvision layout under the root, through a temporary name, so a failed downloa
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import os
-import pickle
 import shutil
-import struct
 import tarfile
 import tempfile
 import urllib.request
@@ -35,11 +34,12 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from carousel import formats
+
 IDX_SETS = {
     "mnist": ("MNIST", None),
     "fashion-mnist": ("FashionMNIST", Path("/usr/share/datasets/fashion-mnist")),
 }
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 #: Official md5s. IDX sets: of the *uncompressed* bytes (Debian recompressed Fashion-MNIST's .gz files,
 #: so the .gz md5s differ between copies while the content does not). CIFAR: of the files themselves.
@@ -127,10 +127,10 @@ def _check_md5(path: str | Path, data: bytes, expected: str | None, what: str = 
 
 def _gunzip(path: str | Path, data: bytes) -> bytes:
     try:
-        return gzip.decompress(data)
-    except (EOFError, OSError, zlib.error) as exc:  # BadGzipFile is an OSError; a cut file is an EOFError
-        raise DatasetError(f"{path}: corrupt or truncated gzip file ({exc}); delete it and download it again "
-                           f"(download=True) or put the original file there") from exc
+        return formats.gunzip(path, data)
+    except formats.FormatError as exc:
+        raise DatasetError(f"{exc}; delete it and download it again (download=True) or put the original file "
+                           f"there") from exc
 
 
 # ------------------------------------------------------------------------------------------------- IDX
@@ -139,24 +139,17 @@ def read_idx(path: str | Path, expected_md5: str | None = None) -> np.ndarray:
     """Parse one IDX file (optionally gzip-compressed) into an array of its declared shape.
 
     ``expected_md5`` is checked against the uncompressed bytes (raises :class:`ChecksumError`).
+    The parser is :func:`carousel.formats.parse_idx` (``carousel import`` reads the same files).
     """
     path = Path(path)
     raw = path.read_bytes()
     if path.name.endswith(".gz"):
         raw = _gunzip(path, raw)
     _check_md5(path, raw, expected_md5, " of the uncompressed IDX bytes")
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DatasetError(f"{path}: not an IDX file (bad magic {raw[:4]!r})")
-    ndim = raw[3]
-    if len(raw) < 4 + 4 * ndim:
-        raise DatasetError(f"{path}: truncated IDX header ({len(raw)} bytes)")
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    count = int(np.prod(dims))
-    body = raw[4 + 4 * ndim:]
-    if len(body) != count * dtype.itemsize:
-        raise DatasetError(f"{path}: truncated IDX file ({len(body)} bytes of data, expected {count * dtype.itemsize})")
-    return np.frombuffer(body, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
+    try:
+        return formats.parse_idx(path, raw)
+    except formats.FormatError as exc:
+        raise DatasetError(str(exc)) from exc
 
 
 def _idx_folders(root: Path, sub: str, extra: Path | None) -> list[Path]:
@@ -211,31 +204,15 @@ def load_idx_set(name: str, root: str | Path, train: bool = True, *, verify: boo
 
 # ----------------------------------------------------------------------------------------------- CIFAR
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Admits only what CIFAR's batches hold: builtin containers and plain numpy arrays."""
-
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
-
-
 def _read_cifar_batch(path: Path, expected_md5: str | None = None) -> dict:
     data = path.read_bytes()
     # The checksum first: a truncated official file then says "re-download", not "bad pickle".
     _check_md5(path, data, expected_md5)
-    try:
-        batch = _CifarUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as exc:
-        raise DatasetError(f"{path}: not a CIFAR python batch ({exc}); it may be truncated: unpack the "
-                           f"official archive again, or pass download=True") from exc
-    if not isinstance(batch, dict):
-        raise DatasetError(f"{path}: not a CIFAR python batch (a {type(batch).__name__}, not a dict)")
-    return batch
+    try:  # a restricted unpickler (carousel.formats.CifarUnpickler): a tampered file cannot run code
+        return formats.parse_cifar_batch(path, data)
+    except formats.FormatError as exc:
+        raise DatasetError(f"{exc}; it may be truncated: unpack the official archive again, or pass "
+                           f"download=True") from exc
 
 
 def _cifar_layout(classes: int, train: bool) -> tuple[str, str, list[str], str]:
@@ -274,16 +251,11 @@ def load_cifar(root: str | Path, classes: int = 10, train: bool = True, *, verif
     xs, ys = [], []
     for f in files:
         batch = _read_cifar_batch(folder / f, sums.get(f))
-        if "data" not in batch or key not in batch:
-            raise DatasetError(f"{folder / f}: not a CIFAR-{classes} batch (keys {sorted(batch)}, "
-                               f"expected 'data' and {key!r})")
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3072:
-            raise DatasetError(f"{folder / f}: data has shape {data.shape}, expected (N, 3072)")
-        labels = np.asarray(batch[key], dtype=np.int64)
-        if labels.shape != (data.shape[0],):
-            raise DatasetError(f"{folder / f}: {labels.shape} labels for {data.shape[0]} images")
-        xs.append(data.reshape(-1, 3, 32, 32))
+        try:
+            data, labels = formats.cifar_arrays(folder / f, batch, key, f"CIFAR-{classes}")
+        except formats.FormatError as exc:
+            raise DatasetError(str(exc)) from exc
+        xs.append(data)
         ys.append(labels)
     return Split(np.concatenate(xs), np.concatenate(ys), str(folder))
 
