@@ -8,7 +8,13 @@
 ``carousel store info URL``    schema, record count, bytes on disk, chunking of a store
 ``carousel store verify URL``  read every record, check every checksum (corrupt ones are
                                quarantined when the store is writable); exit 1 if any failed
-Exit codes: 0 ok, 1 corrupt records found / daemon unreachable / the daemon cannot start, 2 bad usage,
+``carousel import SRC --profile PROFILE [--memory NAME]``
+                                           bulk-load a data set (IDX, CIFAR pickles or .tar.gz, .npz,
+                                           CLASS/*.png folders) into a memory's tiers: resumable after
+                                           a kill, checksummed; ``--verify`` re-checks source and records
+                                           (see :mod:`carousel.importer`); refused while a daemon serves it
+Exit codes: 0 ok, 1 corrupt records found / daemon unreachable / the daemon cannot start / an import
+that failed or does not verify, 2 bad usage,
 an invalid profile (or one that cannot run here) or a store that cannot be opened.
 
 Each command imports only what it needs: ``carousel --help``, ``check-config`` and a ``status``
@@ -234,6 +240,109 @@ def _status(socket_path: str | None, config: str | None, memory: str, interval: 
     return 0
 
 
+def _task_map(text: str) -> dict[str, int]:
+    """``--task-of-class "0:0,1:0,2:1"`` (a label or an image folder's class name : task)."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        cls, sep, task = part.rpartition(":")
+        if not sep or not cls or not task.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"expected CLASS:TASK pairs such as 0:0,1:0,2:1; got {part!r}")
+        out[cls.strip()] = int(task)
+    if not out:
+        raise argparse.ArgumentTypeError("expected CLASS:TASK pairs such as 0:0,1:0,2:1")
+    return out
+
+
+def _import_parser(sub) -> None:
+    imp = sub.add_parser("import", help="bulk-load a data set into a memory's tiers (resumable, checksummed)",
+                         description="Add every row of a data set to the memory a profile describes, through the "
+                         "memory itself (catalog, capacity, recovery), in batches. Rerunning the same command after "
+                         "a kill or Ctrl-C goes on where it stopped, never adding a row twice. Formats: IDX "
+                         "(*-images-idx3-ubyte[.gz] and its labels file; the file or its folder), CIFAR python "
+                         "(cifar-10-batches-py, cifar-100-python, or the .tar.gz), .npz (arrays x, y and optionally "
+                         "task), folders of CLASS/*.png.")
+    imp.add_argument("src", help="the data set: a file or a folder")
+    imp.add_argument("--profile", required=True, help="memory or daemon profile (TOML) naming the tiers")
+    imp.add_argument("--memory", help="which memory of a [memories.NAME] profile (default: 'default' or the only one)")
+    imp.add_argument("--split", choices=("train", "test"), default="train", help="IDX / CIFAR split (default train)")
+    tasks = imp.add_mutually_exclusive_group()
+    tasks.add_argument("--classes-per-task", type=int, metavar="K",
+                       help="task = (position of the class among the sorted labels) // K (default: an .npz's "
+                       "task array, else task 0)")
+    tasks.add_argument("--task-of-class", type=_task_map, metavar="MAP",
+                       help="explicit tasks: CLASS:TASK pairs, e.g. 0:0,1:0,2:1 (a label, or a folder's class name)")
+    imp.add_argument("--limit", type=int, metavar="N", help="import the first N rows only")
+    imp.add_argument("--batch", type=int, default=1024, metavar="N", help="rows per add (default 1024)")
+    imp.add_argument("--checkpoint-rows", type=int, default=16384, metavar="N",
+                     help="rows between progress checkpoints (flush + record; default 16384)")
+    imp.add_argument("--x-key", default="x", help=".npz array of the samples (default x)")
+    imp.add_argument("--y-key", default="y", help=".npz array of the labels (default y)")
+    imp.add_argument("--quiet", action="store_true", help="no progress bar (none is drawn off a terminal anyway)")
+    imp.add_argument("--verify", action="store_true",
+                     help="add nothing: re-check the source's sha256 and the stored records against the import's "
+                     "manifest; exit 1 on a difference")
+
+
+def _import(args: argparse.Namespace) -> int:
+    """``carousel import``: the profile's memory, under the daemon's data-directory lock."""
+    import os
+
+    from .config import ConfigError
+    from .daemon.errors import DaemonError
+    from .daemon.lock import FileLock
+    from .daemon.profile import load_profile
+    from .daemon.service import LOCK_NAME
+    from .importer import ImportOptions, ImportSourceError, describe, import_dataset, verify_import
+    from storage_backends import StoreError
+
+    try:
+        profile = load_profile(args.profile)
+    except ConfigError as exc:
+        print(f"carousel: invalid profile: {exc}", file=sys.stderr)
+        return 2
+    name = args.memory or ("default" if "default" in profile.memories or len(profile.memories) != 1
+                           else next(iter(profile.memories)))
+    if name not in profile.memories:
+        print(f"carousel: {args.profile} has no memory {name!r}; it has {', '.join(profile.memories)} "
+              "(choose with --memory NAME)", file=sys.stderr)
+        return 2
+    try:
+        opts = ImportOptions(split=args.split, x_key=args.x_key, y_key=args.y_key,
+                             classes_per_task=args.classes_per_task, task_of_class=args.task_of_class,
+                             limit=args.limit, batch=args.batch, checkpoint_rows=args.checkpoint_rows)
+        if args.verify:
+            result = verify_import(profile.memories[name], args.src, opts)
+            print("\n".join(result.lines))
+            print(f"verify: {'ok' if result.ok else 'FAILED'}")
+            return 0 if result.ok else 1
+        lock_path = os.path.join(profile.data_dir(), LOCK_NAME)
+        try:  # the daemon's own lock: no daemon starts on this data while we write it, and none runs now
+            lock = FileLock(lock_path, "data directory")
+        except DaemonError:
+            print(f"carousel: cannot import: a carousel daemon (or another import) is using {args.profile}'s data "
+                  f"({lock_path} is locked); stop it first (`carousel status --config {args.profile}`), then "
+                  "import", file=sys.stderr)
+            return 1
+        # SIGTERM as Ctrl-C: the rows added so far are flushed and recorded before exiting.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            result = import_dataset(profile.memories[name], args.src, opts, progress=False if args.quiet else None,
+                                    log=lambda line: print(f"carousel: {line}", file=sys.stderr))
+        finally:
+            lock.release()
+    except ImportSourceError as exc:
+        print(f"carousel: cannot import: {exc}", file=sys.stderr)
+        return 2
+    except (StoreError, OSError, TimeoutError) as exc:
+        print(f"carousel: import failed: {_first_line(exc)} (rerun the same command to resume)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("carousel: import interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print("\n".join(describe(result)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="carousel", description="storage-tiered replay memory")
     parser.add_argument("--version", action="version", version=f"carousel {__version__}")
@@ -257,7 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--memory", default="default")
     status.add_argument("--interval", type=float, default=1.0, help="seconds between the two readings for rates")
     status.add_argument("--json", action="store_true")
+    _import_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "import":
+        return _import(args)
     if args.command == "serve":
         return _serve(args.config, args.log_level)
     if args.command == "check-config":
