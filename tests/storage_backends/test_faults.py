@@ -63,6 +63,8 @@ FLAVOURS = {  # URL query per store flavour
     "zarr-zstd": ("zarr", "chunk=16&codec=zstd&sync=0"),
     "flat": ("flat", "chunk=16"),
     "flat-sync0": ("flat", "chunk=16&sync=0"),
+    "files": ("files", "chunk=16"),
+    "files-sync0": ("files", "chunk=16&sync=0&codec=zstd"),
 }
 
 
@@ -242,10 +244,12 @@ print(json.dumps(report))
 # deleting the ballast frees room for the batch that met the full disk. The flat store allocates
 # rows.bin 1,024 rows (3 MiB of these records) at a time, then doubles it: on 8 MiB with 2.5 MiB of
 # ballast the first allocation fits and the second (6 MiB) only once the ballast is gone.
-TMPFS = {"lmdb": ("3m", 640 * 1024), "zarr": ("3m", 640 * 1024), "flat": ("8m", 5 * 512 * 1024)}
+TMPFS = {"lmdb": ("3m", 640 * 1024), "zarr": ("3m", 640 * 1024), "flat": ("8m", 5 * 512 * 1024),
+         "files": ("3m", 640 * 1024)}
 # RLIMIT_FSIZE per scheme: the Zarr store meets it in its manifest journal (chunk files stay
-# smaller), the LMDB store in data.mdb, the flat store when rows.bin doubles from 3 to 6 MiB.
-RLIMIT = {"lmdb": 2**20, "zarr": 96 * 1024, "flat": 4 * 2**20}
+# smaller), the LMDB store in data.mdb, the flat store when rows.bin doubles from 3 to 6 MiB, the
+# files store in its manifest journal (~1.3 KB a batch; each file holds one record).
+RLIMIT = {"lmdb": 2**20, "zarr": 96 * 1024, "flat": 4 * 2**20, "files": 16 * 1024}
 
 
 @pytest.fixture
@@ -276,7 +280,8 @@ def small_fs(request, tmp_path):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("small_fs", ["tmpfs", "rlimit"], indirect=True)
-@pytest.mark.parametrize("flavour", ["lmdb", "lmdb-sync0", "zarr", "zarr-zstd", "flat", "flat-sync0"])
+@pytest.mark.parametrize("flavour", ["lmdb", "lmdb-sync0", "zarr", "zarr-zstd", "flat", "flat-sync0", "files",
+                                     "files-sync0"])
 def test_full_disk_raises_store_full_and_loses_nothing(tmp_path, small_fs, flavour):
     d, limit, ballast = small_fs  # on the tmpfs every store meets ENOSPC wherever it comes
     url = make_url(d / "store", flavour)
@@ -298,7 +303,7 @@ def test_full_disk_raises_store_full_and_loses_nothing(tmp_path, small_fs, flavo
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("fail_at", ["snapshot", "new journal"])
-@pytest.mark.parametrize("flavour", ["zarr", "flat"])  # the stores with a row manifest
+@pytest.mark.parametrize("flavour", ["zarr", "flat"])  # the stores with a row manifest (the files store shares theirs)
 def test_manifest_compaction_meeting_a_full_disk_fails_no_call_and_loses_nothing(tmp_path, monkeypatch, fail_at,
                                                                                  flavour):
     """A manifest compaction runs after the call's journal entry is durable. If it meets a full
@@ -419,9 +424,9 @@ with open_store(url + ("&" if "?" in url else "?") + "mode=ro") as ro:
     same(read_all(ro), before)
 assert digest() == files, "reading a read-only store changed files"
 
-if url.startswith("zarr"):
-    # The permission changes while the store is open for writing: the chunk write fails. (The
-    # LMDB and flat stores write through files they opened before: nothing to refuse them.)
+if url.startswith(("zarr", "files")):
+    # The permission changes while the store is open for writing: the chunk (or record file) write
+    # fails. (The LMDB and flat stores write through files they opened before: nothing to refuse them.)
     chmod_tree(writable=True)
     with open_store(url) as s:
         chmod_tree(writable=False)
@@ -460,7 +465,7 @@ def nobody_dir():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat"])
+@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat", "files"])
 def test_read_only_directory_gives_permission_error_and_ro_mode_reads(tmp_path, nobody_dir, flavour):
     d, scratch = nobody_dir
     store_dir = d / "store"
@@ -490,7 +495,7 @@ def ro_bind_mount(tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat"])
+@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat", "files"])
 def test_read_only_file_system_gives_permission_error_and_ro_mode_reads(ro_bind_mount, flavour):
     src, dst = ro_bind_mount
     ids, want = filled(make_url(src / "store", flavour), 2)
@@ -508,9 +513,16 @@ def test_read_only_file_system_gives_permission_error_and_ro_mode_reads(ro_bind_
 
 # ---- 7. flipped bytes in records; damaged chunks ------------------------------------------------
 def damage_record(store_dir: Path, flavour: str, x_bytes: bytes, where: str) -> None:
-    """Flip a byte of the record whose x is ``x_bytes``: in its x, or in its CRC-32C trailer."""
+    """Flip a byte of the record whose x is ``x_bytes``: in its x, or in its CRC-32C trailer (or,
+    for the files store, remove its file)."""
     scheme = FLAVOURS[flavour][0]
-    if scheme == "zarr":  # x lives in its own chunk files; the checksums in the manifest
+    if scheme == "files":  # one file per record: the record's bytes (x first), then its CRC-32C
+        path, off = find_payload(sorted((store_dir / "data").rglob("*.rec")), x_bytes)
+        if where == "missing":
+            path.unlink()
+        else:
+            flip_byte(path, off + {"x": 1500, "trailer": REC_NBYTES + 2}[where])
+    elif scheme == "zarr":  # x lives in its own chunk files; the checksums in the manifest
         assert where == "x"
         path, off = find_payload(sorted(p for p in (store_dir / "x" / "c").rglob("*") if p.is_file()), x_bytes)
         flip_byte(path, off + 1500)
@@ -522,7 +534,8 @@ def damage_record(store_dir: Path, flavour: str, x_bytes: bytes, where: str) -> 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("flavour, where", [("lmdb", "x"), ("lmdb", "trailer"), ("zarr", "x"),
-                                            ("flat", "x"), ("flat", "trailer")])
+                                            ("flat", "x"), ("flat", "trailer"), ("files", "x"),
+                                            ("files", "trailer"), ("files", "missing")])
 def test_flipped_byte_in_a_record_is_detected_and_quarantined(tmp_path, flavour, where):
     store_dir = tmp_path / "store"
     url = make_url(store_dir, flavour)
@@ -695,7 +708,7 @@ def test_corrupt_zarr_json_raises_store_error_and_releases_the_lock(tmp_path, da
 
 
 # ---- missing store -------------------------------------------------------------------------------
-@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat"])
+@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat", "files"])
 def test_missing_store(tmp_path, flavour):
     missing = tmp_path / "nope" / "store"
     with pytest.raises(StoreNotFoundError) as info:
@@ -720,7 +733,7 @@ print("CLOSED", flush=True)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat"])
+@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat", "files"])
 def test_second_writer_is_refused_naming_the_holder(tmp_path, flavour):
     url = make_url(tmp_path / "store", flavour)
     ids, want = filled(url, 1)
@@ -735,7 +748,7 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path, flavour):
         if flavour == "lmdb":  # MVCC: readers never wait for the writer
             with open_store(make_url(tmp_path / "store", flavour, "mode=ro")) as ro:
                 assert_records(ro.get_many(ids), want)
-        else:  # the Zarr and flat readers share the lock: refused while a writer holds it
+        else:  # the Zarr, flat and files readers share the lock: refused while a writer holds it
             with pytest.raises(StoreLockedError):
                 open_store(make_url(tmp_path / "store", flavour, "mode=ro"))
         holder.stdin.write("\n")
@@ -752,7 +765,7 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path, flavour):
                        {k: np.concatenate([want[k], batch(1)[1][k]]) for k in SCHEMA})
 
 
-@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat"])
+@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat", "files"])
 def test_second_writer_in_the_same_process_is_refused(tmp_path, flavour):
     url = make_url(tmp_path / "store", flavour)
     ids, want = filled(url, 1)
@@ -797,7 +810,7 @@ def _bad_puts():
 BAD_PUTS = _bad_puts()
 
 
-@pytest.fixture(params=["lmdb", "zarr", "flat"])
+@pytest.fixture(params=["lmdb", "zarr", "flat", "files"])
 def small_store(request, tmp_path):
     url = make_url(tmp_path / "store", request.param)
     ids, want = filled(url, 2)
@@ -842,7 +855,7 @@ def test_bad_reads_and_deletes_raise_typed_errors_and_change_nothing(small_store
 
 
 BAD_URLS = [
-    *[f"{scheme}://{{path}}?{query}" for scheme in ("lmdb", "zarr", "flat") for query in
+    *[f"{scheme}://{{path}}?{query}" for scheme in ("lmdb", "zarr", "flat", "files") for query in
       ("bogus=1", "synch=1", "sync=1&sync=0", "sync=maybe", "mode=rx")],
     "s3://{path}",  # unknown scheme
     "{path}",  # no scheme
@@ -857,6 +870,10 @@ BAD_URLS = [
     "flat://{path}?chunk=lots",
     "flat://{path}?codec=zstd",  # a Zarr option, unknown to the flat store
     "flat://{path}?map_size=1GiB",  # an LMDB option
+    "files://{path}?inflight=0",
+    "files://{path}?inflight=lots",
+    "files://{path}?layout=tiles",
+    "files://{path}?readers=2",  # a Zarr option
 ]
 
 
@@ -869,7 +886,7 @@ def test_bad_url_raises_invalid_url_error_and_creates_nothing(tmp_path, template
     assert not (tmp_path / "new").exists(), "a rejected URL created the store directory"
 
 
-@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat"])
+@pytest.mark.parametrize("flavour", ["lmdb", "zarr", "flat", "files"])
 def test_bad_url_on_existing_store_and_schema_mismatch_change_nothing(tmp_path, flavour):
     url = make_url(tmp_path / "store", flavour)
     ids, want = filled(url, 1)
