@@ -8,6 +8,7 @@ What must hold after a writer is killed at any moment:
 - reopening needs the URL only; ``len()`` matches; no index entry points at a missing or damaged
   row (``get_many(ids())`` passes every checksum) and nothing was quarantined;
 - a Zarr chunk write cut short leaves no torn row and its ``*.partial`` orphans are swept on open;
+  the files store's temp files and unnamed record files are swept the same way;
 - an LMDB write transaction cut short leaves the last commit; stale reader slots are cleared;
 - the writer lock dies with its holder.
 
@@ -184,6 +185,9 @@ def snapshot(url: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         assert store.contains(ids).all()
         chunked = np.sort(np.concatenate([c.ids for c in store.iter_chunks()] or [np.zeros(0, np.int64)]))
         assert np.array_equal(chunked, ids), "iter_chunks() and ids() disagree"
+        if url.startswith("files://"):  # the open swept what the kill left: one file per live record
+            left = sorted(p.name for p in (store.path / "data").rglob("*") if p.is_file())
+            assert len(left) == ids.size and all(n.endswith(".rec") for n in left), left[:8]
     return ids, got
 
 
@@ -247,6 +251,8 @@ CASES = [
     ("zarr-zstd-sync0", "zarr", "chunk=16&codec=zstd&sync=0", 16384, 0.25),
     ("flat-sync1", "flat", "chunk=16&sync=1", 16384, 0.25),  # the flat store's manifest compacts too
     ("flat-sync0", "flat", "chunk=16&sync=0", 0, 0.25),
+    ("files-sync1", "files", "chunk=16&sync=1", 16384, 0.25),  # kills land between a batch's renames too
+    ("files-sync0-zstd", "files", "chunk=16&sync=0&codec=zstd", 0, 0.25),
 ]
 ROUNDS = 6
 
@@ -502,7 +508,7 @@ def test_stale_lmdb_readers_of_killed_processes_are_cleared(tmp_path):
 
 # ---- 4. the writer lock dies with its holder ------------------------------------------------------
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("scheme", ["lmdb", "zarr", "flat"])
+@pytest.mark.parametrize("scheme", ["lmdb", "zarr", "flat", "files"])
 def test_writer_lock_is_released_when_its_holder_is_killed(tmp_path, scheme):
     _, writer = load_writer(tmp_path)
     url = f"{scheme}://{tmp_path / 'store'}"
