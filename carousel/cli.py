@@ -5,6 +5,12 @@
                                            machine (RAM, writable paths) and print what it holds; exit
 ``carousel status [--socket PATH | --config PROFILE]``
                                            occupancy, swap rates, prefetch hit rate, latency of a daemon
+``carousel tune --tier [KIND:]PATH ... --step-ms MS [--profile BASE] [--out P.toml]``
+                                           measure the tier paths (cold random reads, writes, fsync,
+                                           free space) and RAM, write a profile that fits them and
+                                           P.plan.json; ``tune --check P.toml`` compares the running
+                                           daemon's metrics with that plan (:mod:`carousel.tune`);
+                                           exit 1 when it does not run as planned
 ``carousel store info URL``    schema, record count, bytes on disk, chunking of a store
 ``carousel store verify URL``  read every record, check every checksum (corrupt ones are
                                quarantined when the store is writable); exit 1 if any failed
@@ -343,6 +349,44 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune_parser(sub) -> None:
+    from storage_backends.url import parse_size
+
+    def size(text: str) -> int:
+        try:
+            return parse_size(text, "size")
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    tune = sub.add_parser("tune", help="measure tier paths and this machine, write a profile that fits them; "
+                          "--check a running daemon against it")
+    tune.add_argument("--tier", action="append", default=[], metavar="[KIND:]PATH",
+                      help="a candidate tier folder (repeat; KIND lmdb, zarr, flat, ...; default lmdb)")
+    tune.add_argument("--profile", help="a base profile: its [daemon], [memory] shape and settings are kept")
+    tune.add_argument("--memory", help="the memory of a base profile with several (--profile), or to --check")
+    tune.add_argument("--sample-shape", help="x's shape, e.g. 3,32,32 (without a base profile)")
+    tune.add_argument("--dtype", help="x's dtype (default uint8)")
+    tune.add_argument("--step-ms", type=float, help="the trainer's step time, ms")
+    tune.add_argument("--from-metrics", metavar="HOST:PORT",
+                      help="read the step time from a running daemon's /metrics instead (a trainer must be running)")
+    tune.add_argument("--batch", type=int, default=32, help="replay rows per step (default 32)")
+    tune.add_argument("--stream-batch", type=int, help="samples added per step (default: --batch)")
+    tune.add_argument("--em-size", type=int, help="wanted EM size (default: the base profile's, else what the RAM "
+                      "budget gives)")
+    tune.add_argument("--ratio", type=float, help="wanted swap ratio (default: the base profile's, else 0.5)")
+    tune.add_argument("--ram-budget", type=size, help="RAM for the daemon, e.g. 1GiB (default: a quarter of "
+                      "MemAvailable)")
+    tune.add_argument("--margin", type=float, default=2.0, help="plan every rate at this multiple of the demand")
+    tune.add_argument("--disk-share", type=float, default=0.5, help="share of each path's free space for its tier")
+    tune.add_argument("--records", type=int, default=3072, help="records the probe writes per path")
+    tune.add_argument("--no-sync", action="store_true", help="tiers without fsync per write (sync = false)")
+    tune.add_argument("--out", default="carousel-tuned.toml", help="the profile to write (and NAME.plan.json)")
+    tune.add_argument("--check", metavar="PROFILE", help="compare the daemon serving PROFILE (tuned) with its plan")
+    tune.add_argument("--metrics", metavar="HOST:PORT", help="--check: the daemon's /metrics (default: the profile's)")
+    tune.add_argument("--window", type=float, default=10.0, help="seconds between the two metric readings")
+
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="carousel", description="storage-tiered replay memory")
     parser.add_argument("--version", action="version", version=f"carousel {__version__}")
@@ -367,7 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--interval", type=float, default=1.0, help="seconds between the two readings for rates")
     status.add_argument("--json", action="store_true")
     _import_parser(sub)
+    _tune_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "tune":
+        from .tune.command import run_check, run_tune
+
+        return run_check(args) if args.check else run_tune(args)
     if args.command == "import":
         return _import(args)
     if args.command == "serve":
