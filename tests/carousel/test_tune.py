@@ -192,6 +192,28 @@ def test_tune_on_this_machine_writes_a_profile_check_config_accepts_and_serve_ru
         ids = c.add(torch.zeros(40, 3, 16, 16, dtype=torch.uint8), torch.arange(40) % 4, task=0)
         c.flush()
         assert len(c.sample(8, seed=0)) == 8 and ids.numel() == 40
+        # The step time read off the daemon beside a running trainer (one observe() a step, ~20 ms).
+        stop = threading.Event()
+
+        def trainer() -> None:
+            while not stop.is_set():
+                b = c.sample(8)
+                c.observe(b.ids, loss=torch.rand(len(b)))
+                time.sleep(0.02)
+
+        th = threading.Thread(target=trainer)
+        th.start()
+        try:
+            r = _tune("--profile", str(base), "--tier", str(tmp_path / "disk"), "--from-metrics", f"127.0.0.1:{port}",
+                      "--window", "2", "--records", "256", "--out", str(tmp_path / "again.toml"))
+        finally:
+            stop.set()
+            th.join(30)
+        assert r.returncode == 0, r.stderr
+        step_ms = float(r.stdout.split("trainer step: ")[1].split(" ms")[0])
+        assert 20 <= step_ms < 200, r.stdout  # 20 ms of sleep plus the calls, on a loaded machine
+        planned = json.loads((tmp_path / "again.plan.json").read_text())
+        assert planned["request"]["step_s"] == pytest.approx(step_ms / 1e3, rel=0.01)  # the plan used it
 
 
 def test_tune_refuses_bad_input_clearly(tmp_path):
