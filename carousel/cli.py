@@ -294,10 +294,7 @@ def _import(args: argparse.Namespace) -> int:
     import os
 
     from .config import ConfigError
-    from .daemon.errors import DaemonError
-    from .daemon.lock import FileLock
     from .daemon.profile import load_profile
-    from .daemon.service import LOCK_NAME
     from .importer import ImportOptions, ImportSourceError, describe, import_dataset, verify_import
     from storage_backends import StoreError
 
@@ -321,7 +318,11 @@ def _import(args: argparse.Namespace) -> int:
             print("\n".join(result.lines))
             print(f"verify: {'ok' if result.ok else 'FAILED'}")
             return 0 if result.ok else 1
-        lock_path = os.path.join(profile.data_dir(), LOCK_NAME)
+        from .daemon.errors import DaemonError  # (loads torch: not for --verify)
+        from .daemon.lock import FileLock
+
+        # The daemon's lock file: carousel.daemon.service.LOCK_NAME (importing that module loads torch).
+        lock_path = os.path.join(profile.data_dir(), "daemon.lock")
         try:  # the daemon's own lock: no daemon starts on this data while we write it, and none runs now
             lock = FileLock(lock_path, "data directory")
         except DaemonError:
