@@ -1,15 +1,18 @@
-"""Benchmark of ``storage_backends``: how fast the LMDB, Zarr and flat stores ingest and read, each
-read set beside the plainest fast way to do the same read.
+"""Benchmark of ``storage_backends``: how fast the LMDB, Zarr, flat and files stores ingest and read,
+each read set beside the plainest fast way to do the same read.
 
 Records are CIFAR-sized (``x`` uint8 (3, 32, 32), ``y`` int64, ``task`` int16; random content;
 ids 0..N-1, ingested in order). Measured:
 
 - ingest: ``put_many`` of ``--batch`` records at a time into LMDB (sync=1, sync=0) and Zarr
   (codec=none sync=1 and sync=0, codec=zstd, and each ``--zarr-chunks`` size) and flat (sync=1,
-  sync=0), in samples/s, and the bytes on disk per record (``store.nbytes``);
+  sync=0) and files (sync=1, sync=0), in samples/s, and the bytes on disk per record (``store.nbytes``);
 - random reads: ``get_many`` of random batches of ids out of all stored;
 - chunk-granular reads: ``get_chunk`` at random chunk indexes and an ``iter_chunks`` scan from the
   first chunk, ``ceil(batch / chunk_rows)`` chunks per timed batch;
+- the files store's random ``get_many`` with 32 reads in flight against one at a time
+  (``inflight=32`` vs ``inflight=1``: two read-only handles on the same files, taking turns repeat
+  by repeat), warm and cold (below), with the most reads each had in flight;
 - references: a numpy gather from RAM; one ``os.pread`` per record of a flat file of fixed-size
   packed records (3072 + 8 + 2 bytes), joined and split into arrays; one ``os.pread`` per chunk of
   the same file, at random chunk indexes and in order (the references of the chunk reads).
@@ -22,7 +25,11 @@ batch (before each cold repeat for the scans) the store is flushed and the page 
 file under it is dropped with ``os.posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)``; an LMDB or
 flat store is also closed before and reopened after the drop, because fadvise keeps pages that a
 process maps, and both read through mmap. ``mincore`` then checks how much of each store is still cached.
-``/proc/sys/vm/drop_caches`` is not used.
+``/proc/sys/vm/drop_caches`` is not used, except for the files store's cold reads with
+``--files-cold drop_caches`` (root only): ``sync`` then ``3`` into it before each batch, which also
+drops the directory entries and inodes, as for files the machine has not seen for a while; the
+default, ``fadvise``, drops the data pages of every file the cold batches read (metadata stays
+cached, as on a local disk in use).
 
 A figure is the median over ``--repeat`` repeats, each ``--batches`` (cold: ``--cold-batches``)
 batches timed one by one with ``time.perf_counter`` after untimed warm-up calls (2; 1 with
@@ -34,6 +41,7 @@ Run from the project root::
     .venv/bin/python -m benchmarks.storage --quick     # 5,000 records, every code path, < 30 s
     .venv/bin/python -m benchmarks.storage             # 200,000 records, 3-5 min on 2 cores
     .venv/bin/python -m benchmarks.storage --records 50000 --repeat 7 --zarr-chunks 8,32 --keep
+    .venv/bin/python -m benchmarks.storage --quick --only files --files-cold drop_caches
 
 Output: machine facts, progress (stderr) and the table on stdout; ``results.json`` (every figure,
 with per-repeat rates) and ``results.md`` in ``--out`` (default ``bench-out/`` in the project).
@@ -97,6 +105,8 @@ class Settings:
     keep: bool
     seed: int
     quick: bool
+    only: tuple[str, ...] = ()  # store kinds (URL schemes) measured; () = all
+    files_cold: str = "fadvise"  # how the files store's cold batches are made cold: fadvise or drop_caches
 
 
 def parse_args(argv: list[str] | None) -> Settings:
@@ -117,6 +127,11 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument("--keep", action="store_true", help="keep the work dir with the stores")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small sizes: every code path in < 30 s")
+    p.add_argument("--only", default="", help="measure only these store kinds, comma-separated (lmdb,zarr,flat,files; "
+                                              "the LMDB and Zarr targets then read as FAIL: not measured)")
+    p.add_argument("--files-cold", choices=("fadvise", "drop_caches"), default="fadvise",
+                   help="files store, cold reads: posix_fadvise(DONTNEED) on the files read (default), or "
+                        "sync + 3 > /proc/sys/vm/drop_caches before each batch (root only: drops metadata too)")
     a = p.parse_args(argv)
     quick = a.quick
 
@@ -140,7 +155,11 @@ def parse_args(argv: list[str] | None) -> Settings:
         keep=a.keep,
         seed=a.seed,
         quick=quick,
+        only=tuple(k.strip() for k in a.only.split(",") if k.strip()),
+        files_cold=a.files_cold,
     )
+    if settings.files_cold == "drop_caches" and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        p.error("--files-cold drop_caches needs root (a writable /proc/sys/vm/drop_caches)")
     if settings.batch < 1 or settings.records < settings.batch:
         p.error(f"need 1 <= --batch <= --records, got batch={settings.batch} records={settings.records}")
     if min(settings.repeat, settings.batches, settings.cold_batches) < 1 or min(chunks, default=1) < 1:
@@ -324,10 +343,13 @@ def store_specs(settings: Settings, default_chunk: int) -> list[StoreSpec]:
         StoreSpec(f"zarr zstd c{c} sync=1", "zarr", f"codec=zstd&chunk={c}&sync=1", read=True),
         StoreSpec("flat sync=1", "flat", "sync=1", read=True),
         StoreSpec("flat sync=0", "flat", "sync=0", read=False),
+        StoreSpec("files sync=1", "files", "sync=1", read=False),
+        # Read by files_read_figures: inflight=32 against inflight=1, not by the generic reads.
+        StoreSpec("files sync=0", "files", "sync=0", read=True),
     ]
     specs += [StoreSpec(f"zarr none c{k} sync=1", "zarr", f"codec=none&chunk={k}&sync=1", read=True)
               for k in settings.zarr_chunks if k != c]
-    return specs
+    return [s for s in specs if not settings.only or s.scheme in settings.only]
 
 
 class StoreUnderTest:
@@ -644,6 +666,70 @@ def store_read_figures(subject: StoreUnderTest, plans: Plans, settings: Settings
     return figures, residency
 
 
+FILES_INFLIGHT = (32, 1)  # reads in flight: many against one at a time
+
+
+def files_read_figures(subject: StoreUnderTest, plans: Plans, settings: Settings,
+                       flat: FlatFile) -> tuple[list[Figure], dict]:
+    """The files store's random ``get_many`` with 32 reads in flight and with one, on the same files
+    (two read-only handles), taking turns repeat by repeat (warm: with the pread reference too)."""
+    s, label = settings, subject.spec.label
+    subject.close()
+    base = subject.url.split("?")[0]
+    stores = [open_store(f"{base}?mode=ro&inflight={n}") for n in FILES_INFLIGHT]
+    try:
+        def reader(store: SampleStore) -> Callable[[int], int]:
+            return lambda k: store.get_many(plans.id_batches[k])["x"].shape[0]
+
+        reads = [reader(st) for st in stores]
+        # The files the planned batches read (every id of every batch): what a cold batch finds
+        # dropped. Looked up through the store's manifest (a benchmark may reach inside).
+        ids = np.unique(plans.id_batches)
+        found, rows, _ = stores[0]._manifest.lookup(ids)
+        assert found.all()
+        paths = [stores[0]._file(r, i) for r, i in zip(rows.tolist(), ids.tolist())]
+
+        def drop() -> None:
+            if s.files_cold == "drop_caches":
+                os.sync()
+                Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            else:
+                drop_page_cache(paths)
+
+        t0 = time.perf_counter()
+        records = sum(chunk.ids.size for chunk in stores[0].iter_chunks())  # warm: one full pass
+        pass_s = time.perf_counter() - t0
+        alongside = pread_records_op(flat, plans, PREAD_RECORDS)
+        figures: list[Figure] = []
+        warm = measure([*reads, alongside.read_batch], s.repeat, s.batches, s.warmup, budget_s=s.figure_budget_s)
+        drop()
+        residency = {f"{label} (files read cold, {s.files_cold})": resident_fraction(paths)}
+        cold = measure(reads, s.repeat, s.cold_batches, s.warmup, before_batch=drop, budget_s=s.figure_budget_s)
+        for cache, timings in (("warm", warm), ("cold", cold)):
+            many, one = timings[0], timings[1]
+            gain = statistics.median(a / b for a, b in zip(many.repeat_samples_per_s, one.repeat_samples_per_s))
+            for n, timing, store in zip(FILES_INFLIGHT, timings, stores):
+                fig = timed_figure(label, f"get_many, random ids, inflight={n}", cache, timing)
+                fig.notes["inflight_high_water"] = store.inflight_high_water
+                if n == FILES_INFLIGHT[0]:
+                    fig.notes["vs_inflight_1"] = gain
+                if cache == "warm":
+                    ref = timings[2]
+                    fig.notes["pread_alongside"] = asdict(ref)
+                    fig.notes["vs_pread_alongside"] = statistics.median(
+                        a / b for a, b in zip(timing.repeat_samples_per_s, ref.repeat_samples_per_s))
+                else:
+                    fig.notes["cold_method"] = s.files_cold
+                figures.append(fig)
+        figures[0].notes["warm_up_pass"] = {"records": int(records), "seconds": pass_s}
+        log(f"{label}: inflight={FILES_INFLIGHT[0]} vs inflight={FILES_INFLIGHT[1]}: "
+            f"{figures[0].notes['vs_inflight_1']:.2f}x warm, {figures[2].notes['vs_inflight_1']:.2f}x cold")
+        return figures, residency
+    finally:
+        for st in stores:
+            st.close()
+
+
 def fadvise_while_open(subject: StoreUnderTest) -> float:
     """Share of an open store's pages still cached after flush + fadvise(DONTNEED) alone."""
     subject.store.flush()
@@ -687,7 +773,10 @@ def evaluate_targets(figures: list[Figure], zarr_chunk: int) -> list[dict]:
     fastest = max(warm_pread_rates(figures))
     results = []
     for what, store, operation, threshold in targets_of(zarr_chunk):
-        f = index[(store, operation, "warm")]
+        f = index.get((store, operation, "warm"))
+        if f is None:  # --only left the store out
+            results.append({"target": f"{what} (not measured)", "passed": False, "samples_per_s": {}})
+            continue
         results.append({"target": what, "threshold_vs_pread": threshold, "vs_pread": f.vs_pread,
                         "samples_per_s": f.samples_per_s, "passed": f.vs_pread >= threshold,
                         "fastest_warm_pread_samples_per_s": fastest,
@@ -729,6 +818,12 @@ def _note(f: Figure) -> str:
                      f"{n['first_segment_samples_per_s']:,.0f}/{n['last_segment_samples_per_s']:,.0f}/s")
     if "pread_alongside" in f.notes:
         notes.append(f"pread alongside {f.notes['pread_alongside']['samples_per_s']:,.0f}/s")
+    if "inflight_high_water" in f.notes:
+        notes.append(f"at most {f.notes['inflight_high_water']} reads in flight")
+    if "vs_inflight_1" in f.notes:
+        notes.append(f"{f.notes['vs_inflight_1']:.3g}x inflight=1 (median of per-repeat ratios)")
+    if "cold_method" in f.notes:
+        notes.append(f"cold by {f.notes['cold_method']}")
     if f.vs_chunk_ref is not None:
         notes.append(f"{f.vs_chunk_ref:.3g}x {f.chunk_ref}")
     done, planned = len(f.timing["repeat_samples_per_s"]), f.timing["repeats_planned"]
@@ -860,12 +955,13 @@ def run(settings: Settings, work: Path, zarr_chunk: int) -> tuple[list[Figure], 
             else:
                 subject.close()
                 shutil.rmtree(subject.store.path)  # ingest-only: free the disk
-        plans = make_plans(settings, {r.store.chunk_rows for r in readers})
+        plans = make_plans(settings, {r.store.chunk_rows for r in readers if r.spec.scheme != "files"})
         ref_figures, residency = reference_figures(data, flat, plans, settings)
         figures += ref_figures
         flat.read_all()  # warm again, for the references next to each store
         for subject in readers:
-            read_figures, subject_residency = store_read_figures(subject, plans, settings, flat)
+            figure_reads = files_read_figures if subject.spec.scheme == "files" else store_read_figures
+            read_figures, subject_residency = figure_reads(subject, plans, settings, flat)
             figures += read_figures
             residency.update(subject_residency)
         figures += measure_reads(PREAD, [pread_records_op(flat, plans, PREAD_RECORDS_AT_END)], flat, "warm", settings)

@@ -545,16 +545,15 @@ class FilesStore(RowStore):
 
     # ---- durability and lifecycle: RowStore's flush and close ------------------------------------
     def _sync_rows(self) -> None:
-        for rows, ids in self._unsynced_rows:
-            for r, i in zip(rows.tolist(), ids.tolist()):
-                try:
-                    fd = os.open(self._file(r, i), os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    continue  # replaced or deleted since: nothing of it to keep
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+        paths = [self._file(r, i) for rows, ids in self._unsynced_rows for r, i in zip(rows.tolist(), ids.tolist())]
+        if len(paths) > 1 and self.inflight > 1:
+            # fsyncs that overlap share the file system's journal commits: 5,000 files flushed one
+            # at a time took 26 s here (191 files/s), several at once a fraction of that.
+            for fut in [self._io_pool().submit(_fsync_file, p) for p in paths]:
+                fut.result()
+        else:
+            for p in paths:
+                _fsync_file(p)
         self._sync_dirs(self._unsynced_dirs)
         self._unsynced_rows, self._unsynced_dirs = [], set()
 
@@ -574,6 +573,17 @@ class FilesStore(RowStore):
                 os.unlink(self._root / _DIRTY)
             except OSError:
                 pass
+
+
+def _fsync_file(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # replaced or deleted since it was written: nothing of it to keep
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_file(path: str, limit: int) -> bytes:
