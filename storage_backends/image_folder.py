@@ -5,12 +5,13 @@ torchvision's ``ImageFolder`` (and CarM's code) reads it. Adopting that folder a
 the store of past samples without writing a second copy; images are decoded where the swap engine
 reads them (its I/O pool calls :meth:`ImageFolderStore.get_many`), never on the trainer's thread.
 
-URL: ``files:///path/to/root?layout=imagefolder&mode=ro&classes_per_task=0&readers=16&chunk=64``
+URL: ``files:///path/to/root?layout=imagefolder&mode=ro&classes_per_task=0&inflight=32&chunk=64``
 
 - ``layout=imagefolder`` (required) and ``mode=ro`` (the only mode: nothing is ever written into
   the user's folder, not even an index file); ``sync`` is accepted and ignored (nothing to sync).
 - ``classes_per_task=K``: a sample's task is ``label // K``; 0 (the default) gives every sample task 0.
-- ``readers``: file reads in flight at once (aiofiles on a thread pool of that size).
+- ``inflight``: file reads in flight at once (aiofiles on a thread pool of that size), as the
+  files store's key of that name.
 - ``chunk``: ids per chunk for :meth:`get_chunk` (chunks are id ranges, as LMDB's).
 
 The listing, built once at open (nothing cached on disk), follows ``ImageFolder``'s rules:
@@ -40,7 +41,7 @@ error names ``pip install pillow`` otherwise). ``put_many`` and ``delete_many`` 
 :class:`StorePermissionError`.
 
 Reads: ``get_many`` hands the paths to an asyncio loop and waits for the bytes, read by aiofiles
-with ``readers`` reads in flight (a cold folder on a disk or a network file system serves many
+with ``inflight`` reads in flight (a cold folder on a disk or a network file system serves many
 small files much faster with reads overlapped), then decodes them on the calling thread (zlib
 releases the GIL while it inflates). The loop is the swap engine's once it offers it
 (:meth:`~storage_backends.SampleStore.bind_loop`: the engine's I/O thread waits while the loop
@@ -116,7 +117,7 @@ class ImageFolderStore(SampleStore):
     prefers_chunks = False  # a chunk is chunk_rows file reads: readers draw ids, not chunks
 
     def __init__(self, url: StoreURL, schema: Schema | None) -> None:
-        opts = url.take({"layout": "", "mode": "ro", "classes_per_task": "0", "readers": "16", "chunk": "64",
+        opts = url.take({"layout": "", "mode": "ro", "classes_per_task": "0", "inflight": "32", "chunk": "64",
                          "sync": "0"})
         if opts["layout"] != "imagefolder":
             raise InvalidURLError(f"{url.text}: ImageFolderStore reads layout=imagefolder, got "
@@ -125,7 +126,7 @@ class ImageFolderStore(SampleStore):
             raise InvalidURLError(f"{url.text}: an adopted image folder is read-only (mode=ro); nothing is ever "
                                   f"written into it, got mode={opts['mode']!r}")
         self._per_task = parse_int(opts["classes_per_task"], "classes_per_task", 0, 1 << 31)
-        self._readers = parse_int(opts["readers"], "readers", 1, 256)
+        self._readers = parse_int(opts["inflight"], "inflight", 1, 1024)
         self._chunk = parse_int(opts["chunk"], "chunk", 1, 1 << 20)
         root = url.path.expanduser().absolute()
         if not root.is_dir():
@@ -250,7 +251,7 @@ class ImageFolderStore(SampleStore):
         self._bound = loop
 
     def _read_files(self, paths: list[str]) -> list[bytes | BaseException]:
-        """The bytes of each file (or the error reading it), ``readers`` reads in flight. On the
+        """The bytes of each file (or the error reading it), ``inflight`` reads in flight. On the
         bound loop (the swap engine's, from its I/O thread) while it runs, else on the store's own
         (recovery, the writer thread, tests). The files store (``files_store.py``) runs its reads
         the same way."""
@@ -277,7 +278,7 @@ class ImageFolderStore(SampleStore):
         return asyncio.run_coroutine_threadsafe(self._read_all(paths), own).result()
 
     async def _read_all(self, paths: list[str]) -> list[bytes | BaseException]:
-        """Every file of ``paths``: ``readers`` workers each take the next path as their read returns."""
+        """Every file of ``paths``: ``inflight`` workers each take the next path as their read returns."""
         out: list[bytes | BaseException] = [b""] * len(paths)
         todo = iter(range(len(paths)))
         pool = self._io_pool()
@@ -294,7 +295,7 @@ class ImageFolderStore(SampleStore):
         return out
 
     def _io_pool(self) -> ThreadPoolExecutor:
-        """``readers`` threads for the reads (the loop's default executor is sized for the cores)."""
+        """``inflight`` threads for the reads (the loop's default executor is sized for the cores)."""
         with self._start_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="carousel-imagefolder-read")
