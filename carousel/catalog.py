@@ -16,6 +16,13 @@ distinct classes, whatever the labels' values.
 The statistics columns (correctness, softmax entropy, loss, times replayed) are what swap-out
 policies read. One lock guards all columns; it is never held during I/O.
 
+Samples of an adopted read-only tier (an image folder holding a whole data set, future tasks'
+classes included) are registered *dormant*: a class that only such samples have is left out of
+every swap-in count and draw (:meth:`Catalog.available_by_class`, :meth:`Catalog.swap_in_pool`,
+:meth:`Catalog.draw_swap_in`) until a sample of it is registered otherwise (added by the stream,
+or found on a writable tier), so no swap-in policy -- not even ``random`` or ``class_balanced``,
+which may name a class the EM does not hold -- brings a class the stream has not reached yet.
+
 >>> import numpy as np
 >>> cat = Catalog()
 >>> cat.register(np.arange(4), np.array([7, 2**40, 7, 3]), np.zeros(4, np.int64), home=0)
@@ -60,6 +67,7 @@ class Catalog:
         self._class_len: dict[int, int] = {}
         self._class_index: dict[int, int] = {}  # label -> dense class index
         self.class_labels = np.zeros(0, np.int64)  # dense class index -> label
+        self._dormant: set[int] = set()  # labels only an adopted tier holds, no add has brought (see above)
 
     def _alloc(self, capacity: int) -> None:
         old = getattr(self, "label", None)
@@ -85,8 +93,12 @@ class Catalog:
             if capacity > self.label.size:
                 self._alloc(capacity)
 
-    def register(self, ids: np.ndarray, labels: np.ndarray, tasks: np.ndarray, home: int | np.ndarray) -> None:
-        """Add new ids (any order, possibly sparse after recovery) with their labels and home."""
+    def register(self, ids: np.ndarray, labels: np.ndarray, tasks: np.ndarray, home: int | np.ndarray,
+                 dormant: bool = False) -> None:
+        """Add new ids (any order, possibly sparse after recovery) with their labels and home.
+
+        ``dormant``: the ids are an adopted read-only tier's; a class first seen here stays out of
+        swap-ins until registered without ``dormant`` (or :meth:`open_classes`)."""
         with self.lock:
             top = int(ids.max()) + 1 if ids.size else 0
             if top > self.label.size:
@@ -102,10 +114,25 @@ class Catalog:
             sorted_labels, sorted_ids = labels[order], ids[order]
             bounds = [0, *(np.flatnonzero(sorted_labels[1:] != sorted_labels[:-1]) + 1).tolist(), ids.size]
             classes = sorted_labels[bounds[:-1]].tolist()
+            if dormant:
+                self._dormant.update(c for c in classes if c not in self._class_index)
+            elif self._dormant:
+                self._dormant.difference_update(classes)
             index = np.array([self._class_of(c) for c in classes], dtype=np.int32)
             self.cls[sorted_ids] = np.repeat(index, np.diff(bounds))
             for c, lo, hi in zip(classes, bounds[:-1], bounds[1:]):
                 self._append_class(c, sorted_ids[lo:hi])
+
+    def open_classes(self, labels: np.ndarray) -> None:
+        """End the dormancy of ``labels`` (a restart: classes a checkpoint saw the stream add)."""
+        with self.lock:
+            if self._dormant:
+                self._dormant.difference_update(np.unique(labels).tolist())
+
+    def dormant_classes(self) -> set[int]:
+        """Labels held only by an adopted tier and not yet brought by the stream."""
+        with self.lock:
+            return set(self._dormant)
 
     def _append_class(self, cls: int, ids: np.ndarray) -> None:
         arr, k = self._class_arr.get(cls), self._class_len.get(cls, 0)
@@ -157,6 +184,8 @@ class Catalog:
         """Stored ids of class ``cls`` that are not in the EM and not already being prefetched
         (and, with ``below``, smaller than it: a deterministic memory's stored-by-now set)."""
         with self.lock:
+            if cls in self._dormant:
+                return np.zeros(0, np.int64)
             ids = self.class_ids(cls)
             if below is not None:
                 ids = ids[ids < below]
@@ -170,6 +199,8 @@ class Catalog:
         and filtered mostly hit. When too few do, the whole pool is filtered instead.
         """
         with self.lock:
+            if cls in self._dormant:
+                return np.zeros(0, np.int64)
             ids = self.class_ids(cls)
             if not ids.size or n <= 0:
                 return ids[:0]
@@ -189,7 +220,10 @@ class Catalog:
             ok = (self.home[live] >= 0) & (self.slot[live] < 0)
             if below is not None:
                 ok &= ~self.prefetched[live]
-            return self._count(self.cls[live][ok])
+            counts = self._count(self.cls[live][ok])
+            if self._dormant:
+                return {c: k for c, k in counts.items() if c not in self._dormant}
+            return counts
 
     def tier_ids(self, tier: int) -> np.ndarray:
         with self.lock:

@@ -16,6 +16,14 @@ then EM); splitting the class would spread that order over files. What is not th
 elsewhere: input checks (``inputs.py``), recovery (``recovery.py``), the integrity mode
 (``integrity.py``), the deterministic mode's steps (``step_swaps.py``).
 
+An adopted read-only tier (``files:///ROOT?layout=imagefolder&mode=ro``: a data set's image folder,
+the last tier, at most one) is the store of past samples it already holds: they are learnt into
+the catalog at open (ids ``0 .. N-1``, labels from the listing; new ids start above), swap-ins
+draw them -- only for classes the stream has brought (the catalog keeps the others dormant) --
+and nothing is ever written to it, demoted into it or evicted from it. Stream samples go to the
+writable tiers above it; with no writable tier they live in the EM only, as in a RAM-only memory
+(a sample replaced in its slot, by admission or a swap, is counted as evicted).
+
 >>> import torch
 >>> from carousel import CarouselMemory
 >>> mem = CarouselMemory.from_dict({"memory": {"em_size": 8, "sample_shape": [2]}})  # RAM only
@@ -58,10 +66,10 @@ from .inputs import MemoryInputError, check_add, check_count, check_observe, che
 from .kinds import RawCodec, make_codec
 from .metrics import MemoryMetrics
 from .policies import AdmissionPolicy, make_admission, make_swap_in, make_swap_out
-from .recovery import load_state, rebuild_catalog, refill_em, save_state
+from .recovery import check_adoption, load_state, rebuild_catalog, refill_em, save_state
 from .step_swaps import StepSwaps
 from .swap_engine import SwapEngine
-from .tiers import Tier
+from .tiers import Tier, check_order, writable_count
 from .write_behind import WriteBehind
 
 log = logging.getLogger("carousel.memory")
@@ -167,8 +175,8 @@ class CarouselMemory:
         self.tiers: list[Tier] = []
         raw_nbytes = Schema(self.fields).record_nbytes
         variable = not isinstance(self.codec, RawCodec)  # records of varying size: budgets count bytes
-        self._state_dir = Path(mc.state_dir) if mc.state_dir else (
-            Path(config.tiers[0].path).with_name(Path(config.tiers[0].path).name + "-state") if config.tiers else None)
+        self._state_dir: Path | None = None  # set once the tiers are open (below)
+        self._writable = 0  # how many tiers are writable (the first ones; an adopted read-only tier is last)
         self._writer: WriteBehind | None = None
         self._engine: SwapEngine | None = None
         self._posted = False
@@ -180,8 +188,18 @@ class CarouselMemory:
                 self.tiers.append(Tier(i, f"{i}-{tc.kind}", store,
                                        _UNBOUNDED if by_bytes else tc.capacity_for(raw_nbytes),
                                        tc.eviction, tc.class_quota, tc.capacity_bytes if by_bytes else None))
+            try:
+                check_order(self.tiers)
+            except ValueError as exc:
+                raise ConfigError(config.source, "tiers", str(exc)) from None
+            self._writable = writable_count(self.tiers)
+            self._state_dir = self._state_folder()
             state = load_state(self._state_dir)
-            found = rebuild_catalog(self.catalog, self.tiers, self.codec, self.verifier, state, self._state_dir)
+            try:  # an adopted tier: its listing pinned, or checked against the pin
+                check_adoption(self._state_dir, self.tiers, state)
+                found = rebuild_catalog(self.catalog, self.tiers, self.codec, self.verifier, state, self._state_dir)
+            except ValueError as exc:
+                raise ConfigError(config.source, f"tiers[{len(self.tiers) - 1}].path", str(exc)) from None
             self._ids, self._seen, self.recovered = found.ids, found.seen, found.report
             # The asynchronous memory hands admission to the write-behind thread and observe()'s
             # work to the swap engine's (see add, observe); the other modes keep both on the
@@ -204,6 +222,10 @@ class CarouselMemory:
                 self._steps = StepSwaps(self.pool, self.catalog, self.tiers, self.metrics, self._engine, self._writer,
                                         self._swap_in, self._rng, np.random.default_rng([mc.seed, 4]),
                                         lambda: self._ids.next_id)
+            if self.tiers and not self._writable:
+                # Stream samples live in the EM only (the adopted tier takes no writes): one pushed
+                # out of its slot is gone, and counted as evicted (see _left_em_only).
+                self.pool.on_leave = self._left_em_only
         except BaseException:  # a memory that failed to open leaves no thread or open store behind
             self._release()
             raise
@@ -222,6 +244,32 @@ class CarouselMemory:
         self.metrics.capacity.labels(tier="ram").set(mc.em_size)
         self.metrics.samples.labels(tier="ram").set_function(self._gauge(self.pool.filled))
         self.metrics.bytes.labels(tier="ram").set(sum(t.numel() * t.element_size() for t in self.pool.tensors.values()))
+
+    def _state_folder(self) -> Path | None:
+        """``memory.state_dir``, else beside the first writable tier (``<path>-state``). Never beside
+        an adopted folder: a memory whose only tier is one must name its ``state_dir``."""
+        mc = self.config.memory
+        if mc.state_dir:
+            return Path(mc.state_dir)
+        if not self.tiers:
+            return None
+        if not self._writable:
+            raise ConfigError(self.config.source, "memory.state_dir",
+                              "the only tier is an adopted read-only folder, and nothing is written beside it: "
+                              "give memory.state_dir (where the checkpoint and the id reservations go)")
+        first = Path(self.config.tiers[0].path)
+        return first.with_name(first.name + "-state")
+
+    def _left_em_only(self, ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+        """``EMPool.on_leave`` of a memory whose only tier is adopted: stream samples pushed out of
+        their slots (by a swap-in) had no other place, so they are evicted; adopted samples stay
+        on their tier. (Admission counts the ones it replaces itself, before this sees them.)"""
+        with self.catalog.lock:
+            gone = ids[self.catalog.home[ids] == RAM_ONLY]
+            if gone.size:
+                self.catalog.home[gone] = EVICTED
+        if gone.size:
+            self.metrics.evictions.labels(reason="replaced").inc(gone.size)
 
     # ---- entry points ---------------------------------------------------------------------------
     @classmethod
@@ -386,7 +434,8 @@ class CarouselMemory:
         ``add()``, or on the write-behind thread (the asynchronous memory, in call order)."""
         n = ids.size
         labels = fields["y"]
-        self.catalog.register(ids, labels, fields["task"].astype(np.int64), PENDING if self.tiers else RAM_ONLY)
+        # No writable tier (RAM-only, or only an adopted folder): the EM slot is the sample's home.
+        self.catalog.register(ids, labels, fields["task"].astype(np.int64), PENDING if self._writable else RAM_ONLY)
         if crcs is not None:  # before the ids can enter the EM (below) or be swapped in
             self.catalog.crc[ids] = crcs
         if WEIGHT_FIELD in fields and self.config.memory.kind == "coreset":
@@ -397,12 +446,13 @@ class CarouselMemory:
             old = self.pool.slot_ids[slots[take]]
             old = old[old >= 0]
             self.catalog.slot[old] = -1
-            if not self.tiers:
+            if not self._writable:  # replaced samples with no stored copy are gone (adopted ones stay stored)
+                old = old[self.catalog.home[old] == RAM_ONLY]
                 self.catalog.home[old] = EVICTED
                 self.metrics.evictions.labels(reason="replaced").inc(old.size)
             self.pool.write(slots[take], ids[take], {k: fields[k][take] for k in self.fields})
             self.catalog.slot[ids[take]] = slots[take]
-        if not self.tiers and (~take).any():
+        if not self._writable and (~take).any():
             self.catalog.home[ids[~take]] = EVICTED
             self.metrics.evictions.labels(reason="not_admitted").inc(int((~take).sum()))
         self._seen += n
@@ -680,6 +730,9 @@ class CarouselMemory:
         if self._steps is not None:
             raise MemoryInputError("keep_em_writes() is not supported in deterministic mode: its storage moves are "
                                    "planned a step ahead of the writes that would follow them")
+        if self._writable < len(self.tiers):
+            raise MemoryInputError("keep_em_writes(): this memory adopts a read-only tier, whose samples' rows "
+                                   "cannot be written back; rows changed in place would be lost when they leave")
         if self.tiers:
             self.pool.on_leave = self._leaving
 
@@ -944,7 +997,8 @@ class CarouselMemory:
 
     def checkpoint(self) -> None:
         """``flush`` plus the EM's contents and the statistics, so ``open`` restores them."""
-        if self.pool.on_leave is not None:  # keep_em_writes(): rows changed in place are stored too
+        if self.pool.on_leave == self._leaving:  # keep_em_writes(): rows changed in place are stored too
+            # (compared with the method: an adopted-only memory uses on_leave to count evictions)
             self._settle()
             with self.pool.lock:
                 held = np.flatnonzero(self.pool.slot_ids >= 0)

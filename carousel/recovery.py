@@ -7,10 +7,20 @@ list, statistics) and reads only samples stored after it; :func:`refill_em` then
 from the checkpointed slot list or, without one, a class-balanced random draw. New ids start above
 every stored id, every id the checkpoint knew and the reserved bound (:mod:`carousel.ids`).
 ``CarouselMemory`` runs both when it opens; nothing here runs on the data path.
+
+An adopted read-only tier (an image folder, ``storage_backends.image_folder``; the last tier) is
+learnt differently: its ids are ``0 .. N-1`` and its labels come from its listing
+(``store.get_labels``: nothing decoded), registered *dormant* (see :mod:`carousel.catalog`); it is
+never deleted from; its samples count neither as ``seen`` by admission nor towards the current
+task, and a fresh memory's EM is not filled from it (that would replay classes the stream has not
+reached). :func:`check_adoption` pins the folder's listing in ``<state_dir>/adopted.json`` the
+first time, and refuses to open the memory if the listing changed since (ids would name other
+images) or if the memory already handed out ids when the folder was added (they would clash).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -20,10 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from storage_backends import CorruptRecordError
+
 from .catalog import EVICTED, UNUSED, Catalog
 from .config import WEIGHT_FIELD
 from .em_pool import EMPool, balanced_weights
-from .ids import IdAllocator
+from .ids import IdAllocator, read_bound
 from .integrity import Verifier
 from .kinds import Codec, RawCodec
 from .tiers import Tier
@@ -31,6 +43,7 @@ from .tiers import Tier
 log = logging.getLogger("carousel.memory")  # the memory's logger: recovery is part of opening one
 
 STATE_FILE = "em-state.npz"
+ADOPTED_FILE = "adopted.json"  # the adopted tier's listing, pinned (check_adoption)
 
 
 def load_state(state_dir: Path | None) -> dict[str, np.ndarray]:
@@ -93,11 +106,15 @@ def rebuild_catalog(catalog: Catalog, tiers: list[Tier], codec: Codec, verifier:
     raw = isinstance(codec, RawCodec)
     top = -1
     seen = read = 0
+    adopted = 0
     for tier in tiers:
         ids = tier.store.ids()
         if not ids.size:
             continue
         top = max(top, int(ids.max()))
+        if tier.readonly:
+            adopted = _learn_adopted(catalog, tier, ids, codec, verifier)
+            continue
         known = ids < catalog.label.size
         known[known] = catalog.home[ids[known]] >= 0
         if known.any():
@@ -134,8 +151,95 @@ def rebuild_catalog(catalog: Catalog, tiers: list[Tier], codec: Codec, verifier:
     catalog.ensure_capacity(allocator.next_id)
     gone = np.flatnonzero(ckpt_labels >= 0)
     catalog.home[gone[catalog.home[gone] == UNUSED]] = EVICTED
+    if adopted:  # classes the stream brought before the checkpoint are swapped in again
+        streamed = ckpt_labels[adopted:]
+        catalog.open_classes(streamed[streamed >= 0])
     total_seen = max(seen, int(state["seen"][0])) if "seen" in state else seen
-    return Recovered(allocator, total_seen, {"samples": seen, "labels_read": read})
+    report = {"samples": seen, "labels_read": read, **({"adopted": adopted} if adopted else {})}
+    return Recovered(allocator, total_seen, report)
+
+
+def _learn_adopted(catalog: Catalog, tier: Tier, ids: np.ndarray, codec: Codec, verifier: Verifier | None) -> int:
+    """Register an adopted read-only tier's samples, dormant, labels from its listing when the
+    store has one (``get_labels``), else from its records; returns how many ids it numbers (its
+    top id + 1: stream ids start above). Never deletes: an id an earlier tier holds too cannot
+    happen (stream ids start above the folder's, see :func:`check_adoption`) and is refused."""
+    clash = ids < catalog.label.size
+    clash[clash] = catalog.home[ids[clash]] >= 0
+    if clash.any():
+        raise ValueError(f"ids {ids[clash][:8].tolist()} are on a writable tier and on the adopted tier "
+                         f"{tier.store.url}: the adopted folder changed, or was added to a memory that held samples")
+    get_labels = getattr(tier.store, "get_labels", None)
+    for lo in range(0, ids.size, 1 << 16):
+        part = ids[lo:lo + (1 << 16)]
+        fields = get_labels(part) if get_labels is not None else tier.store.get_many(part)
+        catalog.register(part, fields["y"].astype(np.int64), fields["task"].astype(np.int64), tier.index,
+                         dormant=True)
+    catalog.nbytes[ids] = codec.nbytes({"y": ids})
+    if verifier is not None:  # such a record is its own reference: read (and decode) every image once
+        log.info("integrity mode: reading the %d adopted samples of %s for their references", ids.size,
+                 tier.store.url)
+        for lo in range(0, ids.size, 4096):
+            part = ids[lo:lo + 4096]
+            while part.size:
+                try:
+                    catalog.crc[part] = verifier.crcs(tier.store.get_many(part))
+                    break
+                except CorruptRecordError as exc:  # unusable images: gone for this open, and counted
+                    catalog.home[exc.ids] = EVICTED
+                    log.warning("%s", exc)
+                    part = part[~np.isin(part, exc.ids)]
+    return int(ids.max()) + 1
+
+
+def check_adoption(state_dir: Path, tiers: list[Tier], state: Mapping[str, np.ndarray]) -> None:
+    """Pin the adopted tier's listing in ``<state_dir>/adopted.json``, or check it against the pin.
+
+    Raises ``ValueError`` (the memory turns it into a ``ConfigError``) when the listing changed
+    since the memory adopted the folder (its ids would name other images than the catalog and
+    the checkpoint say), or when a memory that already handed out ids is given a folder to adopt
+    (the folder's ids, ``0 .. N-1``, would clash with them). Written atomically before anything
+    else happens, so a crash leaves either no pin (and a memory that holds nothing) or the pin.
+    """
+    tier = next((t for t in tiers if t.readonly), None)
+    if tier is None:
+        return
+    store = tier.store
+    listing = {"url": store.url, "samples": int(store.ids().max()) + 1 if len(store) else 0,
+               "digest": getattr(store, "listing_digest", None)}
+    path = state_dir / ADOPTED_FILE
+    if path.exists():
+        try:
+            pinned = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path} is unreadable ({exc}): cannot tell whether the adopted folder changed") from None
+        if pinned.get("samples") != listing["samples"] or pinned.get("digest") != listing["digest"]:
+            raise ValueError(
+                f"the adopted folder {store.url} changed since this memory adopted it ({pinned.get('samples')} "
+                f"images then, {listing['samples']} now, listing digest {str(pinned.get('digest'))[:12]} then, "
+                f"{str(listing['digest'])[:12]} now): its ids would name other images. Restore the folder as it "
+                f"was, or start a new memory (empty tiers and state_dir {state_dir})")
+        return
+    used = [what for what, found in (
+        ("samples on the writable tiers", any(len(t.store) for t in tiers if not t.readonly)),
+        ("a checkpoint", "label" in state and bool((state["label"] >= 0).any())),
+        ("reserved ids", state_dir.exists() and read_bound(state_dir) > 0)) if found]
+    if used:
+        raise ValueError(f"cannot adopt {store.url} into a memory that already handed out sample ids ({', '.join(used)} "
+                         f"in {state_dir}): the folder's ids 0..{listing['samples'] - 1} would clash with them; "
+                         "start a new memory (empty tiers and state_dir)")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / (ADOPTED_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(listing, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(state_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _checkpoint_crcs(verifier: Verifier | None, state: Mapping[str, np.ndarray]) -> np.ndarray | None:
@@ -172,6 +276,11 @@ def refill_em(pool: EMPool, catalog: Catalog, tiers: list[Tier], codec: Codec, s
         return current_task
     n = catalog.n
     stored = np.flatnonzero(catalog.home[:n] >= 0)
+    # An adopted tier's samples never fill a fresh EM nor tell the current task: they may hold
+    # every class of the data set, future tasks' too (only the checkpointed slots bring them back).
+    adopted = [t.index for t in tiers if t.readonly]
+    if adopted:
+        stored = stored[~np.isin(catalog.home[stored], adopted)]
     want = np.zeros(0, np.int64)
     if state:
         want = state["slot_ids"]

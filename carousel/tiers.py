@@ -1,5 +1,11 @@
 """Storage tiers as the memory sees them: an open store plus its capacity and eviction rule,
-and the migration that keeps every tier within its capacity (demote down, evict from the last)."""
+and the migration that keeps every tier within its capacity (demote down, evict from the last).
+
+A tier whose store is read-only (an adopted image folder, ``storage_backends.image_folder``) holds
+samples that were there before the memory, and only those: nothing is ever written to it, demoted
+into it or evicted from it, and its capacity is not enforced. Such a tier comes after every
+writable one (:func:`check_order`), so "the next tier" and "the last tier" of the migration are
+those of the writable tiers (:func:`writable_count`)."""
 
 from __future__ import annotations
 
@@ -30,6 +36,30 @@ class Tier:
     eviction: str = "class_balanced"
     class_quota: int = 0
     capacity_bytes: int | None = None
+
+    @property
+    def readonly(self) -> bool:
+        """Whether the store is read-only (adopted): never written, demoted into or evicted from."""
+        return self.store.readonly
+
+
+def writable_count(tiers: list[Tier]) -> int:
+    """How many tiers are writable: they come first (:func:`check_order`), so the migration's chain
+    is ``tiers[:writable_count(tiers)]`` and its last tier is the last writable one."""
+    return sum(not t.readonly for t in tiers)
+
+
+def check_order(tiers: list[Tier]) -> None:
+    """Refuse (``ValueError`` naming the tier) a read-only tier before a writable one, and more than
+    one read-only tier: each adopted store numbers its samples from id 0, so two would clash, and a
+    writable tier below a read-only one could be reached by no demotion."""
+    readonly = [t.index for t in tiers if t.readonly]
+    if len(readonly) > 1:
+        raise ValueError(f"tiers {readonly} are read-only (adopted): a memory adopts at most one read-only store "
+                         "(each numbers its samples from id 0)")
+    if readonly and readonly[0] != len(tiers) - 1:
+        raise ValueError(f"tier {readonly[0]} is read-only (adopted) but writable tiers follow it: put it last "
+                         "(stream samples go to the writable tiers above it; nothing moves into it)")
 
 
 def choose_overflow(ids: np.ndarray, labels: np.ndarray, over: int, policy: str,
@@ -91,15 +121,17 @@ def enforce_capacity(tiers: list[Tier], catalog: Catalog, metrics: MemoryMetrics
     Runs in the write-behind thread, so each store has one writing thread. A demoted sample is
     written to the next tier and re-homed in the catalog before it is deleted from its old tier:
     a reader that looked it up a moment ago finds it in one tier or the other, and a crash in
-    between leaves it in both (recovery keeps one), never in neither.
+    between leaves it in both (recovery keeps one), never in neither. A read-only tier (last, if
+    any) is left out: nothing demotes into it, and the last writable tier evicts.
     """
-    for tier in tiers:
+    writable = writable_count(tiers)
+    for tier in tiers[:writable]:
         with catalog.lock:
             ids = catalog.tier_ids(tier.index)
-            leaving = _leaving(tier, len(tiers), ids, catalog, catalog.slot[ids] >= 0, rng)
+            leaving = _leaving(tier, writable, ids, catalog, catalog.slot[ids] >= 0, rng)
         if not leaving.size:
             continue
-        if tier.index == len(tiers) - 1:
+        if tier.index == writable - 1:
             tier.store.delete_many(leaving)
             with catalog.lock:
                 catalog.home[leaving] = EVICTED
@@ -121,14 +153,15 @@ def plan_capacity(tiers: list[Tier], catalog: Catalog, metrics: MemoryMetrics, r
     deterministic read does).
     """
     calls: list[Callable[[], None]] = []
-    for tier in tiers:
+    writable = writable_count(tiers)  # a read-only tier is never planned for (see enforce_capacity)
+    for tier in tiers[:writable]:
         with catalog.lock:
             ids = catalog.tier_ids(tier.index)
             ids = ids[ids < below]
-            leaving = _leaving(tier, len(tiers), ids, catalog, protected[ids], rng)
+            leaving = _leaving(tier, writable, ids, catalog, protected[ids], rng)
             if not leaving.size:
                 continue
-            last = tier.index == len(tiers) - 1
+            last = tier.index == writable - 1
             catalog.home[leaving] = EVICTED if last else tier.index + 1
         if last:
             metrics.evictions.labels(reason="capacity").inc(leaving.size)

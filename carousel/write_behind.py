@@ -19,6 +19,11 @@ A deterministic memory decides capacity itself, at step boundaries, and hands th
 here as calls (:meth:`WriteBehind.submit_calls`), run in order with the writes; it then waits for
 the writer by submission count (:meth:`WriteBehind.mark`, :meth:`WriteBehind.wait_for_mark`),
 never by time.
+
+Only writable tiers are written: with an adopted read-only tier (last, see ``tiers.check_order``)
+stream samples go to the writable tiers above it, and when the read-only tier is the only one
+there is no target: the writer still admits (the asynchronous memory) and runs planned calls,
+but stores nothing -- the memory keeps such stream samples in the EM only (``RAM_ONLY`` homes).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import numpy as np
 from .catalog import Catalog
 from .kinds import Codec
 from .metrics import MemoryMetrics
-from .tiers import Tier, class_grouped, enforce_capacity
+from .tiers import Tier, class_grouped, enforce_capacity, writable_count
 
 log = logging.getLogger("carousel.write_behind")
 
@@ -53,6 +58,9 @@ class WriteBehind:
                  admit: Callable[[np.ndarray, dict[str, np.ndarray], Any], None] | None = None,
                  linger_s: float = 0.0) -> None:
         self._tiers = tiers
+        # Where stream samples go: the first tier, unless it is read-only (an adopted folder, the
+        # only tier then): None, nothing is stored (see the module docstring).
+        self._target: Tier | None = tiers[0] if writable_count(tiers) else None
         self._codec = codec
         self._catalog = catalog
         self._metrics = metrics
@@ -216,7 +224,7 @@ class WriteBehind:
         every batch; a tier bounded by a count alone is within it whenever its store, which
         counts in O(1), holds no more (the catalog homes an id in a tier only once it is there)."""
         return any(t.capacity_bytes is not None or t.class_quota > 0 or len(t.store) > t.capacity
-                   for t in self._tiers)
+                   for t in self._tiers if not t.readonly)  # a read-only tier is never over: not enforced
 
     def _held(self) -> int:
         return self._queued + self._reserved
@@ -277,16 +285,18 @@ class WriteBehind:
                 try:
                     if ids is None:
                         fields()  # a planned capacity move or eviction (deterministic mode)
+                    elif self._target is None:  # no writable tier: the samples live in the EM only
+                        ids = None
                     elif records is None:  # encoded here, off add()'s path (a saliency code costs ~10 us)
                         records = self._metrics.timed_codec("encode", self._codec.encode, fields)
                         sizes = self._codec.nbytes(records)
-                        if self._tiers[0].store.prefers_chunks:
+                        if self._target.store.prefers_chunks:
                             ids, records = class_grouped(ids, {**records, "": sizes}, records["y"], self._rng)
                             sizes = records.pop("")
                     if ids is not None:
                         t0 = time.perf_counter()
-                        self._tiers[0].store.put_many(ids, records)
-                        self._metrics.count_write(self._tiers[0].name, ids.size, time.perf_counter() - t0)
+                        self._target.store.put_many(ids, records)
+                        self._metrics.count_write(self._target.name, ids.size, time.perf_counter() - t0)
                         with self._catalog.lock:
                             self._catalog.nbytes[ids] = sizes
                             self._catalog.home[ids] = 0
@@ -301,7 +311,7 @@ class WriteBehind:
                     self.last_error = exc
                     self._metrics.count_error("write_behind", exc)
                     log.warning("write-behind to %s failed, retrying in %.2f s: %s",
-                                self._tiers[0].name, backoff, exc)
+                                self._tiers[0].name if self._target is None else self._target.name, backoff, exc)
                     if self._on_error:
                         self._on_error(exc)
                     with self._cond:

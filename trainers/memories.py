@@ -5,8 +5,9 @@
 - ``carousel``: the same EM plus storage tiers holding every past sample, swapped into the EM
   asynchronously on every replay step (CarM). The tiers come from ``--profile`` (a carousel
   profile; its ``[memory]`` is fitted to the benchmark, its tier folders moved under the run's
-  folder) or, without one, a single LMDB tier with room for the whole stream. ``--swap-workers 0``
-  swaps synchronously on the trainer's thread (the ablation). With ``daemon=True`` the memory
+  folder -- but an adopted image folder, ``layout = "imagefolder"``, stays where it is) or,
+  without one, a single LMDB tier with room for the whole stream. ``--swap-workers 0`` swaps
+  synchronously on the trainer's thread (the ablation). With ``daemon=True`` the memory
   lives in a ``carousel serve`` subprocess started for the run and the trainer talks to it
   through ``carousel.connect``; with ``connect=SOCKET`` it uses a daemon already running (its
   memory must be empty and have the right shape).
@@ -17,6 +18,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -103,9 +105,15 @@ def memory_dict(spec: MemorySpec, stream: Stream, workdir: Path) -> dict[str, An
             raise ValueError(f"{spec.profile}: holds several [memories.*]; give a single-memory profile")
         data.pop("daemon", None)
         # The benchmark decides the sample shape, extras and EM size; tiers get fresh folders per run
-        # so that runs never share stored samples.
+        # so that runs never share stored samples -- except an adopted image folder (a files tier
+        # with layout = "imagefolder"): a data set read where it is, never moved, copied or written;
+        # its path is kept as given (relative: to the profile's folder, as carousel reads it).
         tiers = []
         for i, tier in enumerate(data.get("tiers", [])):
+            if tier.get("layout") == "imagefolder":
+                path = Path(os.path.expanduser(str(tier.get("path", ""))))
+                tiers.append({**tier, "path": str(path if path.is_absolute() else Path(spec.profile).parent / path)})
+                continue
             tiers.append({**tier, "path": str(workdir / f"tier{i}-{tier.get('kind', 'store')}")})
         data["tiers"] = tiers
         data.pop("memory", None)
