@@ -296,7 +296,7 @@ def _import(args: argparse.Namespace) -> int:
     from .config import ConfigError
     from .daemon.profile import load_profile
     from .importer import ImportOptions, ImportSourceError, describe, import_dataset, verify_import
-    from storage_backends import StoreError
+    from storage_backends import StoreError, StoreLockedError
 
     try:
         profile = load_profile(args.profile)
@@ -340,6 +340,10 @@ def _import(args: argparse.Namespace) -> int:
     except ImportSourceError as exc:
         print(f"carousel: cannot import: {exc}", file=sys.stderr)
         return 2
+    except StoreLockedError as exc:
+        print(f"carousel: cannot import: another process writes the memory's tiers (a daemon started from "
+              f"another profile, or a trainer): {_first_line(exc)}", file=sys.stderr)
+        return 1
     except (StoreError, OSError, TimeoutError) as exc:
         print(f"carousel: import failed: {_first_line(exc)} (rerun the same command to resume)", file=sys.stderr)
         return 1
@@ -347,6 +351,8 @@ def _import(args: argparse.Namespace) -> int:
         print("carousel: import interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     print("\n".join(describe(result)))
+    print(f"check again: carousel import {args.src} --profile {args.profile}"
+          + (f" --memory {args.memory}" if args.memory else "") + " --verify")
     return 0
 
 

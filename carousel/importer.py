@@ -44,7 +44,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +125,6 @@ class ImportResult:
     records_sha256: str
     record: Path
     seconds: float
-    first_ids: list[int] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -495,7 +494,6 @@ def import_dataset(config: CarouselConfig, source: str | os.PathLike[str], opts:
 
     memory = CarouselMemory(config)
     added = recovered = 0
-    first_ids: list[int] = []
     try:
         recovered = job.reconcile(rec, memory)
         if recovered:
@@ -529,8 +527,6 @@ def import_dataset(config: CarouselConfig, source: str | os.PathLike[str], opts:
                         if not np.array_equal(ids, np.arange(id0 + k, id0 + k + ids.size)):
                             raise RuntimeError(f"ids {ids[:3].tolist()}... are not the run's next ones ({id0 + k}...): "
                                                "another writer added to the memory during the import")
-                        if not first_ids:
-                            first_ids = [int(ids[0])]
                         k += ids.size
                         added += ids.size
                         if k - rec["run"]["committed"] >= opts.checkpoint_rows:
@@ -558,7 +554,7 @@ def import_dataset(config: CarouselConfig, source: str | os.PathLike[str], opts:
                                 + "; the tiers' capacity or class quotas may be too small for the data set")
     rec.update(complete=rec["rows"] >= job.target, records_sha256=digest, finished_at=time.time())
     job.save(rec)
-    return ImportResult(rec["rows"], added, recovered, job.identity["sha256"], digest, job.path, seconds, first_ids)
+    return ImportResult(rec["rows"], added, recovered, job.identity["sha256"], digest, job.path, seconds)
 
 
 def _check_stored(job: _Job, rec: dict[str, Any]) -> tuple[str, list[str]]:
@@ -613,11 +609,13 @@ def verify_import(config: CarouselConfig, source: str | os.PathLike[str],
         lines.append(f"source: cannot be read now: {exc}")
         ok = False
     folder = state_dir_of(config) / IMPORTS_DIR
-    where = str(Path(source).expanduser().absolute())
+    given = str(Path(source).expanduser().absolute())
+    where = ident["path"] if ident is not None else given  # an IDX folder resolves to its images file
     rec = json.loads(path.read_text()) if path else None
     if rec is None:  # the content changed (or cannot be read): find the import by path and options
         for _p, other in _records(folder):
-            if other.get("source", {}).get("path") == where and other.get("options") == opts.identity():
+            was = other.get("source", {}).get("path", "")
+            if where in (was, os.path.dirname(was)) and other.get("options") == opts.identity():
                 rec = other
         if rec is None:
             raise ImportSourceError(f"no import of {where} with these options is recorded in {folder}")

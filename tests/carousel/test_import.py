@@ -163,6 +163,18 @@ def test_npz_keys_tasks_and_limit(tmp_path, capsys):
     assert rc == 0 and "(0 added now)" in out
 
 
+def test_a_memory_of_a_nested_profile(tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", x=np.arange(24, dtype=np.uint8).reshape(6, 4), y=np.arange(6))
+    p = tmp_path / "daemon.toml"
+    p.write_text("".join(f'[memories.{m}.memory]\nem_size = 4\nsample_shape = [4]\n'
+                         f'[[memories.{m}.tiers]]\nkind = "lmdb"\npath = "{m}"\ncapacity = 100\n' for m in ("a", "b")))
+    rc, _, err = cli(capsys, tmp_path / "d.npz", "--profile", p)
+    assert rc == 2 and "has no memory 'default'; it has a, b" in err
+    rc, out, err = cli(capsys, tmp_path / "d.npz", "--profile", p, "--memory", "b")
+    assert rc == 0 and "--memory b --verify" in out, err
+    assert stored(tmp_path, "b")["y"].tolist() == list(range(6)) and not (tmp_path / "a").exists()
+
+
 def test_image_folder(tmp_path, capsys):
     png = pytest.importorskip("storage_backends.png", reason="image folders need storage_backends.png (decode_png)")
     rng = np.random.default_rng(2)
@@ -268,6 +280,32 @@ def test_resume_after_sigkill_never_loses_or_doubles_a_row(tmp_path, capsys):
     assert [mapped[i] for i in got["id"].tolist()] == rows.tolist()
 
 
+def test_sigterm_records_what_was_added_and_a_rerun_finishes(tmp_path, capsys):
+    """SIGTERM is Ctrl-C: the rows added so far are flushed, then recorded; exit 130; nothing left to reconcile."""
+    n = 100_000
+    x = np.zeros((n, 8), np.uint8)
+    x[:, :4] = np.arange(n, dtype="<u4").view(np.uint8).reshape(n, 4)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(n) % 7)
+    p = profile(tmp_path, (8,))
+    proc = subprocess.Popen([sys.executable, "-m", "carousel", "import", str(tmp_path / "d.npz"), "--profile", str(p),
+                             "--batch", "16", "--checkpoint-rows", "50000"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    state_dir = tmp_path / "flash-state" / "imports"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not list(state_dir.glob("*.json")):
+        time.sleep(0.005)
+    time.sleep(0.05)  # adding, well before the first checkpoint
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted; rerun the same command to resume" in err, err
+    before = record(tmp_path)
+    assert 0 < before["rows"] < n and before["rows"] == stored(tmp_path)["id"].size  # flushed, then recorded
+    rc, out, err = cli(capsys, tmp_path / "d.npz", "--profile", p)
+    assert rc == 0 and f"imported {n} rows ({n - before['rows']} added now" in out and "recovered" not in out, err
+    rows = stored(tmp_path)["x"][:, :4].copy().view("<u4").ravel()
+    assert np.array_equal(np.sort(rows), np.arange(n))
+
+
 # ---- verify ------------------------------------------------------------------------------------------------
 
 def test_verify_catches_a_changed_source_and_a_changed_record(tmp_path, capsys):
@@ -294,6 +332,17 @@ def test_verify_catches_a_changed_source_and_a_changed_record(tmp_path, capsys):
         store.put_many([5], rec)
     rc, out, _ = cli(capsys, tmp_path / "d.npz", "--profile", p, "--verify")
     assert rc == 1 and "1 stored records differ from their source rows" in out
+
+
+def test_verify_of_an_idx_folder_whose_file_changed(tmp_path, capsys):
+    x = np.arange(10 * 9, dtype=np.uint8).reshape(10, 3, 3)
+    write_idx(tmp_path / "train-images-idx3-ubyte", x, False)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(10, dtype=np.uint8), False)
+    p = profile(tmp_path, (3, 3))
+    assert cli(capsys, tmp_path, "--profile", p)[0] == 0
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(10, np.uint8), False)  # relabelled
+    rc, out, _ = cli(capsys, tmp_path, "--profile", p, "--verify")
+    assert rc == 1 and "train-labels-idx1-ubyte changed since the import" in out
 
 
 # ---- real data and the command line ----------------------------------------------------------------------
