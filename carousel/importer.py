@@ -418,8 +418,17 @@ class _Job:
             rec["source"] = self.identity  # same content; the path, mtimes may be new
             return rec
         options = self.opts.identity()
+        same_rows = {k: v for k, v in options.items() if k != "tasks"}
         for p, other in _records(self.folder):
-            if other.get("source", {}).get("path") == self.identity["path"] and other.get("options") == options:
+            theirs = other.get("options", {})
+            if (other.get("source", {}).get("sha256") == self.identity["sha256"]
+                    and {k: v for k, v in theirs.items() if k != "tasks"} == same_rows):
+                raise ImportSourceError(
+                    f"these rows of {self.identity['path']} were imported before with other task ids "
+                    f"({theirs.get('tasks')!r}, now {options['tasks']!r}; {other.get('rows', 0)} rows stored, record "
+                    f"{p}); rerun with the same task options to resume it, or remove {p} to import the rows again "
+                    "beside the ones already stored")
+            if other.get("source", {}).get("path") == self.identity["path"] and theirs == options:
                 raise ImportSourceError(
                     f"{self.identity['path']} changed since it was imported ({other.get('rows', 0)} rows stored, "
                     f"source sha256 {other['source']['sha256'][:16]}..., now {self.identity['sha256'][:16]}...; "

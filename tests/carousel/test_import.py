@@ -161,6 +161,10 @@ def test_npz_keys_tasks_and_limit(tmp_path, capsys):
     np.testing.assert_array_equal(got["x"], x)
     rc, out, err = cli(capsys, tmp_path / "d.npz", "--profile", p, "--x-key", "images", "--y-key", "targets")
     assert rc == 0 and "(0 added now)" in out
+    # The same rows with other task ids would store them twice: refused.
+    rc, out, err = cli(capsys, tmp_path / "d.npz", "--profile", p, "--x-key", "images", "--y-key", "targets",
+                       "--classes-per-task", 2)
+    assert rc == 2 and "imported before with other task ids" in err
 
 
 def test_a_memory_of_a_nested_profile(tmp_path, capsys):
