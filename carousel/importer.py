@@ -474,14 +474,15 @@ class _Job:
         rec["run"] = None
         return found_rows
 
-    def check_capacity(self, memory: Any, rows: int) -> None:
+    def check_capacity(self, memory: Any, rows: int, done: int) -> None:
+        """Refuse rows the tiers cannot hold: the last tier would evict samples (maybe imported ones)."""
         stored = sum(len(t.store) for t in memory.tiers)
         capacity = sum(t.capacity for t in memory.tiers)
         if stored + rows > capacity:
             raise ImportSourceError(
                 f"{rows} rows do not fit: the tiers hold {stored} samples of {capacity} in all, and samples over "
-                f"capacity are evicted from the last tier; import fewer rows (--limit {max(0, capacity - stored)}) "
-                "or give the tiers more capacity")
+                f"capacity are evicted from the last tier; import fewer rows (--limit {done + max(0, capacity - stored)}"
+                ") or give the tiers more capacity")
 
 
 def import_dataset(config: CarouselConfig, source: str | os.PathLike[str], opts: ImportOptions | None = None, *,
@@ -513,7 +514,7 @@ def import_dataset(config: CarouselConfig, source: str | os.PathLike[str], opts:
         if rec["done"] and n_todo:
             say(f"resuming: {sum(hi - lo for lo, hi, _ in rec['done'])} rows imported before, {n_todo} to go")
         if n_todo:
-            job.check_capacity(memory, n_todo)
+            job.check_capacity(memory, n_todo, job.target - n_todo)
             rec["complete"] = False
             id0 = int(memory.stats()["added"])  # one writer, no leases: the next add's first id
             rec["run"] = {"id_start": id0, "plan": todo, "committed": 0}
@@ -556,7 +557,7 @@ def import_dataset(config: CarouselConfig, source: str | os.PathLike[str], opts:
     finally:
         memory.close()
     seconds = time.monotonic() - t0
-    digest, problems = _check_stored(job, rec)
+    digest, problems = _check_stored(job, rec, progress)
     if problems:
         raise ImportSourceError(f"the import stored {rec['rows']} rows but reading them back found: {problems[0]}"
                                 + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
@@ -566,15 +567,17 @@ def import_dataset(config: CarouselConfig, source: str | os.PathLike[str], opts:
     return ImportResult(rec["rows"], added, recovered, job.identity["sha256"], digest, job.path, seconds)
 
 
-def _check_stored(job: _Job, rec: dict[str, Any]) -> tuple[str, list[str]]:
+def _check_stored(job: _Job, rec: dict[str, Any], progress: bool | None = False) -> tuple[str, list[str]]:
     """Read every recorded row back from the tiers (read-only), compare it with the source row and
     return the records' SHA-256 (:func:`records_digest`) and a line per kind of problem found."""
     rows, ids = _row_ids(rec["done"])
     stores = _open_ro(job.config)
     h = hashlib.sha256()
     missing = differ = 0
+    bar = ProgressBar(ids.size, "check ", enabled=progress)
     try:
         for a in range(0, ids.size, _READ_ROWS):
+            bar.update(a)
             r, i = rows[a:a + _READ_ROWS], ids[a:a + _READ_ROWS]
             got, found = _read_stored(stores, i)
             missing += int((~found).sum())
@@ -585,7 +588,9 @@ def _check_stored(job: _Job, rec: dict[str, Any]) -> tuple[str, list[str]]:
                 & (got["task"] == t)
             differ += int((found & ~same).sum())
             records_digest(i, got["y"], got["task"], got["x"], h)
+        bar.update(ids.size)
     finally:
+        bar.close()
         for s in stores:
             s.close()
     problems = []
