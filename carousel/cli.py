@@ -270,7 +270,9 @@ def _import_parser(sub) -> None:
     imp.add_argument("src", help="the data set: a file or a folder")
     imp.add_argument("--profile", required=True, help="memory or daemon profile (TOML) naming the tiers")
     imp.add_argument("--memory", help="which memory of a [memories.NAME] profile (default: 'default' or the only one)")
-    imp.add_argument("--split", choices=("train", "test"), default="train", help="IDX / CIFAR split (default train)")
+    imp.add_argument("--split", choices=("train", "test"), default="train",
+                     help="which files of an IDX or CIFAR folder or archive (default train; an IDX images file "
+                     "given by name is read as it is)")
     tasks = imp.add_mutually_exclusive_group()
     tasks.add_argument("--classes-per-task", type=int, metavar="K",
                        help="task = (position of the class among the sorted labels) // K (default: an .npz's "

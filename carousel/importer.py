@@ -414,7 +414,11 @@ class _Job:
         """This import's record; a fresh one when there is none. Refuses a source whose import at
         the same path with the same options has other content (the source changed since)."""
         if self.path.exists():
-            rec = json.loads(self.path.read_text())
+            try:
+                rec = json.loads(self.path.read_text())
+            except ValueError as exc:  # written by rename, so only a hand edit or a damaged disk gets here
+                raise ImportSourceError(f"{self.path}: this import's record is unreadable ({exc}); remove it to "
+                                        "start the import afresh (rows it stored stay in the memory)") from None
             rec["source"] = self.identity  # same content; the path, mtimes may be new
             return rec
         options = self.opts.identity()
