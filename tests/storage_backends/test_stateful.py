@@ -94,3 +94,6 @@ TestZarrAgainstDict = _machine("zarr://{path}?chunk=4&sync=0")
 TestZarrZstdAgainstDict = _machine("zarr://{path}?chunk=8&codec=zstd")
 TestFlatAgainstDict = _machine("flat://{path}?chunk=4&sync=0")
 TestFilesAgainstDict = _machine("files://{path}?chunk=4&sync=0&inflight=4")
+# Fewer examples: every reopen of a files store starts its own read loop and threads.
+TestFilesAgainstDict.settings = settings(max_examples=25, stateful_step_count=25, deadline=None,
+                                         suppress_health_check=[HealthCheck.too_slow])
