@@ -22,7 +22,12 @@ the catalog at open (ids ``0 .. N-1``, labels from the listing; new ids start ab
 draw them -- only for classes the stream has brought (the catalog keeps the others dormant) --
 and nothing is ever written to it, demoted into it or evicted from it. Stream samples go to the
 writable tiers above it; with no writable tier they live in the EM only, as in a RAM-only memory
-(a sample replaced in its slot, by admission or a swap, is counted as evicted).
+(a sample replaced in its slot, by admission or a swap, is counted as evicted). What the class
+gate means when the folder is the stream's future as well as its past (a whole training set):
+classes of later tasks never come in before their first ``add``, but once a class has arrived
+every folder image of it is a candidate, so during a task swap-ins may bring images of the
+current classes that the stream has not shown yet (and will add again later under new ids: the
+same image may then sit in the EM twice). The leak stays within the current task's classes.
 
 >>> import torch
 >>> from carousel import CarouselMemory
@@ -185,8 +190,10 @@ class CarouselMemory:
             for i, tc in enumerate(config.tiers):
                 store = open_store(tc.url(), self.codec.stored)
                 by_bytes = variable and tc.capacity_bytes is not None
-                self.tiers.append(Tier(i, f"{i}-{tc.kind}", store,
-                                       _UNBOUNDED if by_bytes else tc.capacity_for(raw_nbytes),
+                # An adopted (read-only) tier holds what it holds: its capacity is its size, never enforced.
+                capacity = len(store) if store.readonly else _UNBOUNDED if by_bytes else tc.capacity_for(raw_nbytes)
+                by_bytes = by_bytes and not store.readonly
+                self.tiers.append(Tier(i, f"{i}-{tc.kind}", store, capacity,
                                        tc.eviction, tc.class_quota, tc.capacity_bytes if by_bytes else None))
             try:
                 check_order(self.tiers)
@@ -939,7 +946,8 @@ class CarouselMemory:
         ``tiers: {name: {"samples", "bytes"}}``, ``em_classes: {str(label): samples in the EM}`` (string
         keys: the same in-process and through the daemon's JSON) and more. ``added`` counts the ids handed out: the
         samples ever added, plus the ids a crash skipped (reserved before it; ids are never reused); ids leased
-        to a daemon client count once used."""
+        to a daemon client count once used; with an adopted read-only tier, its ``adopted`` samples (ids
+        ``0 .. adopted-1``) count too."""
         self._settle()  # every add() and observe() before this call: admitted, statistics in
         m = self.metrics
         tiers: dict[str, dict[str, int]] = {"ram": {"samples": self.pool.filled(),
@@ -969,6 +977,7 @@ class CarouselMemory:
             "prefetched": self._engine.prefetched() if self._engine else 0,
             "prefetch_hit_rate": hits / (hits + misses) if hits + misses else math.nan,
             "current_task": self._current_task,
+            "adopted": self.recovered.get("adopted", 0),
             "em_classes": {str(c): int(k) for c, k in zip(held.tolist(), counts.tolist())},
             "tiers": tiers,
             "errors": {"write_behind": repr(self._writer.last_error) if self._writer and self._writer.last_error
