@@ -182,6 +182,8 @@ class FilesStore(RowStore):
         self._unsynced_rows: list[tuple[np.ndarray, np.ndarray]] = []  # written, not yet fsynced (sync=0)
         self._unsynced_dirs: set[str] = set()
         self._garbage_left = False  # an unlink failed: sweep at the next open
+        self._row_bytes: np.ndarray | None = None  # disk bytes of each row's file (nbytes), once measured
+        self._block = max(512, os.statvfs(path).f_frsize)
         self._loop_lock = threading.Lock()
         self._bound: asyncio.AbstractEventLoop | None = None
         self._own_loop: asyncio.AbstractEventLoop | None = None
@@ -191,6 +193,43 @@ class FilesStore(RowStore):
         self._in_flight = 0
         #: The most file reads that were ever in flight at once (reads issued, not yet returned).
         self.inflight_high_water = 0
+
+    # ---- size on disk ------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes the store occupies on disk. The record files are measured once (a ``stat`` each,
+        at the first call) and then kept up to date by the writes (file lengths rounded up to the
+        file system's block), so a metrics scrape does not list a million files."""
+        self._check_open()
+        with self._mutex:
+            if self._row_bytes is None:
+                sizes = np.zeros(self._manifest.capacity, np.int64)
+                for r, i in zip(self._manifest.rows.tolist(), self._manifest.ids.tolist()):
+                    try:
+                        sizes[r] = os.stat(self._file(r, i)).st_blocks * 512
+                    except FileNotFoundError:
+                        pass  # a damaged record, found when read
+                self._row_bytes = sizes
+            files = int(self._row_bytes.sum())
+        other = 0
+        for root, dirs, names in os.walk(self._root):
+            if root == str(self._root) and _DATA in dirs:
+                dirs.remove(_DATA)
+            for name in names:
+                try:
+                    other += os.lstat(os.path.join(root, name)).st_blocks * 512
+                except FileNotFoundError:  # a manifest file replaced while we walk
+                    continue
+        return files + other
+
+    def _set_row_bytes(self, rows: np.ndarray, nbytes: np.ndarray | int) -> None:
+        """Record the disk bytes of ``rows``' files (caller holds ``_mutex``), once nbytes measured."""
+        if self._row_bytes is None or not rows.size:
+            return
+        if int(rows.max()) >= self._row_bytes.size:
+            more = max(self._manifest.capacity, int(rows.max()) + 1) - self._row_bytes.size
+            self._row_bytes = np.concatenate([self._row_bytes, np.zeros(more, np.int64)])
+        self._row_bytes[rows] = nbytes
 
     # ---- where files live ------------------------------------------------------------------------
     def _leaf(self, row: int) -> str:
@@ -413,6 +452,7 @@ class FilesStore(RowStore):
 
     def _move_to_quarantine(self, rows: np.ndarray, ids: np.ndarray) -> None:
         qdir = self._root / _QUARANTINE
+        self._set_row_bytes(rows, 0)  # counted again among the other files, under quarantine/
         with self._files_lock.exclusive():
             for r, i in zip(rows.tolist(), ids.tolist()):
                 try:
@@ -459,6 +499,8 @@ class FilesStore(RowStore):
                     self._unsynced_dirs.update(os.path.dirname(p) for p in paths)
                     self._unsynced_dirs.update(new_dirs)
                 self._manifest.put(ids, rows, crcs)  # the batch exists from here on
+                block = self._block
+                self._set_row_bytes(rows, np.array([-(-len(c) // block) * block for c in contents], np.int64))
             except OSError as exc:
                 # Nothing names these files yet: take them (and their temp files) back, so a full
                 # disk gets its space back and nothing of the batch is visible.
@@ -523,6 +565,7 @@ class FilesStore(RowStore):
     def _unlink(self, rows: np.ndarray, ids: np.ndarray) -> None:
         """Remove files no entry names any more (after their journal entry): best effort, a file
         left over is swept at the next open."""
+        self._set_row_bytes(rows, 0)
         with self._files_lock.exclusive():
             for r, i in zip(rows.tolist(), ids.tolist()):
                 try:

@@ -16,6 +16,7 @@ from storage_backends import (
     FilesStore,
     InvalidURLError,
     MissingIdsError,
+    Schema,
     StoreError,
     open_store,
 )
@@ -218,3 +219,16 @@ def test_codec_is_fixed_when_the_store_is_made(tmp_path):
         open_store(files_url(tmp_path / "s", "codec=none"))
     with open_store(files_url(tmp_path / "s")) as store:
         assert store.codec == "zstd" and store.get_many([1])["x"].sum() == 0
+
+
+def test_nbytes_is_kept_up_to_date_without_walking_the_files(tmp_path):
+    """nbytes measures the record files once, then follows the writes: it matches a full walk."""
+    from storage_backends.base import _disk_usage
+
+    with open_store(files_url(tmp_path / "s"), SCHEMA) as store:
+        store.put_many(np.arange(100), make_batch(np.arange(100)))
+        assert store.nbytes == _disk_usage(store.path)  # measured here
+        store.put_many(np.arange(50, 150), make_batch(np.arange(50, 150), seed=2))  # replaces 50, adds 50
+        store.delete_many(np.arange(10))
+        store.flush()
+        assert store.nbytes == _disk_usage(store.path) > 140 * Schema(SCHEMA).record_nbytes
