@@ -332,12 +332,24 @@ def _import(args: argparse.Namespace) -> int:
                   f"({lock_path} is locked); stop it first (`carousel status --config {args.profile}`), then "
                   "import", file=sys.stderr)
             return 1
-        # SIGTERM as Ctrl-C: the rows added so far are flushed and recorded before exiting.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        # SIGTERM and Ctrl-C stop the import between two adds (a KeyboardInterrupt inside one would
+        # leave its rows stored but not counted); the rows added so far are flushed, then recorded.
+        # A second Ctrl-C interrupts at once.
+        stopping: list[int] = []
+
+        def on_signal(signum: int, _frame: object) -> None:
+            if stopping and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            stopping.append(signum)
+
+        old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             result = import_dataset(profile.memories[name], args.src, opts, progress=False if args.quiet else None,
-                                    log=lambda line: print(f"carousel: {line}", file=sys.stderr))
+                                    log=lambda line: print(f"carousel: {line}", file=sys.stderr),
+                                    stop=lambda: bool(stopping))
         finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
             lock.release()
     except ImportSourceError as exc:
         print(f"carousel: cannot import: {exc}", file=sys.stderr)

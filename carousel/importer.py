@@ -490,14 +490,18 @@ class _Job:
 
 
 def import_dataset(config: CarouselConfig, source: str | os.PathLike[str], opts: ImportOptions | None = None, *,
-                   progress: bool | None = False, log: Callable[[str], None] | None = None) -> ImportResult:
+                   progress: bool | None = False, log: Callable[[str], None] | None = None,
+                   stop: Callable[[], bool] | None = None) -> ImportResult:
     """Import the data set at ``source`` into the memory ``config`` describes, resuming an
     interrupted import of the same source; see the module docstring.
 
     ``progress``: draw a bar on stderr (None: when stderr is a terminal). ``log`` gets one-line
-    notes (a resumed import, rows recovered). The caller makes sure no other process (a daemon)
-    writes the memory: the stores refuse a second writer (``StoreLockedError``) in any case.
-    Raises :class:`ImportSourceError` before anything is added for a source that does not fit.
+    notes (a resumed import, rows recovered). ``stop``: asked between batches; once true, the rows
+    added so far are flushed and recorded and :class:`KeyboardInterrupt` is raised (the command
+    line's SIGINT and SIGTERM set it: a signal between two adds, never inside one). The caller makes
+    sure no other process (a daemon) writes the memory: the stores refuse a second writer
+    (``StoreLockedError``) in any case. Raises :class:`ImportSourceError` before anything is added
+    for a source that does not fit.
     """
     opts = opts or ImportOptions()
     say = log or (lambda _line: None)
@@ -535,6 +539,8 @@ def import_dataset(config: CarouselConfig, source: str | os.PathLike[str], opts:
             try:
                 for lo, hi in todo:
                     for a in range(lo, hi, opts.batch):
+                        if stop is not None and stop():
+                            raise KeyboardInterrupt  # below: what was added is flushed, then recorded
                         b = min(hi, a + opts.batch)
                         x, y, t = job.rows(np.arange(a, b, dtype=np.int64))
                         ids = memory.add(x, y, task=t).numpy()
