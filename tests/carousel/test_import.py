@@ -298,7 +298,7 @@ def test_sigterm_records_what_was_added_and_a_rerun_finishes(tmp_path, capsys):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and not list(state_dir.glob("*.json")):
         time.sleep(0.005)
-    time.sleep(0.05)  # adding, well before the first checkpoint
+    time.sleep(0.15)  # adding (~1 s for all rows here), well before the first checkpoint
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted; rerun the same command to resume" in err, err
