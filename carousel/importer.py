@@ -251,9 +251,10 @@ def _tasks(src: Source, opts: ImportOptions) -> np.ndarray:
 
 
 def _check_memory(config: CarouselConfig) -> None:
-    if not config.tiers:
-        raise ImportSourceError("the memory has no [[tiers]]: a RAM-only memory keeps nothing to pre-load; "
-                                "import into a profile with storage tiers")
+    if not any(not _adopted(t) for t in config.tiers):
+        raise ImportSourceError("the memory has no writable [[tiers]] (a RAM-only memory, or only an adopted image "
+                                "folder): it keeps nothing an import could pre-load; import into a profile with "
+                                "storage tiers")
     mc = config.memory
     if mc.kind == "saliency":
         raise ImportSourceError('a kind = "saliency" memory needs a saliency map per sample, which a data set '
@@ -338,13 +339,19 @@ def records_digest(ids: np.ndarray, y: np.ndarray, task: np.ndarray, x: np.ndarr
     return h
 
 
+def _adopted(tier: Any) -> bool:
+    """An adopted image folder (``layout = "imagefolder"``): read-only, never written by an add."""
+    return getattr(tier, "layout", None) == "imagefolder"
+
+
 def _open_ro(config: CarouselConfig) -> list[Any]:
-    """The memory's tier stores, read-only, fastest first (missing ones skipped)."""
+    """The memory's writable tiers' stores, opened read-only, fastest first (missing ones skipped)."""
     stores = []
     try:
         for tier in config.tiers:
-            if Path(tier.path).exists():
-                stores.append(open_store(tier.url() + "&mode=ro"))
+            if Path(tier.path).exists() and not _adopted(tier):
+                url = tier.url()
+                stores.append(open_store(url if "mode=ro" in url else url + "&mode=ro"))
     except BaseException:
         for s in stores:
             s.close()
