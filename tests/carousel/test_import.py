@@ -130,6 +130,17 @@ def test_cifar_folder_and_tar_gz(tmp_path, capsys):
     got = stored(other)
     np.testing.assert_array_equal(got["x"], batches["test_batch"][0])
     np.testing.assert_array_equal(got["y"], batches["test_batch"][1])
+    # CIFAR-100: one "train" file, the fine labels.
+    top = tmp_path / "c100" / "cifar-100-python"
+    top.mkdir(parents=True)
+    data, fine = rng.integers(0, 256, (5, 3072), dtype=np.uint8), [99, 0, 42, 7, 7]
+    (top / "train").write_bytes(pickle.dumps({"data": data, "fine_labels": fine, "coarse_labels": [1] * 5}))
+    third = tmp_path / "m3"
+    third.mkdir()
+    rc, out, err = cli(capsys, top, "--profile", profile(third, (3, 32, 32)))
+    assert rc == 0, err
+    got = stored(third)
+    assert got["y"].tolist() == fine and np.array_equal(got["x"], data.reshape(5, 3, 32, 32))
 
 
 def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path, capsys):
