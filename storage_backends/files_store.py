@@ -299,9 +299,11 @@ class FilesStore(RowStore):
         except RuntimeError:
             here = None
         if loop is not None and loop is not here and loop.is_running():
+            coro = make()
             try:
-                fut = asyncio.run_coroutine_threadsafe(make(), loop)
+                fut = asyncio.run_coroutine_threadsafe(coro, loop)
             except RuntimeError:  # closed meanwhile: the store's own loop serves
+                coro.close()
                 fut = None
             while fut is not None:
                 try:
@@ -309,6 +311,7 @@ class FilesStore(RowStore):
                 except TimeoutError:
                     if not loop.is_running():  # stopped with our reads queued: redo them (reads only)
                         fut.cancel()
+                        coro.close()  # never to run again: no "never awaited" warning at exit
                         break
         return asyncio.run_coroutine_threadsafe(make(), self._store_loop()).result()
 
