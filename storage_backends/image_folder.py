@@ -261,9 +261,11 @@ class ImageFolderStore(SampleStore):
         except RuntimeError:
             here = None
         if loop is not None and loop is not here and loop.is_running():
+            coro = self._read_all(paths)
             try:
-                fut = asyncio.run_coroutine_threadsafe(self._read_all(paths), loop)
+                fut = asyncio.run_coroutine_threadsafe(coro, loop)
             except RuntimeError:  # closed meanwhile: the store's own loop serves
+                coro.close()
                 fut = None
             while fut is not None:
                 try:
@@ -271,6 +273,7 @@ class ImageFolderStore(SampleStore):
                 except TimeoutError:
                     if not loop.is_running():  # stopped with our reads queued: read again (reads only)
                         fut.cancel()
+                        coro.close()  # never to run again: no "never awaited" warning at exit
                         break
         own = self._own_loop()
         if here is own:
