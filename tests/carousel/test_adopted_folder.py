@@ -141,3 +141,21 @@ def test_refusals(tmp_path):
     (tmp_path / "used" / "state" / "adopted.json").unlink()  # ... given a folder it did not adopt
     with pytest.raises(ConfigError, match="already handed out sample ids"):
         CarouselMemory.from_dict(cfg)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_capacity_evicts_from_the_last_writable_tier_never_from_the_folder(tmp_path, deterministic):
+    folder = write_folder(tmp_path / "data")
+    before = digest(folder)
+    cfg = config(tmp_path, folder, deterministic=deterministic)
+    cfg["tiers"][0]["capacity"] = 10
+    mem = CarouselMemory.from_dict(cfg)
+    for _ in range(5):
+        mem.add(*stream(8, [0, 1]), task=0)
+        replay(mem, 2)
+    mem.flush()
+    lmdb, adopted = mem.tiers
+    assert 10 <= len(lmdb.store) <= 10 + mem.pool.size and mem.stats()["evicted"] == 40 - len(lmdb.store)
+    assert len(adopted.store) == FOLDER_N and (mem.catalog.home[:FOLDER_N] == 1).all()
+    mem.close()
+    assert digest(folder) == before
