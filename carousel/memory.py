@@ -71,7 +71,7 @@ from .inputs import MemoryInputError, check_add, check_count, check_observe, che
 from .kinds import RawCodec, make_codec
 from .metrics import MemoryMetrics
 from .policies import AdmissionPolicy, make_admission, make_swap_in, make_swap_out
-from .recovery import check_adoption, load_state, rebuild_catalog, refill_em, save_state
+from .recovery import AdoptionError, check_adoption, load_state, rebuild_catalog, refill_em, save_state
 from .step_swaps import StepSwaps
 from .swap_engine import SwapEngine
 from .tiers import Tier, check_order, writable_count
@@ -205,7 +205,7 @@ class CarouselMemory:
             try:  # an adopted tier: its listing pinned, or checked against the pin
                 check_adoption(self._state_dir, self.tiers, state)
                 found = rebuild_catalog(self.catalog, self.tiers, self.codec, self.verifier, state, self._state_dir)
-            except ValueError as exc:
+            except AdoptionError as exc:
                 raise ConfigError(config.source, f"tiers[{len(self.tiers) - 1}].path", str(exc)) from None
             self._ids, self._seen, self.recovered = found.ids, found.seen, found.report
             # The asynchronous memory hands admission to the write-behind thread and observe()'s

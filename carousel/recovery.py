@@ -46,6 +46,11 @@ STATE_FILE = "em-state.npz"
 ADOPTED_FILE = "adopted.json"  # the adopted tier's listing, pinned (check_adoption)
 
 
+class AdoptionError(ValueError):
+    """An adopted tier that cannot be used as it is (its listing changed, its ids clash); the
+    memory raises it as a ``ConfigError`` naming the tier."""
+
+
 def load_state(state_dir: Path | None) -> dict[str, np.ndarray]:
     """The last checkpoint's arrays (empty without one). Checked loosely: the tiers stay the
     truth, the checkpoint only saves reading labels and restores the EM and statistics."""
@@ -167,7 +172,7 @@ def _learn_adopted(catalog: Catalog, tier: Tier, ids: np.ndarray, codec: Codec, 
     clash = ids < catalog.label.size
     clash[clash] = catalog.home[ids[clash]] >= 0
     if clash.any():
-        raise ValueError(f"ids {ids[clash][:8].tolist()} are on a writable tier and on the adopted tier "
+        raise AdoptionError(f"ids {ids[clash][:8].tolist()} are on a writable tier and on the adopted tier "
                          f"{tier.store.url}: the adopted folder changed, or was added to a memory that held samples")
     get_labels = getattr(tier.store, "get_labels", None)
     for lo in range(0, ids.size, 1 << 16):
@@ -185,7 +190,7 @@ def _learn_adopted(catalog: Catalog, tier: Tier, ids: np.ndarray, codec: Codec, 
                 try:
                     catalog.crc[part] = verifier.crcs(tier.store.get_many(part))
                     break
-                except CorruptRecordError as exc:  # unusable images: gone for this open, and counted
+                except CorruptRecordError as exc:  # unusable images: evicted for this open
                     catalog.home[exc.ids] = EVICTED
                     log.warning("%s", exc)
                     part = part[~np.isin(part, exc.ids)]
@@ -195,7 +200,7 @@ def _learn_adopted(catalog: Catalog, tier: Tier, ids: np.ndarray, codec: Codec, 
 def check_adoption(state_dir: Path, tiers: list[Tier], state: Mapping[str, np.ndarray]) -> None:
     """Pin the adopted tier's listing in ``<state_dir>/adopted.json``, or check it against the pin.
 
-    Raises ``ValueError`` (the memory turns it into a ``ConfigError``) when the listing changed
+    Raises :class:`AdoptionError` (the memory turns it into a ``ConfigError``) when the listing changed
     since the memory adopted the folder (its ids would name other images than the catalog and
     the checkpoint say), or when a memory that already handed out ids is given a folder to adopt
     (the folder's ids, ``0 .. N-1``, would clash with them). Written atomically before anything
@@ -212,9 +217,9 @@ def check_adoption(state_dir: Path, tiers: list[Tier], state: Mapping[str, np.nd
         try:
             pinned = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{path} is unreadable ({exc}): cannot tell whether the adopted folder changed") from None
+            raise AdoptionError(f"{path} is unreadable ({exc}): cannot tell whether the adopted folder changed") from None
         if pinned.get("samples") != listing["samples"] or pinned.get("digest") != listing["digest"]:
-            raise ValueError(
+            raise AdoptionError(
                 f"the adopted folder {store.url} changed since this memory adopted it ({pinned.get('samples')} "
                 f"images then, {listing['samples']} now, listing digest {str(pinned.get('digest'))[:12]} then, "
                 f"{str(listing['digest'])[:12]} now): its ids would name other images. Restore the folder as it "
@@ -225,7 +230,7 @@ def check_adoption(state_dir: Path, tiers: list[Tier], state: Mapping[str, np.nd
         ("a checkpoint", "label" in state and bool((state["label"] >= 0).any())),
         ("reserved ids", state_dir.exists() and read_bound(state_dir) > 0)) if found]
     if used:
-        raise ValueError(f"cannot adopt {store.url} into a memory that already handed out sample ids ({', '.join(used)} "
+        raise AdoptionError(f"cannot adopt {store.url} into a memory that already handed out sample ids ({', '.join(used)} "
                          f"in {state_dir}): the folder's ids 0..{listing['samples'] - 1} would clash with them; "
                          "start a new memory (empty tiers and state_dir)")
     state_dir.mkdir(parents=True, exist_ok=True)
