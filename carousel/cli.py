@@ -76,6 +76,8 @@ def _verify(url: str) -> int:
 
 def _capacity(tier) -> str:
     """A tier's capacity as the profile gave it: samples, or a byte budget."""
+    if tier.layout == "imagefolder":
+        return "read-only: the folder's images"
     if tier.capacity_bytes is not None:
         return f"{tier.capacity_bytes:,} bytes"
     return f"{tier.capacity_samples:,} samples"

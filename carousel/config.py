@@ -328,7 +328,7 @@ class WriteBehindConfig:
 
 
 #: Keys that apply to one tier kind only: another kind refuses any value but the default.
-_KIND_ONLY = {"chunk": "zarr", "inflight": "files", "layout": "files"}
+_KIND_ONLY = {"chunk": "zarr", "inflight": "files", "layout": "files", "classes_per_task": "files"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,18 +353,13 @@ class TierConfig:
     class_quota: int = 0                  # max samples per class on this tier; 0 = no quota
     inflight: int = 32                    # files only: file reads in flight per storage read, in [1, 1024]
     layout: str = "records"               # files only: "records" (the store's own files) or "imagefolder"
-                                          # (class_name/*.png folders, read-only: nothing is written to it)
+                                          # (class_name/*.png folders, read-only: nothing is written to it;
+                                          # no capacity: it holds the folder's images)
+    classes_per_task: int = 0             # imagefolder only: a sample's task is label // this; 0 = task 0
 
     def __post_init__(self) -> None:
         _choice(self.kind, "kind", TIER_KINDS)
         object.__setattr__(self, "path", _path(self.path, "path"))
-        if (self.capacity_samples is None) == (self.capacity_bytes is None):
-            _fail("capacity", "give exactly one of capacity_samples and capacity_bytes "
-                              "(in TOML: capacity = 50000 samples or capacity = \"4GiB\")")
-        if self.capacity_samples is not None:
-            _int(self.capacity_samples, "capacity_samples", lo=1)
-        if self.capacity_bytes is not None:
-            _int(self.capacity_bytes, "capacity_bytes", lo=1)
         _bool(self.sync, "sync")
         _int(self.chunk, "chunk", lo=1, hi=_MAX_CHUNK)
         _choice(self.codec, "codec", TIER_CODECS)
@@ -375,11 +370,25 @@ class TierConfig:
                            "gather); it has no codec: use an lmdb or zarr tier for zstd")
         _int(self.inflight, "inflight", lo=1, hi=_MAX_INFLIGHT)
         _choice(self.layout, "layout", TIER_LAYOUTS)
+        _int(self.classes_per_task, "classes_per_task", lo=0, hi=1 << 31)
+        if self.classes_per_task and self.layout != "imagefolder":
+            _fail("classes_per_task", "applies to imagefolder tiers only (their tasks come from the folder's classes)")
         for name, only in _KIND_ONLY.items():
             if self.kind != only and getattr(self, name) != _TIER_DEFAULTS[name]:
                 _fail(name, f"applies to {only} tiers only; this tier is {self.kind}")
         _choice(self.eviction, "eviction", EVICTION_POLICIES)
         _int(self.class_quota, "class_quota", lo=0)
+        if self.layout == "imagefolder":  # it has no capacity
+            if self.capacity_samples is not None or self.capacity_bytes is not None:
+                _fail("capacity", "an imagefolder tier holds the folder's images, never more or fewer: its capacity "
+                                  "is their count; remove capacity")
+        elif (self.capacity_samples is None) == (self.capacity_bytes is None):
+            _fail("capacity", "give exactly one of capacity_samples and capacity_bytes "
+                              "(in TOML: capacity = 50000 samples or capacity = \"4GiB\")")
+        if self.capacity_samples is not None:
+            _int(self.capacity_samples, "capacity_samples", lo=1)
+        if self.capacity_bytes is not None:
+            _int(self.capacity_bytes, "capacity_bytes", lo=1)
 
     def url(self) -> str:
         """The ``storage_backends`` URL of this tier's store.
@@ -388,7 +397,7 @@ class TierConfig:
         'lmdb:///var/lib/carousel/flash?sync=0'
         >>> TierConfig("files", "/mnt/nfs/replay", capacity_samples=10, inflight=64).url()
         'files:///mnt/nfs/replay?sync=1&inflight=64'
-        >>> TierConfig("files", "/data/cifar/train", capacity_samples=10, layout="imagefolder").url()
+        >>> TierConfig("files", "/data/cifar/train", layout="imagefolder").url()
         'files:///data/cifar/train?sync=1&inflight=32&layout=imagefolder&mode=ro'
         """
         path = quote(self.path, safe="/")  # parse_url unquotes; a '?' or '%' in a folder name survives
@@ -400,18 +409,22 @@ class TierConfig:
         if self.kind == "files":
             url = f"files://{path}?sync={sync}&inflight={self.inflight}"
             if self.layout == "imagefolder":
-                return url + "&layout=imagefolder&mode=ro"
+                return url + "&layout=imagefolder&mode=ro" + \
+                    (f"&classes_per_task={self.classes_per_task}" if self.classes_per_task else "")
             return url + ("&codec=zstd" if self.codec == "zstd" else "")
         return f"zarr://{path}?chunk={self.chunk}&codec={self.codec}&sync={sync}"
 
     def capacity_for(self, record_nbytes: int) -> int:
-        """Capacity in samples for records of ``record_nbytes`` bytes each (at least 1).
+        """Capacity in samples for records of ``record_nbytes`` bytes each (at least 1; 0 for an
+        imagefolder tier, which holds what its folder holds).
 
         >>> TierConfig("lmdb", "/f", capacity_bytes=1000).capacity_for(300)
         3
         """
         if self.capacity_samples is not None:
             return self.capacity_samples
+        if self.capacity_bytes is None:  # an imagefolder tier: as many as the folder holds, unknown here
+            return 0
         record_nbytes = _int(record_nbytes, "record_nbytes", lo=1)
         return max(1, self.capacity_bytes // record_nbytes)
 
@@ -488,8 +501,10 @@ class CarouselConfig:
         tiers = []
         for tier in self.tiers:
             entry: dict[str, Any] = {"kind": tier.kind, "path": tier.path}
-            entry["capacity"] = tier.capacity_samples if tier.capacity_samples is not None \
-                else _format_size(tier.capacity_bytes)
+            if tier.capacity_samples is not None:
+                entry["capacity"] = tier.capacity_samples
+            elif tier.capacity_bytes is not None:
+                entry["capacity"] = _format_size(tier.capacity_bytes)
             for f in fields(TierConfig)[4:]:
                 if _KIND_ONLY.get(f.name, tier.kind) == tier.kind:
                     entry[f.name] = getattr(tier, f.name)
@@ -538,7 +553,7 @@ _TOML_KEYS = {
     "write_behind": [f.name for f in fields(WriteBehindConfig)],
     "tiers": ["kind", "path", "capacity"] + [f.name for f in fields(TierConfig)[4:]],
 }
-_REQUIRED = {"memory": ("em_size", "sample_shape"), "tiers": ("kind", "path", "capacity"),
+_REQUIRED = {"memory": ("em_size", "sample_shape"), "tiers": ("kind", "path"),  # capacity: see _build
              "swap": (), "write_behind": ()}
 _EXTRA_KEYS = ("shape", "dtype")
 _CAPACITY_KEYS = {"capacity_samples": "capacity", "capacity_bytes": "capacity"}  # dataclass field -> TOML key
@@ -624,7 +639,10 @@ def _build(data: Mapping[str, Any], source: str | None) -> CarouselConfig:
             for name, only in _KIND_ONLY.items():
                 if name in table and table["kind"] != only:
                     _fail(f"{prefix}.{name}", f"applies to {only} tiers only; this tier is {table.get('kind')!r}")
-        table.update(_capacity(table.pop("capacity"), f"{prefix}.capacity"))
+        if "capacity" in table:
+            table.update(_capacity(table.pop("capacity"), f"{prefix}.capacity"))
+        elif table.get("layout") != "imagefolder":  # the one tier without a capacity: it holds its folder
+            _fail(f"{prefix}.capacity", "required key is missing")
         table["path"] = _resolve(table["path"], base)
         tiers.append(_section(TierConfig, table, prefix, _CAPACITY_KEYS))
     return CarouselConfig(memory_cfg, swap, write_behind, tuple(tiers), source)

@@ -233,7 +233,9 @@ def _memory_ram(profile: DaemonProfile, name: str, cfg: CarouselConfig, report: 
                          f"{slots} x {RING_ROWS} rows x {record:,} B, in /dev/shm"))
     report.ram[name] = parts
     if cfg.tiers:
-        samples = sum(t.capacity_for(record) for t in cfg.tiers)
+        # An adopted folder's samples are all in the catalog: counted from the folder itself.
+        samples = sum(adopted_count(t.path) if t.layout == "imagefolder" else t.capacity_for(record)
+                      for t in cfg.tiers)
         rows = sum(t.capacity_for(record) for t in cfg.tiers if t.kind in ("zarr", "flat", "files"))  # row manifests
         try:
             verify = verify_requested(mc.verify)
@@ -288,13 +290,37 @@ def _paths(profile: DaemonProfile) -> Iterator[tuple[str, str, str]]:
     dc = profile.daemon
     for name, cfg in profile.memories.items():
         for i, t in enumerate(cfg.tiers):
-            yield profile.memory_key(name, f"tiers[{i}].path"), t.path, "tier folder"
+            what = "adopted image folder" if t.layout == "imagefolder" else "tier folder"
+            yield profile.memory_key(name, f"tiers[{i}].path"), t.path, what
         if cfg.memory.state_dir is not None:
             yield profile.memory_key(name, "memory.state_dir"), cfg.memory.state_dir, "state folder"
     data = profile.data_dir()
     yield "daemon.data_dir", data, "data folder" if dc.data_dir else "data folder (daemon.data_dir unset: its default)"
     yield "daemon.socket_dir", dc.resolved_socket_dir(), \
         "socket folder" if dc.socket_dir else "socket folder (daemon.socket_dir unset: its default)"
+
+
+def _readable_folder(path: str) -> str | None:
+    """Why ``path`` cannot be read as an image folder (None: it can)."""
+    if not os.path.isdir(path):
+        return f"{path} is not a folder" if os.path.lexists(path) else f"{path} does not exist"
+    if not os.access(path, os.R_OK | os.X_OK):
+        return f"cannot read {path}: permission denied"
+    return None
+
+
+def adopted_count(path: str) -> int:
+    """Files in the class folders of an image folder (what the tier will hold; 0 if unreadable)."""
+    n = 0
+    try:
+        with os.scandir(path) as classes:
+            for entry in classes:
+                if entry.is_dir() and not entry.name.startswith("."):
+                    with os.scandir(entry.path) as files:
+                        n += sum(1 for f in files if f.is_file())
+    except OSError:
+        return 0
+    return n
 
 
 def _writable(path: str, probed: dict[str, str | None]) -> str | None:
@@ -363,7 +389,9 @@ def _check_paths(profile: DaemonProfile, report: Report) -> None:
     probed: dict[str, str | None] = {}
     failed = set()
     for key, path, what in _paths(profile):
-        reason = _writable(path, probed)
+        # An adopted folder is the user's data set, read where it is: checked for reading, never
+        # probed by writing into it (and it may sit on a read-only mount).
+        reason = _readable_folder(path) if what == "adopted image folder" else _writable(path, probed)
         if reason is not None:
             failed.add(key)
             report.problems.append(ConfigError(profile.source, key, f"the {what}: {reason}"))

@@ -45,7 +45,7 @@ def digest(root: Path) -> str:
 
 def config(tmp_path, folder, *, writable=True, workers=1, state=True, **swap):
     tiers = [{"kind": "lmdb", "path": str(tmp_path / "flash"), "capacity": 1000, "sync": False}] if writable else []
-    tiers.append({"kind": "files", "path": str(folder), "layout": "imagefolder", "capacity": 1})
+    tiers.append({"kind": "files", "path": str(folder), "layout": "imagefolder"})
     memory = {"em_size": 8, "sample_shape": list(SHAPE), "seed": 0}
     if state:
         memory["state_dir"] = str(tmp_path / "state")

@@ -357,7 +357,7 @@ def test_a_files_tier_reads_in_flight_and_round_trips():
     cfg = CarouselConfig.from_dict({**MINIMAL, "tiers": [
         tier(kind="files", path="/t/files"),
         tier(kind="files", path="/t/zfiles", inflight=1, codec="zstd", sync=False),
-        tier(kind="files", path="/t/imgs", layout="imagefolder", inflight=1024)]})
+        {"kind": "files", "path": "/t/imgs", "layout": "imagefolder", "inflight": 1024}]})
     assert cfg.tiers[0].inflight == 32 and cfg.tiers[0].layout == "records"  # the defaults
     assert [t.url() for t in cfg.tiers] == [
         "files:///t/files?sync=1&inflight=32",
@@ -367,12 +367,30 @@ def test_a_files_tier_reads_in_flight_and_round_trips():
     assert "inflight" not in CarouselConfig.from_dict({**MINIMAL, "tiers": [tier()]}).to_dict()["tiers"][0]
 
 
+def test_an_imagefolder_tier_has_no_capacity_or_codec_and_may_give_tasks():
+    folder = {"kind": "files", "path": "/t/imgs", "layout": "imagefolder"}
+    cfg = CarouselConfig.from_dict({**MINIMAL, "tiers": [tier(), {**folder, "classes_per_task": 2}]})
+    t = cfg.tiers[1]
+    assert t.capacity_samples is None and t.capacity_bytes is None and t.capacity_for(100) == 0
+    assert t.url() == "files:///t/imgs?sync=1&inflight=32&layout=imagefolder&mode=ro&classes_per_task=2"
+    assert "capacity" not in cfg.to_dict()["tiers"][1] and CarouselConfig.from_dict(cfg.to_dict()) == cfg
+    exc = error({**MINIMAL, "tiers": [{**folder, "capacity": 10}]})
+    assert exc.key == "tiers[0].capacity" and "remove capacity" in exc.reason
+    exc = error({**MINIMAL, "tiers": [{**folder, "codec": "zstd"}]})
+    assert exc.key == "tiers[0].codec" and "no codec" in exc.reason
+    exc = error({**MINIMAL, "tiers": [tier(kind="files", classes_per_task=2)]})
+    assert exc.key == "tiers[0].classes_per_task" and "imagefolder tiers only" in exc.reason
+    exc = error({**MINIMAL, "tiers": [tier(classes_per_task=2)]})
+    assert exc.key == "tiers[0].classes_per_task" and "files tiers only" in exc.reason
+    exc = error({**MINIMAL, "tiers": [{"kind": "files", "path": "/t/f"}]})  # a records tier still needs one
+    assert exc.key == "tiers[0].capacity"
+
+
 @pytest.mark.parametrize("values, key, words", [
     ({"kind": "files", "inflight": 0}, "inflight", "[1, 1024]"),
     ({"kind": "files", "inflight": 1025}, "inflight", "[1, 1024]"),
     ({"kind": "files", "inflight": "8"}, "inflight", "integer"),
     ({"kind": "files", "layout": "tiles"}, "layout", "imagefolder, records"),
-    ({"kind": "files", "layout": "imagefolder", "codec": "zstd"}, "codec", "no codec"),
     ({"kind": "files", "chunk": 16}, "chunk", "zarr tiers only"),
     ({"kind": "lmdb", "inflight": 8}, "inflight", "files tiers only"),
     ({"kind": "zarr", "layout": "imagefolder"}, "layout", "files tiers only"),

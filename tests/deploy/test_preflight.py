@@ -297,3 +297,24 @@ def test_a_cgroup_limit_below_the_physical_ram_is_the_bound(tmp_path):
     assert "the cgroup's memory limit" in small.describe()
     roomy = MachineRam(physical=64 << 30, cgroup_limit=None, available=None)
     assert check_profile(profile, roomy, paths=False).problems == []
+
+
+def test_an_adopted_image_folder_is_checked_for_reading_never_written_and_counted(tmp_path):
+    """The user's data set is only read: check-config never probes it by writing (its mtime stays),
+    a missing one is named, and its images count in the catalog's RAM."""
+    folder = tmp_path / "images"
+    for c in ("cat", "dog"):
+        (folder / c).mkdir(parents=True)
+        for i in range(7):
+            (folder / c / f"{i}.png").write_bytes(b"not decoded by the check")
+    data = single_profile(tmp_path)
+    data["tiers"].append({"kind": "files", "path": str(folder), "layout": "imagefolder"})
+    before = os.stat(folder).st_mtime_ns
+    report = check_profile(DaemonProfile.from_dict(data))
+    assert not report.problems, report.problems
+    assert os.stat(folder).st_mtime_ns == before  # no temp entry made and removed in it
+    assert "1,014 samples" in report.bookkeeping["default"].how  # 1,000 on the LMDB tier + 14 images
+    data["tiers"][1]["path"] = str(tmp_path / "nowhere")
+    report = check_profile(DaemonProfile.from_dict(data))
+    assert [p.key for p in report.problems] == ["tiers[1].path"]
+    assert "does not exist" in report.problems[0].reason and not (tmp_path / "nowhere").exists()

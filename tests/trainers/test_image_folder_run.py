@@ -70,7 +70,7 @@ def test_a_run_on_an_adopted_fashion_mnist_folder_matches_the_lmdb_run(tmp_path)
     before = digest(folder)
     profile = tmp_path / "folder.toml"
     profile.write_text('[swap]\nratio = 0.5\npolicy = "carm"\n\n'  # the default LMDB run's swap settings
-                       f'[[tiers]]\nkind = "files"\npath = "{folder}"\nlayout = "imagefolder"\ncapacity = 1\n')
+                       f'[[tiers]]\nkind = "files"\npath = "{folder}"\nlayout = "imagefolder"\n')
     adopted = run(tmp_path / "folder", "--profile", str(profile))
     lmdb = run(tmp_path / "lmdb")
     tiers = adopted["memory"]["stats"]["tiers"]
