@@ -174,7 +174,7 @@ capacity = {len(fields['y'])}
 
 
 def train_side_by_side(data_root: str | None, out: Path, per_class: int, seed: int = 0,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, eval_limit: int = 1000) -> dict:
     """ER with a RAM-only buffer and through a carousel daemon, same EM, same seed: the table and figure."""
     from .compare import compare
     from .run import RunConfig
@@ -195,7 +195,7 @@ def train_side_by_side(data_root: str | None, out: Path, per_class: int, seed: i
     if benchmark == "generated":
         print("demo: neither Fashion-MNIST nor MNIST found - training on generated data")
     base = RunConfig(benchmark=benchmark, method="er", em_size=200, arch="reduced-resnet18", seed=seed,
-                     data_root=root, limit_per_class=per_class, eval_limit=1000, progress=progress)
+                     data_root=root, limit_per_class=per_class, eval_limit=eval_limit, progress=progress)
     print(f"\ndemo: ER on {benchmark} ({per_class} training samples per class, reduced ResNet-18, EM 200), "
           f"RAM-only and through a carousel daemon")
     return compare(base, ["ram", "carousel-daemon"], [seed], out)
@@ -210,10 +210,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-per-class", type=int, default=1000,
                         help="training samples per class for the ER comparison (default 1000)")
     parser.add_argument("--train-out", default="runs/demo", help="where the comparison's table and figure go")
+    parser.add_argument("--eval-limit", type=int, default=1000, help="test samples per task in the comparison "
+                        "(default 1000)")
     parser.add_argument("--skip-training", action="store_true", help="only the storage and daemon checks")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     run(args.data_root, args.samples, args.out, args.seed)
     if not args.skip_training:
         train_side_by_side(args.data_root, Path(args.train_out), args.train_per_class, args.seed,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, eval_limit=args.eval_limit)

@@ -56,7 +56,9 @@ def build_model(arch: str, stream: Stream) -> torch.nn.Module:
 
 def load_stream(cfg: RunConfig) -> Stream:
     if cfg.benchmark == "generated":
-        return generated_stream(tasks=cfg.tasks or 5, seed=cfg.seed)
+        # --limit-per-class caps the generated set too (100 a class): a limit never adds samples.
+        per_class = 100 if cfg.limit_per_class is None else max(1, min(100, cfg.limit_per_class))
+        return generated_stream(tasks=cfg.tasks or 5, seed=cfg.seed, train_per_class=per_class)
     return make_stream(cfg.benchmark, cfg.data_root, seed=cfg.seed, tasks=cfg.tasks, download=cfg.download,
                        limit_per_class=cfg.limit_per_class)
 

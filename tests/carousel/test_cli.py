@@ -25,7 +25,7 @@ def run(*args, **kw):
 
 def test_demo_writes_reads_and_verifies(tmp_path):
     out = run("-m", "trainers", "demo", "--samples", "1500", "--out", str(tmp_path), "--train-per-class", "40",
-              "--train-out", str(tmp_path / "train"), "--no-progress")
+              "--eval-limit", "100", "--train-out", str(tmp_path / "train"), "--no-progress")
     assert out.returncode == 0, out.stderr
     assert "demo: ok" in out.stdout
     with open_store(f"lmdb://{tmp_path}/flash") as s:
@@ -41,7 +41,8 @@ def test_demo_writes_reads_and_verifies(tmp_path):
 
 
 def test_demo_without_data_uses_generated_images(tmp_path):
-    out = run("-m", "trainers", "demo", "--samples", "300", "--out", str(tmp_path), "--no-progress", cwd=tmp_path)
+    out = run("-m", "trainers", "demo", "--samples", "300", "--out", str(tmp_path), "--train-per-class", "40",
+              "--eval-limit", "100", "--no-progress", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "demo: ok" in out.stdout
     assert "training on generated data" in out.stdout and (tmp_path / "runs" / "demo" / "table.md").is_file()

@@ -264,8 +264,8 @@ def test_check_names_the_tier_a_throttled_device_makes_lag(tmp_path, shm_dir):
         th = threading.Thread(target=trainer)
         th.start()
         try:
-            time.sleep(3)  # task 0 stored, task 1 swapping
-            r = _tune("--check", str(out), "--window", "4")
+            time.sleep(2)  # task 0 stored, task 1 swapping
+            r = _tune("--check", str(out), "--window", "3")
         finally:
             stop.set()
             th.join(60)
