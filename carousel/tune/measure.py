@@ -13,6 +13,8 @@ For each path, :func:`measure_tier` creates a store of the tier's kind in a scra
   from the page cache (the store is closed, each file fsynced and ``posix_fadvise(DONTNEED)``-ed:
   no privilege needed, and only our scratch files lose their cache, not the user's). On tmpfs
   there is no cache to drop: the figures are RAM's, and the report says so;
+- **reads in flight** (a ``files`` tier): cold reads from one reader with 1, 8 and 32 file reads
+  in flight; the rest of the reads, and the tier's ``inflight``, use the fastest;
 - **free space** and the file system type (``/proc/self/mountinfo``).
 
 :func:`measure_host` reads free RAM (``MemAvailable``), free ``/dev/shm`` and the usable cores.
@@ -38,6 +40,7 @@ from ..config import TierConfig
 
 WRITE_BATCHES = (16, 64, 256)
 READ_THREADS = (1, 2, 4)
+INFLIGHT = (1, 8, 32)  # a files tier's reads in flight, tried
 
 
 @dataclass
@@ -59,6 +62,16 @@ class TierMeasurement:
     read_p50_s: dict[int, float]              # threads -> seconds per call, median
     read_p99_s: dict[int, float]              # threads -> seconds per call, 99th percentile
     read_samples_per_s: dict[int, float]      # threads -> samples read per second, all threads together
+    # A files tier: cold reads from one reader at each ``inflight`` (file reads in flight per call)
+    # -> samples/s; the reads above ran at the best of them. Empty for other kinds.
+    inflight_samples_per_s: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def best_inflight(self) -> int | None:
+        """The ``inflight`` that read fastest (a files tier), else None."""
+        if not self.inflight_samples_per_s:
+            return None
+        return max(self.inflight_samples_per_s, key=lambda k: self.inflight_samples_per_s[k])
 
     def read_s_per_sample(self, threads: int = 1) -> float:
         """Seconds per sample read by one reader among ``threads`` (the mean: a run's wall time
@@ -71,7 +84,7 @@ class TierMeasurement:
     @classmethod
     def from_json(cls, d: Mapping) -> TierMeasurement:
         d = dict(d)
-        for key in ("write_s_per_sample", "read_p50_s", "read_p99_s", "read_samples_per_s"):
+        for key in ("write_s_per_sample", "read_p50_s", "read_p99_s", "read_samples_per_s", "inflight_samples_per_s"):
             d[key] = {int(k): float(v) for k, v in d[key].items()}  # JSON keys are strings
         return cls(**d)
 
@@ -247,6 +260,19 @@ def measure_tier(path: str | os.PathLike[str], kind: str, schema: Mapping[str, t
             store.flush()
             on_disk = store.nbytes
         fsync_p50, fsync_p99 = _fsync_latency(scratch)
+        inflight: dict[int, float] = {}
+        if kind == "files":
+            # Many reads in flight win where a read waits on a device with a deep queue or a network;
+            # on a local disk, or warm, they can cost more than they save: measured, not assumed.
+            for depth in INFLIGHT:
+                _drop_cache(scratch)
+                probe = TierConfig(kind, str(scratch / "store"), capacity_samples=1, sync=sync, inflight=depth).url()
+                with open_store(probe) as store:
+                    _, wall, n = _read_run(store, rng.permutation(all_ids)[: max(read_batch, records // 3)],
+                                           read_batch, 1, False)
+                inflight[depth] = n / wall if wall > 0 else float("inf")
+            best = max(inflight, key=lambda k: inflight[k])
+            url = TierConfig(kind, str(scratch / "store"), capacity_samples=1, sync=sync, inflight=best).url()
         cache = "tmpfs: RAM, no cache to drop" if fs in ("tmpfs", "ramfs") else "dropped (fsync + fadvise DONTNEED)"
         p50, p99, rate = {}, {}, {}
         per_call = read_batch
@@ -270,6 +296,6 @@ def measure_tier(path: str | os.PathLike[str], kind: str, schema: Mapping[str, t
             disk_bytes_per_record=on_disk / records,
             write_s_per_sample={b: float(np.median(v)) for b, v in writes.items() if v},
             fsync_p50_s=fsync_p50, fsync_p99_s=fsync_p99, read_batch=per_call,
-            read_p50_s=p50, read_p99_s=p99, read_samples_per_s=rate)
+            read_p50_s=p50, read_p99_s=p99, read_samples_per_s=rate, inflight_samples_per_s=inflight)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

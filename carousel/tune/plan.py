@@ -21,6 +21,7 @@ slow spell. The rules:
   keeps up with the stream with the margin and is within 25 % of the best (bigger batches
   amortise the commit, its fsync and flash wear, until they no longer do); the queue holds 4
   batches, 1,024 samples, or what arrives during a p99 fsync stall x 4 x margin, the largest;
+- **reads in flight** (a files tier): the ``inflight`` whose cold reads were fastest;
 - **tmpfs**: a path on tmpfs is RAM, emptied at reboot: its tier gets at most a quarter of the
   RAM budget, and the plan warns;
 - **adaptive**: on when the slowest tier stalls (p99 read call over 5x its median) or the ratio
@@ -145,11 +146,20 @@ def make_plan(req: TuneRequest, host: HostMeasurement, measured: list[TierMeasur
         if cap < 64 * rec:
             warnings.append(f"{m.path}: {_fmt_bytes(m.free_bytes)} free leaves room for fewer than 64 samples; left out")
             continue
-        tiers.append({"kind": m.kind, "path": m.path, "capacity": _capacity_text(cap), "sync": m.sync})
+        tier = {"kind": m.kind, "path": m.path, "capacity": _capacity_text(cap), "sync": m.sync}
+        inflight = None
+        if m.best_inflight is not None:
+            tier["inflight"] = m.best_inflight
+            rates = ", ".join(f"{k}: {v:,.0f}/s" for k, v in sorted(m.inflight_samples_per_s.items()))
+            inflight = Choice(f"tiers[{len(tiers)}].inflight", m.best_inflight,
+                              f"cold reads from one reader by file reads in flight: {rates}")
+        tiers.append(tier)
         choices.append(Choice(f"tiers[{len(tiers) - 1}]", f"{m.kind} {m.path}, {_capacity_text(cap)}",
                               f"reads {m.read_s_per_sample(1) * 1e6:,.0f} us/sample ({m.fs}; "
                               f"{'fastest' if i == 0 else f'#{i + 1} by speed'}); {req.disk_share:.0%} of "
                               f"{_fmt_bytes(m.free_bytes)} free at {m.disk_bytes_per_record:,.0f} B on disk per record"))
+        if inflight is not None:
+            choices.append(inflight)
     used = [m for m in order if any(t["path"] == m.path and t["kind"] == m.kind for t in tiers)]
     if not used:
         raise ValueError("no measured path has room for a tier")

@@ -4,7 +4,6 @@ and serve runs, and ``--check`` naming the tier a throttled device makes lag."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -94,6 +93,15 @@ def test_write_behind_batch_amortises_the_commit_and_must_keep_up():
     assert slow.write_behind["batch"] == 256 and any("add() will block" in w for w in slow.warnings)
 
 
+def test_a_files_tier_reads_at_its_fastest_inflight():
+    nfs = measured("/mnt/nfs", 300)
+    nfs.kind, nfs.inflight_samples_per_s = "files", {1: 3_000.0, 8: 19_000.0, 32: 17_000.0}
+    plan = make_plan(request(), HOST, [measured("/a", 10), nfs])
+    assert plan.tiers[1]["inflight"] == 8 and "inflight" not in plan.tiers[0]
+    assert "8: 19,000/s" in next(c.why for c in plan.choices if c.key == "tiers[1].inflight")
+    assert TierMeasurement.from_json(json.loads(json.dumps(nfs.to_json()))) == nfs  # as the plan file keeps it
+
+
 def test_em_fits_the_ram_budget_and_tmpfs_is_ram():
     plan = make_plan(request(em_size=10_000_000, ram_budget_bytes=1 * GiB), HOST, [measured("/a", 10)])
     assert plan.memory["em_size"] == int(0.6 * (GiB - (320 << 20)) // 3082)
@@ -176,16 +184,19 @@ def shm_dir():
 def test_tune_on_this_machine_writes_a_profile_check_config_accepts_and_serve_runs(tmp_path, shm_dir):
     base, port = _base_profile(tmp_path)
     out = tmp_path / "tuned.toml"
-    r = _tune("--profile", str(base), "--tier", str(tmp_path / "disk"), "--tier", str(shm_dir), "--step-ms", "5",
-              "--records", "1024", "--out", str(out))
+    r = _tune("--profile", str(base), "--tier", str(tmp_path / "disk"), "--tier", str(shm_dir),
+              "--tier", f"files:{tmp_path / 'files'}", "--step-ms", "5", "--records", "1024", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "cache: tmpfs: RAM" in r.stdout and "cache: dropped" in r.stdout and "swap.prefetch_depth" in r.stdout
     data = tomllib.loads(out.read_text())
-    assert [t["path"] for t in data["tiers"]] == [str(shm_dir), str(tmp_path / "disk")]  # RAM first
+    assert [t["path"] for t in data["tiers"]][0] == str(shm_dir)  # RAM first
+    files = next(t for t in data["tiers"] if t["kind"] == "files")
+    assert files["inflight"] in (1, 8, 32) and "cold reads from one reader by file reads in flight: 1: " in r.stdout
     assert data["daemon"]["metrics"] == f"127.0.0.1:{port}" and data["memory"]["em_size"] == 64
     plan = json.loads((tmp_path / "tuned.plan.json").read_text())
-    assert plan["expect"]["tiers"] == {"0-lmdb": str(shm_dir), "1-lmdb": str(tmp_path / "disk")}
-    assert list(shm_dir.iterdir()) == [] and list((tmp_path / "disk").iterdir()) == []  # the probes cleaned up
+    assert plan["expect"]["tiers"]["0-lmdb"] == str(shm_dir) and len(plan["expect"]["tiers"]) == 3
+    for folder in (shm_dir, tmp_path / "disk", tmp_path / "files"):
+        assert list(folder.iterdir()) == []  # the probes cleaned up
     check = subprocess.run([sys.executable, "-m", "carousel", "check-config", str(out)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     with _serve(out, tmp_path, port) as d, carousel.connect(d.socket) as c:
