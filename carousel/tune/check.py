@@ -80,9 +80,9 @@ class CheckReport:
 
     def lines(self) -> list[str]:
         width = max((len(f.what) for f in self.findings), default=10)
-        out = [f"{'':2}{'check':<{width}}  {'planned':>16}  {'observed':>16}"]
+        out = [f"{'':3}{'check':<{width}}  {'planned':>16}  {'observed':>22}"]
         for f in self.findings:
-            out.append(f"{'ok' if f.ok else '!!':2}{f.what:<{width}}  {f.planned:>16}  {f.observed:>16}")
+            out.append(f"{'ok' if f.ok else '!!':3}{f.what:<{width}}  {f.planned:>16}  {f.observed:>22}")
         for f in self.findings:
             if not f.ok and f.advice:
                 out.append(f"-> {f.advice}")

@@ -282,6 +282,7 @@ def test_check_names_the_tier_a_throttled_device_makes_lag(tmp_path, shm_dir):
             th.join(60)
             slow.throttle(0, 0)
             d.close()
+        print(r.stdout)  # what a user sees (pytest -s)
         assert not errors, errors
         assert r.returncode == 1, r.stdout + r.stderr
         assert "lagging tier(s): 1-lmdb" in r.stdout, r.stdout
