@@ -1,5 +1,5 @@
 """Load test (RELIABILITY item 20): 4 client processes sample batches of 256 CIFAR-sized samples
-while a fifth adds, for ``CAROUSEL_LOAD_SECONDS`` (default 40; longer runs: set it) seconds, against a real daemon with
+while a fifth adds, for ``CAROUSEL_LOAD_SECONDS`` (default 30; longer runs: set it) seconds, against a real daemon with
 an LMDB tier small enough that it evicts throughout.
 
 Asserted: no client sees an error (every batch is full, without duplicate ids, and every row is
@@ -26,7 +26,7 @@ import carousel
 from tests.daemon import workers
 from tests.daemon.harness import start_daemon
 
-DURATION = float(os.environ.get("CAROUSEL_LOAD_SECONDS", "40"))
+DURATION = float(os.environ.get("CAROUSEL_LOAD_SECONDS", "30"))
 SHAPE = (3, 32, 32)
 EM_SIZE = 512
 BATCH = 256
