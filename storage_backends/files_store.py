@@ -62,7 +62,6 @@ import errno
 import json
 import os
 import threading
-from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -84,6 +83,7 @@ from .errors import (
     from_os_error,
 )
 from .locking import lock_store_dir
+from .loop_runner import LoopRunner
 from .records import CRC_BYTES, pack_records, unpack_records
 from .row_manifest import Manifest, _fsync_dir, _write_atomic
 from .row_store import RowStore
@@ -185,11 +185,9 @@ class FilesStore(RowStore):
         self._garbage_left = False  # an unlink failed: sweep at the next open
         self._row_bytes: np.ndarray | None = None  # disk bytes of each row's file (nbytes), once measured
         self._block = max(512, os.statvfs(path).f_frsize)
-        self._loop_lock = threading.Lock()
-        self._bound: asyncio.AbstractEventLoop | None = None
-        self._own_loop: asyncio.AbstractEventLoop | None = None
-        self._own_thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        # The reads' loop (the swap engine's once bound, else our own) and their threads, inflight
+        # of them; sync=1 writes use the same pool.
+        self._runner = LoopRunner("carousel-files", self.inflight, _WAIT_S)
         self._count_lock = threading.Lock()
         self._in_flight = 0
         #: The most file reads that were ever in flight at once (reads issued, not yet returned).
@@ -265,56 +263,12 @@ class FilesStore(RowStore):
     # ---- the loop the reads run on -----------------------------------------------------------------
     def bind_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
         # docstring inherited
-        self._bound = loop
+        self._runner.bind(loop)
 
     def _io_pool(self) -> ThreadPoolExecutor:
         """The threads the reads (and ``sync=1`` writes) run on: ``inflight`` of them, so the loop's
         default executor (sized for the machine's cores) never caps the reads in flight."""
-        with self._loop_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.inflight, thread_name_prefix="carousel-files-io")
-            return self._pool
-
-    def _store_loop(self) -> asyncio.AbstractEventLoop:
-        with self._loop_lock:
-            if self._own_loop is None:
-                loop = asyncio.new_event_loop()
-                started = threading.Event()
-
-                def run() -> None:
-                    asyncio.set_event_loop(loop)
-                    loop.call_soon(started.set)
-                    loop.run_forever()
-
-                thread = threading.Thread(target=run, name="carousel-files-loop", daemon=True)
-                thread.start()
-                started.wait()
-                self._own_loop, self._own_thread = loop, thread
-            return self._own_loop
-
-    def _run(self, make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-        """Run ``make()`` on the bound loop (from another thread), else on the store's own loop."""
-        loop = self._bound
-        try:
-            here = asyncio.get_running_loop()
-        except RuntimeError:
-            here = None
-        if loop is not None and loop is not here and loop.is_running():
-            coro = make()
-            try:
-                fut = asyncio.run_coroutine_threadsafe(coro, loop)
-            except RuntimeError:  # closed meanwhile: the store's own loop serves
-                coro.close()
-                fut = None
-            while fut is not None:
-                try:
-                    return fut.result(_WAIT_S)
-                except TimeoutError:
-                    if not loop.is_running():  # stopped with our reads queued: redo them (reads only)
-                        fut.cancel()
-                        coro.close()  # never to run again: no "never awaited" warning at exit
-                        break
-        return asyncio.run_coroutine_threadsafe(make(), self._store_loop()).result()
+        return self._runner.pool()
 
     # ---- reads ----------------------------------------------------------------------------------------
     async def _read_group(self, paths: list[str], pool: ThreadPoolExecutor) -> list[bytes | OSError]:
@@ -371,7 +325,7 @@ class FilesStore(RowStore):
     def _get(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         with ExitStack() as stack:
             uids, urows, crcs, inverse, paths = self._plan(ids, stack)
-            got = self._run(lambda: self._read_paths(paths))
+            got = self._runner.run(lambda: self._read_paths(paths))
         return self._finish(uids, urows, crcs, got, inverse)
 
     async def aget_many(self, ids: Any) -> dict[str, np.ndarray]:
@@ -440,7 +394,7 @@ class FilesStore(RowStore):
     def _read_checked(self, ids: np.ndarray, rows: np.ndarray, crcs: np.ndarray) -> dict[str, np.ndarray]:
         # A chunk (RowStore.get_chunk, which holds the mutex: no file is unlinked meanwhile).
         paths = [self._file(int(r), int(i)) for r, i in zip(rows.tolist(), ids.tolist())]
-        got = self._run(lambda: self._read_paths(paths))
+        got = self._runner.run(lambda: self._read_paths(paths))
         return self._finish(ids, rows, crcs, got, None)
 
     def _fail_rows(self, bad_ids: np.ndarray, bad_rows: np.ndarray) -> None:
@@ -588,16 +542,11 @@ class FilesStore(RowStore):
                 except OSError:
                     self._garbage_left = True
 
-    def _delete(self, ids: np.ndarray) -> None:
-        with self._mutex:
-            found, rows, _ = self._manifest.lookup(ids)
-            if not found.all():
-                raise self._missing(ids, found)
-            try:
-                self._manifest.delete(ids)
-            except OSError as exc:
-                raise from_os_error(exc, f"{self.url}: delete failed") from exc
+    def _delete(self, ids: np.ndarray) -> np.ndarray:
+        with self._mutex:  # reentrant: the rows' files go under the same hold as their entries
+            rows = super()._delete(ids)
             self._unlink(rows, ids)
+            return rows
 
     # ---- durability and lifecycle: RowStore's flush and close ------------------------------------
     def _sync_rows(self) -> None:
@@ -614,16 +563,7 @@ class FilesStore(RowStore):
         self._unsynced_rows, self._unsynced_dirs = [], set()
 
     def _release_rows(self) -> None:
-        with self._loop_lock:
-            loop, thread, pool = self._own_loop, self._own_thread, self._pool
-            self._own_loop = self._own_thread = self._pool = None
-            self._bound = None
-        if loop is not None and thread is not None:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            loop.close()
-        if pool is not None:
-            pool.shutdown(wait=True)
+        self._runner.close()
         if not self.readonly and not self._garbage_left:
             try:  # a clean close: the next open need not sweep
                 os.unlink(self._root / _DIRTY)

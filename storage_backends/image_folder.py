@@ -87,6 +87,7 @@ from .errors import (
     StorePermissionError,
     format_ids,
 )
+from .loop_runner import LoopRunner
 from .png import PNG_SIGNATURE, ImageDecodeError, UnsupportedImageError, decode_image, png_header
 from .schema import Schema, validate_ids
 from .url import StoreURL, parse_int
@@ -150,11 +151,8 @@ class ImageFolderStore(SampleStore):
         self._bad = np.zeros(len(self._paths), dtype=bool)  # quarantined in memory (this open only)
         self._bad_lock = threading.Lock()
         self._nbytes: int | None = None
-        self._bound: asyncio.AbstractEventLoop | None = None  # the swap engine's loop, when offered
-        self._loop: asyncio.AbstractEventLoop | None = None  # the store's own, started on first need
-        self._loop_thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._start_lock = threading.Lock()
+        # The reads' loop (the swap engine's once bound, else our own) and their threads.
+        self._runner = LoopRunner("carousel-imagefolder", self._readers, _WAIT_S)
 
     # ---- the listing's face ---------------------------------------------------------------------
     def get_labels(self, ids) -> dict[str, np.ndarray]:
@@ -248,37 +246,12 @@ class ImageFolderStore(SampleStore):
     # ---- the reader: aiofiles on the swap engine's loop, or on one this store owns -----------------
     def bind_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
         # docstring inherited
-        self._bound = loop
+        self._runner.bind(loop)
 
     def _read_files(self, paths: list[str]) -> list[bytes | BaseException]:
-        """The bytes of each file (or the error reading it), ``inflight`` reads in flight. On the
-        bound loop (the swap engine's, from its I/O thread) while it runs, else on the store's own
-        (recovery, the writer thread, tests). The files store (``files_store.py``) runs its reads
-        the same way."""
-        loop = self._bound
-        try:
-            here = asyncio.get_running_loop()
-        except RuntimeError:
-            here = None
-        if loop is not None and loop is not here and loop.is_running():
-            coro = self._read_all(paths)
-            try:
-                fut = asyncio.run_coroutine_threadsafe(coro, loop)
-            except RuntimeError:  # closed meanwhile: the store's own loop serves
-                coro.close()
-                fut = None
-            while fut is not None:
-                try:
-                    return fut.result(_WAIT_S)
-                except TimeoutError:
-                    if not loop.is_running():  # stopped with our reads queued: read again (reads only)
-                        fut.cancel()
-                        coro.close()  # never to run again: no "never awaited" warning at exit
-                        break
-        own = self._own_loop()
-        if here is own:
-            raise RuntimeError("ImageFolderStore.get_many called on the store's own reader loop")
-        return asyncio.run_coroutine_threadsafe(self._read_all(paths), own).result()
+        """The bytes of each file (or the error reading it), ``inflight`` reads in flight, on the
+        bound loop while it runs, else on the store's own (``loop_runner.py``)."""
+        return self._runner.run(lambda: self._read_all(paths))
 
     async def _read_all(self, paths: list[str]) -> list[bytes | BaseException]:
         """Every file of ``paths``: ``inflight`` workers each take the next path as their read returns."""
@@ -299,28 +272,7 @@ class ImageFolderStore(SampleStore):
 
     def _io_pool(self) -> ThreadPoolExecutor:
         """``inflight`` threads for the reads (the loop's default executor is sized for the cores)."""
-        with self._start_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._readers, thread_name_prefix="carousel-imagefolder-read")
-            return self._pool
-
-    def _own_loop(self) -> asyncio.AbstractEventLoop:
-        with self._start_lock:
-            self._check_open()
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                started = threading.Event()
-
-                def run() -> None:
-                    asyncio.set_event_loop(loop)
-                    loop.call_soon(started.set)
-                    loop.run_forever()
-
-                self._loop_thread = threading.Thread(target=run, name="carousel-imagefolder-loop", daemon=True)
-                self._loop_thread.start()
-                started.wait()
-                self._loop = loop
-            return self._loop
+        return self._runner.pool()
 
     # ---- presence -------------------------------------------------------------------------------
     def _contains(self, ids: np.ndarray) -> np.ndarray:
@@ -387,14 +339,7 @@ class ImageFolderStore(SampleStore):
         """Nothing is ever written."""
 
     def _close(self) -> None:
-        with self._start_lock:
-            loop, self._loop, self._bound = self._loop, None, None
-        if loop is not None:
-            loop.call_soon_threadsafe(loop.stop)
-            self._loop_thread.join(10)
-            loop.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self._runner.close()
 
 
 # ---- the listing --------------------------------------------------------------------------------------

@@ -56,15 +56,17 @@ class RowStore(SampleStore):
                 raise self._missing(ids, found)
             return self._read_checked(ids, rows, crcs)
 
-    def _delete(self, ids: np.ndarray) -> None:
+    def _delete(self, ids: np.ndarray) -> np.ndarray:
+        """Delete ``ids`` from the manifest; returns the rows they held (a subclass frees them)."""
         with self._mutex:
-            found, _, _ = self._manifest.lookup(ids)
+            found, rows, _ = self._manifest.lookup(ids)
             if not found.all():
                 raise self._missing(ids, found)
             try:
                 self._manifest.delete(ids)
             except OSError as exc:
                 raise from_os_error(exc, f"{self.url}: delete failed") from exc
+            return rows
 
     def _fail(self, bad_ids: np.ndarray) -> None:
         """Quarantine ``bad_ids`` (when writable) and raise :class:`CorruptRecordError`."""

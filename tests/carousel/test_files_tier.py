@@ -14,7 +14,7 @@ def test_a_files_tier_stores_swaps_and_reopens(tmp_path):
     cfg["tiers"][0]["inflight"] = 8
     with CarouselMemory.from_dict(cfg) as mem:
         store = mem.tiers[0].store
-        assert store.url.startswith("files://") and store._bound is mem._engine._loop  # bound at start
+        assert store.url.startswith("files://") and store._runner.bound is mem._engine._loop  # bound at start
         run_tasks(mem)
         mem.flush()
         mem._engine.wait_idle()
@@ -26,7 +26,7 @@ def test_a_files_tier_stores_swaps_and_reopens(tmp_path):
         conservation(mem)
         em_unique(mem)
         engine = mem._engine
-    assert store._bound is None and engine._loop is None  # taken back before the loop stopped
+    assert store._runner.bound is None and engine._loop is None  # taken back before the loop stopped
     with CarouselMemory.from_dict(cfg) as mem:
         assert len(mem.tiers[0].store) == 150  # the samples survive the restart
         for _ in range(5):

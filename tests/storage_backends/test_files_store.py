@@ -109,14 +109,14 @@ def test_reads_run_on_a_bound_loop_and_survive_it_stopping(tmp_path):
 
             store._read_paths = spy
             assert_batch_equal(store.get_many(ids), make_batch(ids))
-            assert seen == [loop] and store._own_loop is None
+            assert seen == [loop] and store._runner.own is None
             # The loop stops with this read queued behind a busy callback: it never runs there,
             # and the read is redone on the store's own loop instead of waiting for ever.
             loop.call_soon_threadsafe(time.sleep, 0.3)
             loop.call_soon_threadsafe(loop.stop)
             assert_batch_equal(store.get_many(ids[:5]), make_batch(ids[:5]))
             thread.join(5)
-            assert seen[-1] is store._own_loop is not None and loop not in seen[1:]
+            assert seen[-1] is store._runner.own is not None and loop not in seen[1:]
             assert_batch_equal(store.get_many(ids[:5]), make_batch(ids[:5]))  # no hang: its own loop
     finally:
         if loop.is_running():

@@ -5,9 +5,7 @@ read where it is and left as it was, and the accuracies agree within the noise o
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from storage_backends.png import encode_png
+from tests.carousel.test_adopted_folder import digest
 from trainers.streams import REPO_DATA_ROOT, make_stream
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,16 +38,6 @@ def write_folder(root: Path) -> int:
             (folder / f"{task.index}-{i:05d}.png").write_bytes(encode_png(x[0]))
             n += 1
     return n
-
-
-def digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for folder, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for name in sorted(files):
-            p = Path(folder) / name
-            h.update(name.encode() + p.read_bytes() + str(p.stat().st_mtime_ns).encode())
-    return h.hexdigest()
 
 
 def run(out: Path, *extra: str) -> dict:
