@@ -191,7 +191,7 @@ def test_a_memory_of_a_nested_profile(tmp_path, capsys):
 
 
 def test_image_folder(tmp_path, capsys):
-    png = pytest.importorskip("storage_backends.png", reason="image folders need storage_backends.png (decode_png)")
+    from storage_backends import png  # part of the base install: a failing import must fail the test
     rng = np.random.default_rng(2)
     images = {}
     for cls in ("cat", "dog"):
