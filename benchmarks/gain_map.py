@@ -165,8 +165,19 @@ class Rows:
         else:
             data["cells"] = summarise(self.rows.values())["cells"]
         tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.write_text(json.dumps(_finite(data), indent=1, allow_nan=False) + "\n")
         os.replace(tmp, self.path)
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN (a std of one seed, a mean of none) as null: the file stays strict JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def summarise(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -386,16 +397,17 @@ def markdown(data: dict[str, Any], min_seeds: int, plan: Sequence[Sequence[Any]]
              "where the default's gain is not clear (under 1 point, or under its std).", ""]
     for benchmark in dict.fromkeys(c["benchmark"] for c in cells):
         lines += [f"## {benchmark}", "",
-                  "| method | stream/class | EM | share | RAM-only | carousel | gain | gain, ratio 1.0 | gain, carm_balanced | forgetting RAM -> carousel |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | stream/class | EM | share | RAM-only | carousel | gain | gain, ratio 1.0 | gain, carm_balanced | forgetting RAM -> carousel | train time vs RAM |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in (c for c in cells if c["benchmark"] == benchmark):
             s = c["settings"]
             ram, car = s.get("ram"), s.get("carousel")
             forget = (f"{_pm(ram['forgetting'])} -> {_pm(car['forgetting'])}" if ram and car else "-")
+            speed = f"{car['train_s'][0] / ram['train_s'][0]:.2f}x" if ram and car else "-"
             lines.append(f"| {c['method']} | {c['stream']} | {c['em']} | {c['share_pct']:.2f} % | "
                          f"{_pm(ram['acc']) if ram else '-'} | {_pm(car['acc']) if car else '-'} | "
                          f"{_gain_text(car)} | {_gain_text(s.get('carousel-ratio1'))} | "
-                         f"{_gain_text(s.get('carousel-balanced'))} | {forget} |")
+                         f"{_gain_text(s.get('carousel-balanced'))} | {forget} | {speed} |")
         lines.append("")
     bad = worse(cells)
     lines += ["## Cells where carousel is worse than RAM-only by more than one std", ""]
@@ -464,7 +476,7 @@ def report(rows: Rows, out: Path, min_seeds: int, plan: Sequence[RunKey] = ()) -
     no run yet); returns the json's content."""
     summary = summarise(rows.rows.values())
     rows.save(summary)
-    data = json.loads(rows.path.read_text())
+    data = {"common": asdict(rows.common), "cells": summary["cells"], "runs": [rows.rows[k] for k in sorted(rows.rows)]}
     cells = list(dict.fromkeys(k.cell for k in plan))
     (out / "gain-map.md").write_text(markdown(data, min_seeds, cells))
     plot(data, out / "gain-map.png")
