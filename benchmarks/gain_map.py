@@ -7,10 +7,11 @@ buffer of the same size, mapped over EM sizes and stream sizes.
 
 Every cell (data set, method, stream size per class, EM size) is trained with the RAM-only buffer
 (``ram``) and with carousel at its default settings (``carousel``: one LMDB tier, CarM swap-out,
-ratio 0.5, the trainers' deterministic swap mode) for every seed. Where the default shows no
-clear gain (see :func:`clear_gain`) the cell is also trained with ``carousel-ratio1`` (swap ratio
-1.0) and ``carousel-balanced`` (the ``carm_balanced`` swap-out policy), so the map says whether
-another setting keeps the gain (``--extras all`` runs them everywhere, ``none`` nowhere).
+ratio 0.5, the trainers' deterministic swap mode) for every seed. Where the default's gain is
+not clear or has faded (see :func:`wants_extras`) the cell is also trained with
+``carousel-ratio1`` (swap ratio 1.0) and ``carousel-balanced`` (the ``carm_balanced`` swap-out
+policy), so the map says whether another setting keeps the gain (``--extras all`` runs them
+everywhere, ``none`` nowhere).
 
 The gain is paired by seed: a seed fixes the class order, the data order and the model's
 initialisation, so ``carousel - ram`` of one seed compares like with like, and the spread over
@@ -111,6 +112,15 @@ def clear_gain(gains: Sequence[float]) -> bool:
     is also larger than the spread over seeds. Below that the map tries the other settings."""
     mean, std = _mean_std(gains)
     return len(gains) > 0 and mean >= 1.0 and (math.isnan(std) or mean > std)
+
+
+FADED = 3.0  # points: a mean gain below this counts as faded, and the map tries the other settings
+
+
+def wants_extras(gains: Sequence[float]) -> bool:
+    """Whether a cell's default gains call for the other settings: no clear gain, or one under
+    :data:`FADED` points -- where a user would ask whether another setting keeps it."""
+    return not clear_gain(gains) or statistics.fmean(gains) < FADED
 
 
 def _row(key: RunKey, result: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +238,7 @@ def extras_for(cell: tuple[str, str, int, int], rows: dict[RunKey, dict[str, Any
     if any(r is None for per in base.values() for r in per.values()):
         return []
     gains = [base[s]["carousel"]["final_avg_accuracy"] - base[s]["ram"]["final_avg_accuracy"] for s in seeds]
-    if mode == "auto" and clear_gain(gains):
+    if mode == "auto" and not wants_extras(gains):
         return []
     return [RunKey(benchmark, stream, em, method, s, st) for st in EXTRAS for s in seeds]
 
@@ -301,6 +311,7 @@ def run_map(base: list[RunKey], rows: Rows, workdir: Path, seeds: Sequence[int],
     running: dict[Future, RunKey] = {}
 
     def more_extras() -> None:
+        fresh: list[RunKey] = []
         for cell in cells:
             if cell in done_cells:
                 continue
@@ -309,11 +320,12 @@ def run_map(base: list[RunKey], rows: Rows, workdir: Path, seeds: Sequence[int],
                            for s in seeds for st in BASE):
                 done_cells.add(cell)
                 queued = set(queue) | set(running.values())
-                # A cell's extras go to the front: its picture is complete soonest.
-                queue[:0] = [k for k in want if k not in rows.rows and k not in queued]
+                fresh += [k for k in want if k not in rows.rows and k not in queued]
+        # Extras go to the front, in plan order: a cell's picture is complete soonest.
+        queue[:0] = fresh
 
     more_extras()
-    _log(f"{len(rows.rows)} runs on record, {len(queue)} base runs to go, {jobs} at a time, {threads} thread(s) each")
+    _log(f"{len(rows.rows)} runs on record, {len(queue)} runs to go, {jobs} at a time, {threads} thread(s) each")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while queue or running:
             late = stop_after is not None and time.monotonic() - start > stop_after
@@ -394,7 +406,7 @@ def markdown(data: dict[str, Any], min_seeds: int, plan: Sequence[Sequence[Any]]
              "Gain = carousel minus RAM-only, paired by seed (mean +- std over seeds; in brackets the "
              "seeds where carousel is ahead). Share = the EM's share of the stream. `carousel`: the "
              "default (one LMDB tier, CarM swap-out, ratio 0.5); `ratio 1.0` and `carm_balanced` ran "
-             "where the default's gain is not clear (under 1 point, or under its std).", ""]
+             f"where the default's gain is not clear (under 1 point, or under its std) or under {FADED:g} points.", ""]
     for benchmark in dict.fromkeys(c["benchmark"] for c in cells):
         lines += [f"## {benchmark}", "",
                   "| method | stream/class | EM | share | RAM-only | carousel | gain | gain, ratio 1.0 | gain, carm_balanced | forgetting RAM -> carousel | train time vs RAM |",
@@ -495,7 +507,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--streams", default="1000,6000", help="training samples per class")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--extras", default="auto", choices=("auto", "all", "none"),
-                   help="ratio 1.0 and carm_balanced: where the default shows no clear gain (auto), everywhere, nowhere")
+                   help="ratio 1.0 and carm_balanced: where the default's gain is not clear or has faded (auto), everywhere, nowhere")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--eval-limit", type=int, default=1000, help="test samples per task")
     p.add_argument("--arch", default="auto")

@@ -1,5 +1,5 @@
 """``python -m benchmarks.gain_map``: gains are paired by seed, the extra settings run only where
-the default shows no clear gain, the report lists worse and incomplete cells, and a map resumes
+the default's gain is not clear or has faded, the report lists worse and incomplete cells, and a map resumes
 from its rows and from runs on disk without training anything twice."""
 
 from __future__ import annotations
@@ -49,6 +49,12 @@ def test_clear_gain_needs_a_point_and_more_than_the_spread() -> None:
     assert not gm.clear_gain([])
 
 
+def test_extras_want_an_unclear_or_faded_gain() -> None:
+    assert not gm.wants_extras([14.0, 14.3, 13.8])
+    assert gm.wants_extras([1.4, 2.2, 0.6])            # clear (mean 1.4 > std 0.8) but faded
+    assert gm.wants_extras([6.0, -4.0, 1.0])           # not clear
+
+
 def test_extras_run_only_where_the_default_shows_no_clear_gain() -> None:
     cell = ("split-mnist", "er", 1000, 100)
 
@@ -94,10 +100,10 @@ def test_a_small_map_runs_reports_and_resumes(tmp_path, capsys) -> None:
     # Resume: nothing runs again, from the rows or, with the rows gone, from the runs on disk.
     capsys.readouterr()
     again = gm.main(args)
-    assert "0 base runs to go" in capsys.readouterr().out and again["runs"] == data["runs"]
+    assert "0 runs to go" in capsys.readouterr().out and again["runs"] == data["runs"]
     (out / "gain-map.json").unlink()
     adopted = gm.main(args)
-    assert "0 base runs to go" in capsys.readouterr().out and len(adopted["runs"]) == 4
+    assert "0 runs to go" in capsys.readouterr().out and len(adopted["runs"]) == 4
     # A map never mixes runs made with other common settings.
     with pytest.raises(SystemExit, match="give another --out"):
         gm.main([*args[:-4], "--eval-limit", "60", "--workdir", str(work), "--out", str(out)])
