@@ -68,6 +68,11 @@ class Catalog:
         self._class_index: dict[int, int] = {}  # label -> dense class index
         self.class_labels = np.zeros(0, np.int64)  # dense class index -> label
         self._dormant: set[int] = set()  # labels only an adopted tier holds, no add has brought (see above)
+        # Bumped whenever a class may appear in available_by_class() that could not before: its
+        # first sample stored (note_stored), or its dormancy ended. A cached count (the swap
+        # engine's) that lacks a class it needs recounts at once when this moved, not a while later.
+        self.classes_version = 0
+        self._stored_cls = np.zeros(0, np.bool_)  # by dense class index: a sample of it was ever stored
 
     def _alloc(self, capacity: int) -> None:
         old = getattr(self, "label", None)
@@ -117,17 +122,45 @@ class Catalog:
             if dormant:
                 self._dormant.update(c for c in classes if c not in self._class_index)
             elif self._dormant:
-                self._dormant.difference_update(classes)
+                self._wake(classes)
             index = np.array([self._class_of(c) for c in classes], dtype=np.int32)
             self.cls[sorted_ids] = np.repeat(index, np.diff(bounds))
             for c, lo, hi in zip(classes, bounds[:-1], bounds[1:]):
                 self._append_class(c, sorted_ids[lo:hi])
+            if np.any(np.asarray(home) >= 0):  # registered already stored (recovery, an adopted tier)
+                self._note_stored_locked(ids[np.asarray(home) >= 0] if np.ndim(home) else ids)
+
+    def note_stored(self, ids: np.ndarray) -> None:
+        """``ids`` (registered) now have a tier as their home: the write-behind thread calls this
+        after it stored them. Bumps ``classes_version`` when one of their classes had no stored
+        sample before (a few microseconds: the classes of one write batch)."""
+        with self.lock:
+            self._note_stored_locked(ids)
+
+    def _note_stored_locked(self, ids: np.ndarray) -> None:
+        if not ids.size:
+            return
+        cls = self.cls[ids]
+        top = int(cls.max()) + 1
+        if top > self._stored_cls.size:
+            grown = np.zeros(max(16, 2 * top), np.bool_)
+            grown[:self._stored_cls.size] = self._stored_cls
+            self._stored_cls = grown
+        if not self._stored_cls[cls].all():
+            self._stored_cls[cls] = True
+            self.classes_version += 1
+
+    def _wake(self, labels: list[int]) -> None:
+        """End the dormancy of ``labels`` (caller holds the lock)."""
+        if self._dormant.intersection(labels):
+            self._dormant.difference_update(labels)
+            self.classes_version += 1
 
     def open_classes(self, labels: np.ndarray) -> None:
         """End the dormancy of ``labels`` (a restart: classes a checkpoint saw the stream add)."""
         with self.lock:
             if self._dormant:
-                self._dormant.difference_update(np.unique(labels).tolist())
+                self._wake(np.unique(labels).tolist())
 
     def dormant_classes(self) -> set[int]:
         """Labels held only by an adopted tier and not yet brought by the stream."""

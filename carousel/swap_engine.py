@@ -102,6 +102,7 @@ class SwapEngine:
         self._ready_lock = threading.Lock()
         self._available: dict[int, int] = {}  # the prefetcher's last look at the catalog
         self._available_t = -math.inf
+        self._available_version = -1  # the catalog's classes_version when last counted
         # Labelled children resolved once: a labels() lookup costs ~1.5 us, a dozen a swap.
         m = metrics
         self._hits, self._misses = m.prefetch.labels(result="hit"), m.prefetch.labels(result="miss")
@@ -392,20 +393,26 @@ class SwapEngine:
 
     def available_by_class(self, max_age_s: float = 0.25, want: set[int] | frozenset[int] = frozenset()
                            ) -> dict[int, int]:
-        """:meth:`Catalog.available_by_class` as looked at at most ``max_age_s`` ago, or 10 ms ago
-        when it has none of the classes in ``want`` (a class stored since). The count is a pass
-        over every id in the catalog (~80 us at 20 k ids, growing with them); what it steers --
-        how much to prefetch, which classes a swap may refill -- can take a count that old: a
-        class that ran out meanwhile skips a swap (``no_candidate``)."""
+        """:meth:`Catalog.available_by_class` as looked at at most ``max_age_s`` ago. When it lacks
+        a class in ``want``: counted again at once if a class became available since (its first
+        samples stored, or an adopted folder's class brought by the stream: the catalog's
+        ``classes_version``), else if the count is over 10 ms old (a sample of a class that had
+        none left outside the EM went back to storage). The count is a pass over every id in the
+        catalog (~80 us at 20 k ids, growing with them); what it steers -- how much to prefetch,
+        which classes a swap may refill -- can take a count that old: a class that ran out
+        meanwhile skips a swap (``no_candidate``)."""
         age = time.monotonic() - self._available_t
-        if age > max_age_s or (age > 0.01 and not want <= self._available.keys()):
+        if age > max_age_s or (not want <= self._available.keys()
+                               and (age > 0.01 or self._catalog.classes_version != self._available_version)):
             self.refresh_available()
         return self._available
 
     def refresh_available(self) -> None:
         """Count again now (the memory calls this after a flush: what is stored changed)."""
+        version = self._catalog.classes_version  # read first: a bump during the count recounts later
         self._available = self._catalog.available_by_class()
         self._available_t = time.monotonic()
+        self._available_version = version
 
     def _ready_counts(self) -> dict[int, int]:
         with self._ready_lock:

@@ -300,6 +300,7 @@ class WriteBehind:
                         with self._catalog.lock:
                             self._catalog.nbytes[ids] = sizes
                             self._catalog.home[ids] = 0
+                            self._catalog.note_stored(ids)  # a class's first stored samples: swap-ins see it now
                         if self._enforce and self._may_overflow():
                             enforce_capacity(self._tiers, self._catalog, self._metrics, self._rng)
                     self.last_error = None

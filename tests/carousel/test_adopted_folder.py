@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from carousel import CarouselMemory
+from carousel import CarouselMemory, swap_engine
 from carousel.catalog import EVICTED
 from carousel.config import ConfigError
 from storage_backends.png import decode_png, encode_png
@@ -81,18 +80,11 @@ def test_adopted_folder_under_an_lmdb_tier(tmp_path):
     assert mem.catalog.available_by_class() == {}  # every class dormant until the stream brings it
     ids = mem.add(*stream(8, [0, 1]), task=0)
     assert ids.tolist() == list(range(FOLDER_N, FOLDER_N + 8))  # stream ids start after the folder's
-    # The asynchronous memory steers swap-ins by a per-class count up to 10 ms old for a class new to
-    # it (SwapEngine.available_by_class); steps faster than that can all see the count from before
-    # the add, with no folder class awake. Replay until the count has caught up (or 10 s).
-    deadline = time.monotonic() + 10
-    while True:
-        replay(mem, 30)
-        in_em = mem.pool.slot_ids[mem.pool.slot_ids >= 0]
-        adopted = in_em[in_em < FOLDER_N]
-        if adopted.size or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
-    assert adopted.size, "no folder sample was swapped in"
+    # The first swaps already draw from the folder's classes the add woke (the swap engine's cached
+    # per-class count is recounted as soon as a class it lacks becomes available).
+    replay(mem, 30)
+    in_em = mem.pool.slot_ids[mem.pool.slot_ids >= 0]
+    assert (in_em < FOLDER_N).any(), "no folder sample was swapped in"
     assert set(mem.catalog.label[in_em].tolist()) <= {0, 1}  # classes 2 and 3 never came in
     batch = mem.sample(8, seed=1)
     for i, x, y in zip(batch.ids.tolist(), batch.x, batch.y.tolist()):
@@ -168,3 +160,19 @@ def test_capacity_evicts_from_the_last_writable_tier_never_from_the_folder(tmp_p
     assert len(adopted.store) == FOLDER_N and (mem.catalog.home[:FOLDER_N] == 1).all()
     mem.close()
     assert digest(folder) == before
+
+
+def test_swap_engine_counts_a_woken_class_at_once(tmp_path, monkeypatch):
+    """The swap engine's per-class count is cached (a pass over every id); a class the stream just
+    woke in the folder is counted at the next look, however fresh the cache, so the very next
+    swaps may draw from it. The engine's clock is frozen: no age can explain the recount."""
+    folder = write_folder(tmp_path / "data")
+    with CarouselMemory.from_dict(config(tmp_path, folder)) as mem:
+        engine = mem._engine
+        assert engine.available_by_class() == {}  # counted now: every folder class dormant
+        now = swap_engine.time.monotonic()
+        monkeypatch.setattr(swap_engine.time, "monotonic", lambda: now)
+        assert engine.available_by_class(want={0}) == {}  # fresh, and nothing woke: not recounted
+        mem.add(*stream(4, [0]), task=0)
+        assert mem.wait_admitted()  # class 0 woke when the add was registered
+        assert engine.available_by_class(want={0}) == {0: PER_CLASS}

@@ -53,3 +53,28 @@ def test_mostly_evicted_classes_are_compacted():
     assert cat.class_ids(0).tolist() == ids[1500:].tolist()
     cat.register(np.array([8_000]), np.array([0]), np.zeros(1, np.int64), 0)  # grows after compaction
     assert cat.class_ids(0)[-1] == 8_000
+
+
+def test_classes_version_moves_when_a_class_becomes_available_and_only_then():
+    """What lets a cached per-class count (the swap engine's) recount at once for a class it lacks:
+    the version moves on a class's first stored samples and when an adopted class wakes, never on
+    more stored samples of a class already counted, nor on samples still queued."""
+    cat = Catalog()
+    v = cat.classes_version
+    cat.register(np.arange(4), np.array([0, 0, 1, 1]), np.zeros(4, np.int64), home=-1)  # queued
+    assert cat.classes_version == v and cat.available_by_class() == {}
+    cat.home[:2] = 0
+    cat.note_stored(np.arange(2))  # class 0's first stored samples
+    assert cat.classes_version == v + 1
+    cat.home[2:4] = 0
+    cat.note_stored(np.arange(2, 4))  # class 1's
+    assert cat.classes_version == v + 2
+    cat.register(np.arange(4, 8), np.array([0, 1, 0, 1]), np.zeros(4, np.int64), home=0)
+    cat.note_stored(np.arange(4, 8))
+    assert cat.classes_version == v + 2, "classes stored before: nothing new to count"
+    # An adopted tier's class 5 sleeps (stored, but not available) until the stream brings it.
+    cat.register(np.arange(8, 12), np.full(4, 5), np.zeros(4, np.int64), home=1, dormant=True)
+    assert 5 not in cat.available_by_class()
+    before = cat.classes_version
+    cat.register(np.array([12]), np.array([5]), np.zeros(1, np.int64), home=-1)  # the stream's first 5
+    assert cat.classes_version > before and cat.available_by_class()[5] == 4
