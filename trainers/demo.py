@@ -173,27 +173,29 @@ capacity = {len(fields['y'])}
             "exit": code}
 
 
+def training_benchmark(data_root: str | None) -> tuple[str, str | None]:
+    """The benchmark the training leg runs and its data root: Split-FashionMNIST, else Split-MNIST,
+    from the same roots as the storage check (so both legs use the same data), else generated data."""
+    from .streams import make_stream
+
+    for candidate in ([data_root] if data_root else [r for r in DEFAULT_ROOTS if Path(r).is_dir()]):
+        for name in ("split-fashion-mnist", "split-mnist"):
+            try:
+                make_stream(name, candidate, limit_per_class=1)
+                return name, candidate
+            except DatasetError:
+                continue
+    print("demo: neither Fashion-MNIST nor MNIST found - training on generated data")
+    return "generated", data_root
+
+
 def train_side_by_side(data_root: str | None, out: Path, per_class: int, seed: int = 0,
                        progress: bool = True, eval_limit: int = 1000) -> dict:
     """ER with a RAM-only buffer and through a carousel daemon, same EM, same seed: the table and figure."""
     from .compare import compare
     from .run import RunConfig
-    from .streams import make_stream
 
-    benchmark, root = "generated", data_root
-    # The same roots as the storage check above, so both legs use the same data.
-    for candidate in ([data_root] if data_root else [r for r in DEFAULT_ROOTS if Path(r).is_dir()]):
-        for name in ("split-fashion-mnist", "split-mnist"):
-            try:
-                make_stream(name, candidate, limit_per_class=1)
-                benchmark, root = name, candidate
-                break
-            except DatasetError:
-                continue
-        if benchmark != "generated":
-            break
-    if benchmark == "generated":
-        print("demo: neither Fashion-MNIST nor MNIST found - training on generated data")
+    benchmark, root = training_benchmark(data_root)
     base = RunConfig(benchmark=benchmark, method="er", em_size=200, arch="reduced-resnet18", seed=seed,
                      data_root=root, limit_per_class=per_class, eval_limit=eval_limit, progress=progress)
     print(f"\ndemo: ER on {benchmark} ({per_class} training samples per class, reduced ResNet-18, EM 200), "
