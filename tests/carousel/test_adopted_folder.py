@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -162,16 +163,29 @@ def test_capacity_evicts_from_the_last_writable_tier_never_from_the_folder(tmp_p
     assert digest(folder) == before
 
 
+class FrozenMonotonic:
+    """The ``time`` module with ``monotonic()`` stopped at its value when made."""
+
+    def __init__(self) -> None:
+        self._now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self._now
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
 def test_swap_engine_counts_a_woken_class_at_once(tmp_path, monkeypatch):
     """The swap engine's per-class count is cached (a pass over every id); a class the stream just
     woke in the folder is counted at the next look, however fresh the cache, so the very next
-    swaps may draw from it. The engine's clock is frozen: no age can explain the recount."""
+    swaps may draw from it. The engine's clock is frozen (its module's only: every other thread's
+    timeouts run on), so no age can explain the recount."""
     folder = write_folder(tmp_path / "data")
     with CarouselMemory.from_dict(config(tmp_path, folder)) as mem:
         engine = mem._engine
         assert engine.available_by_class() == {}  # counted now: every folder class dormant
-        now = swap_engine.time.monotonic()
-        monkeypatch.setattr(swap_engine.time, "monotonic", lambda: now)
+        monkeypatch.setattr(swap_engine, "time", FrozenMonotonic())
         assert engine.available_by_class(want={0}) == {}  # fresh, and nothing woke: not recounted
         mem.add(*stream(4, [0]), task=0)
         assert mem.wait_admitted()  # class 0 woke when the add was registered
