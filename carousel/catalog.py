@@ -127,8 +127,9 @@ class Catalog:
             self.cls[sorted_ids] = np.repeat(index, np.diff(bounds))
             for c, lo, hi in zip(classes, bounds[:-1], bounds[1:]):
                 self._append_class(c, sorted_ids[lo:hi])
-            if np.any(np.asarray(home) >= 0):  # registered already stored (recovery, an adopted tier)
-                self._note_stored_locked(ids[np.asarray(home) >= 0] if np.ndim(home) else ids)
+            stored = np.asarray(home) >= 0  # registered already stored (recovery, an adopted tier)
+            if stored.any():
+                self._note_stored_locked(ids[stored] if stored.ndim else ids)
 
     def note_stored(self, ids: np.ndarray) -> None:
         """``ids`` (registered) now have a tier as their home: the write-behind thread calls this

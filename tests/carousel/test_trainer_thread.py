@@ -230,9 +230,9 @@ def test_a_queued_observe_of_samples_that_left_the_em_meanwhile(tmp_path):
             batches.append(b.ids.numpy().copy())
             mem.observe(b.ids, logits=torch.from_numpy(logits_for(b.ids.numpy())))
             mem.add(*data(32, seed), task=0)
-        # Admission runs on the write-behind thread a moment after each add (it lingers for more
-        # adds to take together): a loop faster than that would otherwise see no slot change yet.
-        # It does not wait on the engine thread, which the hold keeps busy.
+        # Admission runs on the write-behind thread a moment after each add: this loop can run
+        # within one GIL slice, before that thread admits anything, and would see no slot change.
+        # wait_admitted() does not wait on the engine thread, which the hold keeps busy.
         assert mem.wait_admitted(10)
         moved = np.setdiff1d(np.concatenate(batches), mem.pool.slot_ids)
         assert moved.size, "nothing observed had left the EM: the test proves nothing"
