@@ -1,6 +1,6 @@
 """Benchmark of the integrations: each framework's own buffer against carousel's, on the same loop.
 
-``python -m benchmarks.integrations [--quick] [--steps N] [--out DIR]``
+``python -m benchmarks.integrations [--quick] [--steps N] [--rounds N] [--out DIR]``
 
 (a) Mammoth's ER step (an MLP on 28x28 inputs; 32 stream + 32 replayed samples; ``get_data`` with a
     per-example transform, ``add_data`` of the stream batch) with a reservoir buffer as Mammoth's
@@ -9,13 +9,16 @@
     ``CarouselBuffer`` RAM-only and with an LMDB tier holding every sample (swapping).
 (b) A TorchRL off-policy loop: ``extend`` 32 transitions (obs 64 float32, action, reward, next obs),
     ``sample(256)``, one MLP step; ``ReplayBuffer`` on ``LazyTensorStorage`` (RAM), on
-    ``LazyMemmapStorage`` (disk) and on ``CarouselStorage`` (an LMDB tier). Needs torchrl.
+    ``LazyMemmapStorage`` (disk) and on ``CarouselStorage`` (an LMDB tier, and a flat tier: one
+    memory-mapped file). Needs torchrl.
 
 (c) Avalanche's ``Naive`` strategy (the same MLP, 28x28 inputs, mini-batches of 32) with its own
     ``ReplayPlugin(mem_size=500)`` against ``CarouselReplayPlugin(mem_size=500)``, RAM-only and with
     an LMDB tier. Needs avalanche-lib (run the script with the interpreter of a venv that has it).
 
-Reported: steps/s of each and the ratio to the framework's own buffer. It asserts nothing.
+Every buffer of a loop runs once per round (``--rounds``, 3), in turns. Reported: the median steps/s
+of each and the median (and range) over rounds of its ratio to the framework's own buffer in the
+same round. It asserts nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import importlib.util
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import threading
 import time
@@ -200,33 +204,52 @@ def _closed_after(name: str, buf: Any, measure: Callable[[Any], float], loop_ste
     return rate
 
 
-def _ratios(loop: str, rates: dict[str, float]) -> dict[str, dict]:
-    """One row per buffer: its steps/s and its ratio to the first row's, the framework's own buffer."""
-    base = next(iter(rates.values()), None)
-    return {name: {"loop": loop, "steps_per_s": rate, "ratio": rate / base} for name, rate in rates.items()}
+def _interleaved(loop: str, runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, dict]:
+    """Each of ``runs`` (name -> one measured run, steps/s) once per round, in turns, so a drift in
+    the machine's load hits them alike. One row per buffer: its median steps/s, and the median
+    and range over rounds of its ratio to the first run's (the framework's own buffer) in the
+    same round."""
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            rates[name].append(run())
+    base = next(iter(rates.values()))
+    rows = {}
+    for name, got in rates.items():
+        ratios = [r / b for r, b in zip(got, base)]
+        rows[name] = {"loop": loop, "steps_per_s": statistics.median(got), "ratio": statistics.median(ratios),
+                      "ratio_range": [min(ratios), max(ratios)], "rounds": len(got)}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.integrations", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="few steps (a smoke run)")
     p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=3, help="turns of every buffer of a loop (medians reported)")
     p.add_argument("--out", default="bench-out/integrations")
     args = p.parse_args(argv)
     steps = 50 if args.quick else args.steps
     warmup = 10 if args.quick else 100
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rounds = 1 if args.quick else max(1, args.rounds)
     tmp = Path(tempfile.mkdtemp(prefix="carousel-bench-int-"))
+
+    def fresh() -> Path:  # a new folder per run: a storage given an old one would reopen its data
+        return Path(tempfile.mkdtemp(dir=tmp))
+
     rows: dict[str, dict[str, float]] = {}
     try:
         mam = {"Mammoth reservoir Buffer (re-written)": lambda: ReservoirBuffer(500),
                "CarouselBuffer, RAM only": lambda: CarouselBuffer(500),
                # One task: swapping from it on (the buffer's default waits for the second task, as CarM does).
                "CarouselBuffer + LMDB tier (swapping)": lambda: CarouselBuffer(
-                   500, tiers=[{"kind": "lmdb", "capacity": 10**6}], swap={"start_task": 0}, root=tmp / "mam")}
-        rows.update(_ratios("mammoth-er", {name: _closed_after(name, make(), lambda buf: mammoth_loop(buf, steps, warmup),
-                                                         steps + warmup)
-                                           for name, make in mam.items()}))
+                   500, tiers=[{"kind": "lmdb", "capacity": 10**6}], swap={"start_task": 0}, root=fresh())}
+        rows.update(_interleaved("mammoth-er", {
+            name: lambda name=name, make=make: _closed_after(name, make(), lambda buf: mammoth_loop(buf, steps, warmup),
+                                                             steps + warmup)
+            for name, make in mam.items()}, rounds))
         if importlib.util.find_spec("torchrl") is None:
             print("torchrl not installed: TorchRL rows skipped (pip install 'carousel[torchrl]')")
         else:
@@ -234,9 +257,11 @@ def main(argv: list[str] | None = None) -> dict:
 
             from carousel.integrations.torchrl import CarouselStorage
             trl = {"TorchRL LazyTensorStorage (RAM)": lambda: LazyTensorStorage(200_000),
-                   "TorchRL LazyMemmapStorage (disk)": lambda: LazyMemmapStorage(200_000, scratch_dir=tmp / "mm"),
-                   "CarouselStorage (LMDB tier)": lambda: CarouselStorage(200_000, tmp / "cs")}
-            rows.update(_ratios("torchrl-dqn", {name: torchrl_loop(make, steps, warmup) for name, make in trl.items()}))
+                   "TorchRL LazyMemmapStorage (disk)": lambda: LazyMemmapStorage(200_000, scratch_dir=fresh()),
+                   "CarouselStorage (LMDB tier)": lambda: CarouselStorage(200_000, fresh()),
+                   "CarouselStorage (flat tier)": lambda: CarouselStorage(200_000, fresh(), kind="flat")}
+            rows.update(_interleaved("torchrl-dqn", {name: lambda make=make: torchrl_loop(make, steps, warmup)
+                                                     for name, make in trl.items()}, rounds))
         if importlib.util.find_spec("avalanche") is None:
             print("avalanche-lib not installed: Avalanche rows skipped")
         else:
@@ -244,20 +269,23 @@ def main(argv: list[str] | None = None) -> dict:
 
             from carousel.integrations.avalanche import CarouselReplayPlugin
             ava = {"Avalanche ReplayPlugin (ReservoirSamplingBuffer)": lambda: ReplayPlugin(mem_size=500),
-                   "CarouselReplayPlugin, RAM only": lambda: CarouselReplayPlugin(500, root=tmp / "ava0"),
+                   "CarouselReplayPlugin, RAM only": lambda: CarouselReplayPlugin(500, root=fresh()),
                    "CarouselReplayPlugin + LMDB tier (swapping)": lambda: CarouselReplayPlugin(
-                       500, tiers=[{"kind": "lmdb", "capacity": 10**6}], root=tmp / "ava1")}
-            rows.update(_ratios("avalanche-naive", {name: _closed_after(name, make(), lambda p: avalanche_loop(p, steps), steps)
-                                                    for name, make in ava.items()}))
+                       500, tiers=[{"kind": "lmdb", "capacity": 10**6}], root=fresh())}
+            rows.update(_interleaved("avalanche-naive", {
+                name: lambda name=name, make=make: _closed_after(name, make(), lambda p: avalanche_loop(p, steps), steps)
+                for name, make in ava.items()}, rounds))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    lines = [f"Integrations, {steps} steps each ({platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} torch threads)", "",
-             "| loop | buffer | steps/s | vs the framework's own | swapped in |", "|---|---|---|---|---|"]
+    lines = [f"Integrations, {steps} steps each, {rounds} round(s) in turns, medians "
+             f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)", "",
+             "| loop | buffer | steps/s | vs the framework's own (range over rounds) | swapped in |",
+             "|---|---|---|---|---|"]
     for name, r in rows.items():
         r["swapped_in"] = SWAPPED.get(name)
         swapped = "" if r["swapped_in"] is None else str(r["swapped_in"])
-        lines.append(f"| {r['loop']} | {name} | {r['steps_per_s']:.1f} | {r['ratio']:.2f} | {swapped} |")
+        lo, hi = r["ratio_range"]
+        lines.append(f"| {r['loop']} | {name} | {r['steps_per_s']:.1f} | {r['ratio']:.2f} ({lo:.2f}-{hi:.2f}) | {swapped} |")
     busy = {name: cpu for name, cpu in THREAD_CPU.items() if cpu}
     if busy:
         lines += ["", "CPU per loop step of carousel's own threads (ms, warm-up included; not the trainer's thread):", ""]

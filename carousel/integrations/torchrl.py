@@ -3,8 +3,10 @@
 TorchRL's replay buffers split the job in three: a *writer* picks the positions new data goes to
 (``RoundRobinWriter``: a ring over ``max_size`` positions), a *sampler* picks the positions a batch
 is drawn from (``RandomSampler``, ``PrioritizedSampler``, ``SliceSampler``...), and a *storage*
-holds what is at each position. :class:`CarouselStorage` is that storage, kept on flash (LMDB) or
-disk (Zarr) through :mod:`storage_backends`, with CRC-checked records, crash-safe writes and only
+holds what is at each position. :class:`CarouselStorage` is that storage, kept on flash (LMDB),
+disk (Zarr) or in one memory-mapped file of fixed-size rows (flat: the fastest random reads, for
+samplers that draw every batch at random) through :mod:`storage_backends`, with CRC-checked
+records, crash-safe writes and only
 the positions' index in RAM -- a buffer of millions of transitions that outlives the process::
 
     from torchrl.data import ReplayBuffer, RandomSampler, RoundRobinWriter
@@ -53,8 +55,8 @@ Not supported:
   a forked child) reads and samples -- the length is shared with the writer as TorchRL shares it
   -- but its writes (and emptying or loading it) raise :class:`~storage_backends.StoreLockedError`
   before the writer's cursor moves (except ``rb.empty()``, where TorchRL resets the writer's
-  shared cursor before it asks the storage: do not call it there); a Zarr store cannot even be read by another process while its writer holds it (use
-  ``kind="lmdb"``, whose readers never block the writer). Hence no ``shared_init`` either.
+  shared cursor before it asks the storage: do not call it there); a Zarr or flat store cannot even be read by another process while its writer holds
+  it (use ``kind="lmdb"``, whose readers never block the writer). Hence no ``shared_init`` either.
 - ragged data: a lazy stack of TensorDicts whose leaves differ in shape has no fixed-size record.
 - reaching into ``storage._storage`` (None here: the data is not a TensorDict in RAM). TorchRL
   code that does falls back to ``storage[...]`` (``SliceSampler``, staleness), except
@@ -151,7 +153,9 @@ class CarouselStorage(TensorStorage):
         max_size: positions (elements, for ``ndim > 1``: ``max_size`` counts every element of the
             first ``ndim`` dims, as in ``LazyTensorStorage``).
         path: the folder; an existing storage there is reopened with its layout and length.
-        kind: ``"lmdb"`` (flash; default) or ``"zarr"`` (disk; ``chunk`` rows per chunk).
+        kind: ``"lmdb"`` (flash; default), ``"zarr"`` (disk; ``chunk`` rows per chunk) or
+            ``"flat"`` (one memory-mapped file: a random batch is one gather, ~2.5x faster to
+            sample than LMDB's per-key reads; no ``codec``; one process, as Zarr).
         sync: fsync every write (durable against power loss; off by default, as TorchRL's own
             storages are not durable at all).
         codec: ``"zstd"`` compresses records (``"none"`` by default).
@@ -161,7 +165,7 @@ class CarouselStorage(TensorStorage):
         state_dict_data: whether ``state_dict()`` holds the data (TorchRL's form) or only where it is.
 
     Raises:
-        ValueError: an unknown ``kind``.
+        ValueError: an unknown ``kind``, or a ``codec`` for a flat store.
 
     Examples:
         >>> import tempfile, torch
@@ -180,8 +184,10 @@ class CarouselStorage(TensorStorage):
     def __init__(self, max_size: int, path: str | os.PathLike[str], *, kind: str = "lmdb", sync: bool = False,
                  codec: str = "none", chunk: int = 64, device: str | torch.device = "cpu", ndim: int = 1,
                  checkpointer: StorageCheckpointerBase | None = None, state_dict_data: bool = True) -> None:
-        if kind not in ("lmdb", "zarr"):
-            raise ValueError(f"kind must be lmdb or zarr, got {kind!r}")
+        if kind not in ("lmdb", "zarr", "flat"):
+            raise ValueError(f"kind must be lmdb, zarr or flat, got {kind!r}")
+        if kind == "flat" and codec != "none":
+            raise ValueError(f"a flat store keeps fixed-size rows: codec must be 'none', got {codec!r}")
         super().__init__(storage=None, max_size=max_size, device=device, ndim=ndim)
         self.checkpointer = checkpointer
         self.path = Path(path)
@@ -232,8 +238,11 @@ class CarouselStorage(TensorStorage):
             self._grow(layout)
         handle = self._writable()
         # A ring that wraps within one write names a position twice: the last value wins, as in a tensor.
-        last = np.unique(ids[::-1], return_index=True)[1]
-        keep = np.sort(n - 1 - last)
+        if n < 2 or bool((ids[1:] > ids[:-1]).all()):  # the usual write, ascending positions: no repeat
+            keep = slice(None)
+        else:
+            last = np.unique(ids[::-1], return_index=True)[1]
+            keep = np.sort(n - 1 - last)
         ids_k = ids[keep]
         missing = [name for name, v in fields.items() if v is None]
         if missing:  # leaves this data lacks keep their stored values (zeros where none were written)
@@ -246,7 +255,7 @@ class CarouselStorage(TensorStorage):
         handle.store.put_many(ids_k, fields)
         if leaves.objects:
             rows = handle.get_objects(ids_k)
-            for j, pos in enumerate(keep.tolist()):
+            for j, pos in enumerate(range(n) if isinstance(keep, slice) else keep.tolist()):
                 rows[j] = dict(rows[j] or {})
                 rows[j].update({key: values[pos] for key, values in leaves.objects.items()})
             handle.put_objects(ids_k, rows)
@@ -282,6 +291,11 @@ class CarouselStorage(TensorStorage):
             out = self._read(ids, view=not rest)
             return self._layout.wrap(_index(out, (slice(None), *rest)) if rest else out)
         ids = _positions(first, len0, "stored positions")
+        if ids.ndim == 1 and not rest:
+            # A sampler's batch of positions: read in its order, repeats and all (a store returns
+            # a repeated id repeatedly), and assembled once -- no dedup, no second gather of the
+            # assembled batch (that indexing cost ~85 us of a 256-row sample's ~500).
+            return self._layout.wrap(self._read(ids, view=False))
         flat = ids.reshape(-1)
         uniq, inv = np.unique(flat, return_inverse=True)
         out = self._read(uniq, view=False)
@@ -462,7 +476,8 @@ class CarouselStorage(TensorStorage):
         created (reopening reads them)."""
         base = f"{self.kind}://{folder / 'store'}?sync={int(self.sync)}"
         if create:
-            base += f"&codec={self.codec}" + (f"&chunk={self.chunk}" if self.kind == "zarr" else "")
+            base += ("" if self.kind == "flat" else f"&codec={self.codec}") + (
+                f"&chunk={self.chunk}" if self.kind in ("zarr", "flat") else "")
         return base, f"{self.kind}://{folder / 'store'}?mode=ro"
 
     def _delete_gen(self, gen: str, root: Path | None = None) -> None:
@@ -893,8 +908,15 @@ def _positions(index: Any, length: int, what: str) -> np.ndarray:
     ids = np.asarray(index)
     # A boolean mask selects where it is True; cast to int64 first, it would read as positions 0/1.
     ids = np.nonzero(ids)[0] if ids.dtype == np.bool_ else ids.astype(np.int64)
-    ids = np.where(ids < 0, ids + length, ids)
-    if ids.size and (ids.min() < 0 or ids.max() >= length):
+    if not ids.size:
+        return ids
+    # The usual index (a sampler's, a writer's cursor) has no negative positions: one pass for
+    # both bounds then, no shifted copy (this runs twice per step of a replay loop).
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0:
+        ids = np.where(ids < 0, ids + length, ids)
+        lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= length:
         bad = ids[(ids < 0) | (ids >= length)]
         raise IndexError(f"positions {bad.reshape(-1)[:5].tolist()} are outside the {length} {what}")
     return ids

@@ -154,8 +154,10 @@ class Layout:
         tensors = []
         for i, f in enumerate(self.fields):
             arr = fields[f"f{i}"]
-            # A store may hand back a read-only view of the bytes it read; a batch must be writable.
-            t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+            # A store may hand back a read-only or strided view of the bytes it read (the flat
+            # store's rows); a batch must be writable and laid out as torch expects.
+            ok = arr.flags.writeable and arr.flags.c_contiguous and arr.flags.aligned
+            t = torch.from_numpy(arr if ok else np.array(arr, order="C"))
             dtype = _torch_dtype(f.dtype)
             tensors.append((t.view(dtype) if dtype in _VIEW_AS else t).to(device))
         if self.kind == "tensor":

@@ -28,7 +28,7 @@ def check_rows(td: TensorDict) -> None:
     torch.testing.assert_close(td["next", "reward"], i.float() / 10)
 
 
-@pytest.mark.parametrize("kind", ["lmdb", "zarr"])
+@pytest.mark.parametrize("kind", ["lmdb", "zarr", "flat"])
 def test_extend_and_sample_through_torchrl_writer_and_sampler(tmp_path, kind):
     storage = CarouselStorage(100, tmp_path / "rb", kind=kind, chunk=16)
     rb = ReplayBuffer(storage=storage, sampler=RandomSampler(), writer=RoundRobinWriter(), batch_size=32)
@@ -50,6 +50,29 @@ def test_extend_and_sample_through_torchrl_writer_and_sampler(tmp_path, kind):
     rb.add(transitions(999, 1)[0])  # a single transition through the writer
     assert len(rb) == 100 and storage.get(50)["obs"][0] == 999  # the writer's cursor: 250 % 100
     storage.close()
+
+
+@pytest.mark.parametrize("kind", ["lmdb", "zarr", "flat"])
+def test_a_sampled_index_comes_back_in_its_order_with_its_repeats(tmp_path, kind):
+    # A random sampler draws with replacement: the batch holds a repeated position as often, where
+    # it was drawn, as LazyTensorStorage's does (read without dedup, one gather: the fast path).
+    storage = CarouselStorage(20, tmp_path / "rb", kind=kind, chunk=4)
+    ref = LazyTensorStorage(20)
+    for s in (storage, ref):
+        s.set(torch.arange(12), transitions(0, 12))
+    index = torch.tensor([7, 3, 7, 0, 11, 3, 3])
+    got, want = storage.get(index), ref.get(index)
+    assert got.batch_size == want.batch_size == torch.Size([7]) and (got == want).all()
+    assert got["obs"][:, 0].long().tolist() == index.tolist()
+    got["obs"][0] += 1  # a batch of its own: writable, and no longer the storage's
+    assert storage.get(7)["obs"][0] == 7
+    assert (storage.get(index.reshape(7, 1)) == ref.get(index.reshape(7, 1))).all()  # shaped indices too
+    storage.close()
+
+
+def test_a_flat_storage_refuses_a_codec(tmp_path):
+    with pytest.raises(ValueError, match="codec must be 'none'"):
+        CarouselStorage(10, tmp_path / "rb", kind="flat", codec="zstd")
 
 
 def test_slice_and_without_replacement_samplers(tmp_path):

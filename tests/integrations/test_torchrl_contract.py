@@ -32,16 +32,16 @@ class Step:
     note: str
 
 
-@pytest.fixture(params=["reference", "carousel", "carousel-zarr"])
+@pytest.fixture(params=["reference", "carousel", "carousel-zarr", "carousel-flat"])
 def make(request, tmp_path):
     """``make(max_size, **kwargs)``: a new empty storage of the kind under test (TorchRL's
-    ``LazyTensorStorage``, or a ``CarouselStorage`` on an LMDB or a Zarr store)."""
+    ``LazyTensorStorage``, or a ``CarouselStorage`` on an LMDB, a Zarr or a flat store)."""
     made = []
 
     def factory(max_size, **kwargs):
         if request.param == "reference":
             return LazyTensorStorage(max_size, **kwargs)
-        kind = "zarr" if request.param == "carousel-zarr" else "lmdb"
+        kind = {"carousel-zarr": "zarr", "carousel-flat": "flat"}.get(request.param, "lmdb")
         storage = CarouselStorage(max_size, tmp_path / f"rb{next(_counter)}", kind=kind, chunk=4, **kwargs)
         made.append(storage)
         return storage

@@ -176,3 +176,31 @@ def test_a_buffer_given_to_a_worker_process(tmp_path, method, kind):
     assert rb[6]["obs"][0].item() == 100 and len(rb) == 7
     if kind == "carousel":
         storage.close()
+
+
+def _sample_in_worker(rb: ReplayBuffer, queue: mp.Queue) -> None:
+    try:
+        queue.put(("sampled", tuple(rb.sample()["obs"].shape)))
+    except BaseException as exc:  # noqa: BLE001 - the outcome is what the parent checks
+        queue.put((type(exc).__name__, str(exc)))
+
+
+@pytest.mark.parametrize("kind", ["zarr", "flat"])
+def test_a_zarr_or_flat_storage_is_not_read_by_another_process_while_its_writer_holds_it(tmp_path, kind):
+    # Unlike LMDB, whose readers never block its writer, these stores lock readers out while a
+    # writer holds them (the module docstring says so and points to kind="lmdb"): refused, naming why.
+    storage = CarouselStorage(10, tmp_path / "rb", kind=kind)
+    rb = ReplayBuffer(storage=storage, batch_size=4)
+    rb.extend(steps(0, 6))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_sample_in_worker, args=(rb, queue))
+    proc.start()
+    outcome, detail = queue.get(timeout=120)
+    proc.join(timeout=60)
+    assert outcome == "StoreLockedError" and "one writer per store" in detail, detail
+    storage.close()
+    proc = ctx.Process(target=_sample_in_worker, args=(rb, queue))  # the writer gone: the worker reads
+    proc.start()
+    assert queue.get(timeout=120) == ("sampled", (4, 3))
+    proc.join(timeout=60)
