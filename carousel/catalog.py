@@ -214,16 +214,29 @@ class Catalog:
                 return self._class_arr[cls]
             return ids
 
-    def swap_in_pool(self, cls: int, below: int | None = None) -> np.ndarray:
+    def swap_in_pool(self, cls: int, below: int | None = None, eligible: np.ndarray | None = None) -> np.ndarray:
         """Stored ids of class ``cls`` that are not in the EM and not already being prefetched
-        (and, with ``below``, smaller than it: a deterministic memory's stored-by-now set)."""
+        (and, with ``below``, smaller than it: a deterministic memory's stored-by-now set).
+        ``eligible``: :meth:`swap_in_eligible` ``(below)``, taken under the same hold of the lock
+        (one gather per class then, not three)."""
         with self.lock:
             if cls in self._dormant:
                 return np.zeros(0, np.int64)
             ids = self.class_ids(cls)
+            if eligible is not None:  # it covers the ids below min(n, below); a class's ids are all below n
+                ids = ids[ids < eligible.size]
+                return ids[eligible[ids]]
             if below is not None:
                 ids = ids[ids < below]
             return ids[(self.home[ids] >= 0) & (self.slot[ids] < 0) & ~self.prefetched[ids]]
+
+    def swap_in_eligible(self, below: int) -> np.ndarray:
+        """The mask, over ids ``[0, min(n, below))``, of those a deterministic swap-in may draw:
+        stored, not in the EM, not already chosen (what :meth:`available_by_class` and
+        :meth:`swap_in_pool` test with ``below``, computed once for a whole request)."""
+        with self.lock:
+            live = slice(0, min(self.n, below))
+            return (self.home[live] >= 0) & (self.slot[live] < 0) & ~self.prefetched[live]
 
     def draw_swap_in(self, cls: int, n: int, rng: np.random.Generator) -> np.ndarray:
         """Up to ``n`` distinct ids drawn uniformly from :meth:`swap_in_pool` ``(cls)``.
@@ -246,14 +259,18 @@ class Catalog:
             pool = ids[(self.home[ids] >= 0) & (self.slot[ids] < 0) & ~self.prefetched[ids]]
             return rng.choice(pool, min(n, pool.size), replace=False) if pool.size else pool
 
-    def available_by_class(self, below: int | None = None) -> dict[int, int]:
+    def available_by_class(self, below: int | None = None, eligible: np.ndarray | None = None) -> dict[int, int]:
         """Class -> number of stored samples not in the EM (what a swap-in can draw from). With
-        ``below`` (a deterministic memory): only ids below it, and none already chosen as a candidate."""
+        ``below`` (a deterministic memory): only ids below it, and none already chosen as a
+        candidate; ``eligible`` (:meth:`swap_in_eligible` ``(below)``) gives that mask ready-made."""
         with self.lock:
-            live = slice(0, self.n if below is None else min(self.n, below))
-            ok = (self.home[live] >= 0) & (self.slot[live] < 0)
-            if below is not None:
-                ok &= ~self.prefetched[live]
+            if eligible is not None:
+                live, ok = slice(0, eligible.size), eligible
+            else:
+                live = slice(0, self.n if below is None else min(self.n, below))
+                ok = (self.home[live] >= 0) & (self.slot[live] < 0)
+                if below is not None:
+                    ok &= ~self.prefetched[live]
             counts = self._count(self.cls[live][ok])
             if self._dormant:
                 return {c: k for c, k in counts.items() if c not in self._dormant}

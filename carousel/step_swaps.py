@@ -37,7 +37,7 @@ from .em_pool import EMPool
 from .metrics import MemoryMetrics
 from .policies import SwapInPolicy
 from .swap_engine import SwapEngine
-from .tiers import Tier, plan_capacity
+from .tiers import Tier, may_overflow, plan_capacity
 from .write_behind import WriteBehind
 
 __all__ = ["StepSwaps"]
@@ -82,14 +82,15 @@ class StepSwaps:
         among the replayed samples; their replacements are chosen now and their reads start at
         once; the copies wait for the next boundary but one. Caller holds the catalog lock."""
         cat = self._catalog
-        classes = self._swap_in.choose(labels, cat.available_by_class(below=self._stored_below),
+        eligible = cat.swap_in_eligible(self._stored_below)  # one pass over the ids for the counts and every pool
+        classes = self._swap_in.choose(labels, cat.available_by_class(eligible=eligible),
                                        cat.class_counts(self._pool.slot_ids), self._rng)
         go = classes >= 0
         slots, victims, classes = slots[go], victims[go], classes[go]
         chosen = np.full(classes.size, -1, dtype=np.int64)
         for cls in np.unique(classes).tolist():
             at = np.flatnonzero(classes == cls)
-            pool = cat.swap_in_pool(cls, below=self._stored_below)
+            pool = cat.swap_in_pool(cls, eligible=eligible)
             pick = self._rng.choice(pool, min(at.size, pool.size), replace=False)
             chosen[at[:pick.size]] = pick
         keep = chosen >= 0
@@ -110,11 +111,13 @@ class StepSwaps:
                 self._apply(req)
             self._previous, self._current = self._current, []
             cat = self._catalog
-            with cat.lock:
-                n = cat.n
-                protected = (cat.slot[:n] >= 0) | cat.prefetched[:n]
-            self._writer.submit_calls(plan_capacity(self._tiers, cat, self._metrics, self._capacity_rng,
-                                                    below=stored_below, protected=protected))
+            # The usual tier is sized to the stream: nothing can move, and nothing is planned.
+            if may_overflow(self._tiers, cat, stored_below):
+                with cat.lock:
+                    n = cat.n
+                    protected = (cat.slot[:n] >= 0) | cat.prefetched[:n]
+                self._writer.submit_calls(plan_capacity(self._tiers, cat, self._metrics, self._capacity_rng,
+                                                        below=stored_below, protected=protected))
             self._stored_below = stored_below
             self._last = (self._writer.mark(), self._next_id())
             self.boundaries += 1

@@ -140,6 +140,16 @@ def enforce_capacity(tiers: list[Tier], catalog: Catalog, metrics: MemoryMetrics
             _demote(tiers, tier, leaving, catalog, metrics, rng, rehome=True)
 
 
+def may_overflow(tiers: list[Tier], catalog: Catalog, below: int) -> bool:
+    """Whether :func:`plan_capacity` over the ids below ``below`` could move anything: some writable
+    tier has a byte budget or a class quota, or room for fewer samples than there are such ids. When
+    not, it would look at every id and leave (drawing no random number), so a caller may skip it --
+    and the two O(ids) passes of each boundary with it -- without changing any decision."""
+    bound = min(catalog.n, below)
+    return any(t.capacity_bytes is not None or t.class_quota > 0 or bound > t.capacity
+               for t in tiers[:writable_count(tiers)])
+
+
 def plan_capacity(tiers: list[Tier], catalog: Catalog, metrics: MemoryMetrics, rng: np.random.Generator,
                   below: int, protected: np.ndarray) -> list[Callable[[], None]]:
     """:func:`enforce_capacity` for a deterministic memory, in two halves: the decisions, made now

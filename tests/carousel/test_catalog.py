@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from carousel.catalog import EVICTED, Catalog
+from carousel.catalog import EVICTED, PENDING, Catalog
 
 
 def _catalog(n: int, classes: int = 4) -> Catalog:
@@ -78,3 +78,23 @@ def test_classes_version_moves_when_a_class_becomes_available_and_only_then():
     before = cat.classes_version
     cat.register(np.array([12]), np.array([5]), np.zeros(1, np.int64), home=-1)  # the stream's first 5
     assert cat.classes_version > before and cat.available_by_class()[5] == 4
+
+
+def test_one_eligible_mask_gives_the_same_pools_and_counts_as_testing_each_class():
+    # A deterministic swap-in request computes the mask once (swap_in_eligible) and reads every
+    # class's pool and the counts through it: the same ids, in the same order (its seeded draw
+    # from the pool depends on both), as the per-class tests -- in every state an id can be in.
+    rng = np.random.default_rng(3)
+    cat = _catalog(6_000, classes=5)
+    cat.register(np.array([7_000, 6_500]), np.array([2, 9]), np.zeros(2, np.int64), 0)  # sparse, out of order
+    ids = np.arange(cat.n)
+    cat.slot[rng.choice(ids, 300, replace=False)] = 1
+    cat.prefetched[rng.choice(ids, 200, replace=False)] = True
+    cat.home[rng.choice(ids, 400, replace=False)] = EVICTED
+    cat.home[rng.choice(ids, 100, replace=False)] = PENDING  # not stored yet
+    for below in (0, 1, 2_500, 6_000, 6_600, 10**9):
+        eligible = cat.swap_in_eligible(below)
+        assert eligible.size == min(cat.n, below)
+        assert cat.available_by_class(eligible=eligible) == cat.available_by_class(below=below)
+        for cls in (0, 1, 2, 4, 9, 11):
+            assert cat.swap_in_pool(cls, eligible=eligible).tolist() == cat.swap_in_pool(cls, below=below).tolist()

@@ -37,3 +37,42 @@ def test_quota_and_protected_samples():
 def test_unknown_policy():
     with pytest.raises(ValueError, match="unknown eviction policy"):
         choose_overflow(np.arange(3), np.zeros(3, np.int64), 1, "lru", np.random.default_rng(0))
+
+
+class _Store:
+    readonly = False
+
+
+def _tier(capacity: int, **kwargs):
+    from carousel.tiers import Tier
+    return Tier(0, "t", _Store(), capacity, **kwargs)
+
+
+def test_a_tier_that_cannot_overflow_is_not_planned_and_planning_it_would_draw_nothing():
+    # A deterministic memory's boundary skips plan_capacity when may_overflow() says no tier can
+    # be over (the trainers' tier is sized to the stream). That is exact only if planning such a
+    # tier moves nothing and draws no random number: checked here on the same catalog.
+    from carousel.catalog import EVICTED, Catalog
+    from carousel.metrics import MemoryMetrics
+    from carousel.tiers import may_overflow, plan_capacity
+    from prometheus_client import CollectorRegistry
+
+    cat = Catalog()
+    ids = np.arange(1_000)
+    cat.register(ids, ids % 4, np.zeros(ids.size, np.int64), 0)
+    cat.nbytes[ids] = 100
+    metrics = MemoryMetrics(CollectorRegistry())
+    protected = np.zeros(cat.n, bool)
+    for tier, below, expect in ((_tier(1_000), 10**9, False),       # sized to the stream
+                                (_tier(999), 10**9, True),          # one sample too many
+                                (_tier(999), 999, False),           # ... but not below the stored bound
+                                (_tier(10**6, class_quota=300), 10**9, True),
+                                (_tier(10**6, capacity_bytes=10**8), 10**9, True)):
+        assert may_overflow([tier], cat, below) is expect, tier
+        rng = np.random.default_rng(5)
+        state = rng.bit_generator.state
+        calls = plan_capacity([tier], cat, metrics, rng, below=below, protected=protected)
+        if not expect:
+            assert calls == [] and rng.bit_generator.state == state  # nothing planned, nothing drawn
+        elif tier.capacity == 999:
+            assert len(calls) == 1 and (cat.home == EVICTED).sum() == 1  # the one sample over goes
