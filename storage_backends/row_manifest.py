@@ -132,6 +132,8 @@ class Manifest:
 
         The search starts at the lowest row that may be free and stops once it has ``n``: a
         look at every row was O(capacity) per put."""
+        if n <= 0:
+            return np.zeros(0, np.int64)
         rid = self.row_id
         window = max(4096, 4 * n)
         parts: list[np.ndarray] = []

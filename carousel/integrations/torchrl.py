@@ -910,8 +910,8 @@ def _positions(index: Any, length: int, what: str) -> np.ndarray:
     ids = np.nonzero(ids)[0] if ids.dtype == np.bool_ else ids.astype(np.int64)
     if not ids.size:
         return ids
-    # The usual index (a sampler's, a writer's cursor) has no negative positions: one pass for
-    # both bounds then, no shifted copy (this runs twice per step of a replay loop).
+    # The usual index (a sampler's, a writer's cursor) has no negative positions: then no shifted
+    # copy and no masks, only the bounds (this runs twice per step of a replay loop).
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0:
         ids = np.where(ids < 0, ids + length, ids)

@@ -109,3 +109,9 @@ def test_rows_from_allocate_through_appends_replacements_and_deletes(tmp_path):
     check(again, model, np.arange(top + 5, dtype=np.int64))
     occupied = {r for r, _ in model.values()}
     assert again.allocate(3).tolist() == [r for r in range(again.capacity) if r not in occupied][:3]
+
+
+def test_allocating_no_rows_gives_an_empty_array(tmp_path):
+    man = Manifest(tmp_path / "m", 4, writable=True, sync=False)
+    assert man.allocate(0).tolist() == [] and man.allocate(4).tolist() == [0, 1, 2, 3]
+    assert man.allocate(5) is None
