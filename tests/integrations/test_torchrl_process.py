@@ -214,7 +214,7 @@ _EXTENDER = textwrap.dedent("""
     from torchrl.data import ReplayBuffer
     from carousel.integrations.torchrl import CarouselStorage
 
-    rb = ReplayBuffer(storage=CarouselStorage(100_000, sys.argv[1], kind=sys.argv[2]), batch_size=4)
+    rb = ReplayBuffer(storage=CarouselStorage(int(sys.argv[3]), sys.argv[1], kind=sys.argv[2]), batch_size=4)
     done = 0
     while True:
         i = torch.arange(done, done + 16)
@@ -224,14 +224,18 @@ _EXTENDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("size", [100_000, 400])
 @pytest.mark.parametrize("kind", ["lmdb", "zarr", "flat"])
-def test_sigkill_mid_extend_loses_no_acknowledged_transition(tmp_path, kind):
+def test_sigkill_mid_extend_loses_no_acknowledged_transition(tmp_path, kind, size):
     # A writer killed at a random moment (no close, no flush): reopened, the storage holds every
-    # transition whose extend() had returned, each with its own data, and no damaged record.
+    # transition whose extend() had returned, each with its own data, and no damaged record. At
+    # size 400 the ring has gone round: every write replaces live positions (a row store writes
+    # a new row, then frees the old one), and each position holds its newest transition.
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-c", _EXTENDER, str(tmp_path / "rb"), kind], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", _EXTENDER, str(tmp_path / "rb"), kind, str(size)],
+                            stdout=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     acked = 0
     deadline = time.monotonic() + 120
@@ -245,9 +249,15 @@ def test_sigkill_mid_extend_loses_no_acknowledged_transition(tmp_path, kind):
     rest = proc.stdout.read()  # what it printed before the signal landed: acknowledged too
     proc.wait(30)
     acked = max([acked, *map(int, rest.split())])
-    storage = CarouselStorage(100_000, tmp_path / "rb", kind=kind)
-    assert len(storage) >= acked
-    got = storage.get(torch.arange(acked))  # a damaged record would raise here
-    assert got["obs"][:, 0].long().tolist() == list(range(acked))
-    assert (got["action"] == torch.arange(acked) % 4).all()
+    storage = CarouselStorage(size, tmp_path / "rb", kind=kind)
+    held = min(acked, size)
+    assert len(storage) >= held
+    got = storage.get(torch.arange(held))  # a damaged record would raise here
+    step = got["obs"][:, 0].long()
+    assert (got["action"] == step % 4).all() and (got["obs"] == got["obs"][:, :1]).all()  # one transition a row
+    if size >= acked:
+        assert step.tolist() == list(range(acked))
+    else:  # position p: the newest acknowledged step written there, or one of the extend cut short
+        newest = torch.arange(size) + (acked - 1 - torch.arange(size)) // size * size
+        assert ((step == newest) | ((step == newest + size) & (step < acked + 16))).all()
     storage.close()
