@@ -10,7 +10,8 @@
 (b) A TorchRL off-policy loop: ``extend`` 32 transitions (obs 64 float32, action, reward, next obs),
     ``sample(256)``, one MLP step; ``ReplayBuffer`` on ``LazyTensorStorage`` (RAM), on
     ``LazyMemmapStorage`` (disk) and on ``CarouselStorage`` (an LMDB tier, and a flat tier: one
-    memory-mapped file). Needs torchrl.
+    memory-mapped file), and each storage's ``get`` of 256 random positions and ``set`` of 32 timed
+    alone. Needs torchrl.
 
 (c) Avalanche's ``Naive`` strategy (the same MLP, 28x28 inputs, mini-batches of 32) with its own
     ``ReplayPlugin(mem_size=500)`` against ``CarouselReplayPlugin(mem_size=500)``, RAM-only and with
@@ -126,6 +127,36 @@ def torchrl_loop(make_storage, steps: int, warmup: int) -> float:
         F.mse_loss(q, target).backward()
         opt.step()
     return steps / (time.perf_counter() - t0)
+
+
+def torchrl_calls(make_storage, calls: int) -> dict[str, float]:
+    """Median microseconds of the storage calls behind the loop's ``sample`` and ``extend``, alone:
+    ``get`` of 256 random positions (repeats and all, as ``RandomSampler`` draws them) and ``set``
+    of 32 at the next positions, on a storage holding 30,000 transitions."""
+    from tensordict import TensorDict
+    gen = torch.Generator().manual_seed(0)
+
+    def transitions(n: int) -> TensorDict:
+        return TensorDict({"obs": torch.randn(n, 64, generator=gen), "action": torch.randint(0, 4, (n,), generator=gen),
+                           "next": {"obs": torch.randn(n, 64, generator=gen), "reward": torch.randn(n, generator=gen)}},
+                          batch_size=[n])
+
+    storage = make_storage()
+    for lo in range(0, 30_000, 1000):
+        storage.set(torch.arange(lo, lo + 1000), transitions(1000))
+    index = [torch.randint(0, 30_000, (256,), generator=gen) for _ in range(calls)]
+    batches = [transitions(32) for _ in range(calls)]
+    got, put = [], []
+    for k in range(calls):
+        t0 = time.perf_counter()
+        storage.get(index[k])
+        t1 = time.perf_counter()
+        storage.set(torch.arange(30_000 + 32 * k, 30_000 + 32 * (k + 1)), batches[k])
+        got.append(t1 - t0)
+        put.append(time.perf_counter() - t1)
+    if hasattr(storage, "close"):
+        storage.close()
+    return {"get_256_us": 1e6 * statistics.median(got), "set_32_us": 1e6 * statistics.median(put)}
 
 
 def avalanche_loop(plugin, steps: int) -> float:
@@ -262,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "CarouselStorage (flat tier)": lambda: CarouselStorage(200_000, fresh(), kind="flat")}
             rows.update(_interleaved("torchrl-dqn", {name: lambda make=make: torchrl_loop(make, steps, warmup)
                                                      for name, make in trl.items()}, rounds))
+            for name, make in trl.items():
+                rows[name]["storage_calls"] = torchrl_calls(make, 50 if args.quick else 1000)
         if importlib.util.find_spec("avalanche") is None:
             print("avalanche-lib not installed: Avalanche rows skipped")
         else:
@@ -286,6 +319,11 @@ def main(argv: list[str] | None = None) -> dict:
         swapped = "" if r["swapped_in"] is None else str(r["swapped_in"])
         lo, hi = r["ratio_range"]
         lines.append(f"| {r['loop']} | {name} | {r['steps_per_s']:.1f} | {r['ratio']:.2f} ({lo:.2f}-{hi:.2f}) | {swapped} |")
+    calls = {name: r["storage_calls"] for name, r in rows.items() if "storage_calls" in r}
+    if calls:
+        lines += ["", "TorchRL's storage calls alone, median (30,000 transitions stored):", "",
+                  "| storage | get of 256 random positions (us) | set of 32 (us) |", "|---|---|---|"]
+        lines += [f"| {name} | {c['get_256_us']:.0f} | {c['set_32_us']:.0f} |" for name, c in calls.items()]
     busy = {name: cpu for name, cpu in THREAD_CPU.items() if cpu}
     if busy:
         lines += ["", "CPU per loop step of carousel's own threads (ms, warm-up included; not the trainer's thread):", ""]
