@@ -223,11 +223,11 @@ class Catalog:
             if cls in self._dormant:
                 return np.zeros(0, np.int64)
             ids = self.class_ids(cls)
+            if eligible is None and below is not None:
+                eligible = self.swap_in_eligible(below)
             if eligible is not None:  # it covers the ids below min(n, below); a class's ids are all below n
                 ids = ids[ids < eligible.size]
                 return ids[eligible[ids]]
-            if below is not None:
-                ids = ids[ids < below]
             return ids[(self.home[ids] >= 0) & (self.slot[ids] < 0) & ~self.prefetched[ids]]
 
     def swap_in_eligible(self, below: int) -> np.ndarray:
@@ -264,13 +264,13 @@ class Catalog:
         ``below`` (a deterministic memory): only ids below it, and none already chosen as a
         candidate; ``eligible`` (:meth:`swap_in_eligible` ``(below)``) gives that mask ready-made."""
         with self.lock:
+            if eligible is None and below is not None:
+                eligible = self.swap_in_eligible(below)
             if eligible is not None:
                 live, ok = slice(0, eligible.size), eligible
             else:
-                live = slice(0, self.n if below is None else min(self.n, below))
+                live = slice(0, self.n)
                 ok = (self.home[live] >= 0) & (self.slot[live] < 0)
-                if below is not None:
-                    ok &= ~self.prefetched[live]
             counts = self._count(self.cls[live][ok])
             if self._dormant:
                 return {c: k for c, k in counts.items() if c not in self._dormant}

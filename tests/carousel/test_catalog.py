@@ -92,9 +92,16 @@ def test_one_eligible_mask_gives_the_same_pools_and_counts_as_testing_each_class
     cat.prefetched[rng.choice(ids, 200, replace=False)] = True
     cat.home[rng.choice(ids, 400, replace=False)] = EVICTED
     cat.home[rng.choice(ids, 100, replace=False)] = PENDING  # not stored yet
+    def pool(cls: int, below: int) -> list[int]:  # the per-class test, written out
+        ids = cat.class_ids(cls)
+        ids = ids[ids < below]
+        return ids[(cat.home[ids] >= 0) & (cat.slot[ids] < 0) & ~cat.prefetched[ids]].tolist()
+
     for below in (0, 1, 2_500, 6_000, 6_600, 10**9):
         eligible = cat.swap_in_eligible(below)
         assert eligible.size == min(cat.n, below)
-        assert cat.available_by_class(eligible=eligible) == cat.available_by_class(below=below)
+        counts = {c: k for c in (0, 1, 2, 3, 4, 9) if (k := len(pool(c, below)))}
+        assert cat.available_by_class(eligible=eligible) == cat.available_by_class(below=below) == counts
         for cls in (0, 1, 2, 4, 9, 11):
-            assert cat.swap_in_pool(cls, eligible=eligible).tolist() == cat.swap_in_pool(cls, below=below).tolist()
+            assert cat.swap_in_pool(cls, eligible=eligible).tolist() == cat.swap_in_pool(cls, below=below).tolist() \
+                == pool(cls, below)
