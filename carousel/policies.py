@@ -49,6 +49,8 @@ Example, one step of the memory's bookkeeping:
 
 from __future__ import annotations
 
+import functools
+
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -81,6 +83,7 @@ __all__ = [
 
 
 # ---- shared arithmetic and validation ---------------------------------------------------------------
+@functools.lru_cache(maxsize=64)  # one ratio a run, asked every step: Fraction() costs ~20 us
 def _exact_ratio(ratio: float) -> Fraction:
     # The decimal the user wrote, not its binary float: 0.55 * 100 is 55.00000000000001 in floats,
     # and ceil() of that would swap 56 of 100 instead of 55. repr() is the shortest round-tripping
@@ -586,11 +589,15 @@ class SameClassRandomSwapIn(SwapInPolicy):
     name = "same_class_random"
 
     def _choose(self, victim_labels, available, em_class_counts, rng):
-        out = np.full(len(victim_labels), -1, dtype=np.int64)
-        for cls in np.unique(victim_labels).tolist():
-            at = np.flatnonzero(victim_labels == cls)[: available.get(cls, 0)]
-            out[at] = cls
-        return out
+        # Each victim's place among its class's victims (one stable sort, not a pass per class):
+        # the first ``available[cls]`` of a class get it.
+        classes, inv = np.unique(victim_labels, return_inverse=True)
+        inv = inv.reshape(-1)
+        order = np.argsort(inv, kind="stable")
+        rank = np.empty(inv.size, np.int64)
+        rank[order] = np.arange(inv.size) - (np.cumsum(np.bincount(inv)) - np.bincount(inv))[inv[order]]
+        room = np.array([available.get(c, 0) for c in classes.tolist()], dtype=np.int64)
+        return np.where(rank < room[inv], victim_labels, -1).astype(np.int64)
 
 
 class ClassBalancedSwapIn(SwapInPolicy):

@@ -546,58 +546,78 @@ class SwapEngine:
             q.append(cands)
         self._ready_count[cls] = self._ready_count.get(cls, 0) + k
 
-    def _take_ready(self, cls: int, n: int) -> Candidates:
-        """Up to ``n`` queued candidates of ``cls``, oldest first, as one block."""
-        parts: list[Candidates] = []
-        got = 0
+    def _take_ready(self, classes: list[int], wanted: list[int]) -> list[Candidates]:
+        """Up to ``wanted[j]`` queued candidates of each ``classes[j]``, oldest first, one block per
+        class (empty where none is queued); the queues' lock taken once for all of them."""
+        out: list[Candidates] = []
         with self._ready_lock:
-            q = self._ready.get(cls)
-            while q and got < n:
-                ids, fields = q[0]
-                k = min(n - got, ids.size)
-                if k == ids.size:
-                    parts.append(q.popleft())
-                else:  # split the block: its head goes, its tail stays queued
-                    parts.append((ids[:k], {name: v[:k] for name, v in fields.items()}))
-                    q[0] = (ids[k:], {name: v[k:] for name, v in fields.items()})
-                got += k
-            if got:
-                self._ready_count[cls] -= got
-        if not parts:
-            return self._none()
-        return parts[0] if len(parts) == 1 else _join(parts)
+            for cls, n in zip(classes, wanted):
+                parts: list[Candidates] = []
+                got = 0
+                q = self._ready.get(cls)
+                while q and got < n:
+                    ids, fields = q[0]
+                    k = min(n - got, ids.size)
+                    if k == ids.size:
+                        parts.append(q.popleft())
+                    else:  # split the block: its head goes, its tail stays queued
+                        parts.append((ids[:k], {name: v[:k] for name, v in fields.items()}))
+                        q[0] = (ids[k:], {name: v[k:] for name, v in fields.items()})
+                    got += k
+                if got:
+                    self._ready_count[cls] -= got
+                out.append(_join(parts) if parts else self._none())
+        return out
 
     def _swap(self, slots: np.ndarray, victims: np.ndarray, classes: np.ndarray, read) -> np.ndarray:
         """Refill ``slots`` (holding ``victims``) with candidates of ``classes``: queued ones first,
         then ``read(cls, n)`` for the rest. With ``read=None`` only queued ones are used; returns
         the positions (into ``slots``) left for a read then, else an empty array. All copies go
-        into the EM in one write."""
-        blocks: list[Candidates] = []
-        block_classes: list[int] = []
-        targets: list[np.ndarray] = []
-        left: list[np.ndarray] = []
-        for cls in np.unique(classes).tolist():
-            sel = np.flatnonzero(classes == cls)
-            cands = self._drop_stale(self._take_ready(cls, sel.size))
-            hits = cands[0].size
-            if hits < sel.size:
-                if read is None:
-                    left.append(sel[hits:])
-                else:
-                    cands = _join([cands, read(cls, sel.size - hits)])
-            self._hits.inc(hits)
-            self._misses.inc(cands[0].size - hits)
-            m = cands[0].size
-            if read is not None and m < sel.size:
-                self._no_candidate.inc(sel.size - m)
-            if m:
-                blocks.append(cands)
-                block_classes.append(cls)
-                targets.append(sel[:m])
-        if blocks:
-            self._copy_in(_join(blocks), np.repeat(block_classes, [b[0].size for b in blocks]),
-                          slots[np.concatenate(targets)], victims[np.concatenate(targets)])
-        return np.concatenate(left) if left else np.zeros(0, np.int64)
+        into the EM in one write.
+
+        Every class of the request at once (a swap spans most of the EM's classes, and a pass of
+        Python and numpy calls per class cost ~25 us each on the worker, a thread that shares the
+        trainer's GIL): the request's positions grouped by class, each class's candidates taken
+        in the same order, and one check of all of them."""
+        if not slots.size:
+            return np.zeros(0, np.int64)
+        uniq, inv = np.unique(classes, return_inverse=True)
+        inv = inv.reshape(-1)
+        order = np.argsort(inv, kind="stable")  # positions grouped by class, in request order within it
+        wanted = np.bincount(inv, minlength=uniq.size)
+        taken = self._take_ready(uniq.tolist(), wanted.tolist())
+        of_class = np.repeat(np.arange(uniq.size), [t[0].size for t in taken])
+        cands = _join(taken)
+        ok = self._eligible(cands[0])
+        if not ok.all():
+            of_class = of_class[ok]
+            cands = (cands[0][ok], {k: v[ok] for k, v in cands[1].items()})
+        hits = np.bincount(of_class, minlength=uniq.size)
+        got = hits
+        if read is not None and (hits < wanted).any():
+            # The misses, read class by class (the I/O pool's path), each after its class's hits.
+            bounds = np.concatenate([[0], np.cumsum(hits)])
+            parts: list[Candidates] = []
+            got = hits.copy()
+            for j, cls in enumerate(uniq.tolist()):
+                parts.append((cands[0][bounds[j]:bounds[j + 1]],
+                              {k: v[bounds[j]:bounds[j + 1]] for k, v in cands[1].items()}))
+                if hits[j] < wanted[j]:
+                    more = read(cls, int(wanted[j] - hits[j]))
+                    parts.append(more)
+                    got[j] += more[0].size
+            cands = _join(parts)
+            if (got < wanted).any():
+                self._no_candidate.inc(int((wanted - got).sum()))
+        self._hits.inc(int(hits.sum()))
+        self._misses.inc(int(got.sum() - hits.sum()))
+        start = np.cumsum(wanted) - wanted
+        rank = np.arange(order.size) - start[inv[order]]  # each position's place within its class
+        served = rank < got[inv[order]]
+        if got.any():
+            targets = order[served]
+            self._copy_in(cands, np.repeat(uniq, got), slots[targets], victims[targets])
+        return order[~served] if read is None else np.zeros(0, np.int64)
 
     def _copy_in(self, cands: Candidates, classes: np.ndarray, slots: np.ndarray, victims: np.ndarray) -> None:
         """Copy candidates into their slots where the victim is still there; put the others back."""
@@ -628,17 +648,16 @@ class SwapEngine:
         self._swapped_out.inc(n)
         self._swapped_in.inc(n)
 
-    def _drop_stale(self, cands: Candidates) -> Candidates:
-        """Queued candidates still eligible: not evicted meanwhile, not brought into the EM by retain()."""
-        ids, fields = cands
+    def _eligible(self, ids: np.ndarray) -> np.ndarray:
+        """Which queued candidates are still eligible: not evicted meanwhile, not brought into the
+        EM by retain(). The others' reservations end."""
         if not ids.size:
-            return cands
+            return np.ones(0, np.bool_)
         with self._catalog.lock:
             ok = (self._catalog.home[ids] != EVICTED) & (self._catalog.slot[ids] < 0)
-            if ok.all():
-                return cands
-            self._catalog.prefetched[ids[~ok]] = False
-        return ids[ok], {k: v[ok] for k, v in fields.items()}
+            if not ok.all():
+                self._catalog.prefetched[ids[~ok]] = False
+        return ok
 
     def _evict_corrupt(self, exc: CorruptRecordError) -> None:
         """The store quarantined ``exc.ids``: they are gone for good, and counted."""

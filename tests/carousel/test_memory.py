@@ -115,6 +115,35 @@ def test_same_class_swaps_keep_the_em_histogram(tmp_path):
         assert before.tolist() == after.tolist()
 
 
+def test_a_swap_serves_each_slot_from_its_class_queue_first(tmp_path):
+    """One swap request whose classes interleave: each slot gets a candidate of the class asked for
+    it, queued candidates first and in queue order; the positions no queue could serve come back
+    (grouped by class) for a read, and the read serves them from the same classes."""
+    with CarouselMemory.from_dict(config(tmp_path, em=64, workers=0, ratio=1.0, prefetch_depth=0)) as mem:
+        run_tasks(mem, tasks=3, steps=6)
+        mem.flush()
+        eng = mem._engine
+        occupied = np.flatnonzero(mem.pool.slot_ids >= 0)[:5]
+        slots, victims = occupied.copy(), mem.pool.slot_ids[occupied].copy()
+        classes = np.array([2, 0, 2, 1, 0], np.int64)
+        queued = {0: eng._read_candidates(0, 2), 2: eng._read_candidates(2, 1)}
+        assert queued[0][0].size == 2 and queued[2][0].size == 1
+        with eng._ready_lock:
+            for cls, cands in queued.items():
+                eng._queue_ready(cls, cands)
+        left = eng._swap(slots, victims, classes, None)
+        assert left.tolist() == [3, 2]  # class 1 had nothing queued, class 2 one of two
+        assert mem.pool.slot_ids[slots[[1, 4]]].tolist() == queued[0][0].tolist()
+        assert mem.pool.slot_ids[slots[0]] == queued[2][0][0]
+        assert eng.prefetched() == 0
+        assert (mem.catalog.slot[victims[[0, 1, 4]]] == -1).all()
+        eng._swap(slots[left], victims[left], classes[left], eng._read_candidates)
+        now = mem.pool.slot_ids[slots]
+        assert (mem.catalog.label[now] == classes).all()
+        assert not np.isin(now, victims).any()
+        em_unique(mem)
+
+
 def test_sample_never_waits_on_slow_storage(tmp_path):
     """While every storage read takes 0.5 s and swaps go on, no sample() waits for one: the slowest
     takes less than half a read. (A behaviour, not a speed: benchmarks.stall measures the speed.)"""
