@@ -1,7 +1,7 @@
 """What carousel costs a trainer's thread per step at accelerator speed: in-process and through the daemon.
 
 ``python -m benchmarks.stall [--quick] [--steps N] [--rounds N] [--step-ms 1,2,5,20] [--ratios 0.5,1.0]
-[--busy | --quiet] [--model] [--device cpu|cuda] [--out DIR]``
+[--busy | --quiet] [--deterministic] [--model] [--device cpu|cuda] [--out DIR]``
 
 One step is what a replay trainer does with its memory around an accelerator step::
 
@@ -17,6 +17,11 @@ drift in machine load hits them alike; each reports the median and p99 of its st
 of each call, and the ratio of its median step to RAM-only's. Torch keeps its default intra-op
 thread count (the trainer's, not ours to change); ``--busy`` (the default) runs one CPU-bound
 process per core beside it, as ``DataLoader`` workers would.
+
+``--deterministic`` runs every memory in the deterministic mode (``[swap] deterministic = true``,
+the reference trainers' default): no swap worker or prefetcher, every swap decided at a step boundary
+(``end_step()``) on the trainer's thread and its reads done by the I/O pool meanwhile; what that
+boundary costs the trainer's thread grows with the ids stored (``--stored``).
 
 ``--model`` adds the real-model variant: a reduced ResNet-18 ER step (32 stream + 32 replay,
 synthetic CIFAR-shaped data) on ``--device`` (``cuda`` where there is one), RAM-only against the
@@ -50,9 +55,9 @@ BATCH = 32
 EM = 500
 
 
-def _memory(tier: Path | None, ratio: float) -> dict:
+def _memory(tier: Path | None, ratio: float, deterministic: bool = False) -> dict:
     cfg: dict = {"memory": {"em_size": EM, "sample_shape": list(SHAPE), "seed": 0},
-                 "swap": {"ratio": ratio, "workers": 1, "prefetch_depth": 512},
+                 "swap": {"ratio": ratio, "workers": 1, "prefetch_depth": 512, "deterministic": deterministic},
                  "write_behind": {"queue_samples": 8192, "batch": 256}}
     if tier is not None:
         cfg["tiers"] = [{"kind": "lmdb", "path": str(tier), "capacity": 10**6, "sync": False}]
@@ -64,6 +69,7 @@ def _toml(cfg: dict) -> str:
     m, s, w = cfg["memory"], cfg["swap"], cfg["write_behind"]
     lines = ["[memory]", f"em_size = {m['em_size']}", f"sample_shape = {list(m['sample_shape'])}", f"seed = {m['seed']}",
              "[swap]", f"ratio = {s['ratio']}", f"workers = {s['workers']}", f"prefetch_depth = {s['prefetch_depth']}",
+             f"deterministic = {'true' if s['deterministic'] else 'false'}",
              "[write_behind]", f"queue_samples = {w['queue_samples']}", f"batch = {w['batch']}"]
     for t in cfg.get("tiers", []):
         lines += ["[[tiers]]", f'kind = "{t["kind"]}"', f'path = "{t["path"]}"', f"capacity = {t['capacity']}",
@@ -169,21 +175,22 @@ def _summary(rec: dict[str, list[float]]) -> dict:
 
 
 def run_emulated(step_ms: list[float], ratios: list[float], stored: int, steps: int, rounds: int,
-                 workdir: Path) -> dict:
-    """RAM-only, carousel in-process and carousel daemon, for each ratio, at each emulated step."""
+                 workdir: Path, deterministic: bool = False) -> dict:
+    """RAM-only, carousel in-process and carousel daemon, for each ratio, at each emulated step
+    (every memory in the deterministic mode with ``deterministic``)."""
     out: dict = {}
     for ratio in ratios:
         variants: list[Variant] = []
         try:
-            ram = CarouselMemory.from_dict(_memory(None, ratio))
+            ram = CarouselMemory.from_dict(_memory(None, ratio, deterministic))
             _prefill(ram, 2 * EM)
             variants.append(Variant("RAM-only", ram))
-            local = CarouselMemory.from_dict(_memory(workdir / f"inproc-{ratio}", ratio))
+            local = CarouselMemory.from_dict(_memory(workdir / f"inproc-{ratio}", ratio, deterministic))
             _prefill(local, stored)
             variants.append(Variant("carousel in-process", local))
             folder = workdir / f"daemon-{ratio}"
             folder.mkdir()
-            served = ServedDaemon(folder, _toml(_memory(folder / "flash", ratio)),
+            served = ServedDaemon(folder, _toml(_memory(folder / "flash", ratio, deterministic)),
                                   socket_dir=Path(workdir / f"s{ratio}"))
             _prefill(served.client, stored)
             variants.append(Variant("carousel daemon", served.client, close=served.close, pid=served.proc.pid))
@@ -293,9 +300,10 @@ def run_model(device: str, stored: int, steps: int, rounds: int, workdir: Path) 
 
 
 def _lines(results: dict) -> list[str]:
-    lines = ["| ratio, emulated step | variant | step median (ms) | x RAM-only | step p99 | in carousel median | "
-             "add p50/p99 | sample p50/p99 | observe p50/p99 | swapped in |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["Every memory in the deterministic mode.", ""] if results.get("deterministic") else []
+    lines += ["| ratio, emulated step | variant | step median (ms) | x RAM-only | step p99 | in carousel median | "
+              "add p50/p99 | sample p50/p99 | observe p50/p99 | trainer thread CPU a step (ms) | swapped in |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for cell, by in results["emulated"].items():
         for name, s in by.items():
             if name == "swapped_in":
@@ -304,7 +312,7 @@ def _lines(results: dict) -> list[str]:
                          f"| {s['carousel']['median_ms']:.3f} | {s['add']['median_ms']:.3f} / {s['add']['p99_ms']:.3f} "
                          f"| {s['sample']['median_ms']:.3f} / {s['sample']['p99_ms']:.3f} "
                          f"| {s['observe']['median_ms']:.3f} / {s['observe']['p99_ms']:.3f} "
-                         f"| {by['swapped_in'][name]} |")
+                         f"| {s['threads']['cpu_ms']:.3f} | {by['swapped_in'][name]} |")
     if "model" in results:
         m = results["model"]
         lines += ["", f"Real model (reduced ResNet-18, ER 32+32) on {m['device']}:", "",
@@ -328,6 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
     busy.add_argument("--busy", dest="busy", action="store_true", default=True,
                       help="one CPU-bound process per core beside the run (the default)")
     busy.add_argument("--quiet", dest="busy", action="store_false", help="nothing beside the run")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="every memory in the deterministic mode (the reference trainers' default)")
     parser.add_argument("--model", action="store_true", help="also the real-model variant")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench-out/stall")
@@ -338,13 +348,14 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = [float(s) for s in args.ratios.split(",")]
     out = Path(args.out)
     results: dict = {"machine": report.machine(busy=str(args.busy)), "steps": args.steps, "rounds": args.rounds,
-                     "stored": args.stored}
+                     "stored": args.stored, "deterministic": args.deterministic}
     with report.scratch(out) as work:
         hogs = Hogs(cpu=os.cpu_count() or 1, io=False) if args.busy else None
         try:
             if hogs is not None:
                 hogs.__enter__()
-            results["emulated"] = run_emulated(step_ms, ratios, args.stored, args.steps, args.rounds, work)
+            results["emulated"] = run_emulated(step_ms, ratios, args.stored, args.steps, args.rounds, work,
+                                               args.deterministic)
             if args.model:
                 n = 10 if args.device == "cpu" else args.steps
                 results["model"] = run_model(args.device, args.stored, n, args.rounds, work)
