@@ -148,8 +148,7 @@ class StepSwaps:
     def _apply(self, req: _Request) -> None:
         """Copy ``req``'s replacements into its slots, where the victim is still there (admission
         may have replaced it since: that slot is skipped). Reads that failed skip their slot."""
-        rows = req.reads.result()
-        got = np.array([r is not None for r in rows], dtype=bool)
+        got, rows = req.reads.result()
         cat = self._catalog
         with cat.lock:
             self.busy_slots[req.slots] = False
@@ -159,7 +158,7 @@ class StepSwaps:
             n = int(fresh.sum())
             if n:
                 ids, slots, victims = req.chosen[fresh], req.slots[fresh], req.victims[fresh]
-                fields = {k: np.stack([rows[i][k] for i in np.flatnonzero(fresh)]) for k in rows[int(np.argmax(fresh))]}
+                fields = {k: v[fresh] for k, v in rows.items()}
                 if WEIGHT_FIELD in fields:  # a coreset weight set by retain() since the sample was stored
                     fields[WEIGHT_FIELD] = cat.weight[ids]
                 written = self._pool.write(slots, ids, fields, expect=victims)

@@ -198,16 +198,17 @@ class SwapEngine:
         self._swap(slots, victims, classes, lambda cls, n: self._read_candidates(cls, n))
 
     def read_exact(self, ids: np.ndarray) -> Future:
-        """Read and decode exactly ``ids`` (candidates a deterministic memory reserved), on the I/O
-        pool (at once on this thread with ``workers = 0``). The future's result has, per id in
-        order, its decoded fields, or None where a fault kept it from being read."""
+        """Read and decode exactly ``ids`` (candidates a deterministic memory reserved; distinct), on
+        the I/O pool (at once on this thread with ``workers = 0``). The future's result is ``(got,
+        fields)``: per id, in order, whether it was read (False where a fault kept it from being
+        read), and its decoded fields as one block (zeros where not read)."""
         if self.workers == 0:
             done: Future = Future()
             done.set_result(self._read_exact(ids))
             return done
         return self._exec.submit(self._read_exact, ids)
 
-    def _read_exact(self, ids: np.ndarray) -> list[dict[str, np.ndarray] | None]:
+    def _read_exact(self, ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         # A deterministic memory homes a demoted sample in its new tier when it decides the move,
         # and the writer carries the move out later: write to the lower tier, then delete from
         # this one. So a sample is in its catalog home or in a tier above it, and looking from the
@@ -216,40 +217,52 @@ class SwapEngine:
         # boundary plans demotions while this read waits, and the writer may carry one out before
         # the read reaches the top tier): ids missed whose home moved down since are looked up
         # again under their new home -- else whether a swap happens would depend on timing.
-        found: dict[int, dict[str, np.ndarray]] = {}
+        got = np.zeros(ids.size, dtype=bool)
+        block: dict[str, np.ndarray] | None = None
         looked = np.full(ids.size, -1, dtype=np.int64)  # the home each id was last looked for under
         while True:
             with self._catalog.lock:
                 homes = self._catalog.home[ids].astype(np.int64)
-            again = (homes > looked) & ~np.isin(ids, np.fromiter(found, np.int64, len(found)))
+            again = (homes > looked) & ~got
             if not again.any():
-                return [found.get(int(i)) for i in ids]
+                break
             for tier in self._tiers:
-                want = ids[again & (homes >= tier.index) & (looked < tier.index)]  # not missed here already
-                want = want[~np.isin(want, np.fromiter(found, np.int64, len(found)))]
-                if want.size:
-                    found.update(self._read_present(tier, want))
+                # not missed here already, and not found in a tier above during this pass
+                want = np.flatnonzero(again & (homes >= tier.index) & (looked < tier.index) & ~got)
+                if not want.size:
+                    continue
+                read, fields = self._read_present(tier, ids[want])
+                if not read.size:
+                    continue
+                at = want[np.isin(ids[want], read)]  # the read ids keep their order: aligned with ``fields``
+                if block is None:
+                    block = {k: np.zeros((ids.size, *v.shape[1:]), v.dtype) for k, v in fields.items()}
+                for k, v in fields.items():
+                    block[k][at] = v
+                got[at] = True
             looked = np.where(again, homes, looked)
+        if block is None:
+            block = {k: np.zeros((ids.size, *shape), dtype) for k, (shape, dtype) in self._codec.fields.items()}
+        return got, block
 
-    def _read_present(self, tier: Tier, ids: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
-        """Those of ``ids`` that ``tier`` holds, decoded (faults counted and left out)."""
+    def _read_present(self, tier: Tier, ids: np.ndarray) -> Candidates:
+        """Those of ``ids`` that ``tier`` holds, decoded, in the order given (faults counted and left out)."""
         t0 = time.perf_counter()
         try:
             data = tier.store.get_many(ids)
         except MissingIdsError as exc:
             present = ids[~np.isin(ids, exc.ids)]
-            return self._read_present(tier, present) if present.size else {}
+            return self._read_present(tier, present) if present.size else self._none()
         except CorruptRecordError as exc:
             self._evict_corrupt(exc)
             good = ids[~np.isin(ids, exc.ids)]
-            return self._read_present(tier, good) if good.size else {}
+            return self._read_present(tier, good) if good.size else self._none()
         except StoreError as exc:
             self._record_error("read", exc)
-            return {}
+            return self._none()
         self._metrics.storage_reads.labels(tier=tier.name).inc(ids.size)
         self._metrics.storage_read_seconds.labels(tier=tier.name).inc(time.perf_counter() - t0)
-        ids, data = self._rows(ids, data)
-        return {int(i): {k: v[j] for k, v in data.items()} for j, i in enumerate(ids)}
+        return self._rows(ids, data)
 
     def prefetched(self) -> int:
         """Decoded candidates queued, all classes."""

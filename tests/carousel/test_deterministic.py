@@ -152,11 +152,11 @@ def test_a_candidate_read_finds_a_sample_demoted_after_the_read_began(tmp_path):
                 mem.catalog.home[x] = 1
             _demote(mem.tiers, top, x, mem.catalog, mem.metrics, np.random.default_rng(0), rehome=False)
             go.set()  # ...and the writer carried it out: the read finds the top tier without it
-            rows = reads.result(10)
+            got, rows = reads.result(10)
         finally:
             go.set()
             top.store = inner
-        assert rows[0] is not None and int(rows[0]["y"]) == int(mem.catalog.label[x[0]])
+        assert got[0] and int(rows["y"][0]) == int(mem.catalog.label[x[0]])
 
 
 def test_without_end_step_each_add_is_a_step(tmp_path):
