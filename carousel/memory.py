@@ -73,7 +73,7 @@ from .metrics import MemoryMetrics
 from .policies import AdmissionPolicy, make_admission, make_swap_in, make_swap_out
 from .recovery import AdoptionError, check_adoption, load_state, rebuild_catalog, refill_em, save_state
 from .step_swaps import StepSwaps
-from .swap_engine import SwapEngine
+from .swap_engine import Merging, SwapEngine
 from .tiers import Tier, check_order, writable_count
 from .write_behind import WriteBehind
 
@@ -84,6 +84,11 @@ _UNBOUNDED = 2**62  # the sample capacity of a tier bounded by bytes only
 # what it has (write_behind.WriteBehind's linger): a few steps' adds in one pass at accelerator
 # step times; whoever waits for the writer ends it early.
 WRITE_LINGER_S = 0.002
+# Likewise for observe()'s work on the swap engine's worker: it waits up to this long after an
+# observation for the next steps' ones (at most OBSERVE_MERGE_MOST) and handles them in one call
+# (swap_engine.Merging); whoever waits for the worker (stats, flush, ...) ends it early.
+OBSERVE_LINGER_S = 0.003
+OBSERVE_MERGE_MOST = 8
 
 
 # Memories with threads, still open: closed at interpreter exit (see _close_open_memories).
@@ -223,6 +228,8 @@ class CarouselMemory:
                 # A deterministic memory chooses its candidates itself: no prefetcher reads ahead.
                 self._engine = SwapEngine(self.pool, self.catalog, self.tiers, self.metrics, sc.workers,
                                           0 if sc.deterministic else sc.prefetch_depth, mc.seed, self.codec)
+                self._observe_work = Merging(self._observed_batches, lambda batches: (batches,),
+                                             lambda a, b: True, OBSERVE_LINGER_S, OBSERVE_MERGE_MOST)
             self._current_task = refill_em(self.pool, self.catalog, self.tiers, self.codec, state, self._rng,
                                            mc.kind == "coreset", self._current_task)
             if self.tiers and sc.deterministic:
@@ -672,14 +679,27 @@ class CarouselMemory:
         if self._posted:
             # Copies: once observe() returns, the caller may reuse its logits and loss tensors
             # (check_ids already copied the ids).
-            self._engine.post(self._observed, ids, None if lg is None else lg.copy(),
-                              None if per_loss is None else per_loss.copy(), swap)
+            self._engine.post_merging(self._observe_work, ids, None if lg is None else lg.copy(),
+                                      None if per_loss is None else per_loss.copy(), swap)
             return
-        self._observed(ids, lg, per_loss, swap)
+        self._observed_batches([(ids, lg, per_loss, swap)])
 
-    def _observed(self, ids: np.ndarray, lg: np.ndarray | None, per_loss: np.ndarray | None, swap: bool) -> None:
-        """``observe``'s work after its checks: statistics into the catalog, then the swap trigger.
-        On the caller's thread, or on the swap engine's (the asynchronous memory)."""
+    def _observed_batches(self, batches: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None, bool]]) -> None:
+        """``observe``'s work after its checks, for one call or several in a row (the asynchronous
+        memory's worker takes a few steps' at once): each one's statistics into the catalog, in
+        call order, then one swap trigger over the replayed ids of those past the swap gate (a
+        sample replayed in two of them is one candidate: it holds one slot). On the caller's
+        thread, or on the swap engine's (the asynchronous memory)."""
+        swapping = []
+        for ids, lg, per_loss, swap in batches:
+            ids = self._observed(ids, lg, per_loss)
+            if swap:
+                swapping.append(ids)
+        if swapping:
+            self._trigger_swap(swapping[0] if len(swapping) == 1 else np.concatenate(swapping))
+
+    def _observed(self, ids: np.ndarray, lg: np.ndarray | None, per_loss: np.ndarray | None) -> np.ndarray:
+        """One observation's statistics into the catalog; the ids they were recorded for."""
         if self._posted and ids.size and ids.max() >= self.catalog.n:
             # Ids of an add() whose admission (which registers them) is still queued: wait for it.
             self._writer.wait_admitted(60.0)
@@ -695,8 +715,7 @@ class CarouselMemory:
             entropy = -(np.exp(logp) * logp).sum(axis=1).astype(np.float32)
             correct = (lg.argmax(axis=1) == self.catalog.label[ids]).astype(np.int8)
         self.catalog.observe(ids, correct, entropy, per_loss)
-        if swap:
-            self._trigger_swap(ids)
+        return ids
 
     def only_queues(self, n: int) -> bool:
         """Whether :meth:`add_leased` of ``n`` samples and :meth:`observe` would only check their
