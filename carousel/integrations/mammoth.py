@@ -679,8 +679,9 @@ class CarouselBuffer:
         if not self._draws:
             return
         draws, self._draws = self._draws, []
-        ids = torch.unique(torch.cat(draws))
-        if ids.numel() and self.memory is not None:
+        # numpy, not torch: no torch op on the trainer's thread for carousel's bookkeeping (docs/design.md)
+        ids = np.unique(np.concatenate([np.asarray(d) for d in draws]))
+        if ids.size and self.memory is not None:
             self.memory.observe(ids)
             self._unsettled = True
 
