@@ -50,7 +50,6 @@ Example, one step of the memory's bookkeeping:
 from __future__ import annotations
 
 import functools
-
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
