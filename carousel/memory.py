@@ -228,8 +228,7 @@ class CarouselMemory:
                 # A deterministic memory chooses its candidates itself: no prefetcher reads ahead.
                 self._engine = SwapEngine(self.pool, self.catalog, self.tiers, self.metrics, sc.workers,
                                           0 if sc.deterministic else sc.prefetch_depth, mc.seed, self.codec)
-                self._observe_work = Merging(self._observed_batches, lambda batches: (batches,),
-                                             lambda a, b: True, OBSERVE_LINGER_S, OBSERVE_MERGE_MOST)
+                self._observe_work = Merging(self._observed_batches, OBSERVE_LINGER_S, OBSERVE_MERGE_MOST)
             self._current_task = refill_em(self.pool, self.catalog, self.tiers, self.codec, state, self._rng,
                                            mc.kind == "coreset", self._current_task)
             if self.tiers and sc.deterministic:

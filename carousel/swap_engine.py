@@ -86,18 +86,16 @@ def _join(parts: list[Candidates]) -> Candidates:
 
 
 class Merging:
-    """Work for :meth:`SwapEngine.post_merging`: ``fn``, whose calls posted one after another the
-    worker may run as one, ``fn(*merge([args, ...]))``, where ``joins(a, b)`` allows it.
+    """Work for :meth:`SwapEngine.post_merging`: ``fn``, which takes a list of argument tuples, so
+    that calls posted one after another can run as one, ``fn([args, ...])``.
 
     Why: at accelerator speed a step is a few milliseconds, and each call of the asynchronous
     memory's observe work costs the worker ~0.3-0.4 ms whatever its size (statistics, victims, the
     swap-in choice, one swap: numpy and Python calls on a few dozen ids), on the trainer's GIL
     and cores. Several steps' observations in one call cost little more than one."""
 
-    def __init__(self, fn: Callable[..., None], merge: Callable[[list[tuple]], tuple],
-                 joins: Callable[[tuple, tuple], bool], linger_s: float, most: int) -> None:
-        self.fn, self.merge, self.joins = fn, merge, joins
-        self.linger_s, self.most = linger_s, most
+    def __init__(self, fn: Callable[[list[tuple]], None], linger_s: float, most: int) -> None:
+        self.fn, self.linger_s, self.most = fn, linger_s, most
 
 
 class SwapEngine:
@@ -170,9 +168,9 @@ class SwapEngine:
         self._inbox.put((fn, args))
 
     def post_merging(self, work: Merging, *args: Any) -> None:
-        """:meth:`post` ``work.fn(*args)``, which the worker may run as one call together with the
-        same work posted right after it (``work.merge``): it lingers up to ``work.linger_s`` for
-        more, up to ``work.most`` calls, and never past anything else posted (which runs after)."""
+        """:meth:`post` ``work.fn([args])``, which the worker may run as one call with the same work
+        posted right after it, ``work.fn([args, ...])``: it lingers up to ``work.linger_s`` for more,
+        up to ``work.most`` of them, and never past anything else posted (which runs after)."""
         assert self._worker is not None
         self._inbox.put((work, args))
 
@@ -211,10 +209,10 @@ class SwapEngine:
                 item = self._inbox.get(timeout=left) if left > 0 else self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if item[0] is not work or not work.joins(batch[-1], item[1]):
-                return (work.fn, work.merge(batch)), item
+            if item[0] is not work:
+                return (work.fn, (batch,)), item
             batch.append(item[1])
-        return (work.fn, work.merge(batch)), None
+        return (work.fn, (batch,)), None
 
     def _serve(self, slots: np.ndarray, victims: np.ndarray, classes: np.ndarray) -> None:
         """A swap request, on the worker thread: prefetched candidates are copied in here (a

@@ -30,8 +30,7 @@ def _blocked(engine):
 def test_the_worker_merges_consecutive_posts_in_order_and_never_past_others(tmp_path):
     with CarouselMemory.from_dict(config(tmp_path)) as mem:
         engine, calls = mem._engine, []
-        work = Merging(lambda batch: calls.append(("merged", [a[0] for a in batch])), lambda batch: (batch,),
-                       lambda a, b: True, linger_s=0.0, most=4)
+        work = Merging(lambda batch: calls.append(("merged", [a[0] for a in batch])), linger_s=0.0, most=4)
         go = _blocked(engine)
         for k in range(6):
             engine.post_merging(work, k)
@@ -43,24 +42,10 @@ def test_the_worker_merges_consecutive_posts_in_order_and_never_past_others(tmp_
         assert calls == [("merged", [0, 1, 2, 3]), ("merged", [4, 5]), ("plain", None), ("merged", [6, 7])]
 
 
-def test_joins_keeps_apart_what_it_refuses(tmp_path):
-    with CarouselMemory.from_dict(config(tmp_path)) as mem:
-        engine, calls = mem._engine, []
-        work = Merging(lambda batch: calls.append([a[0] for a in batch]), lambda batch: (batch,),
-                       lambda a, b: a[0] % 2 == b[0] % 2, linger_s=0.0, most=8)
-        go = _blocked(engine)
-        for k in (1, 3, 2, 4, 5):
-            engine.post_merging(work, k)
-        go.set()
-        assert engine.settle(10)
-        assert calls == [[1, 3], [2, 4], [5]]
-
-
 def test_the_worker_lingers_for_the_next_observation(tmp_path):
     with CarouselMemory.from_dict(config(tmp_path)) as mem:
         engine, calls = mem._engine, []
-        work = Merging(lambda batch: calls.append([a[0] for a in batch]), lambda batch: (batch,),
-                       lambda a, b: True, linger_s=5.0, most=3)
+        work = Merging(lambda batch: calls.append([a[0] for a in batch]), linger_s=5.0, most=3)
         engine.post_merging(work, 0)  # the worker is idle: it takes this and waits for more
         engine.post_merging(work, 1)
         engine.post_merging(work, 2)
