@@ -58,6 +58,8 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from .grouping import group_ranks
+
 __all__ = [
     "ADMISSION_POLICIES",
     "SWAP_IN_POLICIES",
@@ -588,15 +590,10 @@ class SameClassRandomSwapIn(SwapInPolicy):
     name = "same_class_random"
 
     def _choose(self, victim_labels, available, em_class_counts, rng):
-        # Each victim's place among its class's victims (one stable sort, not a pass per class):
-        # the first ``available[cls]`` of a class get it.
-        classes, inv = np.unique(victim_labels, return_inverse=True)
-        inv = inv.reshape(-1)
-        order = np.argsort(inv, kind="stable")
-        rank = np.empty(inv.size, np.int64)
-        rank[order] = np.arange(inv.size) - (np.cumsum(np.bincount(inv)) - np.bincount(inv))[inv[order]]
-        room = np.array([available.get(c, 0) for c in classes.tolist()], dtype=np.int64)
-        return np.where(rank < room[inv], victim_labels, -1).astype(np.int64)
+        # The first ``available[cls]`` victims of a class get one (their place among its victims).
+        groups = group_ranks(victim_labels)
+        room = np.array([available.get(c, 0) for c in groups.keys.tolist()], dtype=np.int64)
+        return np.where(groups.rank < room[groups.index], victim_labels, -1).astype(np.int64)
 
 
 class ClassBalancedSwapIn(SwapInPolicy):

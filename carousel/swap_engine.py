@@ -62,6 +62,7 @@ from storage_backends import CorruptRecordError, MissingIdsError, StoreError
 from .catalog import EVICTED, Catalog
 from .config import WEIGHT_FIELD
 from .em_pool import EMPool
+from .grouping import group_ranks
 from .kinds import Codec
 from .metrics import MemoryMetrics
 from .tiers import Tier
@@ -634,10 +635,8 @@ class SwapEngine:
         in the same order, and one check of all of them."""
         if not slots.size:
             return np.zeros(0, np.int64)
-        uniq, inv = np.unique(classes, return_inverse=True)
-        inv = inv.reshape(-1)
-        order = np.argsort(inv, kind="stable")  # positions grouped by class, in request order within it
-        wanted = np.bincount(inv, minlength=uniq.size)
+        groups = group_ranks(classes)  # positions grouped by class, in request order within it
+        uniq, inv, wanted, order = groups.keys, groups.index, groups.counts, groups.order
         taken = self._take_ready(uniq.tolist(), wanted.tolist())
         of_class = np.repeat(np.arange(uniq.size), [t[0].size for t in taken])
         cands = _join(taken)
@@ -664,9 +663,7 @@ class SwapEngine:
                 self._no_candidate.inc(int((wanted - got).sum()))
         self._hits.inc(int(hits.sum()))
         self._misses.inc(int(got.sum() - hits.sum()))
-        start = np.cumsum(wanted) - wanted
-        rank = np.arange(order.size) - start[inv[order]]  # each position's place within its class
-        served = rank < got[inv[order]]
+        served = groups.rank[order] < got[inv[order]]  # in class order: the first got[c] of class c
         if got.any():
             targets = order[served]
             self._copy_in(cands, np.repeat(uniq, got), slots[targets], victims[targets])

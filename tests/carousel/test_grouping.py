@@ -1,0 +1,28 @@
+"""carousel.grouping: each position's group and place in it, as a loop over the groups finds them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from carousel.grouping import group_ranks
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_group_ranks_matches_a_loop_over_groups(seed):
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(-3, 7, size=int(rng.integers(1, 60)))
+    g = group_ranks(keys)
+    assert g.keys.tolist() == sorted(set(keys.tolist()))
+    assert (g.keys[g.index] == keys).all()
+    for j, key in enumerate(g.keys.tolist()):
+        where = np.flatnonzero(keys == key)  # the group's positions, in order
+        assert g.counts[j] == where.size
+        assert g.rank[where].tolist() == list(range(where.size))
+    # order: groups in key order, each group's positions in their own order
+    assert g.order.tolist() == [int(p) for key in g.keys.tolist() for p in np.flatnonzero(keys == key)]
+
+
+def test_group_ranks_of_nothing():
+    g = group_ranks(np.zeros(0, np.int64))
+    assert g.keys.size == g.index.size == g.counts.size == g.order.size == g.rank.size == 0
