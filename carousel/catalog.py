@@ -42,6 +42,7 @@ PENDING = -1  # queued for write-behind, not yet on any tier
 EVICTED = -2  # dropped for good (last tier full, or not admitted in a RAM-only memory)
 RAM_ONLY = -3  # held by an EM slot only (RAM-only memory: no storage tiers)
 UNUSED = -4  # no sample has this id: never registered (skipped after a crash, or lost in it unstored)
+_NO_IDS = np.zeros(0, np.int64)
 
 
 class Catalog:
@@ -248,14 +249,18 @@ class Catalog:
         with self.lock:
             if cls in self._dormant:
                 return np.zeros(0, np.int64)
-            ids = self.class_ids(cls)
+            # The class's ids as registered, evicted ones and all (the draw filters them out):
+            # class_ids() would look at every one of them to decide on compacting, an O(ids) pass
+            # per draw (~0.1 ms at 100 k ids of a class). Only a draw that comes up short does.
+            ids = self._class_arr.get(cls, _NO_IDS)[:self._class_len.get(cls, 0)]
             if not ids.size or n <= 0:
-                return ids[:0]
+                return np.zeros(0, np.int64)
             if ids.size > 8 * n:
                 cand = np.unique(ids[rng.integers(0, ids.size, 4 * n + 16)])
                 cand = cand[(self.home[cand] >= 0) & (self.slot[cand] < 0) & ~self.prefetched[cand]]
                 if cand.size >= n:
                     return rng.permutation(cand)[:n]
+            ids = self.class_ids(cls)
             pool = ids[(self.home[ids] >= 0) & (self.slot[ids] < 0) & ~self.prefetched[ids]]
             return rng.choice(pool, min(n, pool.size), replace=False) if pool.size else pool
 

@@ -55,6 +55,22 @@ def test_mostly_evicted_classes_are_compacted():
     assert cat.class_ids(0)[-1] == 8_000
 
 
+def test_draws_look_only_at_the_ids_they_draw_until_they_come_up_short():
+    """A draw filters the ids it drew, evicted ones out, without a pass over the class's ids (an
+    O(ids) cost per draw, growing with the stored set); a draw the rejection cannot fill looks at
+    the whole class, and compacts it when it is mostly evicted."""
+    cat = _catalog(8_000)
+    ids = cat.class_ids(0)
+    cat.home[ids[:1200]] = EVICTED  # 60 % evicted: compacting would be due
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        got = cat.draw_swap_in(0, 8, rng)
+        assert got.size == 8 and (cat.home[got] >= 0).all()
+    assert cat._class_len[0] == 2_000, "an ordinary draw made a pass over the class (and compacted it)"
+    assert cat.draw_swap_in(0, 700, rng).size == 700  # more than the rejection draws: the whole pool
+    assert cat._class_len[0] == 800, "the whole-pool draw compacts a mostly evicted class"
+
+
 def test_classes_version_moves_when_a_class_becomes_available_and_only_then():
     """What lets a cached per-class count (the swap engine's) recount at once for a class it lacks:
     the version moves on a class's first stored samples and when an adopted class wakes, never on
