@@ -88,18 +88,73 @@ def choose_overflow(ids: np.ndarray, labels: np.ndarray, over: int, policy: str,
         elif policy == "random":
             pick = rng.choice(pool, min(over, pool.size), replace=False)
         elif policy == "class_balanced":
-            classes, left = np.unique(labels[pool], return_counts=True)
-            take = np.zeros_like(left)
-            for _ in range(min(over, pool.size)):  # level the largest classes down, one at a time
-                c = int(np.argmax(left))
-                take[c] += 1
-                left[c] -= 1
-            pick = np.concatenate([rng.choice(pool[labels[pool] == cls], t, replace=False)
-                                   for cls, t in zip(classes, take) if t] or [np.zeros(0, np.int64)])
+            in_pool = labels[pool]
+            classes, counts = _class_counts(in_pool)
+            take = _level_down(counts, min(over, pool.size))
+            members = _members(pool, in_pool, [c for c, t in zip(classes.tolist(), take.tolist()) if t])
+            pick = np.concatenate([rng.choice(m, t, replace=False) for m, t in zip(members, take[take > 0].tolist())]
+                                  or [np.zeros(0, np.int64)])
         else:
             raise ValueError(f"unknown eviction policy {policy!r}; known: {EVICTION_POLICIES}")
         leave[pick] = True
     return ids[leave]
+
+
+def _class_counts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(labels, return_counts=True)``, by counting rather than sorting where the labels
+    are small non-negative integers, as a tier's are (a sort of every label of a tier at its
+    capacity, at each write batch: 1-4 ms at 50 k ids here)."""
+    if labels.size and labels.min() >= 0 and labels.max() < 4 * labels.size + 1024:
+        counts = np.bincount(labels)
+        classes = np.flatnonzero(counts)
+        return classes.astype(labels.dtype, copy=False), counts[classes]
+    return np.unique(labels, return_counts=True)
+
+
+def _members(pool: np.ndarray, labels: np.ndarray, classes: list[int]) -> list[np.ndarray]:
+    """``[pool[labels == c] for c in classes]``: each class's members in pool order. For more than a
+    few classes, by one stable sort (a radix sort where the labels fit 16 bits: ~0.4 ms at 50 k,
+    against ~0.1 ms a class for a mask each)."""
+    if len(classes) <= 3 or not (labels.size and labels.min() >= -2**15 and labels.max() < 2**15):
+        return [pool[labels == c] for c in classes]
+    order = np.argsort(labels.astype(np.int16), kind="stable")
+    ordered = labels[order]
+    lo = np.searchsorted(ordered, classes, side="left")
+    hi = np.searchsorted(ordered, classes, side="right")
+    return [pool[order[a:b]] for a, b in zip(lo.tolist(), hi.tolist())]
+
+
+def _level_down(counts: np.ndarray, n: int) -> np.ndarray:
+    """How many to take from each class so that taking ``n``, one at a time from the largest class
+    (the first such class on a tie), levels the largest down; at once, not a step per sample.
+
+    Every class ends at most at a level ``h``: the lowest with ``sum(max(counts - h, 0)) <= n``;
+    the ``r`` still to take then come one each from the first ``r`` classes at ``h``.
+
+    >>> _level_down(np.array([10, 5, 7]), 6).tolist()   # 10 -> 6 and 7 -> 6 (5 taken), then the first at 6
+    [5, 0, 1]
+    >>> _level_down(np.array([4, 4, 4]), 4).tolist()
+    [2, 1, 1]
+    """
+    if n <= 0:
+        return np.zeros_like(counts)
+    if n >= counts.sum():
+        return counts.copy()
+    levels = np.unique(np.concatenate([counts, [0]]))  # sorted
+    ordered = np.sort(counts)
+    suffix = np.concatenate([np.cumsum(ordered[::-1])[::-1], [0]])  # suffix[i] = ordered[i:].sum()
+    first_above = np.searchsorted(ordered, levels, side="right")
+    taken_at = suffix[first_above] - levels * (ordered.size - first_above)  # falls as the level rises
+    j = int(np.argmax(taken_at <= n))  # the lowest distinct count that takes no more than n (> 0: n < total)
+    # Below it, down to the next distinct count, every step down takes one more from each of the
+    # ``k`` classes at or above it: the exact level is that many steps down.
+    k = int((counts >= levels[j]).sum())
+    h = int(levels[j]) - (n - int(taken_at[j])) // k
+    above = counts >= h
+    take = np.maximum(counts - h, 0)
+    rest = n - int(take.sum())
+    take[np.flatnonzero(above)[:rest]] += 1
+    return take
 
 
 def class_grouped(ids: np.ndarray, fields: dict[str, np.ndarray], labels: np.ndarray,

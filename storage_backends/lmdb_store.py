@@ -202,14 +202,15 @@ class LMDBStore(SampleStore):
                     needed=sum(map(len, items)) * 2)
 
     def _delete(self, ids: np.ndarray) -> None:
-        found = self._contains(ids)
-        if not found.all():
-            raise self._missing(ids, found)
         keys = _keys(ids)
 
         def delete(txn: lmdb.Transaction) -> None:
-            for key in keys:
-                txn.delete(key, db=self._data)
+            # One transaction: an unknown id aborts it (raising leaves the block), so nothing is
+            # deleted -- no read transaction first to look for them (~0.8 ms per 170 ids here).
+            db = self._data
+            found = np.fromiter((txn.delete(key, db=db) for key in keys), dtype=bool, count=len(keys))
+            if not found.all():
+                raise self._missing(ids, found)
 
         self._write(delete, needed=0)
 

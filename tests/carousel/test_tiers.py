@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from carousel.tiers import choose_overflow
+from carousel.tiers import _level_down, choose_overflow
 
 
 def test_class_balanced_levels_the_largest_classes():
@@ -12,6 +12,43 @@ def test_class_balanced_levels_the_largest_classes():
     out = choose_overflow(ids, labels, 7, "class_balanced", np.random.default_rng(0))
     left = np.bincount(labels[~np.isin(ids, out)], minlength=3)
     assert out.size == 7 and left.tolist() == [3, 4, 2]
+
+
+def _one_at_a_time(counts: np.ndarray, n: int) -> np.ndarray:
+    """The class-balanced rule as stated: ``n`` times, take one from the largest class (the first
+    on a tie)."""
+    left, take = counts.copy(), np.zeros_like(counts)
+    for _ in range(min(n, int(counts.sum()))):
+        c = int(np.argmax(left))
+        take[c] += 1
+        left[c] -= 1
+    return take
+
+
+def test_levelling_down_at_once_takes_what_one_at_a_time_takes():
+    rng = np.random.default_rng(0)
+    for case in range(3000):
+        counts = rng.integers(0, int(rng.integers(1, 60)), size=int(rng.integers(1, 15)))
+        if case % 4 == 0:
+            counts[:] = counts[0]  # all tied
+        n = int(rng.integers(0, counts.sum() + 3))
+        assert _level_down(counts, n).tolist() == _one_at_a_time(counts, n).tolist(), (counts.tolist(), n)
+
+
+def test_class_balanced_eviction_draws_what_the_one_at_a_time_rule_draws():
+    """Same counts, and the same random draws from the same members in the same order, so a seeded
+    (deterministic) memory evicts the very same samples as with the rule applied step by step."""
+    rng = np.random.default_rng(1)
+    ids = np.arange(20_000, dtype=np.int64)
+    labels = rng.integers(0, 7, ids.size)
+    protected = rng.random(ids.size) < 0.02
+    got = choose_overflow(ids, labels, 333, "class_balanced", np.random.default_rng(5), protected=protected)
+    pool = np.flatnonzero(~protected)
+    classes = np.unique(labels[pool])
+    take = _one_at_a_time(np.array([(labels[pool] == c).sum() for c in classes]), 333)
+    draw = np.random.default_rng(5)
+    want = np.concatenate([draw.choice(pool[labels[pool] == c], t, replace=False) for c, t in zip(classes, take) if t])
+    assert got.tolist() == sorted(ids[want].tolist())
 
 
 def test_fifo_and_random():
