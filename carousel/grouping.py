@@ -16,25 +16,47 @@ among that class's positions.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
 
 import numpy as np
 
 
-class Groups(NamedTuple):
-    keys: np.ndarray    # the distinct keys, sorted
-    index: np.ndarray   # per position: its key's index in ``keys``
-    counts: np.ndarray  # per key: how many positions have it
-    order: np.ndarray   # the positions grouped by key (in ``keys`` order), in their order within a group
-    rank: np.ndarray    # per position: its place among its group's positions (0, 1, ...)
+class Groups:
+    """The grouping of a key array's positions (see the module docstring)."""
+
+    def __init__(self, keys: np.ndarray, index: np.ndarray, counts: np.ndarray, order: np.ndarray) -> None:
+        self.keys = keys      # the distinct keys, sorted
+        self.index = index    # per position: its key's index in ``keys``
+        self.counts = counts  # per key: how many positions have it
+        self.order = order    # the positions grouped by key (in ``keys`` order), in their order within a group
+
+    @functools.cached_property
+    def rank(self) -> np.ndarray:
+        """Per position: its place among its group's positions (0, 1, ...); computed when first
+        asked for (a scatter over every position: an eviction needs only the groups)."""
+        rank = np.empty(self.index.size, np.int64)
+        rank[self.order] = np.arange(self.index.size) - (np.cumsum(self.counts) - self.counts)[self.index[self.order]]
+        return rank
 
 
 def group_ranks(keys: np.ndarray) -> Groups:
-    """Group the positions of the 1-D ``keys`` (see the module docstring)."""
-    uniq, index = np.unique(keys, return_inverse=True)
-    index = index.reshape(-1)  # numpy 2.0-2.1 shaped it like the input; 1-D here either way
-    order = np.argsort(index, kind="stable")
-    counts = np.bincount(index, minlength=uniq.size)
-    rank = np.empty(index.size, np.int64)
-    rank[order] = np.arange(index.size) - (np.cumsum(counts) - counts)[index[order]]
-    return Groups(uniq, index, counts, order, rank)
+    """Group the positions of the 1-D ``keys`` (see the module docstring).
+
+    Keys that are small non-negative integers (class labels) are counted rather than sorted, and
+    positions are ordered by a radix sort of their group index where it fits 16 bits: ~0.4 ms for
+    50 k keys here, against ~3 ms for ``np.unique`` and a stable sort of int64 (a tier's every label,
+    grouped at each eviction). Either way the result is the same."""
+    keys = np.asarray(keys).reshape(-1)
+    countable = keys.dtype.kind == "i" or keys.dtype.kind == "u" and keys.dtype.itemsize < 8  # bincount takes it
+    if countable and keys.size and keys.min() >= 0 and keys.max() < 4 * keys.size + 1024:
+        every = np.bincount(keys)
+        uniq = np.flatnonzero(every).astype(keys.dtype, copy=False)
+        dense = np.zeros(every.size, np.int64)
+        dense[uniq] = np.arange(uniq.size)
+        index, counts = dense[keys], every[uniq]
+    else:
+        uniq, index = np.unique(keys, return_inverse=True)
+        index = index.reshape(-1)  # numpy 2.0-2.1 shaped it like the input
+        counts = np.bincount(index, minlength=uniq.size)
+    order = np.argsort(index.astype(np.int16) if uniq.size <= 2**15 else index, kind="stable")
+    return Groups(uniq, index, counts, order)

@@ -18,6 +18,7 @@ import numpy as np
 from storage_backends import SampleStore
 
 from .catalog import EVICTED, Catalog
+from .grouping import group_ranks
 from .metrics import MemoryMetrics
 
 EVICTION_POLICIES = ("class_balanced", "random", "fifo")
@@ -88,40 +89,17 @@ def choose_overflow(ids: np.ndarray, labels: np.ndarray, over: int, policy: str,
         elif policy == "random":
             pick = rng.choice(pool, min(over, pool.size), replace=False)
         elif policy == "class_balanced":
-            in_pool = labels[pool]
-            classes, counts = _class_counts(in_pool)
-            take = _level_down(counts, min(over, pool.size))
-            members = _members(pool, in_pool, [c for c, t in zip(classes.tolist(), take.tolist()) if t])
-            pick = np.concatenate([rng.choice(m, t, replace=False) for m, t in zip(members, take[take > 0].tolist())]
+            groups = group_ranks(labels[pool])  # by class, each class's members in pool order
+            take = _level_down(groups.counts, min(over, pool.size))
+            members = pool[groups.order]
+            bounds = np.cumsum(groups.counts) - groups.counts
+            pick = np.concatenate([rng.choice(members[lo:lo + k], t, replace=False)
+                                   for lo, k, t in zip(bounds.tolist(), groups.counts.tolist(), take.tolist()) if t]
                                   or [np.zeros(0, np.int64)])
         else:
             raise ValueError(f"unknown eviction policy {policy!r}; known: {EVICTION_POLICIES}")
         leave[pick] = True
     return ids[leave]
-
-
-def _class_counts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(labels, return_counts=True)``, by counting rather than sorting where the labels
-    are small non-negative integers, as a tier's are (a sort of every label of a tier at its
-    capacity, at each write batch: 1-4 ms at 50 k ids here)."""
-    if labels.size and labels.min() >= 0 and labels.max() < 4 * labels.size + 1024:
-        counts = np.bincount(labels)
-        classes = np.flatnonzero(counts)
-        return classes.astype(labels.dtype, copy=False), counts[classes]
-    return np.unique(labels, return_counts=True)
-
-
-def _members(pool: np.ndarray, labels: np.ndarray, classes: list[int]) -> list[np.ndarray]:
-    """``[pool[labels == c] for c in classes]``: each class's members in pool order. For more than a
-    few classes, by one stable sort (a radix sort where the labels fit 16 bits: ~0.4 ms at 50 k,
-    against ~0.1 ms a class for a mask each)."""
-    if len(classes) <= 3 or not (labels.size and labels.min() >= -2**15 and labels.max() < 2**15):
-        return [pool[labels == c] for c in classes]
-    order = np.argsort(labels.astype(np.int16), kind="stable")
-    ordered = labels[order]
-    lo = np.searchsorted(ordered, classes, side="left")
-    hi = np.searchsorted(ordered, classes, side="right")
-    return [pool[order[a:b]] for a, b in zip(lo.tolist(), hi.tolist())]
 
 
 def _level_down(counts: np.ndarray, n: int) -> np.ndarray:

@@ -9,9 +9,13 @@ from carousel.grouping import group_ranks
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_group_ranks_matches_a_loop_over_groups(seed):
+@pytest.mark.parametrize("low, high, dtype", [(-3, 7, np.int64),      # sorted (a negative key)
+                                              (0, 9, np.int64),       # counted (small non-negative)
+                                              (0, 10**6, np.int64),   # sorted (a range far larger than the keys)
+                                              (0, 200, np.uint8), (0, 50, np.uint64)])
+def test_group_ranks_matches_a_loop_over_groups(seed, low, high, dtype):
     rng = np.random.default_rng(seed)
-    keys = rng.integers(-3, 7, size=int(rng.integers(1, 60)))
+    keys = rng.integers(low, high, size=int(rng.integers(1, 60))).astype(dtype)
     g = group_ranks(keys)
     assert g.keys.tolist() == sorted(set(keys.tolist()))
     assert (g.keys[g.index] == keys).all()
