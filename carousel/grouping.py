@@ -4,7 +4,7 @@ A swap spans most of the EM's classes, and a pass of Python and numpy calls per 
 each on threads that share the trainer's GIL; the swap engine (serving a request's slots from each
 class's queue, in order) and the same-class swap-in policy (giving the first ``available[c]``
 victims of class ``c`` a replacement) both need, for every position, its class and its place
-among that class's positions.
+among that class's positions; a tier's class-balanced eviction needs each class's members.
 
 >>> import numpy as np
 >>> g = group_ranks(np.array([5, 2, 5, 5, 2]))
@@ -31,11 +31,21 @@ class Groups:
         self.order = order    # the positions grouped by key (in ``keys`` order), in their order within a group
 
     @functools.cached_property
+    def starts(self) -> np.ndarray:
+        """Per key: where its positions begin in ``order``."""
+        return np.cumsum(self.counts) - self.counts
+
+    @functools.cached_property
+    def ordered_rank(self) -> np.ndarray:
+        """``rank`` in ``order``'s order: 0, 1, ... within each group, group after group."""
+        return np.arange(self.index.size) - self.starts[self.index[self.order]]
+
+    @functools.cached_property
     def rank(self) -> np.ndarray:
         """Per position: its place among its group's positions (0, 1, ...); computed when first
         asked for (a scatter over every position: an eviction needs only the groups)."""
         rank = np.empty(self.index.size, np.int64)
-        rank[self.order] = np.arange(self.index.size) - (np.cumsum(self.counts) - self.counts)[self.index[self.order]]
+        rank[self.order] = self.ordered_rank
         return rank
 
 

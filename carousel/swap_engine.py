@@ -677,7 +677,7 @@ class SwapEngine:
                 self._no_candidate.inc(int((wanted - got).sum()))
         self._hits.inc(int(hits.sum()))
         self._misses.inc(int(got.sum() - hits.sum()))
-        served = groups.rank[order] < got[inv[order]]  # in class order: the first got[c] of class c
+        served = groups.ordered_rank < got[inv[order]]  # in class order: the first got[c] of class c
         if got.any():
             targets = order[served]
             self._copy_in(cands, np.repeat(uniq, got), slots[targets], victims[targets])

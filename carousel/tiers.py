@@ -92,9 +92,8 @@ def choose_overflow(ids: np.ndarray, labels: np.ndarray, over: int, policy: str,
             groups = group_ranks(labels[pool])  # by class, each class's members in pool order
             take = _level_down(groups.counts, min(over, pool.size))
             members = pool[groups.order]
-            bounds = np.cumsum(groups.counts) - groups.counts
             pick = np.concatenate([rng.choice(members[lo:lo + k], t, replace=False)
-                                   for lo, k, t in zip(bounds.tolist(), groups.counts.tolist(), take.tolist()) if t]
+                                   for lo, k, t in zip(groups.starts.tolist(), groups.counts.tolist(), take.tolist()) if t]
                                   or [np.zeros(0, np.int64)])
         else:
             raise ValueError(f"unknown eviction policy {policy!r}; known: {EVICTION_POLICIES}")

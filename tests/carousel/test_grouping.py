@@ -23,6 +23,8 @@ def test_group_ranks_matches_a_loop_over_groups(seed, low, high, dtype):
         where = np.flatnonzero(keys == key)  # the group's positions, in order
         assert g.counts[j] == where.size
         assert g.rank[where].tolist() == list(range(where.size))
+    assert g.ordered_rank.tolist() == g.rank[g.order].tolist()
+    assert g.starts.tolist() == [int(np.sum(g.counts[:j])) for j in range(g.keys.size)]
     # order: groups in key order, each group's positions in their own order
     assert g.order.tolist() == [int(p) for key in g.keys.tolist() for p in np.flatnonzero(keys == key)]
 
