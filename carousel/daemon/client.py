@@ -13,7 +13,8 @@ filled with ready batches; afterwards a sample is a look into that ring, no sock
 the batch's tensors view the ring directly (no copy). The slot goes back to the daemon when the
 last of those tensors is freed, so a batch stays valid for as long as you hold it. When no batch
 is ready (or for a seeded draw, or over TCP) the request goes over the socket instead.
-Large ``add`` batches travel through an upload segment the same way, the other direction.
+``add`` batches over 64 KiB travel through an upload segment the other direction: written into a
+region of it (:mod:`.upload_ring`), announced by a small frame.
 
 ``add`` and ``observe`` do not wait for the daemon either (*posting*, docs/protocol.md): an add takes
 its ids from a block the daemon leased to this connection ahead of need, sends the samples and
@@ -74,6 +75,7 @@ from .leases import consume
 from .profile import resolve_socket_path, socket_hint
 from .shm import Doorbell, Segment, ShmError
 from .shm_ring import RingLayout, RingReader
+from .upload_ring import UploadRing
 
 __all__ = ["DaemonRestartedError", "InFlightLostError", "MemoryClient", "connect"]
 
@@ -84,6 +86,11 @@ _RING_WAIT_S = 0.005         # how long sample() waits for the filler before ask
 _DAEMON_FLUSH_S = 60.0       # how long a checkpoint (or retain) may wait for write-behind in the daemon
 # Posting: adds and observes sent without waiting for their replies (see the module docstring).
 _POST_MAX_BYTES = 1 << 22    # a larger add goes through the upload segment and waits (it is rare and slow anyway)
+# A posted add larger than _INLINE_ADD_BYTES goes through the upload segment, sized for this many
+# such adds in flight (within [_MIN, _MAX] bytes): room for the daemon to fall a few steps behind.
+_UPLOAD_RING_ADDS = 16
+_UPLOAD_RING_MIN = 1 << 20
+_UPLOAD_RING_MAX = 1 << 26
 _MAX_IN_FLIGHT = 64          # posted requests with unread replies before a call reads some of them
 _LEASE_MIN, _LEASE_MAX = 1024, 1 << 16  # ids leased at a time: 64 adds' worth, within these bounds
 
@@ -147,6 +154,7 @@ class MemoryClient:
         self._pid = os.getpid()
         self._rings: dict[tuple, RingReader] = {}
         self._upload: Segment | None = None
+        self._upload_ring: UploadRing | None = None  # posted adds' regions of the upload segment
         self._doorbell: Doorbell | None = None
         self._closed = False
         self.schema: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -165,10 +173,13 @@ class MemoryClient:
         self._connected_once = False
         self._unacked = 0  # samples added in this session that no flush/checkpoint has acknowledged yet
         self._lost: DaemonRestartedError | None = None  # to raise at the next acknowledging call
-        # Posting (HELLO's "posting"): requests sent without waiting, (op, first id, samples) each,
-        # whose replies are read later, in order; the ids leased for adds, as [next, end) blocks.
+        # Posting (HELLO's "posting"): requests sent without waiting, (op, first id, samples, whether
+        # its samples are in the upload segment) each, whose replies are read later, in order; the
+        # ids leased for adds, as [next, end) blocks.
         self._posting = False
-        self._in_flight: deque[tuple[int, int, int]] = deque()
+        self._posted_upload = False  # HELLO's "posted_upload": a posted ADD may name an upload offset
+        self._max_upload = 0
+        self._in_flight: deque[tuple[int, int, int, bool]] = deque()
         self._leases: deque[list[int]] = deque()
         self._lease_asked = 0  # ids asked for in a LEASE whose reply is unread
         self._posted_error: BaseException | None = None  # a posted request's failure, raised by the next call
@@ -189,22 +200,13 @@ class MemoryClient:
             # A deterministic memory's adds wait: its swaps read only ids stored before a step
             # boundary, counted by id, which a lease handed out ahead would blur.
             if self._posting and not self.deterministic and 0 < n <= _LEASE_MAX and nbytes <= _POST_MAX_BYTES:
-                return self._post_add(n, tensors)
+                return self._post_add(n, tensors, nbytes)
             if self._use_shm and nbytes > _INLINE_ADD_BYTES:
-                if self._upload is None or self._upload.size < nbytes:  # else the segment we have fits
-                    meta, _ = self._request(wire.Op.UPLOAD, {"nbytes": nbytes}, retry=True)
-                    if self._upload is not None:
-                        self._upload.close()
-                    self._upload = Segment.attach(meta["segment"], int(meta["size"]))
-                desc, offset = [], 0
-                for name, a in tensors:
-                    a = np.ascontiguousarray(a)
-                    if a.dtype.name not in wire.WIRE_DTYPES:
-                        raise TypeError(f"{name}: dtype {a.dtype} cannot be sent")
-                    self._upload.map[offset:offset + a.nbytes] = memoryview(a).cast("B") if a.nbytes else b""
-                    desc.append([name, a.dtype.name, list(a.shape)])
-                    offset += a.nbytes
-                meta, payload = {"upload": True, "tensors": desc}, []
+                self._upload_segment(nbytes)
+                if self._in_flight:  # posted adds may still be in the segment: wait for their replies
+                    self._drain(block=True)
+                    self._raise_posted()
+                meta, payload = {"upload": True, "tensors": self._write_upload(tensors, 0)}, []
             else:
                 meta, payload = {}, tensors
             try:
@@ -413,7 +415,7 @@ class MemoryClient:
             self._pid = os.getpid()
             for ring in self._rings.values():
                 ring._alive = False
-            self._rings, self._upload, self._sock, self._doorbell = {}, None, None, None
+            self._rings, self._upload, self._upload_ring, self._sock, self._doorbell = {}, None, None, None, None
             self._in_flight, self._leases, self._lease_asked, self._posted_error = deque(), deque(), 0, None
         if self._sock is not None and self._in_flight:
             self._drain(block=False)  # replies that came meanwhile; a broken connection is dropped
@@ -492,6 +494,8 @@ class MemoryClient:
         self.verifier = Verifier.from_json(verify) if isinstance(verify, dict) else None
         self.deterministic = bool(meta.get("deterministic"))
         self._posting = meta.get("posting") is True
+        self._posted_upload = meta.get("posted_upload") is True
+        self._max_upload = int(meta.get("max_upload") or 0)  # the largest upload segment it makes
         self._use_shm = self._use_shm and bool(meta.get("shm"))
         self._note_session(meta)
 
@@ -521,7 +525,7 @@ class MemoryClient:
             self._doorbell = None
         if self._upload is not None:
             self._upload.close()
-            self._upload = None
+            self._upload, self._upload_ring = None, None
         if self._sock is not None:
             try:
                 self._sock.close()
@@ -529,7 +533,7 @@ class MemoryClient:
                 self._sock = None
         # Posted requests whose replies will never come: an add among them may or may not have
         # been applied (as a synchronous add cut off mid-request); leased ids go with the connection.
-        lost = sum(n for op, _, n in self._in_flight if op == wire.Op.ADD)
+        lost = sum(n for op, _, n, _ in self._in_flight if op == wire.Op.ADD)
         if lost and self._posted_error is None:
             self._posted_error = InFlightLostError(
                 f"the daemon connection dropped with {lost} added sample(s) sent but not yet answered: they may or "
@@ -539,12 +543,30 @@ class MemoryClient:
         self._lease_asked = 0
 
     # ---- posting: requests sent without waiting for their replies ---------------------------------------------
-    def _post_add(self, n: int, tensors: list) -> torch.Tensor:
+    def _post_add(self, n: int, tensors: list, nbytes: int) -> torch.Tensor:
         """An add sent without waiting: its ids come from this connection's leases; a failure the
-        daemon reports is raised by the next call (see the module docstring)."""
-        ids = self._take_ids(n)
+        daemon reports is raised by the next call (see the module docstring). A large one writes its
+        samples into the upload segment (a region of its own, :mod:`.upload_ring`) and sends only
+        their description: the trainer's thread copies them once, into memory the daemon reads, and
+        never blocks on a socket buffer the daemon has not drained yet."""
+        meta: dict[str, Any] = {}
+        ring_bytes = min(max(_UPLOAD_RING_ADDS * nbytes, _UPLOAD_RING_MIN), _UPLOAD_RING_MAX, self._max_upload)
+        uploaded = self._use_shm and self._posted_upload and _INLINE_ADD_BYTES < nbytes <= ring_bytes
+        if uploaded:
+            self._upload_segment(ring_bytes)
+            offset = self._upload_place(nbytes)
+            try:
+                meta = {"upload": True, "offset": offset, "tensors": self._write_upload(tensors, offset)}
+                tensors = []
+                ids = self._take_ids(n)
+            except BaseException:
+                if self._upload_ring is not None:  # (None: the connection dropped, the segment with it)
+                    self._upload_ring.unplace()
+                raise
+        else:
+            ids = self._take_ids(n)
         try:
-            self._post(wire.Op.ADD, {"first": int(ids[0])}, tensors, int(ids[0]), n)
+            self._post(wire.Op.ADD, {"first": int(ids[0]), **meta}, tensors, int(ids[0]), n, uploaded=uploaded)
         finally:
             self._unacked += n  # sent, or maybe half-sent before the connection broke
         held = sum(end - nxt for nxt, end in self._leases)
@@ -568,8 +590,48 @@ class MemoryClient:
         self._post(wire.Op.LEASE, {"n": size}, (), 0, size)
         self._lease_asked += size
 
-    def _post(self, op: int, meta: Mapping[str, Any], tensors, first: int, n: int) -> None:
-        """Send a request and return; its reply is read later, in order (:meth:`_drain`)."""
+    def _upload_segment(self, nbytes: int) -> None:
+        """This connection's upload segment, at least ``nbytes`` large (asked of the daemon when it
+        is smaller; the request waits for every posted reply first, so none still uses the old one)."""
+        if self._upload is not None and self._upload.size >= nbytes:
+            return
+        meta, _ = self._request(wire.Op.UPLOAD, {"nbytes": nbytes}, retry=True)
+        if self._upload is not None:
+            self._upload.close()
+        self._upload = Segment.attach(meta["segment"], int(meta["size"]))
+        self._upload_ring = UploadRing(self._upload.size)
+
+    def _upload_place(self, nbytes: int) -> int:
+        """A free region of the upload segment for a posted add of ``nbytes``: its offset. When the
+        adds before it still fill the segment, their replies are read (waiting) until one frees."""
+        while True:
+            offset = self._upload_ring.place(nbytes)
+            if offset is not None:
+                return offset
+            if not any(uploaded for *_, uploaded in self._in_flight):
+                raise AssertionError("upload segment regions taken with no add in flight")  # a bug
+            self._drain(block=True, keep=len(self._in_flight) - 1)
+            if self._sock is None:
+                raise ConnectionError("the daemon connection dropped while an add waited for room in the upload "
+                                      "segment; nothing was added")
+            self._raise_posted()
+
+    def _write_upload(self, tensors: list, offset: int) -> list:
+        """``tensors`` copied into the upload segment from ``offset`` on: their description for ADD."""
+        desc = []
+        for name, a in tensors:
+            a = np.ascontiguousarray(a)
+            if a.dtype.name not in wire.WIRE_DTYPES:
+                raise TypeError(f"{name}: dtype {a.dtype} cannot be sent")
+            self._upload.map[offset:offset + a.nbytes] = memoryview(a).cast("B") if a.nbytes else b""
+            desc.append([name, a.dtype.name, list(a.shape)])
+            offset += a.nbytes
+        return desc
+
+    def _post(self, op: int, meta: Mapping[str, Any], tensors, first: int, n: int, uploaded: bool = False) -> None:
+        """Send a request and return; its reply is read later, in order (:meth:`_drain`).
+        ``uploaded``: an add whose samples are in the upload segment (its region is released with
+        its reply)."""
         sock = self._sock
         ticks = self._ticks
         if ticks:
@@ -577,11 +639,11 @@ class MemoryClient:
         try:
             _send_parts(sock, wire.encode(op, meta, tensors))
         except (ConnectionError, socket.timeout, OSError) as exc:
-            self._drop()
+            self._drop()  # (the upload segment and its regions go with the connection)
             raise ConnectionError(f"the daemon connection dropped during {wire.Op(op).name.lower()}; "
                                   "the request may or may not have been applied") from exc
         self._ticks -= ticks
-        self._in_flight.append((op, first, n))
+        self._in_flight.append((op, first, n, uploaded))
         if len(self._in_flight) > _MAX_IN_FLIGHT:  # the daemon is behind: wait for it (back-pressure)
             self._drain(block=True, keep=_MAX_IN_FLIGHT // 2)
         else:
@@ -599,7 +661,9 @@ class MemoryClient:
                 if not block and not self._poll.poll(0):
                     return
                 rop, reply, *_ = _read_reply(self._sock, _recv_exact(self._sock, wire.HEADER.size))
-                op, first, n = self._in_flight.popleft()
+                op, first, n, uploaded = self._in_flight.popleft()
+                if uploaded:  # the daemon copied its samples out of the segment before answering
+                    self._upload_ring.release()
                 if op == wire.Op.LEASE:
                     self._lease_asked -= n
                 if rop == wire.Op.ERROR:

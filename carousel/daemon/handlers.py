@@ -99,7 +99,9 @@ async def hello(req: Request) -> Reply:
             "deterministic": mem.config.swap.deterministic,
             "previous_session": prev.get("session"), "previous_clean": prev.get("clean") is True,
             "daemon_pid": os.getpid(), "version": __version__, "shm": conn.kind == "unix",
-            "posting": True}, []  # LEASE and ADD {first}: adds and observes need no reply
+            "posting": True,  # LEASE and ADD {first}: adds and observes need no reply
+            # A posted ADD may name its samples' offset in the upload segment (several in flight).
+            "posted_upload": True, "max_upload": conn.d.profile.daemon.max_frame_bytes}, []
 
 
 async def ping(req: Request) -> Reply:
@@ -127,7 +129,8 @@ async def add(req: Request) -> Reply:
     """An add. With ``first``, its ids come from this connection's leases (LEASE), in order, and the
     reply carries none: the client knew them when it sent the add without waiting for this reply."""
     conn, served = req.conn, req.served
-    x, y, task, extras = add_arguments(add_tensors(conn, req.specs, req.raw, req.meta.get("upload", False)))
+    x, y, task, extras = add_arguments(add_tensors(conn, req.specs, req.raw, req.meta.get("upload", False),
+                                                   req.meta.get("offset")))
     first = req.meta.get("first")
     leased = None if first is None else conn.leases.take(first, _rows(req.specs, "y"))
 
@@ -354,21 +357,29 @@ def _check_session(conn: Connection, meta: Mapping[str, Any]) -> None:
 
 
 # ---- arguments, checked at the door --------------------------------------------------------------------
-def add_tensors(conn: Connection, specs, raw, upload: Any) -> dict[str, np.ndarray]:
-    """An ADD's tensors: inline in the frame, or (``upload`` true) in the connection's upload segment."""
+def add_tensors(conn: Connection, specs, raw, upload: Any, offset: Any = None) -> dict[str, np.ndarray]:
+    """An ADD's tensors: inline in the frame, or (``upload`` true) in the connection's upload
+    segment, from byte ``offset`` on (0 when None; a posted add's region: docs/protocol.md, "Posting")."""
     if upload is True:
+        offset = 0 if offset is None else offset
         if conn.upload is None:
             raise RequestError("input", "ADD from the upload segment before UPLOAD")
         if len(raw):
             raise RequestError("input", "ADD from the upload segment carries no payload")
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise RequestError("input", f"offset must be a non-negative int, got {str(offset)[:32]}")
         total = sum(s[3] for s in specs)
-        if total > conn.upload.size:
-            raise RequestError("input", f"tensors of {total} bytes overrun the {conn.upload.size}-byte "
-                                        "upload segment")
-        # A copy: the client may overwrite its segment with the next batch as soon as we reply.
-        return {k: v.copy() for k, v in wire.split_tensors(specs, conn.upload.map[:total]).items()}
+        if offset + total > conn.upload.size:
+            raise RequestError("input", f"tensors of {total} bytes from offset {offset} overrun the "
+                                        f"{conn.upload.size}-byte upload segment")
+        # A copy, made now (before the reply, and before the frames after this one are read): the
+        # client reuses the region once it has read this reply.
+        region = conn.upload.map[offset:offset + total]
+        return {k: v.copy() for k, v in wire.split_tensors(specs, region).items()}
     if upload is not False:
         raise RequestError("input", "'upload' must be true or false")
+    if offset is not None:
+        raise RequestError("input", "offset is for an ADD from the upload segment")
     return wire.split_tensors(specs, raw)
 
 

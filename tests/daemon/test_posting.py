@@ -22,7 +22,7 @@ import torch
 
 import carousel
 from carousel.daemon import client as client_module
-from carousel.daemon import wire
+from carousel.daemon import shm, wire
 from storage_backends import open_store
 
 from .harness import start_daemon
@@ -139,26 +139,29 @@ def test_in_flight_requests_are_bounded_by_waiting_for_the_daemon(daemon):
         c.close()
 
 
-def test_a_daemon_killed_with_posted_adds_in_flight_is_reported(tmp_path):
+@pytest.mark.parametrize("per_add", [5, 1500], ids=["inline", "upload-segment"])
+def test_a_daemon_killed_with_posted_adds_in_flight_is_reported(tmp_path, per_add):
     d = start_daemon(tmp_path, memory=MEMORY, metrics=False)
     c = carousel.connect(d.socket, reconnect_s=30)
     try:
-        c.add(*_batch(4, 0), task=0)
+        c.add(*_batch(per_add, 0), task=0)  # (a large one: the client has its upload segment now)
         c.flush()
         os.kill(d.pid, signal.SIGSTOP)  # the next adds are sent, never answered
         for i in range(3):
-            c.add(*_batch(5, i + 1), task=0)
+            c.add(*_batch(per_add, i + 1), task=0)  # 1,500 samples: 72 KB, through the upload segment
+        assert bool(c._upload_ring) == (per_add > 5)
         d.proc.kill()
         d.proc.wait()
         d.close()
         d = start_daemon(tmp_path, memory=MEMORY, metrics=False)
-        # The call after: the 15 samples in flight went to a daemon that died without storing them.
+        # The call after: the samples in flight went to a daemon that died without storing them.
         with pytest.raises(carousel.DaemonRestartedError) as lost:
             c.flush()
-        assert lost.value.samples == 15
-        assert c.stats()["added"] >= 4  # the client works on the new daemon
-        c.add(*_batch(2, 9), task=0)
+        assert lost.value.samples == 3 * per_add
+        assert c.stats()["added"] >= per_add  # the client works on the new daemon
+        ids = c.add(*_batch(per_add, 9), task=0)  # (a new connection: a new upload segment)
         c.flush()
+        assert ids.numel() == per_add and c.stats()["added"] >= 2 * per_add
     finally:
         c.close()
         d.close()
@@ -225,3 +228,84 @@ def test_a_deterministic_memory_takes_adds_that_wait(tmp_path):
             assert c.stats()["added"] == 5
     finally:
         d.close()
+
+
+def test_large_posted_adds_travel_in_regions_of_the_upload_segment(tmp_path, monkeypatch):
+    # A ring for three adds: the client runs out of room while the daemon is stopped, waits for it
+    # (never overwriting an add the daemon has not copied yet), and wraps many times after.
+    monkeypatch.setattr(client_module, "_UPLOAD_RING_ADDS", 3)
+    monkeypatch.setattr(client_module, "_UPLOAD_RING_MIN", 1)
+    frames: list[tuple[int, int]] = []
+    send = client_module._send_parts
+
+    def recording(sock, parts):
+        frames.append((parts[0][5], sum(len(memoryview(p).cast("B")) for p in parts)))
+        send(sock, parts)
+    monkeypatch.setattr(client_module, "_send_parts", recording)
+    d = start_daemon(tmp_path, memory={"em_size": 256, "sample_shape": [3, 32, 32]}, metrics=False)
+    c = carousel.connect(d.socket)
+    sent: list[tuple[torch.Tensor, np.ndarray]] = []
+    rng = np.random.default_rng(0)
+
+    def add(n: int) -> None:
+        x = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)  # n * 3 KiB > 64 KiB: not inline
+        sent.append((c.add(x, rng.integers(0, 10, n), task=0), x))
+    try:
+        add(32)
+        c.stats()
+        assert c._upload_ring is not None and c._upload.size >= 3 * 32 * 3072
+        os.kill(d.pid, signal.SIGSTOP)
+        poster = threading.Thread(target=lambda: [add(32) for _ in range(5)], daemon=True)
+        poster.start()
+        try:
+            poster.join(1.0)
+            assert poster.is_alive(), "five adds posted into a three-add segment while the daemon was stopped"
+            assert len(c._upload_ring) == 3, "the client waits once the segment is full, not before"
+        finally:
+            os.kill(d.pid, signal.SIGCONT)
+        poster.join(30)
+        assert not poster.is_alive()
+        for n in rng.integers(24, 48, 40):  # sizes vary: regions wrap at varying places, the segment grows
+            add(int(n))
+        c.flush()
+        assert c.stats()["added"] == sum(int(ids.numel()) for ids, _ in sent)
+    finally:
+        c.close()
+    adds = [size for op, size in frames if op == wire.Op.ADD]
+    assert len(adds) == len(sent) and max(adds) < 4096, "the samples went through the segment, not the socket"
+    d.stop()
+    with open_store(f"lmdb://{tmp_path / 'd' / 'data' / 'flash'}") as store:
+        for ids, x in sent:
+            assert np.array_equal(store.get_many(ids.numpy())["x"], x), "a sample was overwritten in the segment"
+
+
+def test_an_upload_offset_is_checked_at_the_door(daemon, tmp_path):
+    sock = connect_raw(daemon.socket)
+    try:
+        hello(sock)
+        rop, meta, _ = request(sock, wire.Op.UPLOAD, {"nbytes": 4096})
+        assert rop == wire.Op.OK
+        segment = shm.Segment.attach(meta["segment"], int(meta["size"]))
+        rop, meta, _ = request(sock, wire.Op.LEASE, {"n": 8})
+        first = meta["first"]
+        x, y = _batch(3, 0)
+        specs = [["x", "uint8", list(x.shape)], ["y", "int64", [3]], ["task", "int16", [3]]]
+        payload = x.tobytes() + y.astype(np.int64).tobytes() + np.zeros(3, np.int16).tobytes()
+        at = segment.size - len(payload)  # the last bytes of the segment: fits exactly
+        segment.map[at:at + len(payload)] = payload
+        for bad in (-1, "0", True, 1.5, at + 1, 1 << 40):
+            rop, meta, _ = request(sock, wire.Op.ADD, {"first": first, "upload": True, "offset": bad, "tensors": specs})
+            assert rop == wire.Op.ERROR and meta["error"] == "input", (bad, meta)
+        rop, meta, _ = request(sock, wire.Op.ADD, {"first": first, "offset": 0, "tensors": specs}, payload)
+        assert rop == wire.Op.ERROR and "offset is for an ADD from the upload segment" in meta["message"], meta
+        rop, meta, _ = request(sock, wire.Op.ADD, {"first": first, "upload": True, "offset": at, "tensors": specs})
+        assert rop == wire.Op.OK, meta
+        rop, meta, _ = request(sock, wire.Op.STATS)
+        assert meta["added"] == 3, "the refused adds took nothing; the connection kept serving"
+        assert request(sock, wire.Op.FLUSH, {})[0] == wire.Op.OK
+        segment.close()
+    finally:
+        sock.close()
+    daemon.stop()
+    with open_store(f"lmdb://{tmp_path / 'd' / 'data' / 'flash'}") as store:
+        assert np.array_equal(store.get_many(np.arange(first, first + 3))["x"], x), "read from the offset named"
