@@ -161,7 +161,7 @@ def test_check_config_prints_the_ram_estimate(tmp_path):
     assert f"write-behind queue {human_bytes(4096 * record)} (memories.mnist.write_behind.queue_samples: " \
            f"4,096 x {record} B)" in out
     assert f"prefetch {human_bytes(512 * record)} (memories.cifar.swap.prefetch_depth: 512 x {record} B)" in out
-    assert "(daemon.ring_slots: 4 x 256 rows" in out
+    assert "(daemon.ring_slots: 8 x 256 rows" in out
     assert "RAM: ~" in out and "with the queues full" in out
     assert out.rstrip().endswith(f"{profile}: ok")
 
