@@ -68,8 +68,9 @@ class RingLayout:
 
 
 def _states(seg: Segment, slots: int) -> np.ndarray:
-    # Per slot, one cache line apart: (state, rows, epoch it was filled in, 0); then one line for
-    # the ring itself: (current epoch of the memory, batches published, a client is waiting, 0).
+    # Per slot, one cache line apart: (state, rows, epoch it was filled in, its publication's
+    # number); then one line for the ring itself: (current epoch of the memory, batches published,
+    # a client is waiting, 0).
     return np.ndarray((slots + 1, 4), dtype=np.uint32, buffer=seg.map, offset=0, strides=(_STATE_STRIDE, 4))
 
 
@@ -105,11 +106,12 @@ class BatchRing:
     def publish(self, slot: int, rows: int, epoch: int = 0) -> None:
         self.states[slot, 1] = rows
         self.states[slot, 2] = epoch
+        self.states[slot, 3] = (int(self.states[-1, 1]) + 1) & 0xFFFFFFFF  # the published count it makes
         with fence_lock:  # every write of the slot is visible before READY is
             pass
         self.states[slot, 0] = READY
         head = self.states[-1]
-        head[1] += 1  # the futex word: a waiting client sleeps on its old value
+        head[1] = (int(head[1]) + 1) & 0xFFFFFFFF  # the futex word: a waiting client sleeps on its old value
         with fence_lock:  # READY and the count are stored before the waiter flag is read
             pass
         if head[2] and FUTEX is not None:
@@ -174,25 +176,33 @@ class RingReader:
             self._baseline.append(_USE_COUNT(cdata) if _USE_COUNT else 0)
         self._taken: set[int] = set()
         self._published_addr = address_of(self.segment, layout.slots * _STATE_STRIDE + 4)
-        self._cursor = 0
         self._lock = threading.Lock()
         self._alive = True
 
     def take(self) -> dict[str, torch.Tensor] | None:
-        """The next READY batch as tensors viewing the slot, or None if none is ready."""
+        """The freshest READY batch as tensors viewing the slot, or None if none is ready.
+
+        Freshest, not oldest: a batch waits in its slot from the moment it is drawn, and the
+        samples it names may leave the EM meanwhile (swapped out: their replay then triggers no
+        swap). Taking the last one published keeps a replay batch about a step old however many
+        slots the ring has; the others wait as a reserve for the steps when the filler is late
+        (busy cores), and are refilled fresh once taken."""
         lay = self.layout
         with self._lock:
             if not self._alive:
                 return None
             states = self.states
             self._reclaim_locked()
-            for i in range(lay.slots):
-                slot = (self._cursor + i) % lay.slots
-                if states[slot, 0] == READY:
-                    break
-            else:
+            # Age in publications, mod 2**32 as the counter wraps; a daemon that leaves the number
+            # 0 makes every age alike: the first READY slot is taken. (Python ints over a few
+            # slots: cheaper than numpy's temporaries on the trainer's thread.)
+            published = int(states[-1, 1])
+            slot, best = -1, 1 << 32
+            for i, (state, number) in enumerate(zip(states[:-1, 0].tolist(), states[:-1, 3].tolist())):
+                if state == READY and (published - number) & 0xFFFFFFFF < best:
+                    slot, best = i, (published - number) & 0xFFFFFFFF
+            if slot < 0:
                 return None
-            self._cursor = slot + 1
             rows = int(states[slot, 1])
             if rows < lay.n and states[slot, 2] != states[-1, 0]:
                 states[slot, 0] = FREE  # short and stale: the memory has grown since

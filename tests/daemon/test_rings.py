@@ -78,6 +78,23 @@ def test_held_batches_never_change_while_the_ring_turns(ring):
         assert torch.equal(held[k], copy[k])
 
 
+def test_the_freshest_ready_batch_is_taken_first(ring):
+    # A batch waiting in its slot grows stale (its samples may leave the EM); the others are a reserve.
+    r, reader = ring
+    for slot, value in ((2, 1), (0, 2), (1, 3)):  # published in this order, not in slot order
+        _fill(r, slot, value)
+    held = [reader.take() for _ in range(3)]
+    assert [int(b["x"].flatten()[0]) for b in held] == [3, 2, 1], "the last published first, the oldest last"
+    del held
+    gc.collect()
+    assert reader.take() is None  # (every slot reclaimed)
+    r.states[-1, 1] = 0xFFFFFFFE  # the published counter is about to wrap: ages count mod 2**32
+    _fill(r, 0, 4)
+    _fill(r, 1, 5)
+    assert (r.states[0, 3], r.states[1, 3], r.states[-1, 1]) == (0xFFFFFFFF, 0, 0)
+    assert (reader.take()["x"] == 5).all(), "number 0 (after the wrap) is fresher than 0xFFFFFFFF"
+
+
 def test_short_stale_batches_are_handed_back(ring):
     r, reader = ring
     _fill(r, 0, 3, rows=2, epoch=5)
