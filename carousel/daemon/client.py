@@ -88,9 +88,10 @@ _DAEMON_FLUSH_S = 60.0       # how long a checkpoint (or retain) may wait for wr
 _POST_MAX_BYTES = 1 << 22    # a larger add goes through the upload segment and waits (it is rare and slow anyway)
 # A posted add larger than _INLINE_ADD_BYTES goes through the upload segment, sized for this many
 # such adds in flight (within [_MIN, _MAX] bytes): room for the daemon to fall a few steps behind.
+# Without shared memory for it (/dev/shm full) a connection's posted adds go inline instead.
 _UPLOAD_RING_ADDS = 16
 _UPLOAD_RING_MIN = 1 << 20
-_UPLOAD_RING_MAX = 1 << 26
+_UPLOAD_RING_MAX = 1 << 24
 _MAX_IN_FLIGHT = 64          # posted requests with unread replies before a call reads some of them
 _LEASE_MIN, _LEASE_MAX = 1024, 1 << 16  # ids leased at a time: 64 adds' worth, within these bounds
 
@@ -553,7 +554,16 @@ class MemoryClient:
         ring_bytes = min(max(_UPLOAD_RING_ADDS * nbytes, _UPLOAD_RING_MIN), _UPLOAD_RING_MAX, self._max_upload)
         uploaded = self._use_shm and self._posted_upload and _INLINE_ADD_BYTES < nbytes <= ring_bytes
         if uploaded:
-            self._upload_segment(ring_bytes)
+            try:
+                self._upload_segment(ring_bytes)
+            except (ShmError, wire.RemoteError) as exc:
+                if isinstance(exc, wire.RemoteError) and exc.kind != "shm":
+                    raise
+                # /dev/shm full or too small (a container's 64 MB): this connection's adds go
+                # inline, as they did before the segment; nothing was sent for this one yet.
+                log.warning("no shared memory for posted adds (%s): they go through the socket", exc)
+                self._posted_upload = uploaded = False
+        if uploaded:
             offset = self._upload_place(nbytes)
             try:
                 meta = {"upload": True, "offset": offset, "tensors": self._write_upload(tensors, offset)}

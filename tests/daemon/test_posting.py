@@ -309,3 +309,23 @@ def test_an_upload_offset_is_checked_at_the_door(daemon, tmp_path):
     daemon.stop()
     with open_store(f"lmdb://{tmp_path / 'd' / 'data' / 'flash'}") as store:
         assert np.array_equal(store.get_many(np.arange(first, first + 3))["x"], x), "read from the offset named"
+
+
+def test_without_shared_memory_for_the_segment_posted_adds_go_inline(daemon, tmp_path, monkeypatch):
+    # /dev/shm full (a container's 64 MB): the add still happens, through the socket, as before.
+    def no_room(*args, **kwargs):
+        raise shm.ShmError(28, "cannot allocate shared memory: No space left on device")
+    monkeypatch.setattr(client_module.Segment, "attach", no_room)
+    c = carousel.connect(daemon.socket)
+    try:
+        x, y = _batch(1500, 0)  # 72 KB: a posted add through the segment, were there room
+        ids = c.add(x, y, task=0)
+        assert not c._posted_upload and c._upload is None and c._in_flight, "posted inline instead"
+        ids2 = c.add(*_batch(1500, 1), task=0)
+        c.flush()
+        assert c.stats()["added"] == 3000 and ids2[0] == ids[-1] + 1
+    finally:
+        c.close()
+    daemon.stop()
+    with open_store(f"lmdb://{tmp_path / 'd' / 'data' / 'flash'}") as store:
+        assert np.array_equal(store.get_many(ids.numpy())["x"], x)
