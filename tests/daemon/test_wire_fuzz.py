@@ -38,7 +38,7 @@ from .rawwire import MAGIC, OP, connect_raw, crc32c, metric_sum, metric_values, 
 MAX_FRAME = 1 << 18  # the fuzzed daemon's max_frame_bytes
 OPS = {**OP, "RETAIN": 13}
 # What each op reads from its metadata (besides "tensors").
-KEYS = {"HELLO": ["memory", "token", "pid", "version"], "ADD": ["upload"],
+KEYS = {"HELLO": ["memory", "token", "pid", "version"], "ADD": ["upload", "offset"],
         "SAMPLE": ["n", "classes", "tasks", "seed", "balanced"], "SUBSCRIBE": ["n", "classes", "tasks", "balanced"],
         "FLUSH": ["timeout_s"], "UNSUBSCRIBE": ["ring"], "UPLOAD": ["nbytes"], "RETAIN": ["classes"]}
 # Kinds a daemon may answer a bad request with; "internal" (a bug) is not among them.
@@ -66,7 +66,8 @@ plausible = {
     "version": st.integers(0, 3), "upload": st.booleans(), "n": st.integers(-2, 80),
     "classes": st.lists(st.integers(-1, 12), max_size=5), "tasks": st.lists(st.integers(-1, 3), max_size=3),
     "seed": st.integers(-1, 1 << 64), "balanced": st.booleans(), "ring": st.integers(-1, 3),
-    "timeout_s": st.floats(-1, 4000) | st.integers(-1, 4000), "nbytes": st.integers(-1, 2 * MAX_FRAME)}
+    "timeout_s": st.floats(-1, 4000) | st.integers(-1, 4000), "nbytes": st.integers(-1, 2 * MAX_FRAME),
+    "offset": st.integers(-2, 2 * MAX_FRAME) | st.sampled_from([1 << 40, 1 << 63])}
 names = st.sampled_from(["x", "y", "task", "ids", "logits", "loss", "weights", "id"]) | texts | st.just("n" * 65)
 dtypes = st.sampled_from(sorted(wire.WIRE_DTYPES) + ["object", "O", "<U10", "V8", "float128", "complex64",
                                                       "datetime64[ns]", "int", "u1"]) | texts
@@ -244,12 +245,13 @@ def test_22_decoder_raises_only_protocol_errors(data):
     except wire.ProtocolError:
         return
     assert isinstance(meta, dict)
-    todo = [(meta, 1)]
+    todo = [(meta, 1)]  # containers (objects, arrays) nested at most MAX_META_DEPTH deep, as decode_meta says
     while todo:
         v, depth = todo.pop()
         assert depth <= wire.MAX_META_DEPTH
-        for c in (v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()):
-            todo.append((c, depth + 1))
+        for c in (v.values() if isinstance(v, dict) else v):
+            if isinstance(c, (dict, list)):
+                todo.append((c, depth + 1))
             assert not isinstance(c, int) or wire.INT_RANGE[0] <= c <= wire.INT_RANGE[1]
             assert not isinstance(c, float) or math.isfinite(c)
     assert sum(a.nbytes for a in arrays.values()) == payload_len
