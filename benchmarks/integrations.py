@@ -6,7 +6,9 @@
     per-example transform, ``add_data`` of the stream batch) with a reservoir buffer as Mammoth's
     ``utils/buffer.py`` implements it (Mammoth is not a package; the same algorithm re-written here:
     per-sample reservoir insertion, ``np.random.choice`` draw, per-example transform), against
-    ``CarouselBuffer`` RAM-only and with an LMDB tier holding every sample (swapping).
+    ``CarouselBuffer`` RAM-only, with an LMDB tier holding every sample (swapping), and the same on a
+    real ``carousel serve`` beside the loop (the way a user runs the daemon; its process's CPU per
+    step is reported too).
 (b) A TorchRL off-policy loop: ``extend`` 32 transitions (obs 64 float32, action, reward, next obs),
     ``sample(256)``, one MLP step; ``ReplayBuffer`` on ``LazyTensorStorage`` (RAM), on
     ``LazyMemmapStorage`` (disk) and on ``CarouselStorage`` (an LMDB tier, and a flat tier: one
@@ -45,6 +47,8 @@ from torch import nn
 from carousel.integrations.mammoth import CarouselBuffer
 
 from . import report
+from .served import ServedDaemon
+from .stall import _process_cpu
 
 
 class ReservoirBuffer:
@@ -218,20 +222,40 @@ def _thread_cpu() -> dict[str, float]:
     return out
 
 
+def on_daemon(root: Path) -> CarouselBuffer:
+    """``CarouselBuffer`` on a real ``carousel serve`` (:mod:`.served`) in ``root``: EM 500, an LMDB tier
+    holding every sample, swapping from the first task, as the in-process row. :func:`_closed_after`
+    stops the daemon and reads its process's CPU."""
+    toml = ('[memory]\nem_size = 500\nsample_shape = [1, 28, 28]\ndtype = "float32"\nseed = 0\n'
+            f'[swap]\nstart_task = 0\n[[tiers]]\nkind = "lmdb"\npath = "{root / "tier"}"\ncapacity = 1000000\n')
+    served = ServedDaemon(root, toml)
+    buf = CarouselBuffer(500, memory=served.client)
+    buf._bench_daemon = served
+    return buf
+
+
 def _closed_after(name: str, buf: Any, measure: Callable[[Any], float], loop_steps: int) -> float:
     """``measure(buf)``, the buffer closed afterwards when it can be (its swaps noted in
-    :data:`SWAPPED`, its threads' CPU per loop step, warm-up included, in :data:`THREAD_CPU`)."""
-    before = _thread_cpu()
+    :data:`SWAPPED`, its threads' CPU per loop step, warm-up included, in :data:`THREAD_CPU`, with a
+    daemon's whole process as ``daemon process``)."""
+    served = getattr(buf, "_bench_daemon", None)
+    before, daemon_before = _thread_cpu(), _process_cpu(served.proc.pid) if served else 0.0
     rate = measure(buf)
-    after = _thread_cpu()
+    after, daemon_after = _thread_cpu(), _process_cpu(served.proc.pid) if served else 0.0
     if not isinstance(buf, ReservoirBuffer):
         THREAD_CPU[name] = {k: (v - before.get(k, 0.0)) / loop_steps for k, v in after.items()
                             if k.startswith("carousel-")}
+        if served is not None:
+            THREAD_CPU[name]["daemon process"] = (daemon_after - daemon_before) / loop_steps
     memory = getattr(buf, "memory", None)
-    if callable(getattr(memory, "stats", None)):
-        SWAPPED[name] = int(memory.stats().get("swapped_in", 0))
-    if hasattr(buf, "close"):
-        buf.close()
+    try:
+        if callable(getattr(memory, "stats", None)):
+            SWAPPED[name] = int(memory.stats().get("swapped_in", 0))
+        if hasattr(buf, "close"):
+            buf.close()
+    finally:
+        if served is not None:
+            served.close()
     return rate
 
 
@@ -276,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
                "CarouselBuffer, RAM only": lambda: CarouselBuffer(500),
                # One task: swapping from it on (the buffer's default waits for the second task, as CarM does).
                "CarouselBuffer + LMDB tier (swapping)": lambda: CarouselBuffer(
-                   500, tiers=[{"kind": "lmdb", "capacity": 10**6}], swap={"start_task": 0}, root=fresh())}
+                   500, tiers=[{"kind": "lmdb", "capacity": 10**6}], swap={"start_task": 0}, root=fresh()),
+               "CarouselBuffer on a daemon + LMDB tier (swapping)": lambda: on_daemon(fresh())}
         rows.update(_interleaved("mammoth-er", {
             name: lambda name=name, make=make: _closed_after(name, make(), lambda buf: mammoth_loop(buf, steps, warmup),
                                                              steps + warmup)
