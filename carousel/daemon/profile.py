@@ -104,8 +104,9 @@ class DaemonConfig:
     read_timeout_s: float = 10.0         # a frame begun and not finished within this is dropped
     hello_timeout_s: float = 5.0         # a connection without a HELLO (and token, on TCP) by then is closed
     # Ready batches per standing sample request. 8, not 4: on busy cores the filler (SCHED_BATCH)
-    # is put aside for a few steps at times, and 4 slots at a 2 ms step ran dry (sample p99 3.2-3.6
-    # ms through the daemon, 0.09 ms with 8; benchmarks.stall --busy, docs/results/stall.md).
+    # is put aside for a few steps at times, and 4 slots at a 2 ms step ran dry (sample p99 3-7 ms
+    # through the daemon; 0.1-0.7 ms with 8, the client taking the freshest: benchmarks.stall
+    # --busy, docs/results/stall.md "Fourth round").
     ring_slots: int = 8
     min_free_shm_bytes: int = 16 << 20   # refuse to start with less free /dev/shm than this
     torch_threads: int = 1               # intra-op threads of the daemon's copies; see below

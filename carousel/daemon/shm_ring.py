@@ -194,11 +194,14 @@ class RingReader:
             states = self.states
             self._reclaim_locked()
             # Age in publications, mod 2**32 as the counter wraps; a daemon that leaves the number
-            # 0 makes every age alike: the first READY slot is taken. (Python ints over a few
-            # slots: cheaper than numpy's temporaries on the trainer's thread.)
+            # 0 makes every age alike: the first READY slot is taken. The counter is read after the
+            # slots: the filler counts a publication after its READY, so no slot seen READY here is
+            # newer than the count. (Python ints over a few slots: cheaper than numpy's temporaries
+            # on the trainer's thread.)
+            seen = list(zip(states[:-1, 0].tolist(), states[:-1, 3].tolist()))
             published = int(states[-1, 1])
             slot, best = -1, 1 << 32
-            for i, (state, number) in enumerate(zip(states[:-1, 0].tolist(), states[:-1, 3].tolist())):
+            for i, (state, number) in enumerate(seen):
                 if state == READY and (published - number) & 0xFFFFFFFF < best:
                     slot, best = i, (published - number) & 0xFFFFFFFF
             if slot < 0:
