@@ -251,32 +251,35 @@ def test_large_posted_adds_travel_in_regions_of_the_upload_segment(tmp_path, mon
         x = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)  # n * 3 KiB > 64 KiB: not inline
         sent.append((c.add(x, rng.integers(0, 10, n), task=0), x))
     try:
-        add(32)
-        c.stats()
-        assert c._upload_ring is not None and c._upload.size >= 3 * 32 * 3072
-        os.kill(d.pid, signal.SIGSTOP)
-        poster = threading.Thread(target=lambda: [add(32) for _ in range(5)], daemon=True)
-        poster.start()
         try:
-            poster.join(1.0)
-            assert poster.is_alive(), "five adds posted into a three-add segment while the daemon was stopped"
-            assert len(c._upload_ring) == 3, "the client waits once the segment is full, not before"
+            add(32)
+            c.stats()
+            assert c._upload_ring is not None and c._upload.size >= 3 * 32 * 3072
+            os.kill(d.pid, signal.SIGSTOP)
+            poster = threading.Thread(target=lambda: [add(32) for _ in range(5)], daemon=True)
+            poster.start()
+            try:
+                poster.join(1.0)
+                assert poster.is_alive(), "five adds posted into a three-add segment while the daemon was stopped"
+                assert len(c._upload_ring) == 3, "the client waits once the segment is full, not before"
+            finally:
+                os.kill(d.pid, signal.SIGCONT)
+            poster.join(30)
+            assert not poster.is_alive()
+            for n in rng.integers(24, 48, 40):  # sizes vary: regions wrap at varying places, the segment grows
+                add(int(n))
+            c.flush()
+            assert c.stats()["added"] == sum(int(ids.numel()) for ids, _ in sent)
         finally:
-            os.kill(d.pid, signal.SIGCONT)
-        poster.join(30)
-        assert not poster.is_alive()
-        for n in rng.integers(24, 48, 40):  # sizes vary: regions wrap at varying places, the segment grows
-            add(int(n))
-        c.flush()
-        assert c.stats()["added"] == sum(int(ids.numel()) for ids, _ in sent)
+            c.close()
+        adds = [size for op, size in frames if op == wire.Op.ADD]
+        assert len(adds) == len(sent) and max(adds) < 4096, "the samples went through the segment, not the socket"
+        d.stop()
+        with open_store(f"lmdb://{tmp_path / 'd' / 'data' / 'flash'}") as store:
+            for ids, x in sent:
+                assert np.array_equal(store.get_many(ids.numpy())["x"], x), "a sample was overwritten in the segment"
     finally:
-        c.close()
-    adds = [size for op, size in frames if op == wire.Op.ADD]
-    assert len(adds) == len(sent) and max(adds) < 4096, "the samples went through the segment, not the socket"
-    d.stop()
-    with open_store(f"lmdb://{tmp_path / 'd' / 'data' / 'flash'}") as store:
-        for ids, x in sent:
-            assert np.array_equal(store.get_many(ids.numpy())["x"], x), "a sample was overwritten in the segment"
+        d.close()  # (a failed assertion must not leave the daemon running)
 
 
 def test_an_upload_offset_is_checked_at_the_door(daemon, tmp_path):
