@@ -10,6 +10,7 @@ Example (not a doctest: it needs a memory.toml and a running daemon)::
     from carousel import CarouselMemory
     mem = CarouselMemory.from_toml("memory.toml")  # in-process
     mem = carousel.connect()  # or served by `carousel serve`
+    mem = carousel.spawn("memory.toml")  # or by a private daemon, a child process of this one
 
 The names below are imported on first use (PEP 562), so ``import carousel`` and the command line
 (``carousel --help``, ``check-config``, a ``status`` that finds no daemon) do not load torch
@@ -43,20 +44,28 @@ _LAZY = {
     "WriteBehindError": "write_behind",
     "DaemonRestartedError": "daemon.client", "InFlightLostError": "daemon.client", "MemoryClient": "daemon.client",
     "connect": "daemon.client",
+    "SpawnedDaemonExited": "daemon.spawn", "SpawnedMemory": "daemon.spawn", "spawn": "daemon.spawn",
     "ReplayDataset": "daemon.dataset", "StreamReplayDataset": "daemon.dataset",
     "RemoteError": "daemon.wire",
 }
 
 __all__ = ["Batch", "CarouselConfig", "CarouselMemory", "ConfigError", "DaemonRestartedError", "InFlightLostError",
            "IntegrityError", "MemoryClient", "MemoryInputError",
-           "RemoteError", "ReplayDataset", "StreamReplayDataset", "WriteBehindError", "connect", "load_config",
+           "RemoteError", "ReplayDataset", "SpawnedDaemonExited", "SpawnedMemory", "StreamReplayDataset",
+           "WriteBehindError", "connect", "load_config", "spawn",
            "__version__"]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ below does the imports
     from .batch import Batch
     from .config import CarouselConfig, ConfigError, load_config
-    from .daemon.client import DaemonRestartedError, InFlightLostError, MemoryClient, connect
+    from .daemon.client import (
+        DaemonRestartedError,
+        InFlightLostError,
+        MemoryClient,
+        connect,
+    )
     from .daemon.dataset import ReplayDataset, StreamReplayDataset
+    from .daemon.spawn import SpawnedDaemonExited, SpawnedMemory, spawn
     from .daemon.wire import RemoteError
     from .inputs import MemoryInputError
     from .integrity import IntegrityError

@@ -1,6 +1,8 @@
 """The ``carousel`` command line.
 
-``carousel serve --config PROFILE.toml``   run the daemon (see :mod:`carousel.daemon`)
+``carousel serve --config PROFILE.toml``   run the daemon (see :mod:`carousel.daemon`); ``--parent-fd FD``:
+                                           also stop cleanly when that inherited pipe closes (how
+                                           :func:`carousel.spawn` ties its child daemon to the trainer)
 ``carousel check-config PROFILE.toml``     validate a profile (daemon or memory), check that it fits this
                                            machine (RAM, writable paths) and print what it holds; exit
 ``carousel status [--socket PATH | --config PROFILE]``
@@ -32,6 +34,7 @@ log at ``--log-level debug``).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import sys
@@ -117,7 +120,7 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _serve(path: str, log_level: str | None) -> int:
+def _serve(path: str, log_level: str | None, parent_fd: int | None = None) -> int:
     from .config import ConfigError
     from .daemon.preflight import check_profile
     from .daemon.profile import load_profile
@@ -129,6 +132,12 @@ def _serve(path: str, log_level: str | None) -> int:
         return 2
     # What check-config checks, before anything is made or allocated: an EM larger than this
     # machine's RAM must not reach torch's allocator, an unwritable tier folder not a mkdir.
+    if parent_fd is not None:
+        try:
+            os.set_blocking(parent_fd, False)
+        except OSError as exc:
+            print(f"carousel: cannot start: --parent-fd {parent_fd}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     problems = check_profile(profile).problems
     if problems:
         more = "" if len(problems) == 1 else \
@@ -153,7 +162,7 @@ def _serve(path: str, log_level: str | None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: EARLY_STOP.set())
     try:
-        daemon = Daemon(profile)
+        daemon = Daemon(profile, parent_fd)
     except Exception as exc:  # noqa: BLE001 - a start that fails is one line, whatever failed
         log.debug("start failed", exc_info=True)
         print(f"carousel: cannot start: {_first_line(exc)}", file=sys.stderr)
@@ -295,8 +304,6 @@ def _import_parser(sub) -> None:
 
 def _import(args: argparse.Namespace) -> int:
     """``carousel import``: the profile's memory, under the daemon's data-directory lock."""
-    import os
-
     from .config import ConfigError
     from .daemon.profile import load_profile
     from .importer import ImportOptions, ImportSourceError, describe, import_dataset, verify_import
@@ -420,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the daemon")
     serve.add_argument("--config", required=True, help="daemon or memory profile (TOML)")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--parent-fd", type=int, metavar="FD",
+                       help="stop cleanly when this inherited pipe closes (set by carousel.spawn)")
     check = sub.add_parser("check-config", help="validate a profile, check it fits this machine, and exit (2 on error)")
     check.add_argument("config")
     check.add_argument("--no-machine-checks", dest="machine", action="store_false",
@@ -443,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "import":
         return _import(args)
     if args.command == "serve":
-        return _serve(args.config, args.log_level)
+        return _serve(args.config, args.log_level, args.parent_fd)
     if args.command == "check-config":
         return _check_config(args.config, args.machine)
     if args.command == "status":

@@ -14,7 +14,8 @@ client is a look at a ring, with no socket round trip. Metrics of every memory, 
 ``memory``, are served on ``/metrics`` over HTTP on loopback (:mod:`.metrics`).
 
 Lifecycle: SIGTERM/SIGINT stop accepting, let running requests finish, close the rings, flush
-and checkpoint every memory, and exit 0. A lock file in the data directory (and one beside the
+and checkpoint every memory, and exit 0. So does the end of the parent's pipe (``parent_fd``: a
+daemon that :func:`carousel.spawn` started as a child outlives no trainer, whatever killed it). A lock file in the data directory (and one beside the
 socket) stops a second daemon on the same data.
 """
 
@@ -67,8 +68,9 @@ EARLY_STOP = threading.Event()  # set by a SIGTERM/SIGINT that came while the da
 class Daemon:
     """Everything ``carousel serve`` runs. Construct (checks and opens), then :meth:`run`."""
 
-    def __init__(self, profile: DaemonProfile) -> None:
+    def __init__(self, profile: DaemonProfile, parent_fd: int | None = None) -> None:
         self.profile = profile
+        self.parent_fd = parent_fd  # a pipe whose other end the parent holds: its EOF stops us
         # This start's identity: an acknowledgement of durability (flush, checkpoint) means
         # something only to a client whose adds went to this same session (docs/protocol.md).
         self.session = secrets.token_hex(16)
@@ -158,6 +160,8 @@ class Daemon:
         self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        if self.parent_fd is not None:
+            loop.add_reader(self.parent_fd, self._parent_readable)
         if EARLY_STOP.is_set():
             log.info("stop requested while starting")
             self._stop.set()
@@ -245,6 +249,20 @@ class Daemon:
             else:
                 log.error("filler thread died; withholding the watchdog ping")
             await asyncio.sleep(period)
+
+    def _parent_readable(self) -> None:
+        """The parent's end of the pipe: nothing is ever written to it, so readable means it closed
+        (the parent exited, cleanly or not): stop as on SIGTERM."""
+        try:
+            data = os.read(self.parent_fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._loop.remove_reader(self.parent_fd)
+            log.info("the parent process is gone: shutting down", extra={"ppid": os.getppid()})
+            self._stop.set()
 
     def request_stop(self) -> None:
         """Thread-safe: stop as on SIGTERM (for embedding the daemon in tests or tools)."""
