@@ -11,8 +11,9 @@ One step is what a replay trainer does with its memory around an accelerator ste
     mem.observe(batch.ids, logits)   # (32, 10) logits of the replayed samples
 
 for the RAM-only memory (EM 500, no tier) and carousel swapping from one LMDB tier (CarM's gate:
-the second task on, ratio ``--ratios``, ``workers = 1``), in-process and through a real daemon
-(``carousel serve`` in a subprocess, its client on this thread). Variants take turns in rounds so a
+the second task on, ratio ``--ratios``, ``workers = 1``), in-process (its writer and swap engine
+threads of this interpreter), in a daemon that is a child process (``carousel.spawn``), and through a
+real daemon (``carousel serve`` in a subprocess, its client on this thread). Variants take turns in rounds so a
 drift in machine load hits them alike; each reports the median and p99 of its step wall time and
 of each call, and the ratio of its median step to RAM-only's. Torch keeps its default intra-op
 thread count (the trainer's, not ours to change); ``--busy`` (the default) runs one CPU-bound
@@ -43,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import carousel
 from carousel import CarouselMemory
 
 from . import report
@@ -176,7 +178,7 @@ def _summary(rec: dict[str, list[float]]) -> dict:
 
 def run_emulated(step_ms: list[float], ratios: list[float], stored: int, steps: int, rounds: int,
                  workdir: Path, deterministic: bool = False) -> dict:
-    """RAM-only, carousel in-process and carousel daemon, for each ratio, at each emulated step
+    """RAM-only, carousel in-process, carousel.spawn and carousel daemon, for each ratio, at each emulated step
     (every memory in the deterministic mode with ``deterministic``)."""
     out: dict = {}
     for ratio in ratios:
@@ -188,6 +190,10 @@ def run_emulated(step_ms: list[float], ratios: list[float], stored: int, steps: 
             local = CarouselMemory.from_dict(_memory(workdir / f"inproc-{ratio}", ratio, deterministic))
             _prefill(local, stored)
             variants.append(Variant("carousel in-process", local))
+            # The in-process API's other engine: the same memory in a daemon that is a child of ours.
+            spawned = carousel.spawn(_memory(workdir / f"spawn-{ratio}" / "flash", ratio, deterministic))
+            _prefill(spawned, stored)
+            variants.append(Variant("carousel.spawn", spawned, pid=spawned.process.pid))
             folder = workdir / f"daemon-{ratio}"
             folder.mkdir()
             served = ServedDaemon(folder, _toml(_memory(folder / "flash", ratio, deterministic)),

@@ -19,10 +19,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +31,6 @@ import carousel
 from carousel import CarouselMemory
 from carousel.batch import Batch
 from carousel.config import CarouselConfig, read_toml
-from carousel.toml_write import dump_toml
 from storage_backends import open_store
 
 from .options import MODES  # noqa: F401 - the modes are a run setting, named where the flags are
@@ -174,45 +169,11 @@ def open_memory(spec: MemorySpec, stream: Stream, workdir: Path) -> OpenMemory:
 
 
 def _start_daemon(config: dict[str, Any], workdir: Path) -> OpenMemory:
-    """A ``carousel serve`` subprocess for this run, stopped (SIGTERM, exit 0 expected) on close."""
-    sock_dir = workdir / "sock"
-    profile = workdir / "daemon.toml"
-    profile.write_text(dump_toml({"daemon": {"socket_dir": str(sock_dir), "data_dir": str(workdir), "metrics": ""},
-                                  **config}))
-    log = open(workdir / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "carousel", "serve", "--config", str(profile)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-
-    def stop() -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                code = proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
-            if code != 0:
-                raise RuntimeError(f"the daemon exited with {code}; see {workdir / 'daemon.log'}")
-
-    socket_path = str(sock_dir / "carousel.sock")
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited with {proc.returncode} at start; "
-                               f"see {workdir / 'daemon.log'}:\n{(workdir / 'daemon.log').read_text()[-2000:]}")
-        if Path(socket_path).exists():
-            try:
-                client = carousel.connect(socket_path, reconnect_s=30)
-                break
-            except OSError:
-                pass
-        if time.monotonic() > deadline:
-            stop()
-            raise RuntimeError(f"the daemon did not come up in 120 s; see {workdir / 'daemon.log'}")
-        time.sleep(0.05)
-    return OpenMemory(client, f"carousel daemon (pid {proc.pid}, {socket_path}): EM {config['memory']['em_size']}, "
-                              f"tiers: {', '.join(t['kind'] for t in config['tiers'])}", stop)
+    """The run's own daemon (``carousel.spawn``: a child process, its log ``workdir/daemon.log`` kept for
+    post-mortems); closing the memory stops it cleanly and fails unless it exits 0."""
+    mem = carousel.spawn(config, workdir=workdir)
+    return OpenMemory(mem, f"carousel daemon (pid {mem.process.pid}, {mem.address}): EM {config['memory']['em_size']}, "
+                           f"tiers: {', '.join(t['kind'] for t in config['tiers'])}")
 
 
 class StorageReplay:
