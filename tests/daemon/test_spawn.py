@@ -230,3 +230,10 @@ def test_serve_refuses_a_parent_fd_that_is_not_open(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 2
     assert "--parent-fd 987" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_second_spawn_on_the_same_tiers_is_refused_naming_the_writer(tmp_path):
+    with carousel.spawn(_config(tmp_path / "flash")) as first:
+        with pytest.raises(SpawnedDaemonExited, match=f"another process \\(pid {first.process.pid}\\)"):
+            carousel.spawn(_config(tmp_path / "flash"))
+        assert first.stats()["added"] == 0  # the first one serves on
