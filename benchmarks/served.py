@@ -20,16 +20,19 @@ import carousel
 class ServedDaemon:
     """``carousel serve`` on a profile in ``folder`` (its data folder too) serving ``memory_toml``,
     and ``client``, connected to it. ``socket_dir`` defaults to ``folder/sock`` (a Unix socket
-    path ends at 108 bytes: pass a short one for a deep ``folder``)."""
+    path ends at 108 bytes: pass a short one for a deep ``folder``). ``own_session``: the daemon in a
+    session of its own, as one started from another terminal is (with the kernel's scheduler
+    autogroups, a scheduling group of its own too); else in this process's session."""
 
-    def __init__(self, folder: Path, memory_toml: str, socket_dir: Path | None = None) -> None:
+    def __init__(self, folder: Path, memory_toml: str, socket_dir: Path | None = None,
+                 own_session: bool = False) -> None:
         socket_dir = folder / "sock" if socket_dir is None else socket_dir
         profile = folder / "profile.toml"
         profile.write_text(f"[daemon]\nsocket_dir = \"{socket_dir}\"\ndata_dir = \"{folder}\"\nmetrics = \"\"\n"
                            + memory_toml)
         self.log = open(folder / "daemon.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "carousel", "serve", "--config", str(profile)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=own_session)
         self.socket = str(socket_dir / "carousel.sock")
         self.client: carousel.MemoryClient | None = None
         try:

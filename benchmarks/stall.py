@@ -19,6 +19,10 @@ of each call, and the ratio of its median step to RAM-only's. Torch keeps its de
 thread count (the trainer's, not ours to change); ``--busy`` (the default) runs one CPU-bound
 process per core beside it, as ``DataLoader`` workers would.
 
+``--daemon-session own`` starts the served daemon in a session of its own, as one started from another
+terminal is: where the kernel's scheduler autogroups are on, that makes it a scheduling group of its
+own, which takes the trainer's core as a group (its threads' ``SCHED_BATCH`` notwithstanding).
+
 ``--deterministic`` runs every memory in the deterministic mode (``[swap] deterministic = true``,
 the reference trainers' default): no swap worker or prefetcher, every swap decided at a step boundary
 (``end_step()``) on the trainer's thread and its reads done by the I/O pool meanwhile; what that
@@ -177,7 +181,7 @@ def _summary(rec: dict[str, list[float]]) -> dict:
 
 
 def run_emulated(step_ms: list[float], ratios: list[float], stored: int, steps: int, rounds: int,
-                 workdir: Path, deterministic: bool = False) -> dict:
+                 workdir: Path, deterministic: bool = False, own_session: bool = False) -> dict:
     """RAM-only, carousel in-process, carousel.spawn and carousel daemon, for each ratio, at each emulated step
     (every memory in the deterministic mode with ``deterministic``)."""
     out: dict = {}
@@ -197,7 +201,7 @@ def run_emulated(step_ms: list[float], ratios: list[float], stored: int, steps: 
             folder = workdir / f"daemon-{ratio}"
             folder.mkdir()
             served = ServedDaemon(folder, _toml(_memory(folder / "flash", ratio, deterministic)),
-                                  socket_dir=Path(workdir / f"s{ratio}"))
+                                  socket_dir=Path(workdir / f"s{ratio}"), own_session=own_session)
             _prefill(served.client, stored)
             variants.append(Variant("carousel daemon", served.client, close=served.close, pid=served.proc.pid))
             for ms in step_ms:
@@ -307,6 +311,8 @@ def run_model(device: str, stored: int, steps: int, rounds: int, workdir: Path) 
 
 def _lines(results: dict) -> list[str]:
     lines = ["Every memory in the deterministic mode.", ""] if results.get("deterministic") else []
+    if results.get("daemon_session") == "own":
+        lines += ["The served daemon in a session of its own (`--daemon-session own`).", ""]
     lines += ["| ratio, emulated step | variant | step median (ms) | x RAM-only | step p99 | in carousel median | "
               "add p50/p99 | sample p50/p99 | observe p50/p99 | trainer thread CPU a step (ms) | swapped in |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -344,6 +350,9 @@ def main(argv: list[str] | None = None) -> dict:
     busy.add_argument("--quiet", dest="busy", action="store_false", help="nothing beside the run")
     parser.add_argument("--deterministic", action="store_true",
                         help="every memory in the deterministic mode (the reference trainers' default)")
+    parser.add_argument("--daemon-session", choices=("trainer", "own"), default="trainer",
+                        help="the served daemon in the trainer's session (as a launcher script starts it), or in "
+                        "one of its own (as from another terminal: a scheduling autogroup of its own)")
     parser.add_argument("--model", action="store_true", help="also the real-model variant")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench-out/stall")
@@ -354,14 +363,15 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = [float(s) for s in args.ratios.split(",")]
     out = Path(args.out)
     results: dict = {"machine": report.machine(busy=str(args.busy)), "steps": args.steps, "rounds": args.rounds,
-                     "stored": args.stored, "deterministic": args.deterministic}
+                     "stored": args.stored, "deterministic": args.deterministic,
+                     "daemon_session": args.daemon_session}
     with report.scratch(out) as work:
         hogs = Hogs(cpu=os.cpu_count() or 1, io=False) if args.busy else None
         try:
             if hogs is not None:
                 hogs.__enter__()
             results["emulated"] = run_emulated(step_ms, ratios, args.stored, args.steps, args.rounds, work,
-                                               args.deterministic)
+                                               args.deterministic, args.daemon_session == "own")
             if args.model:
                 n = 10 if args.device == "cpu" else args.steps
                 results["model"] = run_model(args.device, args.stored, n, args.rounds, work)
