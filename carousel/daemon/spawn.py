@@ -43,6 +43,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -222,14 +223,19 @@ def _stop(process: subprocess.Popen, pipe: int, owned_folder: Path | None, owner
 
 def _child_env() -> dict[str, str]:
     """This process's environment, with the folders this carousel and storage_backends come from
-    first on ``PYTHONPATH``: the child runs the same code, installed or not."""
+    first on ``PYTHONPATH`` (a checkout, a folder on this process's path): the child runs the same
+    code, installed or not. An installed carousel's site-packages is left where the interpreter puts
+    it: ahead of the standard library on ``PYTHONPATH`` it could shadow a module of it."""
     env = dict(os.environ)
+    installed = {os.path.realpath(p) for p in (*site.getsitepackages(), site.getusersitepackages())}
     roots = []
     for module in (sys.modules["carousel"], storage_backends):
         root = str(Path(module.__file__).resolve().parent.parent)
-        if root not in roots:
+        if root not in roots and root not in installed:
             roots.append(root)
-    env["PYTHONPATH"] = os.pathsep.join(roots + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    path = roots + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(path)
     return env
 
 

@@ -237,3 +237,16 @@ def test_a_second_spawn_on_the_same_tiers_is_refused_naming_the_writer(tmp_path)
         with pytest.raises(SpawnedDaemonExited, match=f"another process \\(pid {first.process.pid}\\)"):
             carousel.spawn(_config(tmp_path / "flash"))
         assert first.stats()["added"] == 0  # the first one serves on
+
+
+def test_the_child_runs_this_carousel_without_putting_site_packages_before_the_stdlib(monkeypatch):
+    from carousel.daemon import spawn as spawn_module
+
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    assert spawn_module._child_env()["PYTHONPATH"].split(os.pathsep) == [str(ROOT)]  # a checkout: first
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    assert spawn_module._child_env()["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/elsewhere"]
+    monkeypatch.setattr(spawn_module.site, "getsitepackages", lambda: [str(ROOT)])  # as if installed there
+    assert spawn_module._child_env()["PYTHONPATH"] == "/elsewhere"
+    monkeypatch.delenv("PYTHONPATH")
+    assert "PYTHONPATH" not in spawn_module._child_env()
