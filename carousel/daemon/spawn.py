@@ -18,8 +18,9 @@ config as given plus a ``[daemon]`` table (socket in that folder, no metrics end
 Lifetime, tied to this process:
 
 - ``close()`` closes the connection (posted adds are answered first), stops the daemon with SIGTERM
-  (drain, flush, checkpoint: every add is durable) and waits for it; it raises if the daemon did not
-  exit 0 (its folder, with the log, is then kept). Otherwise the folder is removed.
+  (drain, flush, checkpoint: every add is durable) and waits for it (SIGKILL after 5 minutes); it
+  raises if the daemon did not exit 0 (its folder, with the log, is then kept). Otherwise the folder
+  is removed.
 - The child holds the read end of a pipe whose write end only this process holds; however this
   process ends (returned from ``main``, an exception, SIGKILL), the pipe closes and the daemon shuts
   down cleanly by itself: no orphan daemon keeps the tiers locked. A memory left unclosed is closed
@@ -64,6 +65,9 @@ __all__ = ["SpawnedDaemonExited", "SpawnedMemory", "spawn"]
 
 _SOCKET_MAX = 107  # bytes of a Unix socket path (sun_path is 108, NUL included)
 _LOG_TAIL = 20     # lines of the daemon's log an error quotes
+# How long close() lets the daemon shut down (drain, flush the write-behind queue, checkpoint)
+# before it kills it: minutes, since a full queue on a slow SD card takes a while to store.
+_STOP_WAIT_S = 300.0
 
 
 class SpawnedDaemonExited(RuntimeError):
@@ -80,7 +84,8 @@ def spawn(config: str | os.PathLike[str] | Mapping[str, Any] | CarouselConfig, *
     ``daemon``: extra ``[daemon]`` keys (``metrics``, ``ring_slots``, ``log_level``...);
     ``workdir``: the daemon's private folder (default: a new one under the temporary folder, removed
     by a clean ``close()``; one you name is kept); ``start_timeout_s``: how long the daemon may take to
-    open the memory (recovering a large tier takes a while). Raises
+    open the memory (recovering a large tier takes a while); ``timeout_s`` and ``use_shm``: as for
+    :func:`~carousel.connect`. Raises
     :class:`~carousel.ConfigError` for a config or ``daemon`` key that is wrong (before anything
     starts) and :class:`SpawnedDaemonExited` for a daemon that cannot start (its reason).
 
@@ -200,7 +205,7 @@ def _plain_client(state: dict[str, Any]) -> MemoryClient:
 
 
 def _stop(process: subprocess.Popen, pipe: int, owned_folder: Path | None, owner: int,
-          wait_s: float = 60.0) -> int | None:
+          wait_s: float = _STOP_WAIT_S) -> int | None:
     """Stop the daemon (SIGTERM, then SIGKILL after ``wait_s``); its exit status. The folder we made
     goes only after a clean exit (else its log is what tells why). Nothing in a forked child."""
     if os.getpid() != owner:
