@@ -27,10 +27,10 @@ Lifetime, tied to this process:
   at interpreter exit.
 - The child runs in a process group of its own: a Ctrl-C at the terminal reaches the trainer only,
   which closes the memory in order. Not in a session of its own: with the kernel's scheduler
-  autogroups (``/proc/sys/kernel/sched_autogroup_enabled``) a new session is a new group, whose
-  threads then preempt the trainer's on wake-up as a group, whatever their ``SCHED_BATCH``
-  (``benchmarks.stall --busy``: add and sample p99 4-5 ms that way, against 0.5 ms in the
-  trainer's session).
+  autogroups (``/proc/sys/kernel/sched_autogroup_enabled``) a new session is a new scheduling group,
+  which takes the trainer's core as a group, whatever its threads' ``SCHED_BATCH`` (ad hoc,
+  ``benchmarks.stall``'s busy loop at a 20 ms step: ``add`` and ``sample`` p99 4.3 and 5.3 ms that
+  way, against 0.4 and 0.2 ms in the trainer's session).
 - The daemon dying under it (OOM killer, a ``kill -9``) makes the next call raise
   :class:`SpawnedDaemonExited` naming the exit status and the log, at once (nothing would restart
   it: no reconnect wait). Its tiers recover like any daemon's: ``spawn`` the same config again.
