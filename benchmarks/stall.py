@@ -30,8 +30,8 @@ boundary costs the trainer's thread grows with the ids stored (``--stored``).
 
 ``--model`` adds the real-model variant: a reduced ResNet-18 ER step (32 stream + 32 replay,
 synthetic CIFAR-shaped data) on ``--device`` (``cuda`` where there is one), RAM-only against the
-carousel daemon, with the replay batch moved to the device (``non_blocking``, from pinned memory
-when ``--device cuda``).
+carousel daemon and ``carousel.spawn``, with the replay batch moved to the device (``non_blocking``,
+from pinned memory when ``--device cuda``).
 
 Writes ``results.json`` and ``results.md`` to ``--out`` (default ``bench-out/stall``). It asserts
 nothing about speed: a benchmark measures.
@@ -245,7 +245,8 @@ def run_emulated(step_ms: list[float], ratios: list[float], stored: int, steps: 
 
 
 def run_model(device: str, stored: int, steps: int, rounds: int, workdir: Path) -> dict:
-    """A reduced ResNet-18 ER step (32 + 32) on ``device``: RAM-only against the carousel daemon."""
+    """A reduced ResNet-18 ER step (32 + 32) on ``device``: RAM-only against the carousel daemon and
+    ``carousel.spawn``."""
     import torch.nn.functional as F
 
     from trainers.models import reduced_resnet18
@@ -258,7 +259,9 @@ def run_model(device: str, stored: int, steps: int, rounds: int, workdir: Path) 
     _prefill(ram, 2 * EM)
     served = ServedDaemon(folder, _toml(_memory(folder / "flash", 0.5)), socket_dir=workdir / "sm")
     _prefill(served.client, stored)
-    runs = {"RAM-only": ram, "carousel daemon": served.client}
+    spawned = carousel.spawn(_memory(workdir / "model-spawn" / "flash", 0.5))
+    _prefill(spawned, stored)
+    runs = {"RAM-only": ram, "carousel.spawn": spawned, "carousel daemon": served.client}
     torch.manual_seed(0)
     model = reduced_resnet18(CLASSES).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.03)
@@ -301,11 +304,13 @@ def run_model(device: str, stored: int, steps: int, rounds: int, workdir: Path) 
                     step(mem, k, rec[name])
                     k += 1
         out = {name: _summary(r) for name, r in rec.items()}
-        out["carousel daemon"]["ratio"] = out["carousel daemon"]["step"]["median_ms"] / out["RAM-only"]["step"]["median_ms"]
+        for name in ("carousel.spawn", "carousel daemon"):
+            out[name]["ratio"] = out[name]["step"]["median_ms"] / out["RAM-only"]["step"]["median_ms"]
         out["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
         return out
     finally:
         ram.close()
+        spawned.close()
         served.close()
 
 
@@ -329,7 +334,7 @@ def _lines(results: dict) -> list[str]:
         m = results["model"]
         lines += ["", f"Real model (reduced ResNet-18, ER 32+32) on {m['device']}:", "",
                   "| variant | step median (ms) | x RAM-only | in carousel median (ms) |", "|---|---|---|---|"]
-        for name in ("RAM-only", "carousel daemon"):
+        for name in ("RAM-only", "carousel.spawn", "carousel daemon"):
             s = m[name]
             lines.append(f"| {name} | {s['step']['median_ms']:.2f} | {s.get('ratio', 1.0):.3f} | "
                          f"{s['carousel']['median_ms']:.3f} |")
