@@ -130,14 +130,14 @@ def _serve(path: str, log_level: str | None, parent_fd: int | None = None) -> in
     except ConfigError as exc:
         print(f"carousel: invalid profile: {exc}", file=sys.stderr)
         return 2
-    # What check-config checks, before anything is made or allocated: an EM larger than this
-    # machine's RAM must not reach torch's allocator, an unwritable tier folder not a mkdir.
     if parent_fd is not None:
         try:
             os.set_blocking(parent_fd, False)
         except OSError as exc:
             print(f"carousel: cannot start: --parent-fd {parent_fd}: {exc.strerror or exc}", file=sys.stderr)
             return 2
+    # What check-config checks, before anything is made or allocated: an EM larger than this
+    # machine's RAM must not reach torch's allocator, an unwritable tier folder not a mkdir.
     problems = check_profile(profile).problems
     if problems:
         more = "" if len(problems) == 1 else \

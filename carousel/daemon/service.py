@@ -15,8 +15,8 @@ client is a look at a ring, with no socket round trip. Metrics of every memory, 
 
 Lifecycle: SIGTERM/SIGINT stop accepting, let running requests finish, close the rings, flush
 and checkpoint every memory, and exit 0. So does the end of the parent's pipe (``parent_fd``: a
-daemon that :func:`carousel.spawn` started as a child outlives no trainer, whatever killed it). A lock file in the data directory (and one beside the
-socket) stops a second daemon on the same data.
+daemon that :func:`carousel.spawn` started as a child outlives no trainer, whatever killed it). A
+lock file in the data directory (and one beside the socket) stops a second daemon on the same data.
 """
 
 from __future__ import annotations
