@@ -23,8 +23,9 @@ Lifetime, tied to this process:
   is removed.
 - The child holds the read end of a pipe whose write end only this process holds; however this
   process ends (returned from ``main``, an exception, SIGKILL), the pipe closes and the daemon shuts
-  down cleanly by itself: no orphan daemon keeps the tiers locked. A memory left unclosed is closed
-  at interpreter exit.
+  down cleanly by itself: no orphan daemon keeps the tiers locked (its folder, a few KB, stays in the
+  temporary folder then: nobody is left to remove it; its log says how the daemon ended). A memory
+  left unclosed is closed at interpreter exit.
 - The child runs in a process group of its own: a Ctrl-C at the terminal reaches the trainer only,
   which closes the memory in order. Not in a session of its own: with the kernel's scheduler
   autogroups (``/proc/sys/kernel/sched_autogroup_enabled``) a new session is a new scheduling group,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,6 +143,7 @@ def test_a_daemon_killed_under_the_trainer_fails_the_next_call_at_once(tmp_path)
     with pytest.raises(SpawnedDaemonExited, match="status -9"):
         mem.close()
     assert mem.log_path.exists()  # kept: the folder of a daemon that did not stop cleanly
+    shutil.rmtree(mem.workdir)  # (a test leaves nothing in the temporary folder)
     assert torch.equal(_recovered(tmp_path / "flash"), x)  # flushed before the kill: recovered
 
 
@@ -197,6 +199,7 @@ def test_a_sigkilled_trainer_leaves_no_daemon_behind(tmp_path):
         trainer.kill()
     log = (Path(workdir) / "daemon.log").read_text()
     assert "the parent process is gone" in log and "stopped cleanly" in log
+    shutil.rmtree(workdir)  # a killed trainer's folder stays (nobody is left to remove it): the test does
     assert torch.equal(_recovered(tmp_path / "flash"), _STREAM)
 
 
@@ -235,7 +238,7 @@ def test_serve_refuses_a_parent_fd_that_is_not_open(tmp_path):
 def test_a_second_spawn_on_the_same_tiers_is_refused_naming_the_writer(tmp_path):
     with carousel.spawn(_config(tmp_path / "flash")) as first:
         with pytest.raises(SpawnedDaemonExited, match=f"another process \\(pid {first.process.pid}\\)"):
-            carousel.spawn(_config(tmp_path / "flash"))
+            carousel.spawn(_config(tmp_path / "flash"), workdir=tmp_path / "second")
         assert first.stats()["added"] == 0  # the first one serves on
 
 
