@@ -60,7 +60,7 @@ import storage_backends
 from ..config import CarouselConfig, load_config
 from ..toml_write import dump_toml
 from .client import MemoryClient
-from .profile import DaemonProfile, load_profile
+from .profile import DaemonProfile
 
 __all__ = ["SpawnedDaemonExited", "SpawnedMemory", "spawn"]
 
@@ -112,14 +112,16 @@ def spawn(config: str | os.PathLike[str] | Mapping[str, Any] | CarouselConfig, *
         # restarted, and two of them on the same tiers are told apart by the stores' own writer locks.
         table = {"socket_dir": str(socket_dir), "data_dir": str(folder), "metrics": "", **dict(daemon or {})}
         profile = {"daemon": table, **cfg.to_dict()}
-        DaemonProfile.from_dict(profile)  # a wrong [daemon] key fails here, naming it, before a process starts
+        # A wrong [daemon] key fails here, naming it, before a process starts.
+        socket_path = DaemonProfile.from_dict(profile).socket_path()
         path = folder / "profile.toml"
         path.write_text(dump_toml(profile))
     except BaseException:
         if owned:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    return SpawnedMemory(path, owned=owned, start_timeout_s=start_timeout_s, timeout_s=timeout_s, use_shm=use_shm)
+    return SpawnedMemory(path, socket_path, owned=owned, start_timeout_s=start_timeout_s, timeout_s=timeout_s,
+                         use_shm=use_shm)
 
 
 class SpawnedMemory(MemoryClient):
@@ -127,11 +129,10 @@ class SpawnedMemory(MemoryClient):
     :func:`spawn`, which makes it). ``process`` is the daemon's :class:`subprocess.Popen`,
     ``workdir`` its private folder, ``log_path`` its log."""
 
-    def __init__(self, profile: Path, *, owned: bool, start_timeout_s: float, timeout_s: float,
+    def __init__(self, profile: Path, socket_path: str, *, owned: bool, start_timeout_s: float, timeout_s: float,
                  use_shm: bool) -> None:
         self.workdir = profile.parent
         self.log_path = self.workdir / "daemon.log"
-        socket_path = load_profile(profile).socket_path()
         read_end, self._pipe = os.pipe()  # neither end is inherited by other children (O_CLOEXEC)
         try:
             with open(self.log_path, "wb") as log:
@@ -220,7 +221,7 @@ def _stop(process: subprocess.Popen, pipe: int, owned_folder: Path | None, owner
             process.wait()
     try:
         os.close(pipe)
-    except OSError:
+    except OSError:  # already closed (EBADF): the daemon has seen its EOF either way
         pass
     if owned_folder is not None and process.returncode == 0:
         shutil.rmtree(owned_folder, ignore_errors=True)

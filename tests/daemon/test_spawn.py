@@ -148,7 +148,7 @@ def test_a_daemon_killed_under_the_trainer_fails_the_next_call_at_once(tmp_path)
 
 
 _TRAINER = textwrap.dedent("""
-    import os, sys, time, torch, carousel
+    import os, pickle, sys, time, torch, carousel
     cfg = {"memory": {"em_size": 32, "sample_shape": [3, 4, 4], "seed": 0}, "swap": {"ratio": 0.5},
            "tiers": [{"kind": "lmdb", "path": sys.argv[1], "capacity": 100000, "sync": False}]}
     mem = carousel.spawn(cfg)
@@ -166,7 +166,7 @@ _TRAINER = textwrap.dedent("""
         assert os.waitpid(child, 0)[1] == 0
         assert mem.process.poll() is None, "the forked child stopped the daemon"
         assert mem.sample(8).x.shape[0] == 8
-        plain = __import__("pickle").loads(__import__("pickle").dumps(mem))
+        plain = pickle.loads(pickle.dumps(mem))
         assert type(plain) is carousel.MemoryClient and plain.stats()["added"] == 48
         plain.close()
         assert mem.process.poll() is None, "closing a pickled copy stopped the daemon"
