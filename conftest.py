@@ -5,14 +5,22 @@ The integrations and ``carousel.ray`` import their framework at module level. A 
 framework which does not import here (not installed, or, for Avalanche, a torchvision built for
 another torch) is left out of collection instead of failing it; the tests of that framework say so
 themselves (visible skips). Any other import error still fails collection loudly.
+
+The docstring examples make their folders with ``tempfile.mkdtemp()``, as a user would; under pytest
+each one's temporary folder is its own ``tmp_path`` (pytest removes those), so a test run leaves
+nothing in the system's temporary folder.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
+import tempfile
 from functools import cache
 from pathlib import Path
+
+import pytest
+from _pytest.doctest import DoctestItem
 
 OPTIONAL_FRAMEWORKS = ("ray", "torchrl", "tensordict", "avalanche", "torchvision", "kornia")
 _ROOT = Path(__file__).parent
@@ -57,3 +65,10 @@ def _ignored() -> list[str]:
 
 
 collect_ignore: list[str] = _ignored()
+
+
+@pytest.fixture(autouse=True)
+def _doctest_temp_folder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A docstring example's ``tempfile.mkdtemp()`` lands in its ``tmp_path`` (see above)."""
+    if isinstance(request.node, DoctestItem):
+        monkeypatch.setattr(tempfile, "tempdir", str(request.getfixturevalue("tmp_path")))

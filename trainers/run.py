@@ -134,6 +134,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     try:
         opened = open_memory(spec, stream, workdir)
     except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
         if tracer is not None:
             tracer.close()
         raise

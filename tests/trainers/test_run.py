@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from carousel import CarouselMemory
+from carousel.config import ConfigError
 from trainers import metrics
 from trainers.compare import compare
 from trainers.memories import MemorySpec, open_memory
@@ -45,6 +47,15 @@ def test_er_ram_run_learns_and_writes_result(tmp_path):
     assert np.mean(a[2, :2]) > 20
     assert set(result["wall_time_s"]) >= {"total", "train", "replay_sample", "eval"}
     assert result["memory"]["stats"]["added"] == sum(100 * 2 for _ in range(3))
+
+
+def test_a_run_whose_memory_cannot_open_leaves_no_folder_behind(tmp_path, monkeypatch):
+    system_tmp = tmp_path / "tmp"  # the run's working folder is made in the system's temporary folder
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    with pytest.raises(ConfigError, match="missing.toml"):
+        run(small(memory="carousel", profile=str(tmp_path / "missing.toml")))
+    assert list(system_tmp.iterdir()) == []
 
 
 @pytest.mark.parametrize("workers", [1, 0])
