@@ -224,10 +224,12 @@ def _thread_cpu() -> dict[str, float]:
 
 def on_daemon(root: Path) -> CarouselBuffer:
     """``CarouselBuffer`` on a real ``carousel serve`` (:mod:`.served`) in ``root``: EM 500, an LMDB tier
-    holding every sample, swapping from the first task, as the in-process row. :func:`_closed_after`
-    stops the daemon and reads its process's CPU."""
+    holding every sample, swapping from the first task, as the in-process row (whose tier, the buffer's
+    own, is not synced: ``sync = false`` here too, else this row alone would pay an fsync per write
+    batch). :func:`_closed_after` stops the daemon and reads its process's CPU."""
     toml = ('[memory]\nem_size = 500\nsample_shape = [1, 28, 28]\ndtype = "float32"\nseed = 0\n'
-            f'[swap]\nstart_task = 0\n[[tiers]]\nkind = "lmdb"\npath = "{root / "tier"}"\ncapacity = 1000000\n')
+            f'[swap]\nstart_task = 0\n[[tiers]]\nkind = "lmdb"\npath = "{root / "tier"}"\ncapacity = 1000000\n'
+            'sync = false\n')
     served = ServedDaemon(root, toml)
     buf = CarouselBuffer(500, memory=served.client)
     buf._bench_daemon = served
