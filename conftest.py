@@ -20,7 +20,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from _pytest.doctest import DoctestItem
+from _pytest.doctest import DoctestItem  # its home since pytest 2; scikit-learn's conftest imports it so too
 
 OPTIONAL_FRAMEWORKS = ("ray", "torchrl", "tensordict", "avalanche", "torchvision", "kornia")
 _ROOT = Path(__file__).parent
