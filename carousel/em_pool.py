@@ -30,6 +30,50 @@ def _index(slots: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64))
 
 
+def take_rows(src: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``src[idx]`` (into ``out`` when given), copied with the GIL held throughout.
+
+    numpy releases the GIL while it copies rows of more than one dimension (a fancy index, or
+    ``np.take``), and a thread that releases it inside the EM's lock, or inside a trainer's call,
+    hands it to whichever thread waits for it: the trainer then waits for that thread's whole stretch,
+    and on busy cores for as long as the OS keeps that thread off a core (milliseconds). So rows
+    go by ``memoryview`` slices, one ``memcpy`` each under the GIL (~0.3 us a row: ~10 us for 32);
+    a one-dimensional field is one fancy index, which numpy copies without releasing it.
+    """
+    if src.ndim == 1:
+        if out is None:
+            return src[idx]
+        out[:idx.size] = src[idx]
+        return out
+    if out is None:
+        out = np.empty((idx.size, *src.shape[1:]), dtype=src.dtype)
+    row = src.itemsize * int(np.prod(src.shape[1:]))
+    if not (row and idx.size):  # nothing to copy (memoryview cannot cast a view of zeros)
+        return out
+    s, d = memoryview(src).cast("B"), memoryview(out).cast("B")
+    for i, j in enumerate(idx.tolist()):
+        d[i * row:(i + 1) * row] = s[j * row:(j + 1) * row]
+    return out
+
+
+def put_rows(dst: np.ndarray, slots: np.ndarray, src: np.ndarray, rows: np.ndarray | None = None) -> None:
+    """``dst[slots] = src[rows]`` (``rows``: every row of ``src`` when None), with the GIL held
+    throughout: see :func:`take_rows`. ``dst`` is the EM's own C-contiguous array."""
+    if dst.ndim == 1:
+        dst[slots] = src if rows is None else src[rows]
+        return
+    if src.shape[1:] != dst.shape[1:]:  # numpy's assignment would have raised (or broadcast)
+        raise ValueError(f"rows of shape {src.shape[1:]} for slots of shape {dst.shape[1:]}")
+    src = np.ascontiguousarray(src, dtype=dst.dtype)  # the cast numpy's assignment makes
+    row = src.itemsize * int(np.prod(src.shape[1:]))
+    if not (row and slots.size):
+        return
+    d, s = memoryview(dst).cast("B"), memoryview(src).cast("B")
+    pairs = zip(slots.tolist(), range(slots.size) if rows is None else rows.tolist())
+    for j, i in pairs:
+        d[j * row:(j + 1) * row] = s[i * row:(i + 1) * row]
+
+
 def balanced_weights(labels: np.ndarray) -> np.ndarray:
     """Draw probabilities that give every class the same total weight."""
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
@@ -102,27 +146,31 @@ class EMPool:
         whose victim was replaced meanwhile (by admission) must not overwrite the newcomer.
         """
         slots = np.asarray(slots, dtype=np.int64)
-        src = {k: as_array(v) for k, v in fields.items()}
+        # Contiguous before the lock (a copy here releases the GIL, which is fine outside it).
+        arrays = self.arrays
+        src = {k: np.ascontiguousarray(as_array(v), dtype=arrays[k].dtype if k in arrays else None)
+               for k, v in fields.items()}
         leaving = None
-        with self.lock:
+        with self.lock:  # nothing in here releases the GIL (put_rows, take_rows): see take_rows
             ok = np.ones(slots.size, dtype=bool) if expect is None else self.slot_ids[slots] == expect
             if not ok.any():
                 return ok
             # Every row, as a view, in the usual case: under the lock only the copies into the
             # slots, no boolean-mask copy of the sources first.
-            rows = slice(None) if ok.all() else np.flatnonzero(ok)
-            dst = slots[rows]
+            rows = None if ok.all() else np.flatnonzero(ok)
+            dst = slots if rows is None else slots[rows]
             if self.on_leave is not None:
                 old = self.slot_ids[dst]
                 held = dst[old != EMPTY]
                 if held.size:
                     leaving = (self.slot_ids[held].copy(),
-                               {name: arr[held].copy() for name, arr in self.arrays.items()})
+                               {name: take_rows(arr, held) for name, arr in self.arrays.items()})
             if (self.slot_ids[dst] == EMPTY).any():
                 self._order = self._order[:0]  # newly filled slots join from the next pass
                 self._filled = None
             for name, arr in self.arrays.items():
-                arr[dst] = src[name][rows]
+                put_rows(arr, dst, src[name], rows)
+            rows = slice(None) if rows is None else rows
             self.slot_ids[dst] = np.asarray(ids)[rows]
             self.slot_labels[dst] = src["y"][rows]
             self.slot_tasks[dst] = src["task"][rows]
@@ -145,7 +193,7 @@ class EMPool:
             self._filled = None
         if slots.size:
             for name, arr in self.arrays.items():
-                arr[slots] = fields[name]
+                put_rows(arr, slots, fields[name])
             self.slot_ids[slots] = ids
             self.slot_labels[slots] = fields["y"]
             self.slot_tasks[slots] = fields["task"]
@@ -172,18 +220,17 @@ class EMPool:
         worker spun on a core after every call (3 ms of CPU a 2 ms step). At 256 rows the pool
         was ~1.7x faster on quiet cores (17 us against 30 us): too little to be worth a barrier.
         """
-        idx = slots.numpy() if isinstance(slots, torch.Tensor) else slots
+        idx = np.asarray(slots.numpy() if isinstance(slots, torch.Tensor) else slots, dtype=np.int64)
         a = self.arrays
         if out is not None:
             k = idx.size
             rows = {name: t[:k] for name, t in out.items()}
             for name, t in rows.items():
-                # mode="clip": the indices are valid slots (the default, "raise", buffers ``out``).
-                np.take(self.slot_ids if name == "id" else a[name], idx, axis=0, out=t.numpy(), mode="clip")
+                take_rows(self.slot_ids if name == "id" else a[name], idx, t.numpy())
             return Batch(rows["id"], rows["x"], rows["y"], rows["task"], {k: rows[k] for k in extras})
-        return Batch(torch.from_numpy(self.slot_ids[idx]), torch.from_numpy(a["x"][idx]),
+        return Batch(torch.from_numpy(self.slot_ids[idx]), torch.from_numpy(take_rows(a["x"], idx)),
                      torch.from_numpy(a["y"][idx]), torch.from_numpy(a["task"][idx]),
-                     {k: torch.from_numpy(a[k][idx]) for k in extras})
+                     {k: torch.from_numpy(take_rows(a[k], idx)) for k in extras})
 
     def pinned_rows(self, n: int, extras: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Fresh page-locked tensors for a batch of up to ``n`` rows (``"id"``, ``x``, ``y``,

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -19,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from carousel import CarouselMemory, MemoryInputError
 from carousel.batch import can_pin
+from carousel.em_pool import put_rows, take_rows
 from carousel.inputs import as_array
 from tests.faulty_store import FaultyStore
 
@@ -166,6 +168,71 @@ def test_gather_into_given_rows(tmp_path):
         assert len(got) == 5 and got.x.data_ptr() == out["x"].data_ptr()
         for f in ("ids", "x", "y", "task"):
             assert torch.equal(getattr(got, f), getattr(ref, f))
+
+
+@pytest.mark.parametrize("dtype,shape", [(np.uint8, (3, 8, 8)), (np.float32, (10,)), (np.int64, ()),
+                                         (np.float16, (2, 3)), (np.bool_, (5,)), (np.uint8, (0,))])
+def test_row_copies_equal_numpys(dtype, shape):
+    rng = np.random.default_rng(0)
+    em = (rng.random((40, *shape)) * 100).astype(dtype)
+    idx = np.array([3, 0, 39, 7, 7, 12], dtype=np.int64)
+    assert np.array_equal(take_rows(em, idx), em[idx]) and take_rows(em, idx).dtype == em.dtype
+    out = np.zeros((9, *shape), dtype)
+    assert take_rows(em, idx, out) is out and np.array_equal(out[:6], em[idx]) and not out[6:].any()
+    assert take_rows(em, idx[:0]).shape == (0, *shape)
+    src = (rng.random((6, *shape)) * 100).astype(np.float64)  # cast as numpy's assignment casts
+    want, got = em.copy(), em.copy()
+    slots, rows = np.array([1, 30, 4], dtype=np.int64), np.array([5, 0, 2], dtype=np.int64)
+    want[slots] = src[rows]
+    put_rows(got, slots, src, rows)
+    assert np.array_equal(got, want)
+    want[slots] = src[:3]
+    put_rows(got, slots, src[:3])
+    assert np.array_equal(got, want)
+
+
+def test_put_rows_refuses_rows_of_another_shape():
+    with pytest.raises(ValueError, match="shape"):
+        put_rows(np.zeros((4, 2, 3), np.uint8), np.array([0, 1]), np.zeros((2, 3, 2), np.uint8))
+
+
+def test_row_copies_hold_the_gil():
+    """A copy that releases the GIL inside the EM's lock or a trainer's call hands it to a waiting
+    background thread for that one's whole stretch (numpy releases it for rows of more than one
+    dimension). With a huge switch interval a spinning thread runs only when the GIL is given up."""
+    em = np.zeros((500, 3, 32, 32), np.uint8)
+    src = np.ones((32, 3, 32, 32), np.uint8)
+    idx = np.random.default_rng(1).permutation(500)[:32]
+    out = np.empty((32, 3, 32, 32), np.uint8)
+    spins, stop = [0], threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            spins[0] += 1
+            time.sleep(0)  # gives the GIL back at once: the main thread never waits long for it
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(5.0)  # no forced switch in the ~10 ms the copies take
+    t = threading.Thread(target=spin, daemon=True)
+    try:
+        t.start()
+        time.sleep(0.05)
+        before = spins[0]
+        for _ in range(300):
+            take_rows(em, idx, out)
+            put_rows(em, idx, src)
+        held = spins[0] - before
+        time.sleep(0.05)
+        assert spins[0] > before  # the spinner runs whenever the GIL is free
+        before = spins[0]
+        for _ in range(300):  # numpy's own copies of the same rows do give it up
+            np.take(em, idx, axis=0, out=out)
+            em[idx] = src
+        released = spins[0] - before
+    finally:
+        stop.set()
+        sys.setswitchinterval(old)
+        t.join()
+    assert held == 0 and released > 0, (held, released)
 
 
 def test_as_array_views_cpu_tensors_and_detaches_the_others():
