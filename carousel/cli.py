@@ -157,6 +157,8 @@ def _serve(path: str, log_level: str | None, parent_fd: int | None = None) -> in
     if profile.daemon.batch_scheduling:
         # Before any thread of the daemon's starts: they inherit it (carousel.sched says why).
         log.debug("SCHED_BATCH", extra={"threads": sched.batch_process()})
+    else:  # the comparison it is there for: every thread of the daemon's under the default policy
+        sched.keep_default_policy()
     # Opening the memories (recovery) can take a while: a SIGTERM meanwhile is kept and honoured
     # as soon as the daemon is up -- it then shuts down cleanly instead of dying mid-recovery.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,9 +11,12 @@ out -- and never repeats an id that an ``add`` returned but write-behind had not
 
 Writing a bound costs an fsync (0.5-12 ms on the test machine's disk, more on an SD card), once
 per block and ahead of need: when fewer than half a block are left, a background thread reserves
-the next block while ``add`` goes on. A block is 4,096 ids, or half a second of ids at the rate
-they were handed out lately (at most 2**18), so the half block left when the next reservation
-starts lasts far longer than its fsync, however fast samples come. ``add`` waits for the disk only
+the next block while ``add`` goes on. That thread lives as long as the allocator is open and is
+woken for each block: ``add`` never starts a thread (``Thread.start`` waits until the new
+thread runs: on busy cores a scheduler slice, 2-5 ms, once every 64 adds of 32). A block is
+4,096 ids, or half a second of ids at the rate they were handed out lately (at most 2**18), so
+the half block left when the next reservation starts lasts far longer than its fsync, however
+fast samples come. ``add`` waits for the disk only
 for the first block after an open and for an ``add`` of more than half a block. A checkpoint (and
 so a clean close) writes the bound back down to the counter, so only a crash after the last
 checkpoint leaves a gap in the ids: at most a block plus one ``add``'s worth -- half a second of
@@ -39,6 +42,8 @@ import os
 import threading
 import time
 from pathlib import Path
+
+from .sched import Yielding
 
 __all__ = ["DEFAULT_BLOCK", "IDS_FILE", "MAX_BLOCK", "IdAllocator", "read_bound"]
 
@@ -114,7 +119,9 @@ class IdAllocator:
         self._next = start
         self._bound = start  # nothing reserved beyond the start until the first reserve()
         self._writing = False  # a background reservation is in flight
-        self._thread: threading.Thread | None = None
+        self._want: int | None = None  # the bound the reserver thread is asked to write next
+        self._stopping = False  # close(): the reserver thread ends
+        self._thread: threading.Thread | None = None  # the reserver, started with the first block
         self.last_error: BaseException | None = None  # of the last background reservation
 
     @classmethod
@@ -147,9 +154,9 @@ class IdAllocator:
                     and self._bound - self._next < self._block // 2):
                 self._writing = True
                 self._resize_locked()
-                self._thread = threading.Thread(target=self._extend, args=(self._next + self._block,),
-                                                name="carousel-ids", daemon=True)
-                self._thread.start()
+                self._want = self._next + self._block
+                self._start_reserver_locked()  # started already, unless closed since
+                self._cond.notify_all()
             return first
 
     def give_back(self, lo: int, hi: int) -> bool:
@@ -179,15 +186,43 @@ class IdAllocator:
             self._bound = self._next
 
     def close(self) -> None:
-        """Wait for a background reservation to finish."""
+        """Wait for a background reservation to finish, and end the reserver thread (a later
+        :meth:`take` starts it again)."""
         with self._cond:
             self._cond.wait_for(lambda: not self._writing)
-        if self._thread is not None:
-            self._thread.join()
+            thread = self._thread
+            if thread is not None:
+                self._stopping = True
+                self._cond.notify_all()
+        if thread is not None:
+            thread.join()
+
+    def _start_reserver_locked(self) -> None:
+        """Start the reserver thread unless it runs (caller holds the lock): from a call that
+        waits for the disk anyway (the first reservation) where it can."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._reserver, name="carousel-ids", daemon=True)
+            self._thread.start()
+
+    def _reserver(self) -> None:
+        """The reserver thread: write each bound :meth:`take` asks for, until :meth:`close`."""
+        policy = Yielding()
+        while True:
+            policy.keep_up()  # SCHED_BATCH while the trainer's steps are short: woken by its add, it
+            with self._cond:  # must not take the trainer's core
+                self._cond.wait_for(lambda: self._want is not None or self._stopping)
+                if self._want is None:
+                    # Under the lock: a take() from here on starts a new reserver.
+                    self._thread, self._stopping = None, False
+                    return
+                bound, self._want = self._want, None
+            self._extend(bound)
 
     def _make_room_locked(self, n: int) -> None:
         if self._dir is None:
             return
+        if self._next + n > self._bound:
+            self._start_reserver_locked()  # this call waits for an fsync below anyway
         while self._next + n > self._bound:
             if self._writing:  # the background reservation may suffice: wait for it
                 self._cond.wait()

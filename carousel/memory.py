@@ -72,6 +72,7 @@ from .kinds import RawCodec, make_codec
 from .metrics import MemoryMetrics
 from .policies import AdmissionPolicy, make_admission, make_swap_in, make_swap_out
 from .recovery import AdoptionError, check_adoption, load_state, rebuild_catalog, refill_em, save_state
+from .sched import trainer_sampled
 from .step_swaps import StepSwaps
 from .swap_engine import Merging, SwapEngine
 from .tiers import Tier, check_order, writable_count
@@ -513,6 +514,7 @@ class CarouselMemory:
         (fresh pinned tensors each call, gathered straight into; without a CUDA device it is
         ignored and the batch is the ordinary one: :func:`carousel.batch.can_pin`).
         """
+        trainer_sampled()  # the trainer's step length, which decides whether our threads yield to it
         self._check_open()
         n = check_count(n)
         t0 = time.perf_counter()

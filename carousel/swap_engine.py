@@ -65,6 +65,7 @@ from .em_pool import EMPool
 from .grouping import group_ranks
 from .kinds import Codec
 from .metrics import MemoryMetrics
+from .sched import Yielding
 from .tiers import Tier
 
 log = logging.getLogger("carousel.swap_engine")
@@ -104,6 +105,26 @@ class Merging:
         self.fn, self.linger_s, self.most = fn, linger_s, most
 
 
+# The worker is behind when more than this many items wait in its inbox (a merged observe call
+# takes up to 8): it then competes for the cores as any thread does (carousel.sched.Yielding).
+BEHIND_POSTS = 16
+
+
+_io_policy = threading.local()  # each I/O thread's Yielding
+
+
+def _io_thread_started() -> None:
+    _io_policy.p = Yielding()
+
+
+def _yielding(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run on an I/O thread after that thread set its policy for the work (Yielding)."""
+    def run(*args: Any) -> Any:
+        _io_policy.p.keep_up()
+        return fn(*args)
+    return run
+
+
 class SwapEngine:
     def __init__(self, pool: EMPool, catalog: Catalog, tiers: list[Tier], metrics: MemoryMetrics,
                  workers: int, prefetch_depth: int, seed: int, codec: Codec, max_pending: int = 4096) -> None:
@@ -136,7 +157,8 @@ class SwapEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: threading.Thread | None = None
         if workers > 0:
-            self._exec = ThreadPoolExecutor(workers, thread_name_prefix="carousel-swap-io")
+            self._exec = ThreadPoolExecutor(workers, thread_name_prefix="carousel-swap-io",
+                                            initializer=_io_thread_started)
             self._loop = asyncio.new_event_loop()
             self._started = threading.Event()
             self._thread = threading.Thread(target=self._run_loop, name="carousel-swap", daemon=True)
@@ -193,7 +215,11 @@ class SwapEngine:
     def _work(self) -> None:
         """The worker thread: run what was posted, in order, until the ``None`` at close."""
         taken: tuple[Any, tuple] | None = None  # the next item, already taken from the inbox
+        policy = Yielding()
         while True:
+            # Yield to the trainer unless behind (more posted than a merged call takes), and
+            # always while it waits: woken by an observe, it must not take the trainer's core.
+            policy.keep_up(behind=self._inbox.qsize() > BEHIND_POSTS)
             fn, args = taken if taken is not None else self._inbox.get()
             taken = None
             if fn is None:
@@ -253,7 +279,7 @@ class SwapEngine:
             done: Future = Future()
             done.set_result(self._read_exact(ids))
             return done
-        return self._exec.submit(self._read_exact, ids)
+        return self._exec.submit(_yielding(self._read_exact), ids)
 
     def _read_exact(self, ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         # A deterministic memory homes a demoted sample in its new tier when it decides the move,
@@ -366,6 +392,7 @@ class SwapEngine:
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _run_loop(self) -> None:
+        self._loop_policy = Yielding()
         asyncio.set_event_loop(self._loop)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -383,8 +410,10 @@ class SwapEngine:
         loop = asyncio.get_running_loop()
         while True:
             slots, victims, classes = await self._queue.get()
+            self._loop_policy.keep_up()
             try:
-                await loop.run_in_executor(self._exec, self._swap, slots, victims, classes, self._read_candidates)
+                await loop.run_in_executor(self._exec, _yielding(self._swap), slots, victims, classes,
+                                           self._read_candidates)
             except Exception as exc:  # noqa: BLE001 - counted, logged, and the engine goes on
                 self._record_error("swap", exc)
             finally:
@@ -395,9 +424,10 @@ class SwapEngine:
         loop = asyncio.get_running_loop()
         while True:
             try:
+                self._loop_policy.keep_up()  # woken at least every 50 ms: follows the trainer's steps
                 wanted = self._refill_plan()
                 if wanted:  # every class of the plan in one trip to the I/O pool
-                    got = await loop.run_in_executor(self._exec, self._read_plan, wanted)
+                    got = await loop.run_in_executor(self._exec, _yielding(self._read_plan), wanted)
                     with self._ready_lock:
                         for cls, cands in got:
                             self._queue_ready(cls, cands)

@@ -40,6 +40,7 @@ import numpy as np
 from .catalog import Catalog
 from .kinds import Codec
 from .metrics import MemoryMetrics
+from .sched import Yielding
 from .tiers import Tier, class_grouped, enforce_capacity, writable_count
 
 log = logging.getLogger("carousel.write_behind")
@@ -248,6 +249,10 @@ class WriteBehind:
             self._admit_fresh()
             with self._cond:
                 self._writer_idle = True
+                if not (self._stop or self._fresh or self._queue):
+                    # Idle is never behind (whoever hurried it has its answer): woken by an add,
+                    # the writer must not take the trainer's core.
+                    self._policy.keep_up()
                 self._cond.wait_for(lambda: self._stop or self._fresh or self._queue)
                 self._writer_idle = False
                 if self._linger and self._fresh and not self._stop:
@@ -273,12 +278,20 @@ class WriteBehind:
         fields = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
         return len(parts), ids, fields
 
+    def _behind(self) -> bool:
+        """More queued than one pass takes, or someone (flush, stats, a draw waiting for
+        admissions, a blocked add) waiting for the writer: it then competes for the cores as any
+        thread does, and yields to the trainer otherwise (carousel.sched.Yielding)."""
+        return self._queued >= self._batch or self._hurry > 0
+
     def _run(self) -> None:
         backoff = 0.05
+        self._policy = Yielding()
         while True:
             item = self._take()
             if item is None:
                 return
+            self._policy.keep_up(self._behind())
             items, ids, fields = item
             records = None
             while True:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -42,6 +43,32 @@ def test_the_next_block_is_reserved_in_the_background_before_it_is_needed(tmp_pa
         ids.close()
         assert read_bound(tmp_path) >= first + 10 + 50
     assert ids.next_id == 270 and not list(tmp_path.glob("*.tmp"))
+
+
+def _reservers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "carousel-ids"]
+
+
+def test_take_wakes_one_long_lived_reserver_and_never_starts_a_thread(tmp_path):
+    """``Thread.start`` waits until the new thread runs: on busy cores a scheduler slice in the
+    trainer's ``add``. One reserver per open allocator, started by the first (synchronous)
+    reservation, writes every later block; ``close`` ends it and a later take starts it again."""
+    before = set(_reservers())
+    ids = IdAllocator.open(tmp_path, floor=0, block=100, max_block=100)
+    ids.reserve(10)  # the first block: written on the caller's thread, which also starts the reserver
+    (reserver,) = set(_reservers()) - before
+    for k in range(1, 11):  # ten more blocks, each reserved in the background by the same thread
+        ids.take(100)
+        deadline = time.monotonic() + 10
+        while read_bound(tmp_path) < ids.next_id + 50 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert read_bound(tmp_path) >= ids.next_id + 50, k
+        assert set(_reservers()) - before == {reserver}
+    ids.close()
+    assert not reserver.is_alive() and not set(_reservers()) - before
+    ids.take(100)  # reopened use after close: a new reserver, and the bound still keeps ahead
+    ids.close()
+    assert read_bound(tmp_path) >= ids.next_id + 50 and not set(_reservers()) - before
 
 
 def test_the_block_follows_the_rate_within_its_bounds(tmp_path):
