@@ -217,8 +217,9 @@ class SwapEngine:
         taken: tuple[Any, tuple] | None = None  # the next item, already taken from the inbox
         policy = Yielding()
         while True:
-            # Yield to the trainer unless behind (more posted than a merged call takes), and
-            # always while it waits: woken by an observe, it must not take the trainer's core.
+            # Before it waits for work and before each piece of it: under SCHED_BATCH while the
+            # trainer takes short steps (woken by its observe, the worker must not take its core)
+            # and the worker is not behind (more posted than a merged call takes).
             policy.keep_up(behind=self._inbox.qsize() > BEHIND_POSTS)
             fn, args = taken if taken is not None else self._inbox.get()
             taken = None
